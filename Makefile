@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make train` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/pretrain_causal.py
+WORKDIR ?= runs/default
+
+.PHONY: train test setup clean bench
+
+$(BIN)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(BIN)/.installed
+
+train: setup
+	$(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python scripts/benchmark.py --config=configs/shakespeare_char.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,79 @@
+"""Orbax checkpoints: train state + grain iterator state + the run's config, resumed from the workdir.
+
+A workdir belongs to one run: restoring under a config whose model/data/mode differ from the
+saved one is an error listing the differing fields (never a silent overwrite). Fields that
+do not change what is saved (lr, steps, logging) may differ and are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+# Config fields that must match to resume: they fix parameter shapes, the data order and
+# the meaning of the saved state. A prefix ending in '.' covers a whole sub-config.
+MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.tokenizer", "data.seq_len",
+              "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps")
+
+
+class IncompatibleCheckpointError(ValueError):
+    pass
+
+
+def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, config_dict: dict, force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iter),
+                              config=ocp.args.JsonSave(config_dict))
+    return mngr.save(step, args=args, force=force)
+
+
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
+    """State onto the shardings in `abstract_state`; the iterator's position is set in place."""
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                     data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return out["state"]
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(incompatible, harmless) differences, each as 'field: saved -> current'."""
+    a, b = flatten(saved), flatten(json.loads(json.dumps(current)))
+    bad, ok = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<absent>") == b.get(key, "<absent>"):
+            continue
+        line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
+        must = any(key == m or (m.endswith(".") and key.startswith(m)) for m in MUST_MATCH)
+        (bad if must else ok).append(line)
+    return bad, ok
+
+
+def check_compatible(saved: dict, current: dict, workdir: str) -> list[str]:
+    """Raise naming every incompatible field; return the harmless differences."""
+    bad, ok = config_differences(saved, current)
+    if bad:
+        raise IncompatibleCheckpointError(
+            f"workdir {workdir!r} holds a checkpoint from an incompatible config; differing fields:\n  "
+            + "\n  ".join(bad) + "\nUse a new --workdir, or restore the saved values.")
+    return ok

@@ -1,0 +1,120 @@
+"""Shared config pieces: the full field list (each commented) and the model-size table.
+
+Config files call `base()` and override what their run needs. Every field any code reads
+is declared here, so `--config.x.y=...` typos fail loudly (the config is locked).
+"""
+
+import ml_collections
+
+# name: (d_model, n_layers, n_heads, n_kv_heads, d_ff)
+MODEL_SIZES = {
+    "tiny": (32, 2, 4, 2, 64),  # tests: compiles in seconds
+    "nano": (128, 4, 4, 4, 512),  # nanoGPT's Shakespeare CPU recipe
+    "small": (256, 4, 4, 4, 768),  # the default CPU run
+    "mini": (384, 6, 6, 6, 1024),  # 6L/384d benchmark size
+    "125m": (768, 12, 12, 12, 2048),  # GPT-2 small scale (SwiGLU d_ff = 8/3 d)
+    "1b": (2048, 16, 16, 8, 5632),  # accelerator preset
+}
+
+
+def model_size(cfg: ml_collections.ConfigDict, name: str) -> None:
+    if name not in MODEL_SIZES:
+        raise ValueError(f"model size {name!r}: expected one of {sorted(MODEL_SIZES)}")
+    m = cfg.model
+    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = MODEL_SIZES[name]
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "causal"  # training objective (objectives.OBJECTIVES): 'causal'
+    c.seed = 0  # parameter init, dropout and data order
+
+    c.model = m = ml_collections.ConfigDict()
+    m.d_model = 256  # residual width
+    m.n_layers = 4  # transformer blocks
+    m.n_heads = 4  # query heads
+    m.n_kv_heads = 4  # key/value heads (< n_heads: grouped-query attention)
+    m.head_dim = 0  # per-head width; 0 = d_model // n_heads
+    m.d_ff = 768  # feed-forward hidden width
+    m.mlp = "swiglu"  # 'swiglu' (Llama) | 'gelu' (GPT-2)
+    m.norm = "rms"  # 'rms' | 'layer' (pre-norm either way)
+    m.norm_eps = 1e-6  # norm epsilon
+    m.pos = "rope"  # 'rope' | 'learned' absolute positions
+    m.max_len = 2048  # learned-position table size (pos='learned')
+    m.rope_theta = 10000.0  # RoPE base frequency
+    m.tie_embeddings = True  # LM head shares the token embedding
+    m.use_bias = False  # biases in dense layers
+    m.dropout = 0.0  # residual/attention/embedding dropout
+    m.causal = True  # False: bidirectional attention (encoders)
+    m.dtype = "bfloat16"  # matmul operand dtype (f32 accumulation; params/activations f32)
+    m.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
+    m.remat = "none"  # activation recomputation: 'none' | 'full' | 'dots'
+    m.init_std = 0.02  # normal init std (residual outputs scaled by 1/sqrt(2 n_layers))
+    m.vocab_multiple = 64  # pad the embedding rows to a multiple of this (padded logits masked)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.path = ""  # .txt/.jsonl file or directory; '' = the Python standard library source
+    d.text_field = "text"  # JSONL field holding the document text
+    d.tokenizer = "byte"  # 'byte' | 'char' (char vocabulary built from the training split)
+    d.seq_len = 256  # tokens per training window
+    d.batch_size = 16  # global windows per optimizer step (split over grad_accum_steps)
+    d.split = "hash"  # 'hash': whole documents by content hash | 'tail': last part of each document
+    d.val_fraction = 0.05  # share of documents (or text, for 'tail') held out for validation
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 1e-3  # peak learning rate
+    o.schedule = "cosine"  # after warmup: 'cosine' | 'linear' | 'constant' | 'wsd'
+    o.warmup_steps = 100  # linear warmup from 0
+    o.min_lr_ratio = 0.1  # final lr = lr * min_lr_ratio
+    o.wsd_decay_fraction = 0.2  # 'wsd': share of post-warmup steps spent decaying
+    o.b1 = 0.9  # Adam beta1
+    o.b2 = 0.99  # Adam beta2
+    o.eps = 1e-8  # Adam epsilon
+    o.weight_decay = 0.1  # decoupled weight decay on kernels
+    o.decay_embeddings = False  # also decay embedding tables
+    o.clip_norm = 1.0  # global gradient-norm clip; 0 = off
+    o.grad_accum_steps = 1  # micro-batches per update (optax.MultiSteps)
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000  # optimizer updates (the LR schedule spans these)
+    t.stop_after = 0  # stop with a checkpoint after this step (time-sliced jobs); 0 = run to train.steps
+    t.log_every = 50  # train metrics + progress line
+    t.eval_every = 250  # validation loss (and at the end)
+    t.eval_batches = 20  # validation batches per evaluation (fewer if the split is small)
+    t.checkpoint_every = 500  # checkpoint period (and always at the end)
+    t.keep_checkpoints = 3  # checkpoints kept
+    t.async_checkpoint = True  # write checkpoints in the background
+    t.peak_flops = 3.0e11  # machine peak FLOP/s for MFU (scripts/benchmark.py --measure-peak)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # pure data-parallel devices (-1: all that remain)
+    c.mesh.fsdp = 1  # data-parallel devices that also shard params/optimizer state
+    c.mesh.tensor = 1  # tensor-parallel devices
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.rules = (  # logical axis -> mesh axes
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("layers", None),
+    )
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink any config to a seconds-long smoke run (tests, `:tiny`)."""
+    model_size(c, "tiny")
+    c.data.seq_len = 32
+    c.data.batch_size = 8
+    c.train.steps = 8
+    c.train.log_every = 2
+    c.train.eval_every = 4
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 4
+    c.optim.warmup_steps = 2
+    return c

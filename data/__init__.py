@@ -1,0 +1,1 @@
+"""Data: sources, tokenizers and the grain input pipeline. Never imports the model."""

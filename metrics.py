@@ -1,0 +1,68 @@
+"""Metric writers (JSONL + TensorBoard event files via tensorboardX) and a console progress line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+    """Writes {name: scalar} at a step to WORKDIR/metrics.jsonl and WORKDIR/tb/ (process 0 only)."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    return flops_per_token * tokens_per_s / peak_flops if peak_flops > 0 else 0.0
+
+
+class Progress:
+    """One console line per log step: step, loss, tokens/s, step time, MFU, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, stream=sys.stdout):
+        self.total, self.stream = total_steps, stream
+        self.t0, self.s0 = time.time(), start_step
+
+    def line(self, step: int, scalars: dict) -> str:
+        elapsed = time.time() - self.t0
+        rate = (step - self.s0) / elapsed if elapsed > 0 and step > self.s0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        parts = [f"step {step}/{self.total}"]
+        for key, fmt in (("train/loss", "loss {:.4f}"), ("eval/loss", "val {:.4f}"), ("train/lr", "lr {:.2e}"),
+                         ("perf/tokens_per_s", "{:,.0f} tok/s"), ("perf/step_ms", "{:.1f} ms/step"),
+                         ("perf/mfu", "MFU {:.1%}")):
+            if key in scalars:
+                parts.append(fmt.format(float(scalars[key])))
+        parts.append(f"ETA {eta:.0f}s" if eta == eta else "ETA ?")
+        return " | ".join(parts)
+
+    def print(self, step: int, scalars: dict) -> None:
+        print(self.line(step, scalars), file=self.stream, flush=True)

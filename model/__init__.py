@@ -1,0 +1,1 @@
+"""Flax (linen) transformer: layers, attention, stacks and heads. Imports only jax/flax."""

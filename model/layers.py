@@ -1,0 +1,163 @@
+"""Building blocks: mixed-precision matmul, Dense, norms, embeddings, MLP.
+
+Parameters are float32 and carry logical axis names (model/axes.py). Matmul operands are
+cast to `dtype` (bf16 by default) with float32 accumulation in the forward AND backward
+pass (`matmul` below); activations, norms, softmax and the loss stay float32. On CPUs with
+avx512_bf16 this is the fast path (see STACK-NOTES.md); on TPU/GPU it is the usual recipe.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import axes
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def _dot(x_NxK: jax.Array, w_KxM: jax.Array, dtype: Dtype) -> jax.Array:
+    return jax.lax.dot_general(
+        x_NxK.astype(dtype), w_KxM.astype(dtype), (((x_NxK.ndim - 1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lowp_matmul(x_NxK, w_KxM, dtype):
+    return _dot(x_NxK, w_KxM, dtype)
+
+
+def _lowp_fwd(x_NxK, w_KxM, dtype):
+    # Residuals kept in the low-precision dtype (half the memory); zero-size arrays carry the
+    # primal dtypes so the cotangents come back in them.
+    return _dot(x_NxK, w_KxM, dtype), (x_NxK.astype(dtype), w_KxM.astype(dtype),
+                                       jnp.zeros((0,), x_NxK.dtype), jnp.zeros((0,), w_KxM.dtype))
+
+
+def _lowp_bwd(dtype, res, g_NxM):
+    x_NxK, w_KxM, x_tag, w_tag = res
+    g_NxM = g_NxM.astype(dtype)
+    dx_NxK = _dot(g_NxM, w_KxM.T, dtype)
+    k, m = w_KxM.shape
+    # Transpose explicitly so the weight-gradient dot contracts over the last dimension.
+    dw_KxM = _dot(x_NxK.reshape(-1, k).T, g_NxM.reshape(-1, m), dtype)
+    return dx_NxK.astype(x_tag.dtype), dw_KxM.astype(w_tag.dtype)
+
+
+_lowp_matmul.defvjp(_lowp_fwd, _lowp_bwd)
+
+
+def matmul(x_NxK: jax.Array, w_KxM: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
+    """x @ w with float32 output; operands cast to `dtype` in forward and backward."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.dot(x_NxK, w_KxM.astype(x_NxK.dtype), preferred_element_type=jnp.float32)
+    return _lowp_matmul(x_NxK, w_KxM, jnp.dtype(dtype))
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] with logical names `kernel_axes`."""
+    features: int
+    kernel_axes: tuple[str | None, str | None]
+    dtype: Dtype = jnp.bfloat16
+    use_bias: bool = False
+    kernel_init: Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x_NxK: jax.Array) -> jax.Array:
+        kernel_KxM = self.param(
+            "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            (x_NxK.shape[-1], self.features), jnp.float32)
+        y_NxM = matmul(x_NxK, kernel_KxM, self.dtype)
+        if self.use_bias:
+            bias_M = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, (self.kernel_axes[1],)), (self.features,), jnp.float32)
+            y_NxM = y_NxM + bias_M
+        return y_NxM
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x_NxD: jax.Array) -> jax.Array:
+        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (axes.EMBED,)),
+                             (x_NxD.shape[-1],), jnp.float32)
+        x_NxD = x_NxD.astype(jnp.float32)
+        ms_Nx1 = jnp.mean(jnp.square(x_NxD), axis=-1, keepdims=True)
+        return x_NxD * jax.lax.rsqrt(ms_Nx1 + self.eps) * scale_D
+
+
+class LayerNorm(nn.Module):
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x_NxD: jax.Array) -> jax.Array:
+        d = x_NxD.shape[-1]
+        scale_D = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (axes.EMBED,)),
+                             (d,), jnp.float32)
+        bias_D = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (axes.EMBED,)),
+                            (d,), jnp.float32)
+        x_NxD = x_NxD.astype(jnp.float32)
+        mean_Nx1 = jnp.mean(x_NxD, axis=-1, keepdims=True)
+        var_Nx1 = jnp.mean(jnp.square(x_NxD - mean_Nx1), axis=-1, keepdims=True)
+        return (x_NxD - mean_Nx1) * jax.lax.rsqrt(var_Nx1 + self.eps) * scale_D + bias_D
+
+
+def make_norm(kind: str, eps: float, name: str | None = None) -> nn.Module:
+    if kind == "rms":
+        return RMSNorm(eps=eps, name=name)
+    if kind == "layer":
+        return LayerNorm(eps=eps, name=name)
+    raise ValueError(f"model.norm={kind!r}: expected 'rms' or 'layer'")
+
+
+class Embed(nn.Module):
+    """Token (or position) embedding table [num, D]; `attend` gives tied output logits."""
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.bfloat16
+    init_std: float = 0.02
+    table_axes: tuple[str | None, str | None] = (axes.VOCAB, axes.EMBED)
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.table_axes),
+            (self.num_embeddings, self.features), jnp.float32)
+
+    def __call__(self, ids_BxL: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, ids_BxL, axis=0)
+
+    def attend(self, x_BxLxD: jax.Array) -> jax.Array:
+        return matmul(x_BxLxD, self.embedding.T, self.dtype)
+
+
+class Mlp(nn.Module):
+    """GELU (GPT-2) or SwiGLU (Llama) feed-forward block."""
+    d_model: int
+    d_ff: int
+    kind: str = "swiglu"
+    dtype: Dtype = jnp.bfloat16
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        dense = functools.partial(Dense, dtype=self.dtype, use_bias=self.use_bias,
+                                  kernel_init=nn.initializers.normal(self.init_std))
+        if self.kind == "swiglu":
+            gate_BxLxF = dense(self.d_ff, (axes.EMBED, axes.MLP), name="gate")(x_BxLxD)
+            up_BxLxF = dense(self.d_ff, (axes.EMBED, axes.MLP), name="up")(x_BxLxD)
+            h_BxLxF = nn.silu(gate_BxLxF) * up_BxLxF
+        elif self.kind == "gelu":
+            h_BxLxF = nn.gelu(dense(self.d_ff, (axes.EMBED, axes.MLP), name="up")(x_BxLxD))
+        else:
+            raise ValueError(f"model.mlp={self.kind!r}: expected 'swiglu' or 'gelu'")
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, (axes.BATCH, axes.LENGTH, axes.MLP))
+        return Dense(self.d_model, (axes.MLP, axes.EMBED), dtype=self.dtype, use_bias=self.use_bias,
+                     kernel_init=nn.initializers.normal(self.out_init_std), name="down")(h_BxLxF)

@@ -1,0 +1,1 @@
+"""On-policy post-training (PPO, GRPO): filled in by later stages."""

@@ -1,0 +1,94 @@
+"""Train state, sharded initialisation, and the jitted train / eval steps (pure functions)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+import sharding
+from model.transformer import ModelConfig, Transformer
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # train-step calls so far (micro-batches when accumulating gradients)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data; the step's dropout key is fold_in(rng, step)
+
+
+def model_config(config, num_tokens: int) -> ModelConfig:
+    """config.model + the tokenizer's size -> ModelConfig (vocab padded to vocab_multiple)."""
+    fields = config.model.to_dict()
+    multiple = int(fields.pop("vocab_multiple"))
+    vocab = -(-num_tokens // multiple) * multiple
+    return ModelConfig(vocab_size=vocab, num_tokens=num_tokens, **fields)
+
+
+def build_model(config, num_tokens: int) -> Transformer:
+    return Transformer(model_config(config, num_tokens))
+
+
+def init_state(model, tx, mesh, rules, seed: int, seq_len: int):
+    """Sharded TrainState: eval_shape first, then a jitted init straight into its shardings,
+    so weights are never materialised unsharded. Returns (state, state_shardings)."""
+
+    def init_fn(key):
+        params_key, dropout_key = jax.random.split(key)
+        dummy_1xL = jnp.zeros((1, seq_len), jnp.int32)
+        params = model.init(params_key, dummy_1xL)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(dropout_key))
+
+    key = jax.random.key(seed)
+    with sharding.activate(mesh, rules):
+        abstract = jax.eval_shape(init_fn, key)
+        shardings = sharding.state_shardings(abstract, mesh, rules)
+        state = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(key)
+    return state, shardings
+
+
+def abstract_state(state_shardings, state) -> Any:
+    """ShapeDtypeStructs with shardings: the restore target for Orbax."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+
+
+def _train_step(state: TrainState, batch, *, model, tx, objective, schedule, accum: int):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad_fn = jax.value_and_grad(functools.partial(objective, model=model), has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step // accum))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def make_train_step(*, model, tx, objective: Callable, schedule, accum: int, mesh, rules,
+                    state_shardings) -> Callable:
+    """jit(train_step) with explicit shardings and a donated state; traced under the mesh rules."""
+    step = jax.jit(
+        functools.partial(_train_step, model=model, tx=tx, objective=objective, schedule=schedule, accum=accum),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, None), donate_argnums=0)
+
+    def run(state, batch):
+        with sharding.activate(mesh, rules):
+            return step(state, batch)
+    run.jitted = step
+    return run
+
+
+def make_eval_step(*, model, objective: Callable, mesh, rules, state_shardings) -> Callable:
+    """params, batch -> metric sums (no dropout)."""
+    step = jax.jit(lambda params, batch: objective(params, batch, None, model=model)[1],
+                   in_shardings=(state_shardings.params, sharding.batch_sharding(mesh)))
+
+    def run(params, batch):
+        with sharding.activate(mesh, rules):
+            return step(params, batch)
+    return run

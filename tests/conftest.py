@@ -1,0 +1,51 @@
+"""Test setup: 8 fake CPU devices (set before jax is imported) and strict JAX modes."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+
+import shutil  # noqa: E402
+import sysconfig  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """A small real corpus: the stdlib `json` and `email` packages' sources (~60 documents)."""
+    out = tmp_path_factory.mktemp("corpus")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for pkg in ("json", "email"):
+        for dirpath, _, files in os.walk(os.path.join(stdlib, pkg)):
+            if "__pycache__" in dirpath:
+                continue
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(dirpath, f), stdlib).replace(os.sep, "_")
+                    shutil.copy(os.path.join(dirpath, f), out / rel)
+    return str(out)
+
+
+def tiny_config(corpus: str, **overrides):
+    """The `tiny` variant of the default config, on the test corpus; `a__b=v` sets a.b = v."""
+    from configs import pretrain_causal
+    c = pretrain_causal.get_config("tiny")
+    c.data.path = corpus
+    c.data.val_fraction = 0.2
+    c.train.async_checkpoint = False
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
