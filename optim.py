@@ -52,6 +52,9 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
     `total_steps` counts optimizer updates; with accumulation each takes `grad_accum_steps`
     calls of the train step (micro-batches).
     """
+    k = int(ocfg.grad_accum_steps)
+    if k < 1:
+        raise ValueError(f"optim.grad_accum_steps={k} must be >= 1")
     schedule = make_schedule(ocfg, total_steps)
     parts = []
     if float(ocfg.clip_norm) > 0:
@@ -60,9 +63,6 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
                              weight_decay=float(ocfg.weight_decay),
                              mask=lambda p: decay_mask(p, bool(ocfg.decay_embeddings))))
     tx = optax.chain(*parts)
-    k = int(ocfg.grad_accum_steps)
-    if k < 1:
-        raise ValueError(f"optim.grad_accum_steps={k} must be >= 1")
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
     return tx, schedule

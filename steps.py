@@ -64,7 +64,7 @@ def _train_step(state: TrainState, batch, *, model, tx, objective, schedule, acc
     (_, metrics), grads = grad_fn(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step // accum))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step // accum))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -125,21 +125,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress = metrics_lib.Progress(total_steps, step)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     last, pending, last_finite = {}, None, step
-    t_log, s_log = time.time(), step
+    t_log, s_log, first = time.time(), step, True
 
     def flush(pending_step, pending_metrics):
         """Fetch metrics one log period late-ish (after the next step was dispatched)."""
         nonlocal last_finite, t_log, s_log
         m = jax.device_get(pending_metrics)
         loss = float(m["loss"])
-        if not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"])):
+        gnorm = float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
             mngr.wait_until_finished()
-            raise NonFiniteLossError(f"step {pending_step}: loss became {loss} (grad norm {float(m['grad_norm'])}); "
-                                     f"last finite at step {last_finite}. Lower optim.lr or check the data.")
+            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", gnorm)
+            raise NonFiniteLossError(
+                f"step {pending_step}: {what} became {value} (loss {loss}, grad norm {gnorm}); last finite at "
+                f"step {last_finite}. The last checkpoint is intact; lower optim.lr or check the data.")
         last_finite = pending_step
         dt = time.time() - t_log
         rate = (pending_step - s_log) * tokens_per_step / dt if dt > 0 and pending_step > s_log else 0.0
-        scalars = {"train/loss": loss, "train/lr": float(m["lr"]), "train/grad_norm": float(m["grad_norm"]),
+        scalars = {"train/loss": loss, "train/lr": float(m["lr"]), "train/grad_norm": gnorm,
                    "perf/tokens_per_s": rate, "perf/step_ms": 1000 * dt / max(pending_step - s_log, 1),
                    "perf/mfu": metrics_lib.mfu(flops_per_token, rate / jax.device_count(), config.train.peak_flops)}
         t_log, s_log = time.time(), pending_step
@@ -151,9 +154,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             batch = sharding.put_batch(next(data_iter), batch_sharding)
             state, step_metrics = train_step(state, batch)
         step += 1
-        if step == s_log + 1:  # first step includes compilation: start the throughput clock after it
+        if first:  # the first step includes compilation: start the throughput clock after it
             jax.block_until_ready(state)
-            t_log, s_log = time.time(), step
+            t_log, s_log, first = time.time(), step, False
         if pending is not None:  # the previous log step's metrics are ready by now
             last = flush(*pending)
             writer.write(pending[0], last)
@@ -168,12 +171,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
             last.update(evaluate(eval_step, state.params, eval_data, batch_sharding))
             writer.write(step, last)
             progress.print(step, last)
-            t_log = time.time()  # don't charge eval time to training throughput
+            jax.block_until_ready(state)
+            t_log, s_log = time.time(), step  # don't charge eval time to training throughput
         if step % config.train.checkpoint_every == 0 or step == stop_at:
             checkpoint.save(mngr, step, state, data_iter, config_dict, force=step == stop_at)
     if pending is not None:
         last = flush(*pending)
         writer.write(pending[0], last)
+        progress.print(pending[0], last)
     mngr.wait_until_finished()
     mngr.close()
     writer.close()

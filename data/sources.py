@@ -82,7 +82,7 @@ def _documents_from_file(path: str, text_field: str, stats: ReadStats) -> Iterat
         else:
             stats.skip("empty")
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold U+2028
         if not line.strip():
             continue
         try:

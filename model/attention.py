@@ -22,7 +22,7 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
     """Rotary position embedding (rotate-half convention) in float32."""
     k = x_BxLxHxK.shape[-1]
     inv_freq_K2 = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
-    angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2
+    angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2[None, None, :]
     sin_BxLx1xK2 = jnp.sin(angle_BxLxK2)[:, :, None, :]
     cos_BxLx1xK2 = jnp.cos(angle_BxLxK2)[:, :, None, :]
     x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
@@ -37,7 +37,7 @@ def attention_mask(segment_ids_BxL: jax.Array, causal: bool) -> jax.Array:
     mask_BxLxL = (seg_q_BxLx1 == seg_k_Bx1xL) & (seg_k_Bx1xL != 0)
     if causal:
         length = segment_ids_BxL.shape[1]
-        mask_BxLxL = mask_BxLxL & jnp.tril(jnp.ones((length, length), bool))[None]
+        mask_BxLxL = mask_BxLxL & jnp.tril(jnp.ones((length, length), bool))[None]  # noqa
     return mask_BxLxL[:, None]
 
 

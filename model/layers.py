@@ -76,8 +76,13 @@ class Dense(nn.Module):
         if self.use_bias:
             bias_M = self.param("bias", nn.with_logical_partitioning(
                 nn.initializers.zeros, (self.kernel_axes[1],)), (self.features,), jnp.float32)
-            y_NxM = y_NxM + bias_M
+            y_NxM = y_NxM + bias_M.reshape((1,) * (y_NxM.ndim - 1) + (-1,))
         return y_NxM
+
+
+def _lead(v_D: jax.Array, ndim: int) -> jax.Array:
+    """[D] -> [1, ..., 1, D] (explicit broadcasting; tests run with rank promotion = raise)."""
+    return v_D.reshape((1,) * (ndim - 1) + (-1,))
 
 
 class RMSNorm(nn.Module):
@@ -89,7 +94,7 @@ class RMSNorm(nn.Module):
                              (x_NxD.shape[-1],), jnp.float32)
         x_NxD = x_NxD.astype(jnp.float32)
         ms_Nx1 = jnp.mean(jnp.square(x_NxD), axis=-1, keepdims=True)
-        return x_NxD * jax.lax.rsqrt(ms_Nx1 + self.eps) * scale_D
+        return x_NxD * jax.lax.rsqrt(ms_Nx1 + self.eps) * _lead(scale_D, x_NxD.ndim)
 
 
 class LayerNorm(nn.Module):
@@ -105,7 +110,8 @@ class LayerNorm(nn.Module):
         x_NxD = x_NxD.astype(jnp.float32)
         mean_Nx1 = jnp.mean(x_NxD, axis=-1, keepdims=True)
         var_Nx1 = jnp.mean(jnp.square(x_NxD - mean_Nx1), axis=-1, keepdims=True)
-        return (x_NxD - mean_Nx1) * jax.lax.rsqrt(var_Nx1 + self.eps) * scale_D + bias_D
+        return ((x_NxD - mean_Nx1) * jax.lax.rsqrt(var_Nx1 + self.eps) * _lead(scale_D, x_NxD.ndim)
+                + _lead(bias_D, x_NxD.ndim))
 
 
 def make_norm(kind: str, eps: float, name: str | None = None) -> nn.Module:

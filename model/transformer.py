@@ -57,6 +57,8 @@ class ModelConfig:
             raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.num_tokens > self.vocab_size:
             raise ValueError(f"num_tokens {self.num_tokens} > vocab_size {self.vocab_size}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if not self.head_dim and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
 
@@ -163,7 +165,7 @@ class Transformer(nn.Module):
             logits_BxLxV = self.lm_head(h_BxLxD)
         if self.cfg.num_tokens < self.cfg.vocab_size:
             valid_V = jnp.arange(self.cfg.vocab_size) < self.cfg.num_tokens
-            logits_BxLxV = jnp.where(valid_V, logits_BxLxV, -1e9)
+            logits_BxLxV = jnp.where(valid_V[None, None, :], logits_BxLxV, -1e9)
         return nn.with_logical_constraint(logits_BxLxV, (axes.BATCH, axes.LENGTH, axes.VOCAB))
 
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True):

@@ -1,0 +1,110 @@
+"""Model: shapes/finiteness, causality, packed-document isolation, bf16 matmul gradients."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from model.layers import matmul
+from model.transformer import ModelConfig, Transformer
+
+
+def make(**kw):
+    base = dict(vocab_size=64, num_tokens=60, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    base.update(kw)
+    model = Transformer(ModelConfig(**base))
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    return model, params
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"pos": "learned", "norm": "layer", "mlp": "gelu", "use_bias": True, "tie_embeddings": False},
+    {"scan_layers": True, "remat": "full"}, {"dtype": "float32", "n_kv_heads": 1},
+])
+def test_shapes_and_finite(kw):
+    model, params = make(**kw)
+    tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, 60)
+    logits = model.apply({"params": params}, tokens)
+    chex.assert_shape(logits, (3, 16, 64))
+    chex.assert_tree_all_finite(logits)
+    # padded vocabulary rows are never predicted
+    assert float(logits[..., 60:].max()) < -1e8
+
+
+def test_causal_gradient_is_zero_for_future_tokens():
+    model, params = make()
+    emb = params["embed"]["embedding"]
+    tokens = jax.random.randint(jax.random.key(2), (1, 12), 0, 60)
+    x = emb[tokens]  # differentiate w.r.t. input embeddings
+
+    def logit_sum_at(t, x_in):
+        def f(x_in):
+            params2 = params
+            # feed embeddings directly: replace the lookup by an identity table trick
+            h = x_in
+            return model.apply({"params": params2}, h, method=_encode_from_embeddings)[0, t].sum()
+        return jax.grad(f)(x_in)
+
+    for t in (0, 5, 11):
+        g = logit_sum_at(t, x)[0]  # [L, D]
+        norms = jnp.abs(g).sum(-1)
+        assert float(norms[t + 1:].max(initial=0.0)) == 0.0, f"position {t} sees the future"
+        assert float(norms[: t + 1].min()) > 0.0, f"position {t} ignores its past"
+
+
+def _encode_from_embeddings(self, x_BxLxD):
+    """Run the stack on given input embeddings (test helper bound as a method)."""
+    b, length, _ = x_BxLxD.shape
+    pos = jnp.broadcast_to(jnp.arange(length), (b, length))
+    seg = jnp.ones((b, length), jnp.int32)
+    for layer in self.layers:
+        x_BxLxD = layer(x_BxLxD, pos, seg, True)
+    return self.logits(self.final_norm(x_BxLxD))
+
+
+def test_bidirectional_sees_the_future():
+    model, params = make(causal=False)
+    tokens = jax.random.randint(jax.random.key(3), (1, 10), 0, 60)
+    x = params["embed"]["embedding"][tokens]
+    g = jax.grad(lambda x_in: model.apply({"params": params}, x_in, method=_encode_from_embeddings)[0, 2].sum())(x)
+    assert float(jnp.abs(g[0, 3:]).sum()) > 0.0
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    model, params = make()
+    a = jax.random.randint(jax.random.key(4), (1, 7), 0, 60)
+    b = jax.random.randint(jax.random.key(5), (1, 9), 0, 60)
+    alone_a = model.apply({"params": params}, a)
+    alone_b = model.apply({"params": params}, b)
+    packed = jnp.concatenate([a, b], axis=1)
+    pos = jnp.concatenate([jnp.arange(7), jnp.arange(9)])[None]
+    seg = jnp.concatenate([jnp.ones(7, jnp.int32), 2 * jnp.ones(9, jnp.int32)])[None]
+    out = model.apply({"params": params}, packed, pos, seg)
+    np.testing.assert_allclose(out[:, :7], alone_a, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[:, 7:], alone_b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_matmul_gradients_match_f32():
+    x = jax.random.normal(jax.random.key(6), (4, 5, 32))
+    w = jax.random.normal(jax.random.key(7), (32, 16)) * 0.1
+
+    def loss(x, w, dtype):
+        return jnp.sum(jnp.tanh(matmul(x, w, dtype)))
+
+    gx32, gw32 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.float32)
+    gx16, gw16 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.bfloat16)
+    assert gx16.dtype == jnp.float32 and gw16.dtype == jnp.float32
+    np.testing.assert_allclose(gx16, gx32, atol=0.05, rtol=0.05)
+    np.testing.assert_allclose(gw16, gw32, atol=0.1, rtol=0.05)
+    assert not np.allclose(gw16, gw32, atol=1e-7)  # really computed in bf16
+
+
+def test_model_config_errors_name_values():
+    with pytest.raises(ValueError, match="n_heads=3"):
+        ModelConfig(vocab_size=64, num_tokens=60, d_model=32, n_heads=3)
+    with pytest.raises(ValueError, match="'sinusoid'"):
+        ModelConfig(vocab_size=64, num_tokens=60, pos="sinusoid")
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        ModelConfig(vocab_size=64, num_tokens=60, n_heads=4, n_kv_heads=3)
