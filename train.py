@@ -19,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import checkpoint
+import hostenv
 import metrics as metrics_lib
 import objectives
 import optim
@@ -198,6 +199,7 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    hostenv.tune_malloc()
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

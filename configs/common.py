@@ -84,7 +84,7 @@ def base() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500  # checkpoint period (and always at the end)
     t.keep_checkpoints = 3  # checkpoints kept
     t.async_checkpoint = True  # write checkpoints in the background
-    t.peak_flops = 3.0e11  # machine peak FLOP/s for MFU (scripts/benchmark.py --measure-peak)
+    t.peak_flops = 9.2e11  # peak FLOP/s per device for MFU: 2-core CPU bf16 (scripts/benchmark.py --measure-peak)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # pure data-parallel devices (-1: all that remain)

@@ -7,7 +7,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import hostenv  # noqa: E402
 import jax  # noqa: E402
+
+hostenv.tune_malloc()
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

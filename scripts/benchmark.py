@@ -1,0 +1,157 @@
+"""Training throughput of a config on this machine, optionally side by side with PyTorch.
+
+    python scripts/benchmark.py --config=configs/shakespeare_char.py            # JSON line
+    python scripts/benchmark.py --config=configs/shakespeare_char.py --vs-torch # interleaved
+    python scripts/benchmark.py --measure-peak                                  # matmul peaks
+
+Prints JSON: tokens_per_s, step_ms, model_flops_per_token, achieved_gflops, mfu (against
+--peak_gflops, default config.train.peak_flops). Timing: compile once, warm up, then the
+median over timed steps. These 2-core machines switch between fast and slow states every few
+seconds, so --vs-torch alternates short blocks of JAX and PyTorch steps in one process and
+reports the median of per-round ratios (torch extras: requirements-dev.txt).
+
+--gpt2 makes our model GPT-2 shaped (GELU MLP with d_ff = 4 d, LayerNorm, learned positions,
+biases) so a comparison is at exactly the same parameter count; --vs-torch implies it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import hostenv  # noqa: E402
+import objectives  # noqa: E402
+import optim  # noqa: E402
+import sharding  # noqa: E402
+import steps  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "Config to benchmark.", lock_config=True)
+flags.DEFINE_integer("steps", 30, "Timed steps (per round with --vs-torch).")
+flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
+flags.DEFINE_integer("rounds", 8, "--vs-torch: alternating rounds.")
+flags.DEFINE_integer("num_tokens", 0, "Vocabulary size; 0 = the tokenizer's (byte 267, char 76 for Shakespeare).")
+flags.DEFINE_bool("vs_torch", False, "Interleave with a PyTorch + HF GPT-2 of the same size.")
+flags.DEFINE_bool("torch_bf16", False, "--vs-torch: run PyTorch under bf16 autocast too.")
+flags.DEFINE_bool("gpt2", False, "Use a GPT-2 shaped model (exact parameter parity with HF GPT-2).")
+flags.DEFINE_bool("measure_peak", False, "Measure bf16->f32 and f32 matmul peak GFLOP/s and exit.")
+flags.DEFINE_float("peak_gflops", 0.0, "Peak for MFU; 0 = config.train.peak_flops.")
+
+
+def measure_peak(n: int = 2048, reps: int = 10) -> dict:
+    out = {}
+    for name, dtype in (("bf16", jnp.bfloat16), ("f32", jnp.float32)):
+        a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n)).astype(dtype)
+        f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+        f(a, b).block_until_ready()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f(a, b).block_until_ready()
+            times.append(time.perf_counter() - t)
+        out[f"{name}_gflops_median"] = 2 * n ** 3 / statistics.median(times) / 1e9
+        out[f"{name}_gflops_best"] = 2 * n ** 3 / min(times) / 1e9
+    return out
+
+
+def gpt2_shape(config) -> None:
+    m = config.model
+    m.mlp, m.norm, m.pos, m.use_bias, m.norm_eps = "gelu", "layer", "learned", True, 1e-5
+    m.d_ff, m.max_len, m.n_kv_heads = 4 * m.d_model, config.data.seq_len, m.n_heads
+
+
+def make_jax_step(config, num_tokens: int):
+    """-> (run_one_step, tokens_per_step, n_params, flops_per_token)."""
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.sharding)
+    model = steps.build_model(config, num_tokens)
+    tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+    state, sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
+    step = steps.make_train_step(model=model, tx=tx, objective=objectives.OBJECTIVES[config.mode],
+                                 schedule=schedule, accum=1, mesh=mesh, rules=rules, state_shardings=sh)
+    b, length = config.data.batch_size, config.data.seq_len
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, num_tokens, (b, length), dtype=np.int32),
+             "targets": rng.integers(0, num_tokens, (b, length), dtype=np.int32),
+             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+             "segment_ids": np.ones((b, length), np.int32), "weights": np.ones((b, length), np.float32)}
+    batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
+    holder = {"state": state}
+
+    def run():
+        holder["state"], m = step(holder["state"], batch)
+        return float(m["loss"])  # forces completion
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    return run, b * length, n_params, model.cfg.flops_per_token(length)
+
+
+def timed(run, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv):
+    del argv
+    hostenv.tune_malloc()
+    if FLAGS.measure_peak:
+        print(json.dumps(measure_peak()))
+        return
+    config = FLAGS.config
+    if FLAGS.gpt2 or FLAGS.vs_torch:
+        gpt2_shape(config)
+    num_tokens = FLAGS.num_tokens or {"byte": 267, "char": 76}[config.data.tokenizer]
+    run, tokens, n_params, fpt = make_jax_step(config, num_tokens)
+    for _ in range(FLAGS.warmup + 1):
+        run()
+    peak = (FLAGS.peak_gflops * 1e9) or config.train.peak_flops
+    if not FLAGS.vs_torch:
+        s = timed(run, FLAGS.steps)
+        print(json.dumps({"tokens_per_s": tokens / s, "step_ms": 1000 * s, "n_params": n_params,
+                          "model_flops_per_token": fpt, "achieved_gflops": fpt * tokens / s / 1e9,
+                          "mfu": fpt * tokens / s / peak}))
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_gpt2
+    m = config.model
+    torch_run, _, torch_params = torch_gpt2.make_train_step(
+        n_layer=m.n_layers, n_head=m.n_heads, n_embd=m.d_model, block_size=config.data.seq_len,
+        vocab_size=num_tokens, batch_size=config.data.batch_size, bf16=FLAGS.torch_bf16)
+    for _ in range(FLAGS.warmup):
+        torch_run()
+    jax_s, torch_s, ratios = [], [], []
+    for r in range(FLAGS.rounds):
+        a = timed(run, FLAGS.steps)
+        b = timed(torch_run, FLAGS.steps)
+        jax_s.append(a)
+        torch_s.append(b)
+        ratios.append(b / a)
+        print(f"round {r}: jax {tokens / a:,.0f} tok/s, torch {tokens / b:,.0f} tok/s, ratio {b / a:.2f}",
+              file=sys.stderr)
+    print(json.dumps({"jax_tokens_per_s": tokens / statistics.median(jax_s),
+                      "torch_tokens_per_s": tokens / statistics.median(torch_s),
+                      "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                      "ratio_max": max(ratios), "jax_params": n_params, "torch_params": torch_params,
+                      "torch_bf16": FLAGS.torch_bf16, "jax_mfu": fpt * tokens / statistics.median(jax_s) / peak}))
+
+
+if __name__ == "__main__":
+    # accept --vs-torch / --measure-peak / --torch-bf16 spellings as well as underscores
+    sys.argv = [sys.argv[0]] + ["--" + a[2:].split("=")[0].replace("-", "_") + a[2:][len(a[2:].split("=")[0]):]
+                                if a.startswith("--") else a for a in sys.argv[1:]]
+    app.run(main)
