@@ -77,3 +77,16 @@ def check_compatible(saved: dict, current: dict, workdir: str) -> list[str]:
             f"workdir {workdir!r} holds a checkpoint from an incompatible config; differing fields:\n  "
             + "\n  ".join(bad) + "\nUse a new --workdir, or restore the saved values.")
     return ok
+
+
+def load_for_inference(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
+    """(saved config dict, params, step) from a run's workdir: latest checkpoint by default."""
+    mngr = make_manager(workdir, keep=1, async_save=False)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')!r}")
+    config = saved_config(mngr, step)
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    params = state["params"] if isinstance(state, dict) else state.params
+    return config, params, step

@@ -1,12 +1,14 @@
 """Process-level tuning of the host (CPU) side, applied once at start-up by entry points.
 
-XLA:CPU allocates an executable's temporary buffers afresh on every run. glibc serves an
-allocation above its mmap threshold (at most 32 MB) with a fresh mmap and unmaps it on free,
-and trims freed memory at the top of the heap; either way the next train step page-faults
-and zeroes all of its temporaries again. For the Shakespeare model (56 MB of temporaries)
-that cost 40% of the step. Serving everything from the heap (M_MMAP_MAX = 0) and keeping
-freed memory mapped (large M_TRIM_THRESHOLD / M_TOP_PAD) removes it: 35.5 -> 21.5 ms/step
-(README, Performance). Set LMSTACK_MALLOC_TUNING=0 to opt out. No effect off glibc.
+XLA:CPU allocates an executable's temporary buffers afresh on every run, from its worker
+threads. glibc serves a large allocation with a fresh mmap (unmapped again on free), gives
+threads their own arenas (whose heaps are shrunk when freed), and trims the main heap's free
+top; each way the next train step page-faults and zeroes its temporaries again. That cost
+40% of the Shakespeare step (56 MB of temporaries) and 35% of the default run's (729 MB).
+Serving everything from one heap (M_MMAP_MAX = 0, M_ARENA_MAX = 1) that is never trimmed
+(M_TRIM_THRESHOLD at its maximum) removes every page fault from the steady state: see
+README, Performance. The price: freed memory stays mapped (RSS stays at its peak), which is
+what a training process wants. Set LMSTACK_MALLOC_TUNING=0 to opt out. No effect off glibc.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import os
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+INT_MAX = 2 ** 31 - 1
 
 
-def tune_malloc(pad_bytes: int = 256 << 20) -> bool:
-    """Heap-only allocation that keeps up to ~`pad_bytes` of freed memory mapped.
+def tune_malloc(pad_bytes: int = 64 << 20) -> bool:
+    """One heap, no mmap, never trimmed; grows in steps of at least `pad_bytes`.
 
     Returns True if glibc accepted every setting (False off glibc or when opted out).
     """
@@ -35,5 +39,6 @@ def tune_malloc(pad_bytes: int = 256 << 20) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    results = [mallopt(M_MMAP_MAX, 0), mallopt(M_TOP_PAD, pad_bytes), mallopt(M_TRIM_THRESHOLD, 4 * pad_bytes)]
+    results = [mallopt(M_MMAP_MAX, 0), mallopt(M_ARENA_MAX, 1), mallopt(M_TRIM_THRESHOLD, INT_MAX),
+               mallopt(M_TOP_PAD, pad_bytes)]
     return all(r == 1 for r in results)

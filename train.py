@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import checkpoint
@@ -28,6 +29,12 @@ import steps
 from data import pipeline, sources, tokenizer as tokenizer_lib
 
 log = logging.getLogger("lmstack")
+
+
+def quiet_logs() -> None:
+    """Our INFO lines; only warnings from orbax/jax/grain's chatty INFO logging."""
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    log.setLevel(logging.INFO)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -196,9 +203,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "orbax", "jax._src", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logs()
     hostenv.tune_malloc()
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
