@@ -23,8 +23,24 @@ class IncompatibleCheckpointError(ValueError):
     pass
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; names the step, the cause and what is still intact."""
+
+    def __init__(self, mngr: ocp.CheckpointManager, step: int, cause: Exception):
+        intact = [s for s in mngr.all_steps() if s != step]
+        super().__init__(getattr(cause, "errno", None), f"writing checkpoint {step} under {str(mngr.directory)!r} "
+                         f"failed: {cause}; earlier checkpoints intact: {intact or 'none'}")
+
+
+def is_write_failure(e: Exception) -> bool:
+    """OSError, or the storage layer's (tensorstore) errors for a full or unwritable disk."""
+    return isinstance(e, OSError) or any(m in str(e) for m in ("No space left", "RESOURCE_EXHAUSTED",
+                                                               "Permission denied", "Read-only file system"))
+
+
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                           cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
@@ -43,6 +59,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
     """State onto the shardings in `abstract_state`; the iterator's position is set in place."""
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                      data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return out["state"]
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
+    """Only the train state (the data iterator keeps its position): used by rollback."""
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return out["state"]
 
 

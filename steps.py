@@ -20,6 +20,9 @@ class TrainState(struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data; the step's dropout key is fold_in(rng, step)
+    lr_scale: jax.Array  # multiplies every update (lowered by a non-finite rollback)
+    dropped: jax.Array  # updates dropped because the loss or gradients were not finite
+    last_dropped: jax.Array  # step of the most recent dropped update (-1: none)
 
 
 def model_config(config, num_tokens: int) -> ModelConfig:
@@ -43,7 +46,8 @@ def init_state(model, tx, mesh, rules, seed: int, seq_len: int):
         dummy_1xL = jnp.zeros((1, seq_len), jnp.int32)
         params = model.init(params_key, dummy_1xL)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(dropout_key))
+                          rng=jax.random.key_data(dropout_key), lr_scale=jnp.ones((), jnp.float32),
+                          dropped=jnp.zeros((), jnp.int32), last_dropped=-jnp.ones((), jnp.int32))
 
     key = jax.random.key(seed)
     with sharding.activate(mesh, rules):
@@ -61,11 +65,21 @@ def abstract_state(state_shardings, state) -> Any:
 def _train_step(state: TrainState, batch, *, model, tx, objective, schedule, accum: int):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(functools.partial(objective, model=model), has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, rng)
+    (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step // accum))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    # A non-finite loss or gradient never reaches the parameters or optimizer moments.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    dropped = state.dropped + (~finite).astype(jnp.int32)
+    last_dropped = jnp.where(finite, state.last_dropped, state.step // accum + 1)
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step // accum) * state.lr_scale,
+                   dropped=dropped, last_dropped=last_dropped)
+    return state.replace(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state), dropped=dropped,
+                         last_dropped=last_dropped), metrics
 
 
 def make_train_step(*, model, tx, objective: Callable, schedule, accum: int, mesh, rules,

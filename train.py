@@ -21,12 +21,13 @@ from ml_collections import config_flags
 
 import checkpoint
 import hostenv
+import resilience
 import metrics as metrics_lib
 import objectives
 import optim
 import sharding
 import steps
-from data import pipeline, sources, tokenizer as tokenizer_lib
+from data import pipeline, prepared, sources, tokenizer as tokenizer_lib
 
 log = logging.getLogger("lmstack")
 
@@ -37,12 +38,14 @@ def quiet_logs() -> None:
     log.setLevel(logging.INFO)
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
 def prepare_data(config, workdir: str):
     """Documents -> split -> tokenizer (saved with the run, reused on resume) -> token streams."""
+    if prepared.is_prepared(config.data.path):  # a scripts/prepare_data.py directory: its tokenizer + shards
+        tok, train, val = prepared.load_prepared(config.data.path)
+        prepared.use_tokenizer_in_workdir(tok, workdir, write=jax.process_index() == 0)
+        log.info("prepared data: %d train, %d val tokens (%s tokenizer, %d ids)", len(train), len(val), tok.kind,
+                 tok.vocab_size)
+        return tok, train, val
     docs, stats = sources.read_documents(config.data.path, config.data.text_field)
     log.info("data: %s", stats.summary())
     train_texts, val_texts = pipeline.split_documents([d.text for d in docs], config.data.split,
@@ -76,7 +79,7 @@ def evaluate(eval_step, params, batches, batch_sharding) -> dict:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
-    os.makedirs(workdir, exist_ok=True)
+    resilience.check_workdir(workdir)
     k = int(config.optim.grad_accum_steps)
     total_steps = int(config.train.steps)
 
@@ -132,65 +135,89 @@ def train_and_evaluate(config, workdir: str) -> dict:
     step = int(jax.device_get(state.step)) // k
     progress = metrics_lib.Progress(total_steps, step)
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    last, pending, last_finite = {}, None, step
-    t_log, s_log, first = time.time(), step, True
+    nonfinite = resilience.NonFinitePolicy(config.train.on_nonfinite, config.train.max_nonfinite, step,
+                                           seen=int(jax.device_get(state.dropped)))
+    last, pending = {}, None
+    clock = {"t": time.time(), "step": step, "first": True}
 
-    def flush(pending_step, pending_metrics):
-        """Fetch metrics one log period late-ish (after the next step was dispatched)."""
-        nonlocal last_finite, t_log, s_log
-        m = jax.device_get(pending_metrics)
-        loss = float(m["loss"])
-        gnorm = float(m["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            mngr.wait_until_finished()
-            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", gnorm)
-            raise NonFiniteLossError(
-                f"step {pending_step}: {what} became {value} (loss {loss}, grad norm {gnorm}); last finite at "
-                f"step {last_finite}. The last checkpoint is intact; lower optim.lr or check the data.")
-        last_finite = pending_step
-        dt = time.time() - t_log
-        rate = (pending_step - s_log) * tokens_per_step / dt if dt > 0 and pending_step > s_log else 0.0
-        scalars = {"train/loss": loss, "train/lr": float(m["lr"]), "train/grad_norm": gnorm,
-                   "perf/tokens_per_s": rate, "perf/step_ms": 1000 * dt / max(pending_step - s_log, 1),
-                   "perf/mfu": metrics_lib.mfu(flops_per_token, rate / jax.device_count(), config.train.peak_flops)}
-        t_log, s_log = time.time(), pending_step
-        return scalars
+    def log_metrics(at_step, device_metrics) -> str:
+        """Fetch a log step's metrics (after the next step was dispatched), apply the non-finite policy."""
+        m = jax.device_get(device_metrics)
+        action = nonfinite.check(at_step, int(m["dropped"]), int(m["last_dropped"]))
+        dt, n = time.time() - clock["t"], at_step - clock["step"]
+        rate = n * tokens_per_step / dt if dt > 0 and n > 0 else 0.0
+        last.update({"train/loss": float(m["loss"]), "train/lr": float(m["lr"]),
+                     "train/grad_norm": float(m["grad_norm"]), "train/dropped_updates": float(m["dropped"]),
+                     "perf/tokens_per_s": rate, "perf/step_ms": 1000 * dt / max(n, 1),
+                     "perf/mfu": metrics_lib.mfu(flops_per_token, rate / jax.device_count(), config.train.peak_flops)})
+        clock.update(t=time.time(), step=at_step)
+        writer.write(at_step, last)
+        progress.print(at_step, last)
+        return action
+
+    def save(at_step, force=False):
+        try:
+            checkpoint.save(mngr, at_step, state, data_iter, config_dict, force=force)
+        except Exception as e:  # noqa: BLE001 - re-raised, named, unless it is not a write failure
+            if not checkpoint.is_write_failure(e):
+                raise
+            raise checkpoint.CheckpointWriteError(mngr, at_step, e) from e
 
     stop_at = min(total_steps, int(config.train.stop_after) or total_steps)
-    while step < stop_at:
-        for _ in range(k):
-            batch = sharding.put_batch(next(data_iter), batch_sharding)
-            state, step_metrics = train_step(state, batch)
-        step += 1
-        if first:  # the first step includes compilation: start the throughput clock after it
-            jax.block_until_ready(state)
-            t_log, s_log, first = time.time(), step, False
-        if pending is not None:  # the previous log step's metrics are ready by now
-            last = flush(*pending)
-            writer.write(pending[0], last)
-            progress.print(pending[0], last)
-            pending = None
-        if step % config.train.log_every == 0 or step == stop_at:
-            pending = (step, step_metrics)
-        if step % config.train.eval_every == 0 or step == total_steps:
-            if pending is not None:
-                last = flush(*pending)
+    with resilience.PreemptionGuard() as guard:
+        while step < stop_at:
+            for _ in range(k):
+                batch = sharding.put_batch(next(data_iter), batch_sharding)
+                state, step_metrics = train_step(state, batch)
+            step += 1
+            if clock["first"]:  # the first step includes compilation: start the throughput clock after it
+                jax.block_until_ready(state)
+                clock.update(t=time.time(), step=step, first=False)
+            action = "ok"
+            if pending is not None:  # the previous log step's metrics are ready by now
+                action = log_metrics(*pending)
                 pending = None
-            last.update(evaluate(eval_step, state.params, eval_data, batch_sharding))
-            writer.write(step, last)
-            progress.print(step, last)
-            jax.block_until_ready(state)
-            t_log, s_log = time.time(), step  # don't charge eval time to training throughput
-        if step % config.train.checkpoint_every == 0 or step == stop_at:
-            checkpoint.save(mngr, step, state, data_iter, config_dict, force=step == stop_at)
-    if pending is not None:
-        last = flush(*pending)
-        writer.write(pending[0], last)
-        progress.print(pending[0], last)
-    mngr.wait_until_finished()
+            if step % config.train.log_every == 0 or step == stop_at:
+                pending = (step, step_metrics)
+            if action == "rollback" and mngr.latest_step() is not None:
+                back = mngr.latest_step()
+                mngr.wait_until_finished()
+                restored = checkpoint.restore_state(mngr, back, steps.abstract_state(state_sh, state))
+                state = restored.replace(lr_scale=state.lr_scale * config.train.rollback_lr_factor,
+                                         dropped=state.dropped, last_dropped=state.last_dropped)
+                log.warning("rolled back to step %d (data continues forward); LR scale now %.3g",
+                            back, float(state.lr_scale))
+                step, pending = back, None
+                continue
+            if step % config.train.eval_every == 0 or step == stop_at:
+                if pending is not None:
+                    log_metrics(*pending)
+                    pending = None
+                last.update(evaluate(eval_step, state.params, eval_data, batch_sharding))
+                writer.write(step, last)
+                progress.print(step, last)
+                jax.block_until_ready(state)
+                clock.update(t=time.time(), step=step)  # don't charge eval time to training throughput
+            if guard.received:
+                save(step, force=True)
+                break
+            if step % config.train.checkpoint_every == 0 or step == stop_at:
+                save(step, force=step == stop_at)
+        if pending is not None:
+            log_metrics(*pending)
+        try:
+            mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            if not checkpoint.is_write_failure(e):
+                raise
+            raise checkpoint.CheckpointWriteError(mngr, step, e) from e
     mngr.close()
     writer.close()
     last["step"] = step
+    if guard.received:
+        log.warning("%s received: stopped after step %d with a checkpoint in %s; rerun the same command to resume",
+                    guard.name, step, mngr.directory)
+        last["preempted"] = True
     return last
 
 

@@ -51,6 +51,9 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        for name in ("vocab_size", "num_tokens", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
         if self.pos not in ("rope", "learned"):
             raise ValueError(f"model.pos={self.pos!r}: expected 'rope' or 'learned'")
         if self.remat not in REMAT_POLICIES:
