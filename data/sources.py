@@ -1,19 +1,38 @@
-"""Where documents come from: text files, JSONL, directories, or the embedded default corpus.
+"""Where documents come from: text files, JSONL, Parquet, gzip, TFDS, or the embedded default corpus.
 
 The embedded default is the running Python's own standard-library source (one document per
 `.py` file): real text nobody here wrote, present on every machine, so training needs no
-download. Unreadable files (binary, not UTF-8) are skipped and counted, never a crash.
+download.
+
+A source is a `Source` (kind 'files' | 'stdlib' | 'tfds'). 'files' takes a file, a directory
+(recursive, sorted, by extension) or a glob; each file is read by its extension: `.jsonl`
+(one JSON object a line), `.parquet` (rows), anything else as one text document, and any of
+these with a trailing `.gz`. 'tfds' reads a prepared TFDS dataset through `tfds.data_source`
+(ArrayRecord random access; no TensorFlow). Records (JSONL lines, Parquet rows, TFDS examples)
+give their `text_field` as the document text, or are handed whole to data/formats.py.
+
+Bad input is never a crash and never silently dropped: every unusable file or record is
+counted in `ReadStats.skipped` under a named reason ('binary', 'not utf-8', 'empty',
+'truncated gzip', 'corrupt gzip', 'file too large', 'malformed json', 'not a json object',
+"no 'text' string", 'bad parquet', ...). With `strict=True` a malformed record raises a
+`DataError` naming the file and line instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import gzip
 import json
 import os
+import re
 import sysconfig
-from typing import Iterator
+import zlib
+from typing import Any, Iterator
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".html", ".tex")
+RECORD_EXTENSIONS = (".jsonl", ".parquet")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON may spell lone UTF-16 surrogates
 
 
 class DataError(ValueError):
@@ -22,7 +41,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Document:
-    source: str  # file path (with :line for JSONL records)
+    source: str  # file path (with :line for JSONL records, :row for Parquet, tfds:name/split:index)
     text: str
 
 
@@ -31,6 +50,7 @@ class ReadStats:
     files: int = 0
     documents: int = 0
     chars: int = 0
+    bytes: int = 0  # raw (decompressed) bytes read
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
 
     def skip(self, reason: str) -> None:
@@ -39,6 +59,18 @@ class ReadStats:
     def summary(self) -> str:
         skipped = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items())) or "none"
         return f"{self.documents} documents ({self.chars / 1e6:.1f}M chars) from {self.files} files; skipped: {skipped}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One input. kind: 'files' (path = file, directory or glob) | 'stdlib' | 'tfds' (path = dataset name)."""
+    kind: str = "files"
+    path: str = ""
+    text_field: str = "text"  # record field holding the document text
+    extensions: tuple[str, ...] = TEXT_EXTENSIONS + (".parquet",)  # directory walks: these (and + '.gz')
+    tfds_split: str = "train"  # 'tfds': split to read
+    data_dir: str = ""  # 'tfds': TFDS data_dir ('' = TFDS default)
+    max_file_mb: float = 256.0  # larger files (after decompression) are skipped as 'file too large'
 
 
 def stdlib_dir() -> str:
@@ -54,13 +86,43 @@ def _stdlib_files() -> Iterator[str]:
                 yield os.path.join(dirpath, name)
 
 
-def _read_text(path: str, stats: ReadStats) -> str | None:
+def _inner_name(path: str) -> str:
+    return path[:-3] if path.endswith(".gz") else path
+
+
+def _read_bytes(path: str, max_bytes: int, stats: ReadStats) -> bytes | None:
+    """The file's bytes (gunzipped for .gz), or None after counting why not."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        if path.endswith(".gz"):
+            chunks, size = [], 0
+            with gzip.open(path, "rb") as f:
+                while size <= max_bytes and (chunk := f.read(1 << 24)):
+                    chunks.append(chunk)
+                    size += len(chunk)
+            raw = b"".join(chunks)
+        else:
+            if os.path.getsize(path) > max_bytes:
+                stats.skip("file too large")
+                return None
+            with open(path, "rb") as f:
+                raw = f.read()
+    except EOFError:
+        stats.skip("truncated gzip")
+        return None
+    except (gzip.BadGzipFile, zlib.error):
+        stats.skip("corrupt gzip")
+        return None
     except OSError as e:
         stats.skip(f"unreadable ({type(e).__name__})")
         return None
+    if len(raw) > max_bytes:
+        stats.skip("file too large")
+        return None
+    stats.bytes += len(raw)
+    return raw
+
+
+def _decode(raw: bytes, stats: ReadStats) -> str | None:
     if b"\x00" in raw:
         stats.skip("binary")
         return None
@@ -71,42 +133,196 @@ def _read_text(path: str, stats: ReadStats) -> str | None:
         return None
 
 
-def _documents_from_file(path: str, text_field: str, stats: ReadStats) -> Iterator[Document]:
-    text = _read_text(path, stats)
-    if text is None:
-        return
-    stats.files += 1
-    if not path.endswith(".jsonl"):
-        if text.strip():
-            yield Document(path, text)
-        else:
-            stats.skip("empty")
-        return
+def _encodable(record: Any) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _jsonl_records(path: str, text: str, stats: ReadStats, strict: bool) -> Iterator[tuple[str, Any]]:
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold U+2028
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError) as e:
+            if strict:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e})") from None
             stats.skip("malformed json")
             continue
-        value = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(value, str) or not value.strip():
-            stats.skip(f"no '{text_field}' string")
+        if _SURROGATE_ESCAPE.search(line) and not _encodable(record):
+            if strict:
+                raise DataError(f"{path}:{lineno}: a lone UTF-16 surrogate (not valid Unicode text)")
+            stats.skip("lone surrogate")
             continue
-        yield Document(f"{path}:{lineno}", value)
+        yield f"{path}:{lineno}", record
 
 
-def iter_files(path: str) -> Iterator[str]:
-    """A file, or the text files under a directory (sorted, recursive)."""
+def _parquet_records(path: str, stats: ReadStats, columns) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if columns is not None and any(c not in names for c in columns):
+            stats.skip(f"parquet without column {columns[0]!r}")
+            return
+        rows = pf.read(columns=columns).to_pylist()  # one file's rows; files are shard-sized
+    except (pa.ArrowException, OSError, ValueError):
+        stats.skip("bad parquet")
+        return
+    for i, row in enumerate(rows):
+        yield f"{path}:{i}", row
+
+
+def file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bool = False,
+                 columns=None) -> Iterator[tuple[str, Any]]:
+    """(where, record) from one .jsonl[.gz] or .parquet file."""
+    if _inner_name(path).endswith(".parquet"):
+        if os.path.getsize(path) > max_bytes:
+            stats.skip("file too large")
+            return
+        stats.files += 1
+        stats.bytes += os.path.getsize(path)
+        yield from _parquet_records(path, stats, columns)
+        return
+    raw = _read_bytes(path, max_bytes, stats)
+    text = None if raw is None else _decode(raw, stats)
+    if text is None:
+        return
+    stats.files += 1
+    yield from _jsonl_records(path, text, stats, strict)
+
+
+def _record_text(record: Any, text_field: str, stats: ReadStats) -> str | None:
+    value = record.get(text_field) if isinstance(record, dict) else None
+    if isinstance(value, bytes):  # TFDS Text features come back as UTF-8 bytes
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            stats.skip("not utf-8")
+            return None
+    if not isinstance(value, str) or not value.strip():
+        stats.skip(f"no '{text_field}' string")
+        return None
+    return value
+
+
+def _documents_from_file(path: str, text_field: str, stats: ReadStats, max_bytes: int = 1 << 62,
+                         strict: bool = False) -> Iterator[Document]:
+    if _inner_name(path).endswith(RECORD_EXTENSIONS):
+        columns = [text_field] if _inner_name(path).endswith(".parquet") else None
+        for where, record in file_records(path, stats, max_bytes=max_bytes, strict=strict, columns=columns):
+            text = _record_text(record, text_field, stats)
+            if text is not None:
+                yield Document(where, text)
+        return
+    raw = _read_bytes(path, max_bytes, stats)
+    text = None if raw is None else _decode(raw, stats)
+    if text is None:
+        return
+    stats.files += 1
+    if text.strip():
+        yield Document(path, text)
+    else:
+        stats.skip("empty")
+
+
+def iter_files(path: str, extensions=TEXT_EXTENSIONS + (".parquet",)) -> Iterator[str]:
+    """A file, the files under a directory with these extensions (or + '.gz'; sorted, recursive),
+    or the files matching a glob (sorted)."""
     if os.path.isfile(path):
         yield path
         return
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.endswith(TEXT_EXTENSIONS):
-                yield os.path.join(dirpath, name)
+    if os.path.isdir(path):
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if _inner_name(name).endswith(tuple(extensions)):
+                    yield os.path.join(dirpath, name)
+        return
+    for match in sorted(glob.glob(path, recursive=True)):
+        if os.path.isfile(match):
+            yield match
+
+
+def _check_exists(path: str) -> None:
+    if not os.path.exists(path) and not glob.has_magic(path):
+        raise DataError(f"data path {path!r} does not exist")
+
+
+def _plain(value: Any) -> Any:
+    """TFDS example values (numpy scalars/arrays, UTF-8 bytes) -> JSON-like Python values."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return _plain(value.tolist())
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def tfds_records(name: str, split: str, data_dir: str) -> Iterator[tuple[str, Any]]:
+    """Examples of a prepared (array_record) TFDS dataset, in index order; no TensorFlow needed."""
+    import tensorflow_datasets as tfds
+    try:
+        ds = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    except Exception as e:  # tfds raises a variety of types for a missing/unbuilt dataset
+        raise DataError(f"TFDS dataset {name!r} split {split!r} (data_dir={data_dir!r}) cannot be read: "
+                        f"{type(e).__name__}: {e}") from None
+    for i in range(len(ds)):
+        yield f"tfds:{name}/{split}:{i}", _plain(ds[i])
+
+
+def source_records(src: Source, stats: ReadStats, strict: bool = False) -> Iterator[tuple[str, Any]]:
+    """Whole records (dicts) of a record source: .jsonl/.parquet files or TFDS examples. Text files
+    under a 'files' source are counted as 'not a record file'."""
+    max_bytes = int(src.max_file_mb * 2**20)
+    if src.kind == "tfds":
+        yield from tfds_records(src.path, src.tfds_split, src.data_dir)
+        return
+    if src.kind != "files":
+        raise DataError(f"source kind {src.kind!r} holds no records (expected 'files' or 'tfds')")
+    path = os.path.expanduser(src.path)
+    _check_exists(path)
+    for file in iter_files(path, src.extensions):
+        if _inner_name(file).endswith(RECORD_EXTENSIONS):
+            yield from file_records(file, stats, max_bytes=max_bytes, strict=strict)
+        else:
+            stats.skip("not a record file")
+
+
+def source_documents(src: Source, stats: ReadStats, strict: bool = False) -> Iterator[Document]:
+    """Text documents of a source, in a deterministic order; stats count files, documents, skips."""
+    if src.kind == "stdlib":
+        files = _stdlib_files()
+    elif src.kind == "files":
+        path = os.path.expanduser(src.path)
+        _check_exists(path)
+        files = iter_files(path, src.extensions)
+    elif src.kind == "tfds":
+        for where, record in tfds_records(src.path, src.tfds_split, src.data_dir):
+            text = _record_text(record, src.text_field, stats)
+            if text is not None:
+                stats.documents += 1
+                stats.chars += len(text)
+                yield Document(where, text)
+        return
+    else:
+        raise DataError(f"source kind {src.kind!r}: expected 'files', 'stdlib' or 'tfds'")
+    max_bytes = int(src.max_file_mb * 2**20)
+    for file in files:
+        for doc in _documents_from_file(file, src.text_field, stats, max_bytes, strict):
+            stats.documents += 1
+            stats.chars += len(doc.text)
+            yield doc
 
 
 def read_documents(path: str, text_field: str = "text") -> tuple[list[Document], ReadStats]:
@@ -116,16 +332,11 @@ def read_documents(path: str, text_field: str = "text") -> tuple[list[Document],
         path = os.path.expanduser(path)
         if not os.path.exists(path):
             raise DataError(f"data.path {path!r} does not exist")
-        files = iter_files(path)
+        src = Source(kind="files", path=path, text_field=text_field)
     else:
         path = stdlib_dir()
-        files = _stdlib_files()
-    docs = []
-    for file in files:
-        for doc in _documents_from_file(file, text_field, stats):
-            docs.append(doc)
-            stats.documents += 1
-            stats.chars += len(doc.text)
+        src = Source(kind="stdlib")
+    docs = list(source_documents(src, stats))
     if not docs:
         raise DataError(f"data.path {path!r} holds no usable text documents ({stats.summary()})")
     return docs, stats

@@ -1,0 +1,84 @@
+"""Collection: directories, globs, gzip, Parquet, JSONL fields, TFDS (no TensorFlow), bad files by name."""
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow_datasets as tfds
+
+from data import sources
+from data.sources import DataError, ReadStats, Source
+
+
+def test_gzip_parquet_glob_and_jsonl_fields(tmp_path):
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("zipped text")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"body": "zipped record"}) + "\n")
+    pq.write_table(pa.table({"body": ["row one", "row two", None], "n": [1, 2, 3]}), tmp_path / "c.parquet")
+    (tmp_path / "d.md").write_text("markdown")
+    (tmp_path / "skip.bin").write_bytes(b"\x00")
+    stats = ReadStats()
+    docs = list(sources.source_documents(Source(path=str(tmp_path), text_field="body"), stats))
+    assert [d.text for d in docs] == ["zipped text", "zipped record", "row one", "row two", "markdown"]
+    assert docs[3].source.endswith("c.parquet:1")
+    assert stats.skipped == {"no 'body' string": 1} and stats.files == 4
+    globbed = list(sources.source_documents(Source(path=str(tmp_path / "*.parquet"), text_field="body"), ReadStats()))
+    assert [d.text for d in globbed] == ["row one", "row two"]
+    stats = ReadStats()
+    assert not list(sources.source_documents(Source(path=str(tmp_path / "c.parquet")), stats))
+    assert stats.skipped == {"parquet without column 'text'": 1}
+    with pytest.raises(DataError, match="does not exist"):
+        list(sources.source_documents(Source(path=str(tmp_path / "missing")), ReadStats()))
+
+
+def test_bad_files_are_counted_by_name(tmp_path):
+    (tmp_path / "bin.txt").write_bytes(b"\x89PNG\x00\x00data")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    good = gzip.compress(("hello world " * 1000).encode())
+    (tmp_path / "truncated.txt.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "corrupt.txt.gz").write_bytes(b"\x1f\x8b\x08\x00garbage-not-deflate")
+    (tmp_path / "notgzip.txt.gz").write_bytes(b"plain text, not gzip")
+    (tmp_path / "big.txt").write_text("y" * 3000)
+    (tmp_path / "bomb.txt.gz").write_bytes(gzip.compress(b"z" * 3_000_000))
+    (tmp_path / "records.jsonl").write_text('{"text": "ok"}\n{"text": "\\ud800"}\n{nope\n')
+    stats = ReadStats()
+    docs = list(sources.source_documents(Source(path=str(tmp_path), max_file_mb=0.002), stats))
+    assert [d.text for d in docs] == ["ok"]
+    assert stats.skipped == {"binary": 1, "not utf-8": 1, "empty": 1, "truncated gzip": 1, "corrupt gzip": 2,
+                             "file too large": 2, "lone surrogate": 1, "malformed json": 1}
+
+
+class LmstackTinyText(tfds.core.GeneratorBasedBuilder):
+    """A 7-example text dataset the test builds itself (TFDS can download nothing here)."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"text": tfds.features.Text(), "label": np.int64}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(5), "test": self._generate_examples(2)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"text": f"tfds document {i} ü", "label": i % 2}
+
+
+def test_tfds_source_without_tensorflow(tmp_path):
+    LmstackTinyText(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    src = Source(kind="tfds", path="lmstack_tiny_text", tfds_split="train", data_dir=str(tmp_path))
+    stats = ReadStats()
+    docs = list(sources.source_documents(src, stats))
+    assert sorted(d.text for d in docs) == [f"tfds document {i} ü" for i in range(5)]
+    assert docs[0].source.startswith("tfds:lmstack_tiny_text/train:")
+    records = list(sources.source_records(Source(kind="tfds", path="lmstack_tiny_text", tfds_split="test",
+                                                 data_dir=str(tmp_path)), ReadStats()))
+    assert sorted((r["text"], r["label"]) for _, r in records) == [("tfds document 0 ü", 0), ("tfds document 1 ü", 1)]
+    with pytest.raises(DataError, match="no_such_dataset"):
+        list(sources.source_documents(Source(kind="tfds", path="no_such_dataset", data_dir=str(tmp_path)),
+                                      ReadStats()))
