@@ -1,0 +1,164 @@
+"""Task records: classification, extractive QA, chat/SFT and preference pairs; validation.
+
+Schemas (one JSON object a line; extra fields are kept):
+- 'classification': {"text": str, "label": str | int (not bool)} (+ optional "text_pair": str)
+- 'qa' (SQuAD style): {"context": str, "question": str,
+      "answers": {"text": [str, ...], "answer_start": [int, ...]}} with equal-length lists and
+      context[answer_start[i]:][:len(text[i])] == text[i]. No answers = an unanswerable question.
+- 'chat': {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} with at
+      least one user and one assistant turn and a system turn only first; or
+      {"prompt": str, "response": str}.
+- 'preference': {"prompt": str, "chosen": str, "rejected": str}, chosen != rejected.
+
+`validate(record, fmt)` returns the record or raises `FormatError(reason, detail)`: `reason`
+is a short name counted in the manifest ('missing field', 'wrong type', 'empty text',
+'answer_start mismatch', 'bad role', ...), `detail` says which field and value.
+`read_records(source, fmt, strict=...)` validates every record of a source: under strict the
+first bad one raises a `FormatError` naming the file and line; otherwise it is counted in
+`stats.skipped` as "<fmt>: <reason>" and skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from data.sources import DataError, ReadStats, Source, source_records
+
+FORMATS = ("classification", "qa", "chat", "preference")
+ROLES = ("system", "user", "assistant")
+
+
+class FormatError(DataError):
+    def __init__(self, reason: str, detail: str, where: str = ""):
+        self.reason, self.detail, self.where = reason, detail, where
+        super().__init__(f"{where}: {reason}: {detail}" if where else f"{reason}: {detail}")
+
+
+def _string(record: dict, field: str, *, required: bool = True) -> str | None:
+    if field not in record:
+        if required:
+            raise FormatError("missing field", f"no {field!r}")
+        return None
+    value = record[field]
+    if not isinstance(value, str):
+        raise FormatError("wrong type", f"{field!r} is {type(value).__name__}, expected str")
+    if not value.strip():
+        raise FormatError("empty text", f"{field!r} is empty")
+    return value
+
+
+def _classification(r: dict) -> None:
+    _string(r, "text")
+    _string(r, "text_pair", required=False)
+    if "label" not in r:
+        raise FormatError("missing field", "no 'label'")
+    label = r["label"]
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise FormatError("wrong type", f"'label' is {type(label).__name__}, expected str or int")
+    if isinstance(label, str) and not label.strip():
+        raise FormatError("empty text", "'label' is empty")
+
+
+def _qa(r: dict) -> None:
+    context = _string(r, "context")
+    _string(r, "question")
+    answers = r.get("answers")
+    if not isinstance(answers, dict):
+        raise FormatError("missing field" if answers is None else "wrong type", "'answers' must be an object "
+                          "{'text': [...], 'answer_start': [...]}")
+    texts, starts = answers.get("text"), answers.get("answer_start")
+    if not isinstance(texts, list) or not isinstance(starts, list):
+        raise FormatError("wrong type", "'answers.text' and 'answers.answer_start' must be lists")
+    if len(texts) != len(starts):
+        raise FormatError("answer count mismatch", f"{len(texts)} answer texts but {len(starts)} answer_start")
+    for i, (text, start) in enumerate(zip(texts, starts)):
+        if not isinstance(text, str) or not text:
+            raise FormatError("wrong type", f"answers.text[{i}] must be a non-empty str")
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise FormatError("wrong type", f"answers.answer_start[{i}] is {type(start).__name__}, expected int")
+        if not 0 <= start <= len(context) - len(text) or context[start:start + len(text)] != text:
+            found = context[start:start + len(text)] if 0 <= start < len(context) else ""
+            raise FormatError("answer_start mismatch",
+                              f"answers.text[{i}]={text[:40]!r} is not at context[{start}] (found {found[:40]!r})")
+
+
+def _chat(r: dict) -> None:
+    if "messages" not in r:
+        if "prompt" in r or "response" in r:
+            _string(r, "prompt")
+            _string(r, "response")
+            return
+        raise FormatError("missing field", "no 'messages' (or 'prompt' + 'response')")
+    messages = r["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise FormatError("wrong type", "'messages' must be a non-empty list")
+    roles = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise FormatError("wrong type", f"messages[{i}] is {type(m).__name__}, expected an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise FormatError("bad role", f"messages[{i}].role={role!r}, expected one of {ROLES}")
+        if role == "system" and i:
+            raise FormatError("bad role", f"messages[{i}] is a system message after the first turn")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise FormatError("wrong type", f"messages[{i}].content is {type(content).__name__}, expected str")
+        if not content.strip():
+            raise FormatError("empty text", f"messages[{i}].content is empty")
+        roles.append(role)
+    if "user" not in roles or "assistant" not in roles:
+        raise FormatError("incomplete chat", f"roles {roles} need at least one user and one assistant turn")
+
+
+def _preference(r: dict) -> None:
+    _string(r, "prompt")
+    chosen, rejected = _string(r, "chosen"), _string(r, "rejected")
+    if chosen == rejected:
+        raise FormatError("chosen equals rejected", "'chosen' and 'rejected' are identical")
+
+
+_VALIDATORS = {"classification": _classification, "qa": _qa, "chat": _chat, "preference": _preference}
+
+
+def validate(record: Any, fmt: str) -> dict:
+    if fmt not in _VALIDATORS:
+        raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
+    if not isinstance(record, dict):
+        raise FormatError("not an object", f"record is {type(record).__name__}, expected a JSON object")
+    _VALIDATORS[fmt](record)
+    return record
+
+
+def record_text(record: dict, fmt: str) -> str:
+    """The text a record contributes to deduplication, splitting and tokenizer training."""
+    if fmt == "classification":
+        parts = [record["text"], record.get("text_pair") or ""]
+    elif fmt == "qa":
+        parts = [record["context"], record["question"]]
+    elif fmt == "chat":
+        if "messages" in record:
+            parts = [m["content"] for m in record["messages"]]
+        else:
+            parts = [record["prompt"], record["response"]]
+    elif fmt == "preference":
+        parts = [record["prompt"], record["chosen"], record["rejected"]]
+    else:
+        raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
+    return "\n".join(p for p in parts if p)
+
+
+def read_records(src: Source, fmt: str, stats: ReadStats, *, strict: bool = False) -> Iterator[tuple[str, dict]]:
+    """Valid (where, record) pairs of a source; bad ones raise (strict) or are counted and skipped."""
+    if fmt not in _VALIDATORS:
+        raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
+    for where, record in source_records(src, stats, strict=strict):
+        try:
+            validate(record, fmt)
+        except FormatError as e:
+            if strict:
+                raise FormatError(e.reason, e.detail, where) from None
+            stats.skip(f"{fmt}: {e.reason}")
+            continue
+        stats.documents += 1
+        yield where, record
