@@ -1,0 +1,252 @@
+"""The data preparation stage: collect -> clean -> deduplicate -> split -> train a tokenizer ->
+tokenize -> write shards, manifest.json and report.md (scripts/prepare_data.py is its CLI).
+
+Every input document ends in exactly one place: kept in a split, or counted under a named
+reason (collection skips per source, cleaning filters, exact/near duplicates). The manifest
+checks that: documents collected == kept + removed. Nothing depends on the clock, the
+machine or Python's salted hash(): the same inputs and config give byte-identical outputs.
+
+Splits are assigned by a hash of the cluster representative's text (salted by split.salt):
+exact duplicates share the representative's key, and every member of a near-duplicate cluster
+takes its representative's split, so no near-duplicate pair straddles train and val/test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from data import clean, dedup, formats, prepared, report
+from data.sources import DataError, ReadStats, Source, source_documents
+from data.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_json_bytes
+
+
+@dataclasses.dataclass
+class Doc:
+    source: str  # the config's source name
+    where: str  # file[:line] / tfds:name/split:index
+    text: str
+    record: dict | None = None  # task datasets: the validated record
+
+
+def source_from_config(sc) -> Source:
+    return Source(kind=sc.kind, path=sc.path, text_field=sc.text_field, extensions=tuple(sc.extensions),
+                  tfds_split=sc.tfds_split, data_dir=sc.data_dir, max_file_mb=sc.max_file_mb)
+
+
+def split_unit(key: bytes, salt: str) -> float:
+    """Deterministic value in [0, 1) from a document key."""
+    digest = hashlib.blake2b(salt.encode("utf-8") + key, digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def assign_splits(keys: list[bytes], ratios, salt: str) -> list[str]:
+    """'train' / 'val' / 'test' per key, by the configured ratios (normalized to sum 1)."""
+    ratios = np.asarray(ratios, np.float64)
+    if ratios.shape != (3,) or (ratios < 0).any() or ratios[0] <= 0:
+        raise DataError(f"split.ratios={tuple(ratios)} must be three non-negative numbers (train, val, test) "
+                        f"with train > 0")
+    edges = np.cumsum(ratios / ratios.sum())
+    return [prepared.SPLITS[min(int(np.searchsorted(edges, split_unit(k, salt), side="right")), 2)] for k in keys]
+
+
+class _Phases:
+    """Times each phase and prints one progress line per phase with its throughput."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.rows, self._t = log, [], time.perf_counter()
+
+    def done(self, name: str, nbytes: int, detail: str) -> None:
+        now = time.perf_counter()
+        dt, self._t = now - self._t, now
+        self.rows.append((name, dt, nbytes))
+        self.log(f"[{name:>9}] {dt:6.2f} s  {nbytes / 1e6 / max(dt, 1e-9):7.1f} MB/s  {detail}")
+
+
+def collect(config, strict: bool) -> tuple[list[Doc], dict]:
+    docs, entries = [], {}
+    for name, sc in config.sources.items():
+        src, stats = source_from_config(sc), ReadStats()
+        if config.format == "text":
+            docs += [Doc(name, d.source, d.text) for d in source_documents(src, stats, strict=strict)]
+        else:
+            for where, record in formats.read_records(src, config.format, stats, strict=strict):
+                text = formats.record_text(record, config.format)
+                stats.chars += len(text)
+                docs.append(Doc(name, where, text, record))
+        entries[name] = {"kind": src.kind, "path": src.path, "files": stats.files, "documents": stats.documents,
+                         "bytes": stats.bytes, "chars": stats.chars, "skipped": dict(sorted(stats.skipped.items()))}
+    if not docs:
+        raise DataError(f"the sources hold no usable documents: {json.dumps(entries)}")
+    return docs, entries
+
+
+def clean_docs(docs: list[Doc], cfg, fmt: str) -> tuple[list[Doc], dict]:
+    """Text datasets: normalize, scrub, filter. Task records are validated, never rewritten."""
+    removed: dict[str, int] = {}
+    pii = 0
+    if fmt != "text":
+        return docs, {"removed": {}, "pii_replacements": 0}
+    kept = []
+    for d in docs:
+        text, reason, hits = clean.clean_document(d.text, cfg)
+        pii += hits
+        if reason:
+            removed[reason] = removed.get(reason, 0) + 1
+        else:
+            kept.append(dataclasses.replace(d, text=text))
+    return kept, {"removed": dict(sorted(removed.items())), "pii_replacements": pii}
+
+
+def deduplicate(docs: list[Doc], cfg) -> tuple[list[Doc], list[int], dict]:
+    """Exact then near-duplicate removal. Returns the kept documents, each one's representative
+    index into the kept list, and the manifest entry (with the largest clusters)."""
+    keys = [dedup.exact_key(d.text) for d in docs]
+    first: dict[bytes, int] = {}
+    exact_groups: dict[int, list[int]] = {}
+    keep_idx = []
+    for i, k in enumerate(keys):
+        j = first.setdefault(k, i)
+        if j == i or not cfg.exact:
+            keep_idx.append(i)
+        if j != i:
+            exact_groups.setdefault(j, [j]).append(i)
+    docs_e = [docs[i] for i in keep_idx]
+    reps = list(range(len(docs_e)))
+    if cfg.exact is False:  # exact duplicates kept: they share their first copy's representative
+        pos = {i: n for n, i in enumerate(keep_idx)}
+        reps = [pos[first[keys[i]]] for i in keep_idx]
+    near_clusters: dict[int, list[int]] = {}
+    if cfg.near and len(docs_e) > 1:
+        shingles = [dedup.shingle_hashes(d.text, cfg.shingle, cfg.ngram) for d in docs_e]
+        sig = dedup.minhash_signatures(shingles, cfg.num_perm, cfg.seed)
+        near = dedup.near_duplicate_representatives(sig, cfg.threshold, cfg.bands, cfg.rows)
+        reps = [int(near[r]) for r in reps]
+        for i, r in enumerate(near.tolist()):
+            if r != i:
+                near_clusters.setdefault(r, [r]).append(i)
+    if cfg.near and cfg.near_action == "remove":
+        kept_idx = [i for i, r in enumerate(reps) if r == i]
+    elif cfg.near_action in ("remove", "keep"):
+        kept_idx = list(range(len(docs_e)))
+    else:
+        raise DataError(f"dedup.near_action={cfg.near_action!r}: expected 'remove' or 'keep'")
+    pos = {i: n for n, i in enumerate(kept_idx)}
+    kept = [docs_e[i] for i in kept_idx]
+    kept_reps = [pos[reps[i]] for i in kept_idx]
+    largest = sorted(near_clusters.values(), key=lambda c: (-len(c), c[0]))[:cfg.report_clusters]
+    largest_exact = sorted(exact_groups.values(), key=lambda c: (-len(c), c[0]))[:cfg.report_clusters]
+    entry = {
+        "exact_duplicates": sum(len(g) - 1 for g in exact_groups.values()),
+        "exact_groups": len(exact_groups),
+        "exact_removed": len(docs) - len(docs_e),
+        "near_clusters": len(near_clusters),
+        "near_duplicates": sum(len(c) - 1 for c in near_clusters.values()),
+        "near_removed": len(docs_e) - len(kept),
+        "largest_exact_groups": [[docs[i].where for i in g] for g in largest_exact],
+        "largest_near_clusters": [[docs_e[i].where for i in c] for c in largest],
+    }
+    return kept, kept_reps, entry
+
+
+def build_tokenizer(cfg, train_texts: list[str]) -> Tokenizer:
+    if cfg.kind == "bpe":
+        return BPETokenizer.train(train_texts, cfg.vocab_size, cfg.min_frequency)
+    if cfg.kind == "byte":
+        return ByteTokenizer()
+    if cfg.kind == "char":
+        return CharTokenizer.from_texts(train_texts)
+    raise DataError(f"tokenizer.kind={cfg.kind!r}: expected 'bpe', 'byte' or 'char'")
+
+
+def encode_all(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    if isinstance(tok, BPETokenizer):
+        return tok.encode_batch(texts)
+    return [tok.encode(t) for t in texts]
+
+
+def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Runs every phase; writes the dataset into out_dir and returns its manifest."""
+    if config.format not in ("text",) + formats.FORMATS:
+        raise DataError(f"format={config.format!r}: expected 'text' or one of {formats.FORMATS}")
+    os.makedirs(out_dir, exist_ok=True)
+    phases = _Phases(log)
+
+    docs, source_entries = collect(config, strict)
+    in_bytes = sum(e["bytes"] for e in source_entries.values())
+    skipped = sum(sum(e["skipped"].values()) for e in source_entries.values())
+    phases.done("collect", in_bytes, f"{len(docs)} documents from {len(source_entries)} source(s); "
+                                     f"{skipped} files/records skipped")
+
+    nbytes = sum(len(d.text) for d in docs)
+    kept, clean_entry = clean_docs(docs, config.clean, config.format)
+    phases.done("clean", nbytes, f"{len(kept)} kept, removed {clean_entry['removed'] or 'none'}")
+
+    nbytes = sum(len(d.text) for d in kept)
+    kept, reps, dedup_entry = deduplicate(kept, config.dedup)
+    phases.done("dedup", nbytes, f"{len(kept)} kept; {dedup_entry['exact_removed']} exact and "
+                                 f"{dedup_entry['near_removed']} near duplicates removed "
+                                 f"({dedup_entry['near_clusters']} near clusters)")
+
+    keys = [dedup.exact_key(kept[r].text) for r in reps]
+    splits = assign_splits(keys, config.split.ratios, config.split.salt)
+    by_split = {s: [i for i, x in enumerate(splits) if x == s] for s in prepared.SPLITS}
+    train_texts = [kept[i].text for i in by_split["train"]]
+    if not train_texts:
+        raise DataError(f"split.ratios={tuple(config.split.ratios)} left no training documents "
+                        f"out of {len(kept)}")
+    tok = build_tokenizer(config.tokenizer, train_texts)
+    train_bytes = sum(len(t.encode("utf-8")) for t in train_texts)
+    phases.done("tokenizer", train_bytes, f"{tok.kind}, {tok.vocab_size} ids, trained on the train split "
+                                          f"({len(train_texts)} documents)")
+
+    all_texts = [d.text for d in kept]
+    ids = encode_all(tok, all_texts)
+    nbytes = sum(len(t.encode("utf-8")) for t in all_texts)
+    phases.done("tokenize", nbytes, f"{sum(len(x) for x in ids)} tokens")
+
+    dtype = prepared.token_dtype(tok.vocab_size)
+    shard_bytes = int(config.output.shard_mb * 2**20)
+    split_entries = {}
+    for s in prepared.SPLITS:
+        idx = by_split[s]
+        records = [kept[i].record for i in idx] if config.format != "text" else None
+        entry = prepared.write_split(out_dir, s, [ids[i] for i in idx], dtype, shard_bytes, records)
+        entry["tokens"] = int(sum(len(ids[i]) for i in idx))
+        entry["bytes"] = int(sum(len(all_texts[i].encode("utf-8")) for i in idx))
+        split_entries[s] = entry
+    tok_bytes = tokenizer_json_bytes(tok)
+    with open(os.path.join(out_dir, prepared.TOKENIZER), "wb") as f:
+        f.write(tok_bytes)
+
+    collected = len(docs)
+    removed = sum(clean_entry["removed"].values()) + dedup_entry["exact_removed"] + dedup_entry["near_removed"]
+    assert collected == len(kept) + removed, (collected, len(kept), removed)
+    manifest = {
+        "format_version": 1,
+        "format": config.format,
+        "sources": source_entries,
+        "documents": {"collected": collected, "kept": len(kept), "removed": removed},
+        "cleaning": clean_entry,
+        "dedup": dedup_entry,
+        "splits": split_entries,
+        "token_dtype": dtype.str,
+        "tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size,
+                      "sha256": hashlib.sha256(tok_bytes).hexdigest(), "file": prepared.TOKENIZER},
+        "config": json.loads(config.to_json()),
+    }
+    with open(os.path.join(out_dir, prepared.MANIFEST), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, ensure_ascii=False, sort_keys=True)
+        f.write("\n")
+    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+        f.write(report.render(manifest))
+    total = sum(e["bytes"] for e in split_entries.values())
+    phases.done("write", total, f"{sum(len(e['shards']) for e in split_entries.values())} shards -> {out_dir}")
+    manifest["_timings"] = [{"phase": n, "seconds": dt, "bytes": b} for n, dt, b in phases.rows]
+    return manifest
