@@ -53,6 +53,10 @@ class Tokenizer:
     def to_json(self) -> dict:
         raise NotImplementedError
 
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for ([vocab_size] int; specials 0): bits-per-byte accounting."""
+        raise NotImplementedError
+
 
 class ByteTokenizer(Tokenizer):
     kind = "byte"
@@ -67,6 +71,9 @@ class ByteTokenizer(Tokenizer):
 
     def to_json(self) -> dict:
         return {"kind": "byte"}
+
+    def byte_lengths(self) -> np.ndarray:
+        return np.concatenate([np.ones(256, np.int64), np.zeros(len(SPECIALS), np.int64)])
 
 
 class CharTokenizer(Tokenizer):
@@ -98,6 +105,10 @@ class CharTokenizer(Tokenizer):
 
     def to_json(self) -> dict:
         return {"kind": "char", "chars": self.chars}
+
+    def byte_lengths(self) -> np.ndarray:
+        lengths = [len(c.encode("utf-8", "surrogatepass")) for c in self.chars]
+        return np.array(lengths + [0] * len(SPECIALS), np.int64)
 
 
 class BPETokenizer(Tokenizer):
@@ -145,6 +156,13 @@ class BPETokenizer(Tokenizer):
 
     def to_json(self) -> dict:
         return {"kind": "bpe", "tokenizers": json.loads(self._tok.to_str())}
+
+    def byte_lengths(self) -> np.ndarray:
+        # byte-level tokens spell each byte with one printable character
+        lengths = np.zeros(self.vocab_size, np.int64)
+        for token, i in self._tok.get_vocab(with_added_tokens=False).items():
+            lengths[i] = len(token)
+        return lengths
 
 
 def tokenizer_from_json(spec: dict) -> Tokenizer:

@@ -5,6 +5,8 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ import train
 from configs.data import common
 from data import clean, prepare, prepared, sources, tokenizer
 from data.sources import DataError
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def data_config(path, **overrides):
@@ -100,11 +105,19 @@ def test_train_on_prepared_dataset(dataset, tmp_path):
     assert (train_stream.tokens == tok.eos_id).sum() == m["splits"]["train"]["documents"]
     assert train_stream.segments[-1] == m["splits"]["train"]["documents"]
     workdir = str(tmp_path / "run")
-    result = train.train_and_evaluate(tiny_config(out, train__steps=4, train__eval_every=4), workdir)
+    result = train.train_and_evaluate(tiny_config(out, train__steps=4, train__eval_every=4,
+                                                  train__eval_batches=1000), workdir)  # the whole val split
     assert result["step"] == 4 and np.isfinite(result["eval/loss"])
     assert result["eval/loss"] < np.log(512) + 0.5
     with open(os.path.join(workdir, "tokenizer.json"), "rb") as f, open(os.path.join(out, "tokenizer.json"), "rb") as g:
         assert f.read() == g.read()
+    # bits per byte, comparable across tokenizers (scripts/bits_per_byte.py)
+    out_text = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bits_per_byte.py"),
+                               f"--workdir={workdir}"], capture_output=True, text=True, check=True).stdout
+    bpb = float(out_text.rsplit(": ", 1)[1].split()[0])
+    assert "bpe (512 ids)" in out_text and "100% of the val split" in out_text
+    assert bpb == pytest.approx(result["eval/loss"] * m["splits"]["val"]["tokens"] / m["splits"]["val"]["bytes"]
+                                / np.log(2), rel=0.1)
     # a workdir whose tokenizer differs from the dataset's is refused; the same one is accepted
     prepared.use_tokenizer_in_workdir(tok, workdir, write=True)
     with pytest.raises(DataError, match="different tokenizer"):

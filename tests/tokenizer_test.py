@@ -28,3 +28,12 @@ def test_bpe_round_trip_on_the_corpus(corpus_dir):
     assert tokenizer.tokenizer_json_bytes(back) == tokenizer.tokenizer_json_bytes(tok)
     with pytest.raises(ValueError, match="at least 267"):
         tokenizer.BPETokenizer.train(texts, vocab_size=100)
+
+
+def test_byte_lengths_count_utf8_bytes():
+    text = "naïve café 日本語 🙂\n" * 3 + "plain ascii words"
+    bpe = tokenizer.BPETokenizer.train([text] * 5, vocab_size=300)
+    for tok in (bpe, tokenizer.ByteTokenizer(), tokenizer.CharTokenizer(text)):
+        lengths = tok.byte_lengths()
+        assert lengths.shape == (tok.vocab_size,) and (lengths[tok.base_size:] == 0).all()
+        assert lengths[tok.encode(text)].sum() == len(text.encode("utf-8"))
