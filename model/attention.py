@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,58 @@ def attention_mask(segment_ids_BxL: jax.Array, causal: bool) -> jax.Array:
         length = segment_ids_BxL.shape[1]
         mask_BxLxL = mask_BxLxL & jnp.tril(jnp.ones((length, length), bool))[None]  # noqa
     return mask_BxLxL[:, None]
+
+
+def _bmm(a_XxMxK, b_XxKxN, dtype):
+    """Batched a @ b over leading dims, operands in `dtype`, float32 result."""
+    batch = tuple(range(a_XxMxK.ndim - 2))
+    return jax.lax.dot_general(a_XxMxK.astype(dtype), b_XxKxN.astype(dtype),
+                               (((a_XxMxK.ndim - 1,), (b_XxKxN.ndim - 2,)), (batch, batch)),
+                               preferred_element_type=jnp.float32)
+
+
+def _attend(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype):
+    scores_BxHxLxL = _bmm(q_BxHxLxK, jnp.swapaxes(k_BxHxLxK, -1, -2), dtype)
+    scores_BxHxLxL = jnp.where(mask_Bx1xLxL, scores_BxHxLxL, NEG_INF)
+    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
+    return _bmm(probs_BxHxLxL, v_BxHxLxK, dtype), probs_BxHxLxL
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lowp_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype):
+    return _attend(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype)[0]
+
+
+def _lowp_attention_fwd(q, k, v, mask, dtype):
+    out, probs = _attend(q, k, v, mask, dtype)
+    return out, (q.astype(dtype), k.astype(dtype), v.astype(dtype), probs.astype(dtype), mask)
+
+
+def _lowp_attention_bwd(dtype, res, dout_BxHxLxK):
+    q, k, v, probs_BxHxLxL, mask = res
+    # Every product is a canonical batched matmul ([..., m, k] @ [..., k, n]) with low-precision
+    # operands: the CPU dot kernels reject bf16 contractions over other dimensions.
+    dv_BxHxLxK = _bmm(jnp.swapaxes(probs_BxHxLxL, -1, -2), dout_BxHxLxK, dtype)
+    dprobs_BxHxLxL = _bmm(dout_BxHxLxK, jnp.swapaxes(v, -1, -2), dtype)
+    p = probs_BxHxLxL.astype(jnp.float32)
+    dscores_BxHxLxL = p * (dprobs_BxHxLxL - jnp.sum(dprobs_BxHxLxL * p, axis=-1, keepdims=True))
+    dq_BxHxLxK = _bmm(dscores_BxHxLxL, k, dtype)
+    dk_BxHxLxK = _bmm(jnp.swapaxes(dscores_BxHxLxL, -1, -2), q, dtype)
+    return dq_BxHxLxK, dk_BxHxLxK, dv_BxHxLxK, None
+
+
+_lowp_attention.defvjp(_lowp_attention_fwd, _lowp_attention_bwd)
+
+
+def dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype=jnp.float32):
+    """softmax(q k^T + mask) v with float32 scores and softmax; q is pre-scaled.
+
+    With a low-precision `dtype` the four matmuls (two forward, four backward) take bf16
+    operands with float32 accumulation, the backward pass included (a custom VJP).
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return _attend(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, jnp.float32)[0]
+    return _lowp_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, jnp.dtype(dtype))
 
 
 class Attention(nn.Module):
@@ -75,15 +129,19 @@ class Attention(nn.Module):
             q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
             k_BxLxVxK = rope(k_BxLxVxK, positions_BxL, self.rope_theta)
 
-        # Scores in float32; query heads grouped over their shared key/value head.
-        q_BxLxVxGxK = q_BxLxHxK.reshape(b, length, kv, g, k) * (k ** -0.5)
-        scores_BxVxGxLxL = jnp.einsum("bqvgk,bsvk->bvgqs", q_BxLxVxGxK, k_BxLxVxK.astype(jnp.float32))
-        mask_Bx1x1xLxL = attention_mask(segment_ids_BxL, self.causal)[:, :, None]
-        scores_BxVxGxLxL = jnp.where(mask_Bx1x1xLxL, scores_BxVxGxLxL, NEG_INF)
-        probs_BxVxGxLxL = jax.nn.softmax(scores_BxVxGxLxL, axis=-1)
-        probs_BxVxGxLxL = nn.Dropout(self.dropout)(probs_BxVxGxLxL, deterministic=deterministic)
-        out_BxLxVxGxK = jnp.einsum("bvgqs,bsvk->bqvgk", probs_BxVxGxLxL, v_BxLxVxK.astype(jnp.float32))
-        out_BxLxHK = out_BxLxVxGxK.reshape(b, length, h * k)
+        # Heads-major layout; key/value heads repeated for their query-head groups (GQA).
+        q_BxHxLxK = jnp.swapaxes(q_BxLxHxK * (k ** -0.5), 1, 2)
+        k_BxHxLxK = jnp.repeat(jnp.swapaxes(k_BxLxVxK, 1, 2), g, axis=1)
+        v_BxHxLxK = jnp.repeat(jnp.swapaxes(v_BxLxVxK, 1, 2), g, axis=1)
+        mask_Bx1xLxL = attention_mask(segment_ids_BxL, self.causal)
+        if self.dropout > 0.0 and not deterministic:  # explicit probabilities, so dropout can act on them
+            scores_BxHxLxL = jnp.einsum("bhqk,bhsk->bhqs", q_BxHxLxK, k_BxHxLxK.astype(jnp.float32))
+            probs_BxHxLxL = jax.nn.softmax(jnp.where(mask_Bx1xLxL, scores_BxHxLxL, NEG_INF), axis=-1)
+            probs_BxHxLxL = nn.Dropout(self.dropout)(probs_BxHxLxL, deterministic=False)
+            out_BxHxLxK = jnp.einsum("bhqs,bhsk->bhqk", probs_BxHxLxL, v_BxHxLxK.astype(jnp.float32))
+        else:
+            out_BxHxLxK = dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, self.dtype)
+        out_BxLxHK = jnp.swapaxes(out_BxHxLxK, 1, 2).reshape(b, length, h * k)
         out_BxLxHK = nn.with_logical_constraint(out_BxLxHK, (axes.BATCH, axes.LENGTH, axes.HEADS))
         return Dense(d, (axes.HEADS, axes.EMBED), dtype=self.dtype, use_bias=self.use_bias,
                      kernel_init=nn.initializers.normal(self.out_init_std), name="out")(out_BxLxHK)
