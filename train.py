@@ -146,13 +146,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         action = nonfinite.check(at_step, int(m["dropped"]), int(m["last_dropped"]))
         dt, n = time.time() - clock["t"], at_step - clock["step"]
         rate = n * tokens_per_step / dt if dt > 0 and n > 0 else 0.0
-        last.update({"train/loss": float(m["loss"]), "train/lr": float(m["lr"]),
-                     "train/grad_norm": float(m["grad_norm"]), "train/dropped_updates": float(m["dropped"]),
-                     "perf/tokens_per_s": rate, "perf/step_ms": 1000 * dt / max(n, 1),
-                     "perf/mfu": metrics_lib.mfu(flops_per_token, rate / jax.device_count(), config.train.peak_flops)})
+        scalars = {"train/loss": float(m["loss"]), "train/lr": float(m["lr"]),
+                   "train/grad_norm": float(m["grad_norm"]), "train/dropped_updates": float(m["dropped"]),
+                   "perf/tokens_per_s": rate, "perf/step_ms": 1000 * dt / max(n, 1),
+                   "perf/mfu": metrics_lib.mfu(flops_per_token, rate / jax.device_count(), config.train.peak_flops)}
         clock.update(t=time.time(), step=at_step)
-        writer.write(at_step, last)
-        progress.print(at_step, last)
+        writer.write(at_step, scalars)
+        progress.print(at_step, scalars)
+        last.update(scalars)
         return action
 
     def save(at_step, force=False):
@@ -193,9 +194,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 if pending is not None:
                     log_metrics(*pending)
                     pending = None
-                last.update(evaluate(eval_step, state.params, eval_data, batch_sharding))
-                writer.write(step, last)
-                progress.print(step, last)
+                scalars = evaluate(eval_step, state.params, eval_data, batch_sharding)
+                writer.write(step, scalars)
+                progress.print(step, scalars)
+                last.update(scalars)
                 jax.block_until_ready(state)
                 clock.update(t=time.time(), step=step)  # don't charge eval time to training throughput
             if guard.received:

@@ -107,7 +107,7 @@ def test_nonfinite_skip_drops_the_update(corpus_dir, tmp_path, monkeypatch):
     state = _state(str(tmp_path), 8)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
-    assert np.isnan([r["train/loss"] for r in rows if r["step"] == 4][0])
+    assert np.isnan([r["train/loss"] for r in rows if r["step"] == 4 and "train/loss" in r][0])
 
 
 def test_nonfinite_halt_names_the_step_range(corpus_dir, tmp_path, monkeypatch):
@@ -127,7 +127,7 @@ def test_nonfinite_rollback_restores_and_lowers_lr(corpus_dir, tmp_path, monkeyp
     rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
     steps_logged = [r["step"] for r in rows if "train/lr" in r]
     assert steps_logged.count(5) == 2  # step 5 ran again after rolling back to 4
-    assert rows[-1]["train/lr"] == pytest.approx(0.5 * 1e-3 * 2)  # lr 2e-3 (default config) x 0.5
+    assert [r for r in rows if "train/lr" in r][-1]["train/lr"] == pytest.approx(0.5 * 1e-3 * 2)  # lr 2e-3 (default config) x 0.5
 
 
 def test_disk_full_is_a_clear_error_and_keeps_checkpoints(corpus_dir, tmp_path):
