@@ -3,6 +3,7 @@
     python scripts/benchmark.py --config=configs/shakespeare_char.py            # JSON line
     python scripts/benchmark.py --config=configs/shakespeare_char.py --vs-torch # interleaved
     python scripts/benchmark.py --measure-peak                                  # matmul peaks
+    python scripts/benchmark.py --config=... --what=eval|data|decode             # other paths
 
 Prints JSON: tokens_per_s, step_ms, model_flops_per_token, achieved_gflops, mfu (against
 --peak_gflops, default config.train.peak_flops). Timing: compile once, warm up, then the
@@ -47,6 +48,8 @@ flags.DEFINE_bool("torch_bf16", False, "--vs-torch: run PyTorch under bf16 autoc
 flags.DEFINE_bool("gpt2", False, "Use a GPT-2 shaped model (exact parameter parity with HF GPT-2).")
 flags.DEFINE_bool("measure_peak", False, "Measure bf16->f32 and f32 matmul peak GFLOP/s and exit.")
 flags.DEFINE_float("peak_gflops", 0.0, "Peak for MFU; 0 = config.train.peak_flops.")
+flags.DEFINE_enum("what", "train", ["train", "eval", "data", "decode"],
+                  "train step | eval step | the grain input pipeline alone (real corpus) | sampling tokens/s")
 
 
 def measure_peak(n: int = 2048, reps: int = 10) -> dict:
@@ -72,8 +75,8 @@ def gpt2_shape(config) -> None:
     m.d_ff, m.max_len, m.n_kv_heads = 4 * m.d_model, config.data.seq_len, m.n_heads
 
 
-def make_jax_step(config, num_tokens: int):
-    """-> (run_one_step, tokens_per_step, n_params, flops_per_token)."""
+def make_jax_step(config, num_tokens: int, eval_only: bool = False):
+    """-> (run_one_step, tokens_per_step, n_params, flops_per_token); eval: forward only (1/3 the FLOPs)."""
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding)
     model = steps.build_model(config, num_tokens)
@@ -89,12 +92,55 @@ def make_jax_step(config, num_tokens: int):
              "segment_ids": np.ones((b, length), np.int32), "weights": np.ones((b, length), np.float32)}
     batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
     holder = {"state": state}
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    if eval_only:
+        evaluate = steps.make_eval_step(model=model, objective=objectives.OBJECTIVES[config.mode], mesh=mesh,
+                                        rules=rules, state_shardings=sh)
+        return (lambda: float(evaluate(state.params, batch)["loss_sum"]), b * length, n_params,
+                model.cfg.flops_per_token(length) / 3)
 
     def run():
         holder["state"], m = step(holder["state"], batch)
         return float(m["loss"])  # forces completion
-    n_params = sum(x.size for x in jax.tree.leaves(state.params))
     return run, b * length, n_params, model.cfg.flops_per_token(length)
+
+
+def bench_data(config) -> dict:
+    """Tokens/s of the input pipeline alone on the config's real corpus (must never be the bottleneck)."""
+    from data import pipeline, sources, tokenizer as tokenizer_lib
+    t0 = time.perf_counter()
+    docs, _ = sources.read_documents(config.data.path, config.data.text_field)
+    texts = [d.text for d in docs]
+    tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, texts)
+    t1 = time.perf_counter()
+    stream = pipeline.tokenize_stream(texts, tok)
+    t2 = time.perf_counter()
+    it = pipeline.train_iterator(stream, seq_len=config.data.seq_len, global_batch=config.data.batch_size, seed=0)
+    next(it)
+    n = max(FLAGS.steps, 200)
+    t3 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    dt = time.perf_counter() - t3
+    return {"what": "data", "batches_per_s": n / dt,
+            "tokens_per_s": n * config.data.batch_size * config.data.seq_len / dt,
+            "read_s": t1 - t0, "tokenize_mb_per_s": sum(map(len, texts)) / 1e6 / (t2 - t1), "tokens": len(stream)}
+
+
+def bench_decode(config, num_tokens: int) -> dict:
+    """Sampling tokens/s with scripts/generate.py's window-recompute decoder (no KV cache yet)."""
+    import generate
+    mesh = sharding.make_mesh(config.mesh)
+    model = steps.build_model(config, num_tokens)
+    tx, _ = optim.make_optimizer(config.optim, config.train.steps)
+    state, _ = steps.init_state(model, tx, mesh, sharding.logical_rules(config.sharding), 0, config.data.seq_len)
+    kw = dict(window=config.data.seq_len, temperature=1.0, top_k=40, seed=0)
+    generate.sample(model, state.params, np.array([1], np.int32), max_new_tokens=2, **kw)  # compile
+    n = max(FLAGS.steps, 50)
+    t = time.perf_counter()
+    generate.sample(model, state.params, np.array([1], np.int32), max_new_tokens=n, **kw)
+    dt = time.perf_counter() - t
+    return {"what": "decode", "tokens_per_s": n / dt, "ms_per_token": 1000 * dt / n, "batch": 1}
 
 
 def timed(run, n: int) -> float:
@@ -116,13 +162,20 @@ def main(argv):
     if FLAGS.gpt2 or FLAGS.vs_torch:
         gpt2_shape(config)
     num_tokens = FLAGS.num_tokens or {"byte": 267, "char": 76}[config.data.tokenizer]
-    run, tokens, n_params, fpt = make_jax_step(config, num_tokens)
+    if FLAGS.what == "data":
+        print(json.dumps(bench_data(config)))
+        return
+    if FLAGS.what == "decode":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        print(json.dumps(bench_decode(config, num_tokens)))
+        return
+    run, tokens, n_params, fpt = make_jax_step(config, num_tokens, eval_only=FLAGS.what == "eval")
     for _ in range(FLAGS.warmup + 1):
         run()
     peak = (FLAGS.peak_gflops * 1e9) or config.train.peak_flops
     if not FLAGS.vs_torch:
         s = timed(run, FLAGS.steps)
-        print(json.dumps({"tokens_per_s": tokens / s, "step_ms": 1000 * s, "n_params": n_params,
+        print(json.dumps({"what": FLAGS.what, "tokens_per_s": tokens / s, "step_ms": 1000 * s, "n_params": n_params,
                           "model_flops_per_token": fpt, "achieved_gflops": fpt * tokens / s / 1e9,
                           "mfu": fpt * tokens / s / peak}))
         return
