@@ -26,7 +26,8 @@ def model_size(cfg: ml_collections.ConfigDict, name: str) -> None:
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "causal"  # training objective (objectives.OBJECTIVES): 'causal'
+    c.mode = "causal"  # training objective (objectives.OBJECTIVES): 'causal' | 'mlm' | 'classify'
+    c.init_from = ""  # a run's workdir: warm start the backbone from its latest checkpoint (new runs only)
     c.seed = 0  # parameter init, dropout and data order
 
     c.model = m = ml_collections.ConfigDict()
@@ -46,6 +47,7 @@ def base() -> ml_collections.ConfigDict:
     m.use_bias = False  # biases in dense layers
     m.dropout = 0.0  # residual/attention/embedding dropout
     m.causal = True  # False: bidirectional attention (encoders)
+    m.type_vocab_size = 0  # segment (token-type) embeddings: 2 for BERT-style sentence pairs; 0 = none
     m.dtype = "bfloat16"  # matmul operand dtype (f32 accumulation; params/activations f32)
     m.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
     m.remat = "none"  # activation recomputation: 'none' | 'full' | 'dots'
@@ -60,6 +62,17 @@ def base() -> ml_collections.ConfigDict:
     d.batch_size = 16  # global windows per optimizer step (split over grad_accum_steps)
     d.split = "hash"  # 'hash': whole documents by content hash | 'tail': last part of each document
     d.val_fraction = 0.05  # share of documents (or text, for 'tail') held out for validation
+
+    c.mlm = k = ml_collections.ConfigDict()  # mode='mlm' only (data/mlm.py)
+    k.nsp = True  # next-sentence prediction pairs <cls> A <sep> B <sep> + NSP head (needs model.type_vocab_size=2)
+    k.mask_prob = 0.15  # share of non-special tokens chosen for prediction
+    k.mask_token_frac = 0.8  # of the chosen: replaced by <mask>
+    k.random_token_frac = 0.1  # of the chosen: replaced by a random token (the rest stay unchanged)
+
+    c.classify = q = ml_collections.ConfigDict()  # mode='classify' only (data/classify.py)
+    q.val_path = ""  # validation JSONL; '' = hold out data.val_fraction of data.path by content hash
+    q.strict = True  # a bad record (missing field, unknown validation label) raises naming file:line; False: count+skip
+    q.freeze_backbone = False  # train only the classification head
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3  # peak learning rate
@@ -80,7 +93,7 @@ def base() -> ml_collections.ConfigDict:
     t.stop_after = 0  # stop with a checkpoint after this step (time-sliced jobs); 0 = run to train.steps
     t.log_every = 50  # train metrics + progress line
     t.eval_every = 250  # validation loss (and at the end)
-    t.eval_batches = 20  # validation batches per evaluation (fewer if the split is small)
+    t.eval_batches = 20  # validation batches per evaluation (fewer if the split is small; classify: 0 = all)
     t.checkpoint_every = 500  # checkpoint period (and always at the end)
     t.keep_checkpoints = 3  # checkpoints kept
     t.async_checkpoint = True  # write checkpoints in the background
@@ -106,6 +119,17 @@ def base() -> ml_collections.ConfigDict:
         ("vocab", "tensor"),
         ("layers", None),
     )
+    return c
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
+    """The `--config=file.py:ARG` variants every run file accepts: 'tiny' or a MODEL_SIZES name."""
+    if arg == "tiny":
+        tiny(c)
+    elif arg in MODEL_SIZES:
+        model_size(c, arg)
+    elif arg:
+        raise ValueError(f"config arg {arg!r}: expected nothing, 'tiny' or a size in {sorted(MODEL_SIZES)}")
     return c
 
 

@@ -20,8 +20,4 @@ def get_config(arg=None):
     c.train.checkpoint_every = 500
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
-    if arg == "tiny":
-        common.tiny(c)
-    elif arg:
-        raise ValueError(f"config arg {arg!r}: expected nothing or 'tiny'")
-    return c
+    return common.apply_arg(c, arg)

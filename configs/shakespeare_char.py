@@ -39,8 +39,4 @@ def get_config(arg=None):
     c.train.eval_every = 500
     c.train.eval_batches = 200
     c.train.checkpoint_every = 1000
-    if arg == "tiny":
-        common.tiny(c)
-    elif arg:
-        raise ValueError(f"config arg {arg!r}: expected nothing or 'tiny'")
-    return c
+    return common.apply_arg(c, arg)
