@@ -119,7 +119,7 @@ def deduplicate(docs: list[Doc], cfg) -> tuple[list[Doc], list[int], dict]:
             exact_groups.setdefault(j, [j]).append(i)
     docs_e = [docs[i] for i in keep_idx]
     reps = list(range(len(docs_e)))
-    if cfg.exact is False:  # exact duplicates kept: they share their first copy's representative
+    if not cfg.exact:  # exact duplicates kept: they share their first copy's representative
         pos = {i: n for n, i in enumerate(keep_idx)}
         reps = [pos[first[keys[i]]] for i in keep_idx]
     near_clusters: dict[int, list[int]] = {}
@@ -184,11 +184,11 @@ def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], 
     phases.done("collect", in_bytes, f"{len(docs)} documents from {len(source_entries)} source(s); "
                                      f"{skipped} files/records skipped")
 
-    nbytes = sum(len(d.text) for d in docs)
+    nbytes = sum(len(d.text.encode("utf-8")) for d in docs)
     kept, clean_entry = clean_docs(docs, config.clean, config.format)
     phases.done("clean", nbytes, f"{len(kept)} kept, removed {clean_entry['removed'] or 'none'}")
 
-    nbytes = sum(len(d.text) for d in kept)
+    nbytes = sum(len(d.text.encode("utf-8")) for d in kept)
     kept, reps, dedup_entry = deduplicate(kept, config.dedup)
     phases.done("dedup", nbytes, f"{len(kept)} kept; {dedup_entry['exact_removed']} exact and "
                                  f"{dedup_entry['near_removed']} near duplicates removed "
