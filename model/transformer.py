@@ -45,6 +45,7 @@ class ModelConfig:
     use_bias: bool = False
     dropout: float = 0.0
     causal: bool = True
+    type_vocab_size: int = 0  # segment (token-type) embeddings, e.g. 2 for BERT sentence pairs; 0 = none
     dtype: str = "bfloat16"  # matmul operand dtype; params and activations stay float32
     scan_layers: bool = False
     remat: str = "none"  # 'none' | 'full' | 'dots'
@@ -60,6 +61,8 @@ class ModelConfig:
             raise ValueError(f"model.remat={self.remat!r}: expected one of {sorted(REMAT_POLICIES)}")
         if self.num_tokens > self.vocab_size:
             raise ValueError(f"num_tokens {self.num_tokens} > vocab_size {self.vocab_size}")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"model.type_vocab_size={self.type_vocab_size} must be >= 0")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if not self.head_dim and self.d_model % self.n_heads:
@@ -135,14 +138,19 @@ class Transformer(nn.Module):
         else:
             block = Block if cfg.remat == "none" else nn.remat(Block, policy=policy, static_argnums=(4,))
             self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+        if cfg.type_vocab_size > 0:
+            self.type_embed = Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                                    init_std=cfg.init_std, table_axes=(None, axes.EMBED))
         self.final_norm = make_norm(cfg.norm, cfg.norm_eps)
         self.embed_dropout = nn.Dropout(cfg.dropout)
         if not cfg.tie_embeddings:
             self.lm_head = Dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), dtype=cfg.compute_dtype,
                                  kernel_init=nn.initializers.normal(cfg.init_std))
 
-    def encode(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True):
-        """Final hidden states [B, L, D] (after the final norm)."""
+    def encode(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
+               token_types_BxL=None):
+        """Final hidden states [B, L, D] (after the final norm). `token_types_BxL` (sentence A/B ids)
+        are used only when cfg.type_vocab_size > 0 (default type 0)."""
         b, length = tokens_BxL.shape
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
@@ -151,6 +159,10 @@ class Transformer(nn.Module):
         x_BxLxD = self.embed(tokens_BxL)
         if self.cfg.pos == "learned":
             x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
+        if self.cfg.type_vocab_size > 0:
+            if token_types_BxL is None:
+                token_types_BxL = jnp.zeros((b, length), jnp.int32)
+            x_BxLxD = x_BxLxD + self.type_embed(token_types_BxL)
         x_BxLxD = self.embed_dropout(x_BxLxD, deterministic=deterministic)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
         if self.cfg.scan_layers:
