@@ -16,7 +16,13 @@ import orbax.checkpoint as ocp
 # Config fields that must match to resume: they fix parameter shapes, the data order and
 # the meaning of the saved state. A prefix ending in '.' covers a whole sub-config.
 MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.tokenizer", "data.seq_len",
-              "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps")
+              "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "mlm.",
+              "classify.val_path", "classify.freeze_backbone", "init_from")
+
+# Fields added after checkpoints existed: absent from a saved config means this value.
+ADDED_DEFAULTS = {"model.type_vocab_size": 0, "mlm.nsp": True, "mlm.mask_prob": 0.15, "mlm.mask_token_frac": 0.8,
+                  "mlm.random_token_frac": 0.1, "init_from": "", "classify.val_path": "", "classify.strict": True,
+                  "classify.freeze_backbone": False}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -83,6 +89,8 @@ def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]
     a, b = flatten(saved), flatten(json.loads(json.dumps(current)))
     bad, ok = [], []
     for key in sorted(set(a) | set(b)):
+        if key not in a and key in ADDED_DEFAULTS:
+            a[key] = ADDED_DEFAULTS[key]
         if a.get(key, "<absent>") == b.get(key, "<absent>"):
             continue
         line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"

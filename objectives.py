@@ -1,13 +1,17 @@
 """One pure loss per training mode: (params, batch, rng, *, model) -> (loss, metrics).
 
 `rng` is None for evaluation (dropout off). Losses are token-weighted means in float32;
-metrics carry sums where a mean across batches must be exact (`*_sum`, `tokens`).
+metrics carry sums where a mean across batches must be exact (`*_sum` and their counts).
+`SUMMARIES[mode]` turns those sums, added over every eval batch, into the mode's eval scalars.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -32,6 +36,105 @@ def causal_lm(params, batch, rng, *, model):
     return loss, {"loss": loss, "loss_sum": loss_sum, "correct_sum": correct, "tokens": tokens}
 
 
+def masked_lm(params, batch, rng, *, model):
+    """MLM cross-entropy over the masked positions (+ NSP cross-entropy on <cls> when model.nsp)."""
+    rngs = None if rng is None else {"dropout": rng}
+    logits_BxLxV, nsp_Bx2 = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                                        batch["segment_ids"], batch["token_types"], deterministic=rng is None,
+                                        rngs=rngs)
+    nll_BxL = token_nll(logits_BxLxV, batch["targets"])
+    w_BxL = batch["mlm_weights"].astype(jnp.float32)
+    masked = jnp.sum(w_BxL)
+    mlm_loss_sum = jnp.sum(nll_BxL * w_BxL)
+    mlm_correct = jnp.sum((jnp.argmax(logits_BxLxV, -1) == batch["targets"]) * w_BxL)
+    mlm_loss = mlm_loss_sum / jnp.maximum(masked, 1.0)
+    metrics = {"mlm_loss": mlm_loss, "mlm_loss_sum": mlm_loss_sum, "mlm_correct_sum": mlm_correct,
+               "masked_tokens": masked}
+    loss = mlm_loss
+    if nsp_Bx2 is not None:
+        nsp_w_B = batch["nsp_weight"].astype(jnp.float32)
+        nsp_nll_B = token_nll(nsp_Bx2[:, None, :], batch["nsp_label"][:, None])[:, 0]
+        pairs = jnp.sum(nsp_w_B)
+        nsp_loss_sum = jnp.sum(nsp_nll_B * nsp_w_B)
+        nsp_loss = nsp_loss_sum / jnp.maximum(pairs, 1.0)
+        nsp_correct = jnp.sum((jnp.argmax(nsp_Bx2, -1) == batch["nsp_label"]) * nsp_w_B)
+        metrics.update(nsp_loss=nsp_loss, nsp_loss_sum=nsp_loss_sum, nsp_correct_sum=nsp_correct, pairs=pairs)
+        loss = loss + nsp_loss
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def classify(params, batch, rng, *, model):
+    """Cross-entropy of the pooled classification head; sums for accuracy and macro-F1."""
+    rngs = None if rng is None else {"dropout": rng}
+    logits_BxC = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                             batch["token_types"], deterministic=rng is None, rngs=rngs)
+    w_B = batch["weight"].astype(jnp.float32)
+    nll_B = token_nll(logits_BxC[:, None, :], batch["label"][:, None])[:, 0]
+    examples = jnp.sum(w_B)
+    loss_sum = jnp.sum(nll_B * w_B)
+    loss = loss_sum / jnp.maximum(examples, 1.0)
+    n_classes = logits_BxC.shape[-1]
+    pred_BxC = jax.nn.one_hot(jnp.argmax(logits_BxC, -1), n_classes) * w_B[:, None]
+    true_BxC = jax.nn.one_hot(batch["label"], n_classes) * w_B[:, None]
+    return loss, {"loss": loss, "loss_sum": loss_sum, "correct_sum": jnp.sum(pred_BxC * true_BxC),
+                  "examples": examples, "true_pos_C": jnp.sum(pred_BxC * true_BxC, 0),
+                  "predicted_C": jnp.sum(pred_BxC, 0), "actual_C": jnp.sum(true_BxC, 0)}
+
+
+def _ratio(totals, num: str, den: str) -> float:
+    return float(totals[num]) / max(float(totals[den]), 1.0)
+
+
+def causal_summary(totals: dict) -> dict:
+    loss = _ratio(totals, "loss_sum", "tokens")
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+            "eval/accuracy": _ratio(totals, "correct_sum", "tokens")}
+
+
+def mlm_summary(totals: dict) -> dict:
+    out = {"eval/mlm_loss": _ratio(totals, "mlm_loss_sum", "masked_tokens"),
+           "eval/mlm_accuracy": _ratio(totals, "mlm_correct_sum", "masked_tokens")}
+    out["eval/loss"] = out["eval/mlm_loss"]
+    if "pairs" in totals:
+        out["eval/nsp_loss"] = _ratio(totals, "nsp_loss_sum", "pairs")
+        out["eval/nsp_accuracy"] = _ratio(totals, "nsp_correct_sum", "pairs")
+        out["eval/loss"] += out["eval/nsp_loss"]
+    return out
+
+
+def macro_f1(true_pos_C, predicted_C, actual_C) -> float:
+    """Mean F1 over the classes that occur (as label or prediction); 0 for none."""
+    tp, pred, act = (np.asarray(x, np.float64) for x in (true_pos_C, predicted_C, actual_C))
+    present = (pred + act) > 0
+    f1 = np.where(present, 2 * tp / np.maximum(pred + act, 1e-12), 0.0)
+    return float(f1[present].mean()) if present.any() else 0.0
+
+
+def classify_summary(totals: dict) -> dict:
+    return {"eval/loss": _ratio(totals, "loss_sum", "examples"),
+            "eval/accuracy": _ratio(totals, "correct_sum", "examples"),
+            "eval/macro_f1": macro_f1(totals["true_pos_C"], totals["predicted_C"], totals["actual_C"])}
+
+
 OBJECTIVES = {
     "causal": causal_lm,
+    "mlm": masked_lm,
+    "classify": classify,
 }
+
+# mode -> (eval metrics summed over all eval batches -> eval scalars)
+SUMMARIES = {
+    "causal": causal_summary,
+    "mlm": mlm_summary,
+    "classify": classify_summary,
+}
+
+
+def sum_metrics(outputs) -> dict:
+    """Adds each metric over the eval batches (float64); SUMMARIES read only the sums and counts."""
+    totals: dict = {}
+    for out in outputs:
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+    return totals

@@ -66,3 +66,10 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
     return tx, schedule
+
+
+def freeze(tx: optax.GradientTransformation, frozen: tuple[str, ...]) -> optax.GradientTransformation:
+    """Zero updates (and no optimizer state) for the top-level param subtrees named in `frozen`."""
+    def labels(params):
+        return {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v) for k, v in params.items()}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

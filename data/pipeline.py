@@ -119,6 +119,19 @@ def train_iterator(stream: TokenStream, *, seq_len: int, global_batch: int, seed
     return iter(ds.to_iter_dataset())
 
 
+def shuffled_batches(source, *, global_batch: int, seed: int, what: str, process_index: int = 0,
+                     process_count: int = 1) -> grain.DatasetIterator:
+    """Endless shuffled batches over any random-access source of example dicts (MLM, classification):
+    the same grain recipe as train_iterator, so the iterator state checkpoints the same way."""
+    if len(source) < global_batch:
+        raise DataError(f"the training split gives {len(source)} {what}, fewer than data.batch_size={global_batch}")
+    if global_batch % process_count:
+        raise DataError(f"data.batch_size={global_batch} is not divisible by {process_count} processes")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+    return iter(ds.to_iter_dataset())
+
+
 def eval_batches(stream: TokenStream, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
     """The first `max_batches` batches of the split, in order; the last one padded with
     zero-weight rows. A split shorter than one window is an error naming its size."""

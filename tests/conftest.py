@@ -38,10 +38,10 @@ def corpus_dir(tmp_path_factory):
     return str(out)
 
 
-def tiny_config(corpus: str, **overrides):
-    """The `tiny` variant of the default config, on the test corpus; `a__b=v` sets a.b = v."""
+def tiny_config(corpus: str, config_module=None, **overrides):
+    """The `tiny` variant of a config (default: pretrain_causal), on the test corpus; `a__b=v` sets a.b = v."""
     from configs import pretrain_causal
-    c = pretrain_causal.get_config("tiny")
+    c = (config_module or pretrain_causal).get_config("tiny")
     c.data.path = corpus
     c.data.val_fraction = 0.2
     c.train.async_checkpoint = False

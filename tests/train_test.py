@@ -1,5 +1,6 @@
 """End to end: train_and_evaluate learns, resumes exactly, and refuses bad input clearly."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import tiny_config
 import checkpoint
 import resilience
 import train
+from configs import finetune_classify, pretrain_causal, pretrain_mlm
 from metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,14 +38,27 @@ def test_smoke_run_lowers_loss(corpus_dir, tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "30"
 
 
-def test_resume_is_exact(corpus_dir, tmp_path):
+def _classification_jsonl(path, n, seed):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": "".join(rng.choice(list("abcdefgh"), 12)), "label": f"c{i % 3}"}) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["causal", "mlm", "classify"])
+def test_resume_is_exact(corpus_dir, tmp_path, mode):
+    module = {"causal": pretrain_causal, "mlm": pretrain_mlm, "classify": finetune_classify}[mode]
     straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
     kw = dict(train__steps=6, train__log_every=1, train__eval_every=100, train__checkpoint_every=100,
               model__dropout=0.1)
-    train.train_and_evaluate(tiny_config(corpus_dir, **kw), straight)
-    train.train_and_evaluate(tiny_config(corpus_dir, train__stop_after=3, **kw), stopped)
+    if mode == "classify":
+        corpus_dir = _classification_jsonl(tmp_path / "train.jsonl", 64, 0)
+        kw["classify__val_path"] = _classification_jsonl(tmp_path / "val.jsonl", 16, 1)
+    train.train_and_evaluate(tiny_config(corpus_dir, module, **kw), straight)
+    train.train_and_evaluate(tiny_config(corpus_dir, module, train__stop_after=3, **kw), stopped)
     assert sorted(os.listdir(os.path.join(stopped, "checkpoints"))) == ["3"]
-    train.train_and_evaluate(tiny_config(corpus_dir, **kw), stopped)  # resumes at 3
+    train.train_and_evaluate(tiny_config(corpus_dir, module, **kw), stopped)  # resumes at 3
     a, b = _params(straight, 6), _params(stopped, 6)
     for x, y in zip(_leaves(a), _leaves(b)):
         np.testing.assert_array_equal(x, y)

@@ -1,0 +1,45 @@
+"""Sequence classification fine-tuning: JSONL {"text", "label"} (+ optional "text_pair").
+
+The encoder of configs/pretrain_mlm.py (bidirectional, 2 token types) with a classification head
+on the pooled <cls> state (`model.causal=True` pools the last non-pad token instead, for decoders).
+The label vocabulary comes from the training split and is saved as WORKDIR/labels.json; eval
+reports accuracy and macro-F1 on `classify.val_path` (or a hash-held-out share of data.path).
+`--config.init_from=runs/mlm` warm starts the backbone from that run's latest checkpoint (the
+head is re-initialised; the log lists what was loaded); `classify.freeze_backbone` trains the head only.
+
+Command:   python scripts/make_classification_data.py --out=datasets/stdlib_cls
+           python train.py --config=configs/finetune_classify.py --workdir=runs/cls \
+               --config.data.path=datasets/stdlib_cls/train.jsonl \
+               --config.classify.val_path=datasets/stdlib_cls/val.jsonl --config.init_from=runs/mlm
+           (`:tiny` gives a seconds-long smoke run)
+Runtime / result: see README "Encoder pretraining and fine-tuning".
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.base()
+    c.mode = "classify"
+    common.model_size(c, "small")
+    c.model.causal = False  # as configs/pretrain_mlm.py, so init_from=an mlm run loads every backbone param
+    c.model.type_vocab_size = 2
+    c.data.path = ""  # training JSONL (required)
+    c.data.seq_len = 128
+    c.data.batch_size = 32
+    c.classify.val_path = ""
+    c.train.steps = 300
+    c.train.log_every = 25
+    c.train.eval_every = 100
+    c.train.eval_batches = 0  # 0 = the whole validation split
+    c.train.checkpoint_every = 100
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 30
+    if arg == "tiny":
+        common.tiny(c)
+        c.train.eval_batches = 0
+    elif arg in common.MODEL_SIZES:
+        common.model_size(c, arg)
+    elif arg:
+        raise ValueError(f"config arg {arg!r}: expected nothing, 'tiny' or a size in {sorted(common.MODEL_SIZES)}")
+    return c

@@ -1,0 +1,122 @@
+"""Sequence classification data: JSONL {"text", "label"} (+ optional "text_pair") -> fixed-length examples.
+
+Encoders ('first' pooling): <cls> text <sep> [text_pair <sep>], token types 0 then 1.
+Decoders ('last' pooling):  text [<sep> text_pair] <eos>, pooled at the last non-pad token.
+Pairs are truncated longest-first to fit `seq_len`. The label vocabulary is built from the
+training split (sorted: ints first, then strings) and saved with the run (WORKDIR/labels.json).
+Records are validated by data/formats.py: under `strict` the first bad record raises naming
+its file and line; otherwise it is counted (stats.skipped) and skipped. A validation label
+never seen in training is handled the same way ('unknown label').
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from data import formats
+from data.sources import DataError, ReadStats, Source
+from data.tokenizer import Tokenizer
+
+
+def read_split(path: str, *, strict: bool) -> tuple[list[tuple[str, dict]], ReadStats]:
+    """(where, record) pairs of a classification JSONL file/directory, validated."""
+    stats = ReadStats()
+    records = list(formats.read_records(Source(kind="files", path=path), "classification", stats, strict=strict))
+    if not records:
+        raise DataError(f"{path!r}: no valid classification records ({stats.summary()})")
+    return records, stats
+
+
+def _label_key(label):
+    return (isinstance(label, str), label if isinstance(label, int) else 0, str(label))
+
+
+def build_labels(records) -> list:
+    return sorted({r["label"] for _, r in records}, key=_label_key)
+
+
+def save_labels(labels: list, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump({"labels": labels}, f, indent=1)
+
+
+def load_labels(path: str) -> list:
+    with open(path) as f:
+        return json.load(f)["labels"]
+
+
+def encode_example(tok: Tokenizer, text: str, pair: str | None, seq_len: int, pool: str) -> dict[str, np.ndarray]:
+    a = tok.encode(text).astype(np.int32)
+    b = None if pair is None else tok.encode(pair).astype(np.int32)
+    overhead = (2 if pool == "first" else 1) + (1 if b is not None else 0)
+    budget = seq_len - overhead
+    if budget < (2 if b is not None else 1):
+        raise DataError(f"data.seq_len={seq_len} leaves no room for text")
+    la, lb = len(a), (0 if b is None else len(b))
+    while la + lb > budget:  # longest first
+        if la >= lb:
+            la -= 1
+        else:
+            lb -= 1
+    cls, sep, eos = (np.array([tok.special_id(t)], np.int32) for t in ("<cls>", "<sep>", "<eos>"))
+    if pool == "first":
+        first = [cls, a[:la], sep]
+        second = [] if b is None else [b[:lb], sep]
+    else:
+        first = [a[:la]]
+        second = [eos] if b is None else [sep, b[:lb], eos]
+    n_first = sum(len(x) for x in first)
+    tokens = np.concatenate(first + second)
+    n = len(tokens)
+    out = {"inputs": np.full(seq_len, tok.pad_id, np.int32), "positions": np.arange(seq_len, dtype=np.int32),
+           "segment_ids": np.zeros(seq_len, np.int32), "token_types": np.zeros(seq_len, np.int32)}
+    out["inputs"][:n] = tokens
+    out["segment_ids"][:n] = 1
+    out["token_types"][n_first:n] = 1
+    return out
+
+
+class ClassifySource:
+    """Random-access encoded examples (a grain data source); all arrays precomputed."""
+
+    def __init__(self, examples: list[dict], labels: np.ndarray):
+        self.examples, self.labels = examples, labels
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return dict(self.examples[i], label=np.int32(self.labels[i]), weight=np.float32(1.0))
+
+
+def make_source(records, tok: Tokenizer, labels: list, seq_len: int, pool: str, *, strict: bool,
+                stats: ReadStats) -> ClassifySource:
+    """Encode records; a label outside `labels` raises (strict, naming file:line) or is counted."""
+    index = {(type(lab), lab): i for i, lab in enumerate(labels)}
+    examples, ids = [], []
+    for where, r in records:
+        key = (type(r["label"]), r["label"])
+        if key not in index:
+            if strict:
+                raise DataError(f"{where}: unknown label {r['label']!r} (training labels: {labels})")
+            stats.skip("unknown label")
+            continue
+        examples.append(encode_example(tok, r["text"], r.get("text_pair"), seq_len, pool))
+        ids.append(index[key])
+    if not examples:
+        raise DataError(f"no usable classification records ({stats.summary()})")
+    return ClassifySource(examples, np.array(ids, np.int32))
+
+
+def eval_batches(source: ClassifySource, *, batch_size: int, max_batches: int) -> list[dict]:
+    """The first `max_batches` batches (0 = all) in order; the last padded with zero-weight rows."""
+    n = len(source) if max_batches <= 0 else min(len(source), max_batches * batch_size)
+    rows = [source[i] for i in range(n)]
+    while len(rows) % batch_size:
+        rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
+    return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+            for i in range(0, len(rows), batch_size)]

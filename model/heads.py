@@ -1,0 +1,101 @@
+"""Task heads over `Transformer.encode`, and the wrappers that give backbone + heads one param tree.
+
+Every wrapper keeps the backbone under the name `backbone`, so a classifier can warm start from
+a masked-LM run's `params["backbone"]` (or from a causal run, whose whole tree is a Transformer).
+
+- MLM head: BERT's transform (dense, GELU, norm) then the backbone's tied output embedding
+  (`Transformer.logits`, padded vocabulary rows masked).
+- NSP / classification heads: a small Dense (tanh pooler, then logits) on one pooled hidden state.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import axes
+from model.layers import Dense, make_norm
+from model.transformer import ModelConfig, Transformer
+
+
+class PooledHead(nn.Module):
+    """[B, D] pooled state -> [B, num_classes] float32 logits (BERT pooler: dense + tanh, then dense)."""
+    num_classes: int
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, pooled_BxD, deterministic: bool = True):
+        init = nn.initializers.normal(self.cfg.init_std)
+        h_BxD = jnp.tanh(Dense(self.cfg.d_model, (axes.EMBED, None), dtype=self.cfg.compute_dtype,
+                               use_bias=True, kernel_init=init, name="pooler")(pooled_BxD))
+        h_BxD = nn.Dropout(self.cfg.dropout)(h_BxD, deterministic=deterministic)
+        return Dense(self.num_classes, (None, None), dtype=self.cfg.compute_dtype, use_bias=True,
+                     kernel_init=init, name="out")(h_BxD).astype(jnp.float32)
+
+
+class MlmHead(nn.Module):
+    """Hidden states -> vocabulary logits through a transform and the backbone's (tied) LM head."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxLxD, backbone: Transformer):
+        h_BxLxD = nn.gelu(Dense(self.cfg.d_model, (axes.EMBED, None), dtype=self.cfg.compute_dtype, use_bias=True,
+                                kernel_init=nn.initializers.normal(self.cfg.init_std), name="transform")(h_BxLxD))
+        h_BxLxD = make_norm(self.cfg.norm, self.cfg.norm_eps, name="norm")(h_BxLxD)
+        return backbone.logits(h_BxLxD)
+
+
+def last_token_index(segment_ids_BxL: jax.Array) -> jax.Array:
+    """Index of each row's last non-pad token (segment id != 0); 0 for an all-pad row."""
+    length = segment_ids_BxL.shape[1]
+    idx_BxL = jnp.broadcast_to(jnp.arange(length)[None, :], segment_ids_BxL.shape)
+    return jnp.max(jnp.where(segment_ids_BxL != 0, idx_BxL, 0), axis=1)
+
+
+def pool(h_BxLxD: jax.Array, segment_ids_BxL: jax.Array, how: str) -> jax.Array:
+    """'first': the <cls> token (encoders); 'last': the last non-pad token (decoders)."""
+    if how == "first":
+        return h_BxLxD[:, 0]
+    if how == "last":
+        i_B = last_token_index(segment_ids_BxL)
+        return jnp.take_along_axis(h_BxLxD, i_B[:, None, None], axis=1)[:, 0]
+    raise ValueError(f"classify.pool={how!r}: expected 'first' or 'last'")
+
+
+class MaskedLM(nn.Module):
+    """Bidirectional backbone + MLM head (+ NSP head on the <cls> state when `nsp`)."""
+    cfg: ModelConfig
+    nsp: bool = True
+
+    def setup(self):
+        self.backbone = Transformer(self.cfg)
+        self.mlm_head = MlmHead(self.cfg)
+        if self.nsp:
+            self.nsp_head = PooledHead(2, self.cfg)
+
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, token_types_BxL=None,
+                 deterministic: bool = True):
+        """-> (mlm logits [B, L, V], nsp logits [B, 2] or None)."""
+        h_BxLxD = self.backbone.encode(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic, token_types_BxL)
+        nsp_Bx2 = self.nsp_head(h_BxLxD[:, 0], deterministic) if self.nsp else None
+        return self.mlm_head(h_BxLxD, self.backbone), nsp_Bx2
+
+
+class Classifier(nn.Module):
+    """Backbone + a classification head on the pooled ('first' or 'last' token) hidden state."""
+    cfg: ModelConfig
+    num_classes: int
+    pool: str = "first"
+
+    def setup(self):
+        self.backbone = Transformer(self.cfg)
+        self.cls_head = PooledHead(self.num_classes, self.cfg)
+
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, token_types_BxL=None,
+                 deterministic: bool = True):
+        """-> logits [B, num_classes]."""
+        h_BxLxD = self.backbone.encode(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic, token_types_BxL)
+        if segment_ids_BxL is None:
+            segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
+        return self.cls_head(pool(h_BxLxD, segment_ids_BxL, self.pool), deterministic)

@@ -1,0 +1,109 @@
+"""Classification fine-tuning: data encoding and labels, learning a separable task, warm start, bad input."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import checkpoint
+import objectives
+import train
+from configs import finetune_classify, pretrain_mlm
+from data import classify as classify_data
+from data.sources import DataError
+from data.tokenizer import ByteTokenizer
+
+ALPHABETS = {"low": "abcdefgh", "high": "qrstuvwx", "digit": "01234567"}
+
+
+def _write_task(path, n, seed, pair=False, extra=()):
+    """A separable 3-class task: each text is drawn from its label's alphabet."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            label = list(ALPHABETS)[i % 3]
+            text = "".join(rng.choice(list(ALPHABETS[label]), size=int(rng.integers(5, 20))))
+            rec = {"text": text, "label": label}
+            if pair:
+                rec["text_pair"] = "".join(rng.choice(list("abcdefghqrstuvwx01234567"), size=6))
+            f.write(json.dumps(rec) + "\n")
+        for line in extra:
+            f.write(line + "\n")
+    return str(path)
+
+
+def _cfg(train_path, val_path, **kw):
+    args = dict(train__steps=60, train__log_every=10, train__eval_every=30, optim__lr=3e-3, data__seq_len=32)
+    args.update(kw)
+    return tiny_config(train_path, finetune_classify, classify__val_path=val_path, **args)
+
+
+def test_encoding_pairs_types_and_pooling():
+    tok = ByteTokenizer()
+    ex = classify_data.encode_example(tok, "hello", "abc", 16, "first")
+    n = int(ex["segment_ids"].sum())
+    assert n == 11 and ex["inputs"][0] == tok.special_id("<cls>")
+    assert list(ex["token_types"][:n]) == [0] * 7 + [1] * 4
+    long = classify_data.encode_example(tok, "x" * 50, "y" * 5, 16, "first")  # longest-first truncation
+    assert int(long["segment_ids"].sum()) == 16 and list(long["inputs"][-6:-1]) == [ord("y")] * 5
+    dec = classify_data.encode_example(tok, "hi", None, 8, "last")
+    assert list(dec["inputs"][:3]) == [ord("h"), ord("i"), tok.eos_id] and dec["segment_ids"].sum() == 3
+
+
+def test_labels_sorted_and_macro_f1():
+    recs = [("f:1", {"label": "b"}), ("f:2", {"label": 2}), ("f:3", {"label": "a"}), ("f:4", {"label": 10})]
+    assert classify_data.build_labels(recs) == [2, 10, "a", "b"]
+    # class 0: tp 1, pred 2, act 1 -> 2/3; class 1: tp 0, pred 0, act 1 -> 0; class 2 absent
+    assert objectives.macro_f1([1, 0, 0], [2, 0, 0], [1, 1, 0]) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_learns_separable_task(tmp_path):
+    tr = _write_task(tmp_path / "train.jsonl", 240, 0, pair=True)
+    va = _write_task(tmp_path / "val.jsonl", 60, 1, pair=True)
+    out = train.train_and_evaluate(_cfg(tr, va), str(tmp_path / "run"))
+    assert out["eval/accuracy"] >= 0.95 and out["eval/macro_f1"] >= 0.95, out
+    assert json.load(open(tmp_path / "run" / "labels.json"))["labels"] == ["digit", "high", "low"]
+
+
+def test_bad_inputs_named_or_counted(tmp_path, caplog):
+    tr = _write_task(tmp_path / "train.jsonl", 48, 0, extra=['{"text": "abc"}'])
+    va = _write_task(tmp_path / "val.jsonl", 24, 1, extra=['{"text": "abc", "label": "nope"}'])
+    with pytest.raises(DataError, match=r"train.jsonl:49: missing field: no 'label'"):
+        train.train_and_evaluate(_cfg(tr, va, train__steps=3), str(tmp_path / "a"))
+    tr_ok = _write_task(tmp_path / "train_ok.jsonl", 48, 0)
+    with pytest.raises(DataError, match=r"val.jsonl:25: unknown label 'nope'"):
+        train.train_and_evaluate(_cfg(tr_ok, va, train__steps=3), str(tmp_path / "b"))
+    with caplog.at_level(logging.INFO, logger="lmstack"):
+        out = train.train_and_evaluate(_cfg(tr, va, train__steps=3, classify__strict=False), str(tmp_path / "c"))
+    assert out["step"] == 3
+    text = caplog.text
+    assert "'classification: missing field': 1" in text and "'unknown label': 1" in text
+
+
+def test_warm_start_from_mlm_and_freeze(corpus_dir, tmp_path):
+    mlm_dir = str(tmp_path / "mlm")
+    train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3), mlm_dir)
+    _, mlm_params, _ = checkpoint.load_for_inference(mlm_dir)
+    tr = _write_task(tmp_path / "train.jsonl", 96, 0)
+    va = _write_task(tmp_path / "val.jsonl", 24, 1)
+    run = str(tmp_path / "cls")
+    train.train_and_evaluate(_cfg(tr, va, train__steps=4, init_from=mlm_dir, classify__freeze_backbone=True), run)
+    _, cls_params, step = checkpoint.load_for_inference(run)
+    assert step == 4 and set(cls_params) == {"backbone", "cls_head"}
+    import jax
+    for a, b in zip(jax.tree.leaves(mlm_params["backbone"]), jax.tree.leaves(cls_params["backbone"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # loaded, then frozen
+    assert open(os.path.join(run, "tokenizer.json")).read() == open(os.path.join(mlm_dir, "tokenizer.json")).read()
+    # unfrozen: the backbone moves away from the checkpoint
+    run2 = str(tmp_path / "cls2")
+    train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir), run2)
+    _, p2, _ = checkpoint.load_for_inference(run2)
+    assert not np.array_equal(np.asarray(p2["backbone"]["embed"]["embedding"]),
+                              np.asarray(mlm_params["backbone"]["embed"]["embedding"]))
+    # mismatched shapes: an error naming the parameters
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"embed/embedding: checkpoint \(320, 32\)"):
+        train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir, model__d_model=64),
+                                 str(tmp_path / "cls3"))

@@ -1,0 +1,200 @@
+"""Masked-LM + NSP: masking statistics, pair construction, bidirectional heads, end-to-end training."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import train
+from configs import pretrain_mlm
+from data import mlm as mlm_data
+from data.sources import DataError
+from metrics import read_jsonl
+from model import heads
+from model.transformer import ModelConfig
+
+BASE, PAD, MASK, SEP, CLS = 256, 256, 260, 261, 262
+
+
+def _source(docs=None, **kw):
+    rng = np.random.default_rng(0)
+    docs = docs if docs is not None else [rng.integers(0, BASE, size=n) for n in (300, 500, 90, 1000, 40)]
+    args = dict(seed=7, base_size=BASE, cls_id=CLS, sep_id=SEP, mask_id=MASK, pad_id=PAD)
+    args.update(kw)
+    return mlm_data.MlmSource(docs, 64, **args), docs
+
+
+def test_masking_statistics_and_specials_never_masked():
+    src, _ = _source()
+    chosen = candidates = masked = randomised = kept = 0
+    for i in range(len(src)):
+        ex = src[i]
+        special = (ex["targets"] >= BASE) | (ex["segment_ids"] == 0)
+        w = ex["mlm_weights"] > 0
+        assert not np.any(w & special), "a special or pad token was chosen"
+        np.testing.assert_array_equal(ex["inputs"][special], ex["targets"][special])  # specials untouched
+        np.testing.assert_array_equal(ex["inputs"][~w], ex["targets"][~w])  # only chosen tokens change
+        candidates += int(np.sum(~special))
+        chosen += int(np.sum(w))
+        masked += int(np.sum(ex["inputs"][w] == MASK))
+        changed = (ex["inputs"][w] != MASK) & (ex["inputs"][w] != ex["targets"][w])
+        randomised += int(np.sum(changed))
+        kept += int(np.sum(ex["inputs"][w] == ex["targets"][w]))
+    assert abs(chosen / candidates - 0.15) < 0.01
+    assert abs(masked / chosen - 0.8) < 0.05
+    # a random replacement equals the original 1/256 of the time: it then counts as kept
+    assert abs(randomised / chosen - 0.1) < 0.03 and abs(kept / chosen - 0.1) < 0.03
+
+
+def test_masking_statistics_over_many_samples():
+    tokens = np.arange(200, dtype=np.int32) % BASE
+    seg = np.ones(200, np.int32)
+    tokens[[0, 50, 199]] = [CLS, SEP, SEP]
+    counts = np.zeros(3)
+    n_chosen = 0
+    for s in range(400):
+        inputs, w = mlm_data.mask_tokens(tokens, seg, np.random.default_rng(s), base_size=BASE, mask_id=MASK,
+                                         mask_prob=0.15)
+        assert w[[0, 50, 199]].sum() == 0
+        ch = w > 0
+        n_chosen += ch.sum()
+        assert ch.sum() == round(0.15 * 197)
+        counts += [np.sum(inputs[ch] == MASK), np.sum((inputs[ch] != MASK) & (inputs[ch] != tokens[ch])),
+                   np.sum(inputs[ch] == tokens[ch])]
+    frac = counts / n_chosen
+    np.testing.assert_allclose(frac, [0.8, 0.1 * 255 / 256, 0.1 + 0.1 / 256], atol=0.015)
+
+
+def test_nsp_pairs_fifty_fifty_and_segments_respected():
+    src, docs = _source()
+    labels = []
+    for i in range(len(src)):
+        ex = src[i]
+        n = int(ex["segment_ids"].sum())
+        t, types = ex["targets"][:n], ex["token_types"][:n]
+        assert t[0] == CLS and t[n - 1] == SEP
+        seps = np.flatnonzero(t == SEP)
+        assert len(seps) == 2
+        a, b = t[1:seps[0]], t[seps[0] + 1:n - 1]
+        assert len(a) >= 1 and len(b) >= 1
+        np.testing.assert_array_equal(types, np.r_[np.zeros(len(a) + 2), np.ones(len(b) + 1)])
+        assert np.all(ex["targets"][n:] == PAD) and np.all(ex["token_types"][n:] == 0)
+        d, start = src.anchors[i]
+        doc = docs[d]
+        np.testing.assert_array_equal(a, doc[start:start + len(a)])
+        if ex["nsp_label"] == 1:
+            np.testing.assert_array_equal(b, doc[start + len(a):start + len(a) + len(b)])
+        else:  # a segment of some other document
+            found = [j for j, o in enumerate(docs) if j != d and
+                     any(np.array_equal(o[s:s + len(b)], b) for s in range(len(o) - len(b) + 1))]
+            assert found
+        labels.append(int(ex["nsp_label"]))
+    # 50/50 over many examples (a bigger source)
+    big, _ = _source([np.random.default_rng(k).integers(0, BASE, 2000) for k in range(20)])
+    frac = np.mean([big[i]["nsp_label"] for i in range(len(big))])
+    assert abs(frac - 0.5) < 0.06, frac
+    assert 0 < np.mean(labels) < 1
+
+
+def test_examples_are_deterministic_per_index_and_seed():
+    src, docs = _source()
+    again, _ = _source(docs)
+    other, _ = _source(docs, seed=8)
+    for i in (0, 3, len(src) - 1):
+        for k in src[i]:
+            np.testing.assert_array_equal(src[i][k], again[i][k])
+    assert any(not np.array_equal(src[i]["inputs"], other[i]["inputs"]) for i in range(len(src)))
+
+
+def test_without_nsp_single_segment():
+    src, _ = _source(nsp=False)
+    ex = src[0]
+    n = int(ex["segment_ids"].sum())
+    assert n == 64 and ex["targets"][0] == CLS and ex["targets"][n - 1] == SEP
+    assert np.sum(ex["targets"] == SEP) == 1 and ex["nsp_weight"] == 0.0 and ex["token_types"].sum() == 0
+
+
+def test_bad_source_inputs():
+    with pytest.raises(DataError, match="at least 2 documents"):
+        _source([np.arange(100) % BASE])
+    with pytest.raises(DataError, match="mask_prob"):
+        _source(mask_prob=1.5)
+    with pytest.raises(DataError, match="seq_len=4"):
+        mlm_data.MlmSource([np.arange(10)] * 2, 4, seed=0, base_size=BASE, cls_id=CLS, sep_id=SEP, mask_id=MASK,
+                           pad_id=PAD)
+
+
+def _encoder(**kw):
+    cfg = ModelConfig(vocab_size=320, num_tokens=267, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                      causal=False, type_vocab_size=2, dtype="float32", **kw)
+    model = heads.MaskedLM(cfg, nsp=True)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 10), jnp.int32))["params"])
+    return model, params
+
+
+def test_encoder_heads_see_the_future_and_token_types():
+    model, params = _encoder()
+    assert set(params) == {"backbone", "mlm_head", "nsp_head"} and "type_embed" in params["backbone"]
+    tokens = jax.random.randint(jax.random.key(1), (1, 10), 0, 256)
+    x = params["backbone"]["embed"]["embedding"][tokens]
+
+    g = jax.grad(lambda x_in: model.apply({"params": params}, x_in, method=_mlm_from_embeddings)[0, 2].sum())(x)
+    assert float(jnp.abs(g[0, 3:]).sum()) > 0.0  # position 2 depends on later positions
+    mlm, nsp = model.apply({"params": params}, tokens)
+    types = jnp.concatenate([jnp.zeros((1, 5), jnp.int32), jnp.ones((1, 5), jnp.int32)], axis=1)
+    mlm_t, nsp_t = model.apply({"params": params}, tokens, None, None, types)
+    assert mlm.shape == (1, 10, 320) and nsp.shape == (1, 2)
+    assert not np.allclose(nsp, nsp_t)  # token types change the representation
+
+
+def _mlm_from_embeddings(self, x_BxLxD):
+    """MaskedLM forward from token embeddings (the gradient test's input)."""
+    bb = self.backbone
+    b, length, _ = x_BxLxD.shape
+    pos = jnp.broadcast_to(jnp.arange(length)[None, :], (b, length))
+    seg = jnp.ones((b, length), jnp.int32)
+    x = x_BxLxD + bb.type_embed(jnp.zeros((b, length), jnp.int32))
+    for layer in bb.layers:
+        x = layer(x, pos, seg, True)
+    return self.mlm_head(bb.final_norm(x), bb)
+
+
+def test_causal_model_unchanged_by_type_vocab_default():
+    from model.transformer import Transformer
+    cfg = ModelConfig(vocab_size=320, num_tokens=267, d_model=32, n_layers=1, n_heads=4, n_kv_heads=4, d_ff=64)
+    params = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    assert "type_embed" not in params
+
+
+def test_mlm_training_learns(corpus_dir, tmp_path):
+    config = tiny_config(corpus_dir, pretrain_mlm, train__steps=40, train__log_every=5, train__eval_every=20,
+                         optim__lr=3e-3)
+    out = train.train_and_evaluate(config, str(tmp_path))
+    rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    evals = [r for r in rows if "eval/mlm_loss" in r]
+    assert rows[0]["train/mlm_loss"] > 5.0 and "train/nsp_loss" in rows[0]
+    assert evals[-1]["eval/mlm_loss"] < rows[0]["train/mlm_loss"] - 1.0
+    assert 0.0 <= out["eval/nsp_accuracy"] <= 1.0 and out["eval/mlm_accuracy"] > 0.02  # chance: 1/267
+    assert out["step"] == 40
+
+
+def test_mlm_needs_bidirectional_and_types(corpus_dir, tmp_path):
+    with pytest.raises(ValueError, match="model.causal=False"):
+        train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, model__causal=True), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="type_vocab_size >= 2"):
+        train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, model__type_vocab_size=0), str(tmp_path / "b"))
+
+
+def test_checkpoints_from_before_the_new_fields_still_resume():
+    import json
+
+    import checkpoint
+    from configs import pretrain_causal
+    current = json.loads(pretrain_causal.get_config("tiny").to_json())
+    saved = json.loads(json.dumps(current))
+    del saved["model"]["type_vocab_size"], saved["mlm"]
+    assert checkpoint.config_differences(saved, current)[0] == []
+    current["model"]["type_vocab_size"] = 2
+    assert checkpoint.config_differences(saved, current)[0] == ["model.type_vocab_size: 0 -> 2"]
