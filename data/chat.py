@@ -1,0 +1,194 @@
+"""Chat template for SFT: render conversations to token ids + a loss mask, and pack them.
+
+Template (version 1), with the reserved role tokens of data/tokenizer.SPECIALS:
+
+    <|system|> content <|end|> <|user|> content <|end|> <|assistant|> content <|end|> ...
+
+No separators, no <bos>/<eos>: the role tokens delimit turns and the assistant's closing
+<|end|> is the stop token at generation. A `{"prompt", "response"}` record is the two-turn
+conversation user -> assistant.
+
+Loss mask (`train_on='assistant'`): 1 exactly on the tokens of each assistant's content and its
+closing <|end|>; 0 on role tokens and on system/user turns. `train_on='all'`: 1 on every token
+(the conversation as plain language-model text). mask[i] says whether token i is a *target*;
+when packing, the weight of input position j is mask[j + 1].
+
+`template_spec()` is a JSON dict to store with a checkpoint; `render_prompt` uses the same
+template and ends with <|assistant|>, so generation continues as the model was trained.
+
+Packing (`pack_conversations`): whole conversations are laid next to each other in rows of
+seq_len + 1 tokens, in order (next-fit: a conversation that does not fit starts a new row),
+never split; each row becomes one example with exactly the keys of data/pipeline.pack_window
+(inputs/targets/positions/segment_ids/weights), so objectives.causal_lm trains on it unchanged:
+segment ids keep attention inside a conversation, positions restart at each conversation, and
+weights = shifted loss mask, zero across conversation boundaries. Only the tail of a row is
+padding: segment id 0, weight 0.
+
+Bad input (`render_records`): a record that is not a chat, has no assistant turn, an unknown
+role, empty content, or (too_long='drop') more than seq_len + 1 tokens is counted under a named
+reason and skipped; with strict=True it raises ValueError naming the record index.
+too_long='truncate' keeps the first seq_len + 1 tokens (counted as 'truncated'), and drops the
+record ('no assistant tokens after truncation') if no trained token remains.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from data.pipeline import pack_window
+from data.tokenizer import Tokenizer
+
+TEMPLATE_VERSION = 1
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_TOKEN = "<|end|>"
+TRAIN_ON = ("assistant", "all")
+TOO_LONG = ("truncate", "drop")
+
+
+class ChatError(ValueError):
+    """A record the template cannot render; `reason` is the short name it is counted under."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def template_spec() -> dict:
+    """JSON-serialisable description of the template, saved with a checkpoint."""
+    return {"name": "lmstack-chat", "version": TEMPLATE_VERSION, "role_tokens": dict(ROLE_TOKENS),
+            "end_token": END_TOKEN, "bos": None, "eos_after_conversation": False,
+            "separator": "", "generation_prefix": ROLE_TOKENS["assistant"],
+            "loss": "assistant content + its closing end token"}
+
+
+def check_template_spec(spec: dict) -> None:
+    """Raise if a checkpoint's stored template differs from this code's template."""
+    if spec != template_spec():
+        raise ValueError(f"chat template mismatch: checkpoint has {spec}, this code renders {template_spec()}")
+
+
+def messages_of(record) -> list[dict]:
+    """The message list of a {"messages": [...]} or {"prompt", "response"} record (checked)."""
+    if not isinstance(record, dict):
+        raise ChatError("not an object", f"record is {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+    elif "prompt" in record and "response" in record:
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["response"]}]
+    else:
+        raise ChatError("missing field", "no 'messages' (or 'prompt' + 'response')")
+    if not isinstance(messages, list) or not messages:
+        raise ChatError("missing field", "'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ChatError("wrong type", f"messages[{i}] is {type(m).__name__}, expected an object")
+        if m.get("role") not in ROLE_TOKENS:
+            raise ChatError("unknown role", f"messages[{i}].role={m.get('role')!r}, expected one of "
+                            f"{tuple(ROLE_TOKENS)}")
+        content = m.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise ChatError("empty content", f"messages[{i}].content={content!r}")
+    return messages
+
+
+def _render_messages(messages: list[dict], tokenizer: Tokenizer, train_on: str):
+    end = tokenizer.special_id(END_TOKEN)
+    ids, mask = [], []
+    for m in messages:
+        content = tokenizer.encode(m["content"]).astype(np.int32)
+        trained = 1.0 if (train_on == "all" or m["role"] == "assistant") else 0.0
+        ids += [np.array([tokenizer.special_id(ROLE_TOKENS[m["role"]])], np.int32), content,
+                np.array([end], np.int32)]
+        mask += [np.array([1.0 if train_on == "all" else 0.0], np.float32),
+                 np.full(len(content) + 1, trained, np.float32)]
+    return np.concatenate(ids), np.concatenate(mask)
+
+
+def render(record, tokenizer: Tokenizer, *, train_on: str = "assistant") -> tuple[np.ndarray, np.ndarray]:
+    """One chat record -> (ids int32 [N], loss_mask float32 [N]). Raises ChatError on bad input."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on={train_on!r}: expected one of {TRAIN_ON}")
+    messages = messages_of(record)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatError("no assistant turn", f"roles {[m['role'] for m in messages]}")
+    return _render_messages(messages, tokenizer, train_on)
+
+
+def render_prompt(messages: list[dict], tokenizer: Tokenizer) -> np.ndarray:
+    """Prompt ids for generation: the conversation so far, then <|assistant|>. Generation stops at <|end|>."""
+    messages = messages_of({"messages": messages})
+    ids, _ = _render_messages(messages, tokenizer, "assistant")
+    return np.concatenate([ids, np.array([tokenizer.special_id(ROLE_TOKENS["assistant"])], np.int32)])
+
+
+def render_records(records: Iterable, tokenizer: Tokenizer, *, seq_len: int, too_long: str = "truncate",
+                   train_on: str = "assistant", strict: bool = False):
+    """Render many records -> (list of (ids, mask), Counter of reasons). A packed row holds
+    seq_len + 1 tokens, so that is the longest conversation kept whole."""
+    if too_long not in TOO_LONG:
+        raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG}")
+    limit = seq_len + 1
+    out, counts = [], collections.Counter()
+    for index, record in enumerate(records):
+        try:
+            ids, mask = render(record, tokenizer, train_on=train_on)
+            if len(ids) > limit:
+                if too_long == "drop":
+                    raise ChatError("too long", f"{len(ids)} tokens > seq_len + 1 = {limit}")
+                ids, mask = ids[:limit], mask[:limit]
+                if not mask[1:].any():
+                    raise ChatError("no assistant tokens after truncation",
+                                    f"{len(ids)} tokens kept of a longer conversation")
+                counts["truncated"] += 1
+        except ChatError as e:
+            if strict:
+                raise ValueError(f"record {index}: {e}") from None
+            counts[e.reason] += 1
+            continue
+        counts["rendered"] += 1
+        out.append((ids, mask))
+    return out, counts
+
+
+def pack_conversations(rendered: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
+                       pad_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """(ids, mask) conversations -> examples of length seq_len, as data/pipeline.pack_window makes them.
+    A conversation longer than seq_len + 1 tokens is an error (render_records truncates or drops)."""
+    width = seq_len + 1
+    tokens, segments, mask = [], [], []
+
+    def flush():
+        n = sum(len(t) for t in tokens)
+        tok = np.concatenate(tokens + [np.full(width - n, pad_id, np.int32)])
+        seg = np.concatenate(segments + [np.zeros(width - n, np.int32)])
+        msk = np.concatenate(mask + [np.zeros(width - n, np.float32)])
+        example = pack_window(tok, seg)
+        example["weights"] = example["weights"] * msk[1:]
+        return example
+
+    used = 0
+    for i, (ids, m) in enumerate(rendered):
+        if len(ids) != len(m):
+            raise ValueError(f"conversation {i}: {len(ids)} ids but {len(m)} mask values")
+        if len(ids) > width:
+            raise ValueError(f"conversation {i} has {len(ids)} tokens, more than seq_len + 1 = {width}; "
+                             f"render with render_records(..., too_long='truncate'|'drop')")
+        if used + len(ids) > width:
+            yield flush()
+            tokens, segments, mask, used = [], [], [], 0
+        tokens.append(np.asarray(ids, np.int32))
+        segments.append(np.full(len(ids), len(tokens), np.int32))
+        mask.append(np.asarray(m, np.float32))
+        used += len(ids)
+    if tokens:
+        yield flush()
+
+
+def stack(examples: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Examples -> one batch dict of [R, seq_len] arrays."""
+    examples = list(examples)
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}

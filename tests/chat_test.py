@@ -1,0 +1,147 @@
+"""data/chat.py: template, assistant-only loss mask, bad input, packing == one conversation per row."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data import chat
+from data.tokenizer import ByteTokenizer
+from model.transformer import ModelConfig, Transformer
+from objectives import token_nll
+
+TOK = ByteTokenizer()
+S = TOK.special_id
+
+
+def _b(text):
+    return list(text.encode())
+
+
+def test_render_matches_hand_rendering_and_mask():
+    record = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": "4"}]}
+    ids, mask = chat.render(record, TOK)
+    expected = ([S("<|system|>")] + _b("Be brief.") + [S("<|end|>")] + [S("<|user|>")] + _b("Hi") + [S("<|end|>")]
+                + [S("<|assistant|>")] + _b("Yo") + [S("<|end|>")] + [S("<|user|>")] + _b("2+2?") + [S("<|end|>")]
+                + [S("<|assistant|>")] + _b("4") + [S("<|end|>")])
+    assert ids.dtype == np.int32 and mask.dtype == np.float32
+    assert ids.tolist() == expected
+    trained = [int(i) for i, w in zip(ids, mask) if w == 1.0]
+    assert trained == _b("Yo") + [S("<|end|>")] + _b("4") + [S("<|end|>")]
+    assert set(mask.tolist()) <= {0.0, 1.0}
+    ids_all, mask_all = chat.render(record, TOK, train_on="all")
+    assert ids_all.tolist() == expected and mask_all.min() == 1.0
+
+
+def test_prompt_response_record_and_render_prompt():
+    ids, mask = chat.render({"prompt": "a", "response": "bc"}, TOK)
+    assert ids.tolist() == [S("<|user|>"), ord("a"), S("<|end|>"), S("<|assistant|>"), ord("b"), ord("c"),
+                            S("<|end|>")]
+    assert mask.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    prompt = chat.render_prompt([{"role": "user", "content": "a"}], TOK)
+    assert prompt.tolist() == ids[:4].tolist()  # the training prefix up to <|assistant|>
+    spec = chat.template_spec()
+    assert json.loads(json.dumps(spec)) == spec
+    chat.check_template_spec(json.loads(json.dumps(spec)))
+    with pytest.raises(ValueError, match="template mismatch"):
+        chat.check_template_spec({**spec, "version": 0})
+
+
+BAD = [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role"),
+    ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}, "empty content"),
+    ({"prompt": "x"}, "missing field"),
+]
+
+
+def test_bad_input_counted_or_strict():
+    good = {"prompt": "q", "response": "a"}
+    records = [good] + [r for r, _ in BAD] + [good]
+    out, counts = chat.render_records(records, TOK, seq_len=64)
+    assert len(out) == 2 and counts["rendered"] == 2
+    for _, reason in BAD:
+        assert counts[reason] == 1, (reason, counts)
+    with pytest.raises(ValueError, match=r"record 1: no assistant turn"):
+        chat.render_records(records, TOK, seq_len=64, strict=True)
+
+
+def test_too_long_truncate_and_drop():
+    long = {"prompt": "q", "response": "a" * 50}  # 4 + 50 + 1 = 55 tokens
+    late = {"prompt": "q" * 50, "response": "a"}  # the assistant part is cut off entirely
+    out, counts = chat.render_records([long, late], TOK, seq_len=15, too_long="truncate")
+    assert len(out) == 1 and len(out[0][0]) == 16 and out[0][1][4:].min() == 1.0
+    assert counts["truncated"] == 1 and counts["no assistant tokens after truncation"] == 1
+    out, counts = chat.render_records([long], TOK, seq_len=15, too_long="drop")
+    assert out == [] and counts["too long"] == 1
+    with pytest.raises(ValueError, match="record 0: too long"):
+        chat.render_records([long], TOK, seq_len=15, too_long="drop", strict=True)
+
+
+def _conversations():
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(9):
+        words = ["".join(rng.choice(list("abcdefgh"), rng.integers(1, 6))) for _ in range(rng.integers(1, 5))]
+        msgs = [{"role": "system", "content": "sys"}] if i % 3 == 0 else []
+        msgs += [{"role": "user", "content": " ".join(words)}, {"role": "assistant", "content": words[0] * 2}]
+        if i % 2:
+            msgs += [{"role": "user", "content": "more"}, {"role": "assistant", "content": str(i) * (i + 1)}]
+        records.append({"messages": msgs})
+    out, counts = chat.render_records(records, TOK, seq_len=48)
+    assert counts["rendered"] == len(records)
+    return out
+
+
+def test_pack_keys_layout_and_weights():
+    rendered = _conversations()
+    rows = list(chat.pack_conversations(rendered, 48, pad_id=TOK.pad_id))
+    assert len(rows) < len(rendered)  # something was packed together
+    assert set(rows[0]) == {"inputs", "targets", "positions", "segment_ids", "weights"}
+    total_weight = 0.0
+    conv = iter(rendered)
+    for row in rows:
+        for k, v in row.items():
+            assert v.shape == (48,), k
+        seg = row["segment_ids"]
+        assert np.all(np.diff(seg[seg > 0]) >= 0)
+        n_real = int((seg > 0).sum())
+        assert np.all(seg[n_real:] == 0) and np.all(row["weights"][n_real:] == 0)  # padding only at the tail
+        for s in range(1, seg.max() + 1):
+            ids, mask = next(conv)
+            where = np.nonzero(seg == s)[0]
+            assert row["inputs"][where].tolist() == ids[:len(where)].tolist()
+            assert row["positions"][where].tolist() == list(range(len(where)))
+            np.testing.assert_array_equal(row["weights"][where][:len(ids) - 1], mask[1:])
+            total_weight += row["weights"][where].sum()
+    assert total_weight == sum(m[1:].sum() for _, m in rendered)
+
+
+def test_packed_equals_one_conversation_per_row_under_the_model():
+    rendered = _conversations()
+    seq_len = 48
+    packed = chat.stack(chat.pack_conversations(rendered, seq_len, pad_id=TOK.pad_id))
+    single = chat.stack([next(chat.pack_conversations([c], seq_len, pad_id=TOK.pad_id)) for c in rendered])
+    cfg = ModelConfig(vocab_size=TOK.vocab_size, num_tokens=TOK.vocab_size, d_model=32, n_layers=2, n_heads=4,
+                      n_kv_heads=2, d_ff=64, dtype="float32")
+    model = Transformer(cfg)
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(single["inputs"][:1]))["params"]
+
+    def per_token(batch):
+        logits = model.apply({"params": params}, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
+                             jnp.asarray(batch["segment_ids"]))
+        return np.asarray(token_nll(logits, jnp.asarray(batch["targets"]))) * batch["weights"]
+
+    nll_packed, nll_single = per_token(packed), per_token(single)
+    got = []
+    for r in range(len(packed["inputs"])):
+        seg = packed["segment_ids"][r]
+        got += [nll_packed[r][seg == s].sum() for s in range(1, seg.max() + 1)]
+    want = nll_single.sum(axis=1)
+    assert len(got) == len(rendered)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert min(want) > 0
