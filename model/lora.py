@@ -1,0 +1,97 @@
+"""LoRA as a parameter transformation: the model code is untouched.
+
+    lora   = init_lora(params, rank=8, targets=("attn/query", "attn/value"), key=key)
+    params = apply_lora(base, lora, alpha=16.0, rank=8)   # W + alpha/rank * A @ B, then model.apply
+    export = merge_lora(base, lora, alpha=16.0, rank=8)   # the same math, plain arrays for export
+
+`params` are plain (unboxed) Flax params, e.g. `nn.meta.unbox(model.init(...)["params"])`. A
+target 'attn/query' matches every kernel whose path ends in '.../attn/query/kernel' (all layers;
+also the stacked [n_layers, in, out] kernels of scan_layers, where A and B get the same leading
+axis). Known targets: 'attn/query', 'attn/key', 'attn/value', 'attn/out', 'mlp/gate', 'mlp/up',
+'mlp/down'. Biases, norms and embeddings are never adapted.
+
+The lora tree mirrors the matched paths: {..., 'attn': {'query': {'lora_a': A [in, r],
+'lora_b': B [r, out]}}}. A ~ N(0, 1/in) (Kaiming-normal for a linear map, as in the LoRA paper's
+random Gaussian A), B = 0, so at init apply_lora(base, lora) == base exactly.
+
+Freezing the base is the caller's choice: take `jax.grad` with respect to the lora tree only
+(base is then a constant of the loss), and, if base is also a traced argument of a jitted
+function, wrap it in `jax.lax.stop_gradient` to be explicit. Weight decay on adapters is an
+optimizer choice as well.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+TARGETS = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down")
+
+
+def _matches(path: tuple, targets) -> bool:
+    if path[-1] != "kernel":
+        return False
+    joined = "/" + "/".join(str(p) for p in path)
+    return any(joined.endswith(f"/{t}/kernel") for t in targets)
+
+
+def init_lora(params, *, rank: int, targets=TARGETS, key: jax.Array) -> dict:
+    """Adapters (A random, B zero) for every kernel matched by `targets`; error if none matches."""
+    if rank <= 0:
+        raise ValueError(f"lora rank={rank} must be positive")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"lora targets {unknown} unknown: expected some of {TARGETS}")
+    flat = traverse_util.flatten_dict(params)
+    matched = sorted((p for p in flat if _matches(p, targets)), key=str)
+    if not matched:
+        raise ValueError(f"lora targets {tuple(targets)} match no kernel in params")
+    out = {}
+    for i, path in enumerate(matched):
+        w = flat[path]
+        if w.ndim < 2:
+            raise ValueError(f"{'/'.join(path)} has shape {w.shape}; expected a [.., in, out] kernel")
+        *lead, d_in, d_out = w.shape
+        if rank > min(d_in, d_out):
+            raise ValueError(f"lora rank={rank} exceeds {'/'.join(path)} shape {w.shape}")
+        a = jax.random.normal(jax.random.fold_in(key, i), (*lead, d_in, rank), jnp.float32) / math.sqrt(d_in)
+        out[path[:-1] + ("lora_a",)] = a.astype(w.dtype)
+        out[path[:-1] + ("lora_b",)] = jnp.zeros((*lead, rank, d_out), w.dtype)
+    return traverse_util.unflatten_dict(out)
+
+
+def _delta(a, b, scale):
+    return scale * jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32),
+                              precision=jax.lax.Precision.HIGHEST)
+
+
+def apply_lora(base, lora, *, alpha: float, rank: int):
+    """Params with W + alpha/rank * A @ B on every adapted kernel (differentiable in both trees)."""
+    scale = alpha / rank
+    flat = dict(traverse_util.flatten_dict(base))
+    flat_lora = traverse_util.flatten_dict(lora)
+    for path, a in flat_lora.items():
+        if path[-1] != "lora_a":
+            continue
+        kpath = path[:-1] + ("kernel",)
+        if kpath not in flat:
+            raise ValueError(f"lora adapter {'/'.join(path[:-1])} has no kernel in the base params")
+        b = flat_lora[path[:-1] + ("lora_b",)]
+        w = flat[kpath]
+        if a.shape[-1] != rank:
+            raise ValueError(f"{'/'.join(path)} has rank {a.shape[-1]}, apply_lora was given rank={rank}")
+        flat[kpath] = (w.astype(jnp.float32) + _delta(a, b, scale)).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def merge_lora(base, lora, *, alpha: float, rank: int):
+    """Plain (numpy) params with the adapters folded in, for export / inference without LoRA."""
+    return jax.tree.map(np.asarray, apply_lora(base, lora, alpha=alpha, rank=rank))
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
