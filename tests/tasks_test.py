@@ -1,0 +1,86 @@
+"""data/tasks.py + scripts/make_tasks.py: determinism, disjoint splits, independently checked answers."""
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+
+from data import chat, formats, tasks
+from data.tokenizer import ByteTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _solve(question: str) -> str:
+    """An independent solver that reads only the question text."""
+    if m := re.fullmatch(r"What is (\d+) \+ (\d+)\? .*", question):
+        return str(sum(int(g) for g in m.groups()))
+    if m := re.fullmatch(r"Reverse the word '(\w+)'\. .*", question):
+        return "".join(reversed(list(m.group(1))))
+    if m := re.fullmatch(r"Sort the letters of '(\w+)' alphabetically\. .*", question):
+        letters = list(m.group(1))
+        letters.sort(key=ord)
+        return "".join(letters)
+    if m := re.fullmatch(r"How many times does the letter '(\w)' appear in '(\w+)'\? .*", question):
+        return str(sum(1 for ch in m.group(2) if ch == m.group(1)))
+    raise AssertionError(f"unparsed question {question!r}")
+
+
+def _run(out, seed):
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tasks.py"), f"--out={out}", f"--seed={seed}",
+                    "--n_train=300", "--n_val=40", "--n_test=40"], check=True, capture_output=True, cwd=ROOT)
+    return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))}
+
+
+def test_script_is_deterministic_and_outputs_validate(tmp_path):
+    a, b, c = _run(tmp_path / "a", 0), _run(tmp_path / "b", 0), _run(tmp_path / "c", 1)
+    assert sorted(a) == ["test.jsonl", "test_pref.jsonl", "train.jsonl", "train_pref.jsonl", "val.jsonl",
+                         "val_pref.jsonl"]
+    assert a == b and a != c
+    keys = {}
+    for split in ("train", "val", "test"):
+        sft = [json.loads(x) for x in a[f"{split}.jsonl"].decode().splitlines()]
+        pref = [json.loads(x) for x in a[f"{split}_pref.jsonl"].decode().splitlines()]
+        assert len(sft) == len(pref) == {"train": 300, "val": 40, "test": 40}[split]
+        for s, p in zip(sft, pref):
+            formats.validate(s, "chat")
+            formats.validate(p, "preference")
+            question, answer = s["messages"][0]["content"], s["messages"][1]["content"]
+            assert answer == _solve(question) == s["answer"] == p["chosen"]
+            assert p["prompt"] == question and p["rejected"] != p["chosen"]
+            assert not tasks.exact_match(p["rejected"], answer) and tasks.exact_match(f" {answer}\n", answer)
+            chat.render(s, ByteTokenizer())
+        keys[split] = {s["messages"][0]["content"] for s in sft}
+        assert len(keys[split]) == len(sft)  # unique problems within a split
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    kinds = {json.loads(x)["kind"] for x in a["train.jsonl"].decode().splitlines()}
+    assert kinds == set(tasks.KINDS)
+
+
+def test_wrong_answers_are_plausible_and_wrong():
+    rng = random.Random(0)
+    for kind in tasks.KINDS:
+        for _ in range(200):
+            p = tasks.make_problem(kind, rng)
+            wrong = tasks.wrong_answers(p)
+            assert wrong and p["answer"] not in wrong and len(set(wrong)) == len(wrong)
+            assert all(_solve(p["question"]) != w for w in wrong)
+    p = {"kind": "add", "question": "", "answer": "105", "key": "", "args": [57, 48]}
+    assert "95" in tasks.wrong_answers(p)  # 57 + 48 with the carry dropped
+    p = tasks.make_problem("reverse", random.Random(3))
+    w = p["args"][0]
+    partial = w[: len(w) // 2][::-1] + w[len(w) // 2:]  # only the first half reversed
+    assert partial == p["answer"] or partial in tasks.wrong_answers(p)
+
+
+def test_exact_match_and_errors():
+    assert tasks.exact_match("42", "42") and tasks.exact_match(" 42 \n", "42")
+    assert not tasks.exact_match("042", "42") and not tasks.exact_match("Abc", "abc") and not tasks.exact_match(None, "1")
+    with pytest.raises(ValueError, match="expected one of"):
+        tasks.make_splits(0, {"train": 2}, kinds=("divide",))
+    a, b = tasks.make_splits(7, {"train": 20, "test": 5}), tasks.make_splits(7, {"train": 20, "test": 5})
+    assert a == b and {p["key"] for p in a["train"]}.isdisjoint(p["key"] for p in a["test"])
