@@ -17,8 +17,7 @@ when packing, the weight of input position j is mask[j + 1].
 template and ends with <|assistant|>, so generation continues as the model was trained.
 
 Packing (`pack_conversations`): whole conversations are laid next to each other in rows of
-seq_len + 1 tokens, in order (next-fit: a conversation that does not fit starts a new row),
-never split; each row becomes one example with exactly the keys of data/pipeline.pack_window
+seq_len + 1 tokens (next-fit in order, or first-fit), never split; each row becomes one example with exactly the keys of data/pipeline.pack_window
 (inputs/targets/positions/segment_ids/weights), so objectives.causal_lm trains on it unchanged:
 segment ids keep attention inside a conversation, positions restart at each conversation, and
 weights = shifted loss mask, zero across conversation boundaries. Only the tail of a row is
@@ -154,38 +153,59 @@ def render_records(records: Iterable, tokenizer: Tokenizer, *, seq_len: int, too
     return out, counts
 
 
-def pack_conversations(rendered: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, *,
-                       pad_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
+FITS = ("next", "first")
+
+
+def _row(convs, width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """[(ids, mask), ...] that fit in `width` tokens -> one pack_window example; tail = padding."""
+    n = sum(len(ids) for ids, _ in convs)
+    tok = np.concatenate([ids for ids, _ in convs] + [np.full(width - n, pad_id, np.int32)]).astype(np.int32)
+    seg = np.concatenate([np.full(len(ids), s + 1, np.int32) for s, (ids, _) in enumerate(convs)]
+                         + [np.zeros(width - n, np.int32)])
+    msk = np.concatenate([m for _, m in convs] + [np.zeros(width - n, np.float32)]).astype(np.float32)
+    example = pack_window(tok, seg)
+    example["weights"] = example["weights"] * msk[1:]
+    return example
+
+
+def pack_conversations(rendered: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int, *, pad_id: int = 0,
+                       fit: str = "next") -> Iterator[dict[str, np.ndarray]]:
     """(ids, mask) conversations -> examples of length seq_len, as data/pipeline.pack_window makes them.
+
+    fit='next': streaming and order-preserving; a conversation that does not fit closes the row.
+    fit='first': each conversation goes to the first row with room (reads all input first; rows
+    come out in creation order, conversations inside a row in arrival order). Denser: 4000
+    data/tasks conversations (74 tokens on average, byte tokenizer) fill 68.5% / 77.4% of the
+    input tokens at seq_len 128 ('next' / 'first'), 85.7% / 92.3% at 256, 96.2% / 98.1% at 1024.
     A conversation longer than seq_len + 1 tokens is an error (render_records truncates or drops)."""
+    if fit not in FITS:
+        raise ValueError(f"fit={fit!r}: expected one of {FITS}")
     width = seq_len + 1
-    tokens, segments, mask = [], [], []
-
-    def flush():
-        n = sum(len(t) for t in tokens)
-        tok = np.concatenate(tokens + [np.full(width - n, pad_id, np.int32)])
-        seg = np.concatenate(segments + [np.zeros(width - n, np.int32)])
-        msk = np.concatenate(mask + [np.zeros(width - n, np.float32)])
-        example = pack_window(tok, seg)
-        example["weights"] = example["weights"] * msk[1:]
-        return example
-
-    used = 0
+    rows: list[list] = []
+    room: list[int] = []
     for i, (ids, m) in enumerate(rendered):
+        ids, m = np.asarray(ids, np.int32), np.asarray(m, np.float32)
         if len(ids) != len(m):
             raise ValueError(f"conversation {i}: {len(ids)} ids but {len(m)} mask values")
         if len(ids) > width:
             raise ValueError(f"conversation {i} has {len(ids)} tokens, more than seq_len + 1 = {width}; "
                              f"render with render_records(..., too_long='truncate'|'drop')")
-        if used + len(ids) > width:
-            yield flush()
-            tokens, segments, mask, used = [], [], [], 0
-        tokens.append(np.asarray(ids, np.int32))
-        segments.append(np.full(len(ids), len(tokens), np.int32))
-        mask.append(np.asarray(m, np.float32))
-        used += len(ids)
-    if tokens:
-        yield flush()
+        if fit == "next":
+            if rows and room[-1] < len(ids):
+                yield _row(rows.pop(), width, pad_id)
+                room.pop()
+            j = len(rows) - 1 if rows else -1
+        else:
+            fits = np.nonzero(np.asarray(room, np.int64) >= len(ids))[0]
+            j = int(fits[0]) if len(fits) else -1
+        if j < 0:
+            rows.append([])
+            room.append(width)
+            j = len(rows) - 1
+        rows[j].append((ids, m))
+        room[j] -= len(ids)
+    for convs in rows:
+        yield _row(convs, width, pad_id)
 
 
 def stack(examples: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

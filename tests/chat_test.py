@@ -97,6 +97,26 @@ def _conversations():
     return out
 
 
+def test_first_fit_keeps_every_conversation_and_is_denser():
+    rendered = _conversations() * 3
+    nxt = chat.stack(chat.pack_conversations(rendered, 48, fit="next"))
+    first = chat.stack(chat.pack_conversations(rendered, 48, fit="first"))
+    assert len(first["inputs"]) <= len(nxt["inputs"])
+    assert first["weights"].sum() == nxt["weights"].sum() == sum(m[1:].sum() for _, m in rendered)
+
+    def convs(b):
+        out = []
+        for inp, seg in zip(b["inputs"], b["segment_ids"]):
+            out += [tuple(inp[seg == s].tolist()) for s in range(1, seg.max() + 1)]
+        return sorted(out)
+
+    assert convs(first) == convs(nxt)
+    with pytest.raises(ValueError, match="fit="):
+        list(chat.pack_conversations(rendered, 48, fit="best"))
+    with pytest.raises(ValueError, match="more than seq_len"):
+        list(chat.pack_conversations(rendered, 8))
+
+
 def test_pack_keys_layout_and_weights():
     rendered = _conversations()
     rows = list(chat.pack_conversations(rendered, 48, pad_id=TOK.pad_id))
@@ -121,10 +141,11 @@ def test_pack_keys_layout_and_weights():
     assert total_weight == sum(m[1:].sum() for _, m in rendered)
 
 
-def test_packed_equals_one_conversation_per_row_under_the_model():
+@pytest.mark.parametrize("fit", ["next", "first"])
+def test_packed_equals_one_conversation_per_row_under_the_model(fit):
     rendered = _conversations()
     seq_len = 48
-    packed = chat.stack(chat.pack_conversations(rendered, seq_len, pad_id=TOK.pad_id))
+    packed = chat.stack(chat.pack_conversations(rendered, seq_len, pad_id=TOK.pad_id, fit=fit))
     single = chat.stack([next(chat.pack_conversations([c], seq_len, pad_id=TOK.pad_id)) for c in rendered])
     cfg = ModelConfig(vocab_size=TOK.vocab_size, num_tokens=TOK.vocab_size, d_model=32, n_layers=2, n_heads=4,
                       n_kv_heads=2, d_ff=64, dtype="float32")
@@ -143,6 +164,8 @@ def test_packed_equals_one_conversation_per_row_under_the_model():
         got += [nll_packed[r][seg == s].sum() for s in range(1, seg.max() + 1)]
     want = nll_single.sum(axis=1)
     assert len(got) == len(rendered)
+    if fit == "first":  # conversations are reordered: compare the multisets
+        got, want = sorted(got), sorted(want)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert min(want) > 0
 
