@@ -25,7 +25,7 @@ padding: segment id 0, weight 0.
 
 Bad input (`render_records`): a record that is not a chat, has no assistant turn, an unknown
 role, empty content, or (too_long='drop') more than seq_len + 1 tokens is counted under a named
-reason and skipped; with strict=True it raises ValueError naming the record index.
+reason and skipped (as is a system turn after the first, like data/formats); with strict=True it raises ValueError naming the record index.
 too_long='truncate' keeps the first seq_len + 1 tokens (counted as 'truncated'), and drops the
 record ('no assistant tokens after truncation') if no trained token remains.
 """
@@ -88,6 +88,8 @@ def messages_of(record) -> list[dict]:
         if m.get("role") not in ROLE_TOKENS:
             raise ChatError("unknown role", f"messages[{i}].role={m.get('role')!r}, expected one of "
                             f"{tuple(ROLE_TOKENS)}")
+        if m["role"] == "system" and i:
+            raise ChatError("misplaced system", f"messages[{i}] is a system message after the first turn")
         content = m.get("content")
         if not isinstance(content, str) or not content.strip():
             raise ChatError("empty content", f"messages[{i}].content={content!r}")
