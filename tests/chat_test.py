@@ -218,3 +218,14 @@ def test_causal_lm_trains_lora_on_packed_task_conversations():
         lora, opt_state, loss = step(lora, opt_state)
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.1, losses  # adapters on a near-zero-init base learn slowly, but they learn
+
+
+def test_render_with_bpe_tokenizer_round_trips_content():
+    from data.tokenizer import BPETokenizer
+    tok = BPETokenizer.train(["hello world, how are you today? fine thanks"] * 20, vocab_size=300, min_frequency=2)
+    record = {"messages": [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "fine thanks"}]}
+    ids, mask = chat.render(record, tok)
+    assert ids[0] == tok.special_id("<|user|>") and ids[-1] == tok.special_id("<|end|>")
+    assert tok.decode(ids[mask == 1.0][:-1]) == "fine thanks"
+    prompt = chat.render_prompt(record["messages"][:1], tok)
+    assert prompt.tolist() == ids[:len(prompt)].tolist() and prompt[-1] == tok.special_id("<|assistant|>")
