@@ -6,8 +6,10 @@ non-special tokens (80% <mask>, 10% random, 10% kept). Loss = MLM + NSP (`mlm.ns
 
 Command:   python train.py --config=configs/pretrain_mlm.py --workdir=runs/mlm
            (`:tiny` gives a seconds-long smoke run; `:125m`, ... pick a size from configs/common.MODEL_SIZES)
-Runtime:   see README "Encoder pretraining and fine-tuning" (measured figures there).
-Result:    see README (masked-token accuracy, NSP accuracy on the held-out split).
+Runtime:   about 4.5 minutes on 2 CPU cores (600 steps x 32 x 128 tokens at ~9k tokens/s; 268 s
+           wall measured, 3.6M parameters)
+Result:    val masked-token accuracy 0.63 (MLM loss 1.43 nats, from 5.6 at init); NSP accuracy
+           0.50 = chance: at this size and length NSP is not learned yet (loss stays ~0.69).
 """
 
 from configs import common
