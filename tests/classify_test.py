@@ -107,3 +107,17 @@ def test_warm_start_from_mlm_and_freeze(corpus_dir, tmp_path):
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"embed/embedding: checkpoint \(320, 32\)"):
         train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir, model__d_model=64),
                                  str(tmp_path / "cls3"))
+
+
+def test_decoder_classifier_warm_starts_from_a_causal_run(corpus_dir, tmp_path, caplog):
+    causal_dir = str(tmp_path / "causal")
+    train.train_and_evaluate(tiny_config(corpus_dir, train__steps=3), causal_dir)  # pretrain_causal:tiny
+    tr = _write_task(tmp_path / "train.jsonl", 96, 0)
+    va = _write_task(tmp_path / "val.jsonl", 24, 1)
+    with caplog.at_level(logging.INFO, logger="lmstack"):
+        out = train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=causal_dir, model__causal=True,
+                                            model__type_vocab_size=0), str(tmp_path / "cls"))
+    assert out["step"] == 3 and 0.0 <= out["eval/accuracy"] <= 1.0
+    assert "re-initialised: cls_head" in caplog.text and "unused: none" in caplog.text
+    _, causal_params, _ = checkpoint.load_for_inference(causal_dir)
+    assert "backbone" not in causal_params and "embed" in causal_params
