@@ -38,11 +38,7 @@ def get_config(arg=None):
     c.train.checkpoint_every = 100
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 30
+    common.apply_arg(c, arg)
     if arg == "tiny":
-        common.tiny(c)
         c.train.eval_batches = 0
-    elif arg in common.MODEL_SIZES:
-        common.model_size(c, arg)
-    elif arg:
-        raise ValueError(f"config arg {arg!r}: expected nothing, 'tiny' or a size in {sorted(common.MODEL_SIZES)}")
     return c

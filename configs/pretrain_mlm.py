@@ -31,10 +31,4 @@ def get_config(arg=None):
     c.train.checkpoint_every = 200
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
-    if arg == "tiny":
-        common.tiny(c)
-    elif arg in common.MODEL_SIZES:
-        common.model_size(c, arg)
-    elif arg:
-        raise ValueError(f"config arg {arg!r}: expected nothing, 'tiny' or a size in {sorted(common.MODEL_SIZES)}")
-    return c
+    return common.apply_arg(c, arg)

@@ -24,7 +24,7 @@ from data.sources import DataError
 from data.tokenizer import Tokenizer
 
 
-def _hash_unit(text: str) -> float:
+def hash_unit(text: str) -> float:
     """Deterministic value in [0, 1) from the document text (stable across runs/machines)."""
     digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0 ** 64
@@ -37,7 +37,7 @@ def split_documents(texts: list[str], mode: str, val_fraction: float) -> tuple[l
     if mode == "hash":
         train, val = [], []
         for t in texts:
-            (val if _hash_unit(t) < val_fraction else train).append(t)
+            (val if hash_unit(t) < val_fraction else train).append(t)
     elif mode == "tail":
         cuts = [int(len(t) * (1.0 - val_fraction)) for t in texts]
         train = [t[:c] for t, c in zip(texts, cuts) if t[:c]]

@@ -133,6 +133,15 @@ def _decode(raw: bytes, stats: ReadStats) -> str | None:
         return None
 
 
+def _read_text(path: str, max_bytes: int, stats: ReadStats) -> str | None:
+    """A whole file as text, counted in stats.files; None (skip counted under its reason) otherwise."""
+    raw = _read_bytes(path, max_bytes, stats)
+    text = None if raw is None else _decode(raw, stats)
+    if text is not None:
+        stats.files += 1
+    return text
+
+
 def _encodable(record: Any) -> bool:
     try:
         json.dumps(record, ensure_ascii=False).encode("utf-8")
@@ -188,12 +197,9 @@ def file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bool = 
         stats.bytes += os.path.getsize(path)
         yield from _parquet_records(path, stats, columns)
         return
-    raw = _read_bytes(path, max_bytes, stats)
-    text = None if raw is None else _decode(raw, stats)
-    if text is None:
-        return
-    stats.files += 1
-    yield from _jsonl_records(path, text, stats, strict)
+    text = _read_text(path, max_bytes, stats)
+    if text is not None:
+        yield from _jsonl_records(path, text, stats, strict)
 
 
 def _record_text(record: Any, text_field: str, stats: ReadStats) -> str | None:
@@ -219,11 +225,9 @@ def _documents_from_file(path: str, text_field: str, stats: ReadStats, max_bytes
             if text is not None:
                 yield Document(where, text)
         return
-    raw = _read_bytes(path, max_bytes, stats)
-    text = None if raw is None else _decode(raw, stats)
+    text = _read_text(path, max_bytes, stats)
     if text is None:
         return
-    stats.files += 1
     if text.strip():
         yield Document(path, text)
     else:

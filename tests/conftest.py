@@ -45,6 +45,11 @@ def tiny_config(corpus: str, config_module=None, **overrides):
     c.data.path = corpus
     c.data.val_fraction = 0.2
     c.train.async_checkpoint = False
+    return set_overrides(c, overrides)
+
+
+def set_overrides(c, overrides: dict):
+    """`a__b=v` -> c.a.b = v (keyword-argument spelling of --config.a.b=v)."""
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split("__")

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import set_overrides, tiny_config
 
 import train
 from configs.data import common
@@ -32,13 +32,7 @@ def data_config(path, **overrides):
     c.clean.max_dup_line_fraction = c.clean.max_dup_line_char_fraction = 0.5
     c.split.ratios = (0.7, 0.2, 0.1)
     c.tokenizer.vocab_size = 512
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return set_overrides(c, overrides)
 
 
 def quiet(_):

@@ -1,0 +1,197 @@
+"""Training modes: for each `config.mode`, its input pipeline and its model (the objective is
+objectives.OBJECTIVES[mode]). A new mode is an entry in MODES, an objective, maybe a head.
+
+Input builders return `Inputs` (tokenizer, this process's checkpointable train iterator, eval
+batches); model builders return the Flax module. `warm_start` loads a pretrained backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import flax.traverse_util
+import jax
+import numpy as np
+
+import checkpoint
+import steps
+from data import classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, sources
+from data import tokenizer as tokenizer_lib
+from model import heads
+
+log = logging.getLogger("lmstack")
+
+
+def prepare_data(config, workdir: str):
+    """Documents -> split -> tokenizer (saved with the run, reused on resume) -> token streams."""
+    if prepared.is_prepared(config.data.path):  # a scripts/prepare_data.py directory: its tokenizer + shards
+        tok, train, val = prepared.load_prepared(config.data.path)
+        prepared.use_tokenizer_in_workdir(tok, workdir, write=jax.process_index() == 0)
+        log.info("prepared data: %d train, %d val tokens (%s tokenizer, %d ids)", len(train), len(val), tok.kind,
+                 tok.vocab_size)
+        return tok, train, val
+    docs, stats = sources.read_documents(config.data.path, config.data.text_field)
+    log.info("data: %s", stats.summary())
+    train_texts, val_texts = pipeline.split_documents([d.text for d in docs], config.data.split,
+                                                      config.data.val_fraction)
+    tok_path = os.path.join(workdir, "tokenizer.json")
+    if os.path.exists(tok_path):
+        tok = tokenizer_lib.load_tokenizer(tok_path)
+        if tok.kind != config.data.tokenizer:
+            raise checkpoint.IncompatibleCheckpointError(
+                f"workdir {workdir!r} has a {tok.kind!r} tokenizer but data.tokenizer={config.data.tokenizer!r}")
+    else:
+        tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, train_texts)
+        if jax.process_index() == 0:
+            tokenizer_lib.save_tokenizer(tok, tok_path)
+    train = pipeline.tokenize_stream(train_texts, tok)
+    val = pipeline.tokenize_stream(val_texts, tok)
+    log.info("tokens: %d train, %d val (%s tokenizer, %d ids)", len(train), len(val), tok.kind, tok.vocab_size)
+    return tok, train, val
+
+
+@dataclasses.dataclass
+class Inputs:
+    tokenizer: tokenizer_lib.Tokenizer
+    train_iter: object  # grain iterator of this process's batches (checkpointed)
+    eval_batches: list
+    num_classes: int = 0  # mode='classify'
+
+
+def causal_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    tok, train_stream, val_stream = prepare_data(config, workdir)
+    data_iter = pipeline.train_iterator(train_stream, seq_len=config.data.seq_len, global_batch=micro_batch,
+                                        seed=config.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    eval_data = pipeline.eval_batches(val_stream, seq_len=config.data.seq_len, batch_size=micro_batch,
+                                      max_batches=config.train.eval_batches)
+    return Inputs(tok, data_iter, eval_data)
+
+
+def _documents(stream: pipeline.TokenStream, eos_id: int) -> list[np.ndarray]:
+    """A packed token stream back into its documents (each without its trailing <eos>)."""
+    cuts = np.flatnonzero(np.diff(stream.segments)) + 1
+    return [d[:-1] if len(d) and d[-1] == eos_id else d for d in np.split(stream.tokens, cuts)]
+
+
+def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    tok, train_stream, val_stream = prepare_data(config, workdir)
+    m = config.mlm
+
+    def source(stream, seed):
+        return mlm_data.MlmSource(_documents(stream, tok.eos_id), config.data.seq_len, seed=seed,
+                                  base_size=tok.base_size, cls_id=tok.special_id("<cls>"),
+                                  sep_id=tok.special_id("<sep>"), mask_id=tok.special_id("<mask>"),
+                                  pad_id=tok.pad_id, nsp=m.nsp, mask_prob=m.mask_prob,
+                                  mask_token_frac=m.mask_token_frac, random_token_frac=m.random_token_frac)
+    train_src, val_src = source(train_stream, config.seed), source(val_stream, config.seed + 1)
+    log.info("mlm: %d train, %d val examples (nsp=%s)", len(train_src), len(val_src), m.nsp)
+    data_iter = mlm_data.train_iterator(train_src, global_batch=micro_batch, seed=config.seed,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+    eval_data = mlm_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    return Inputs(tok, data_iter, eval_data)
+
+
+def _classify_tokenizer(config, workdir: str, texts: list[str]) -> tokenizer_lib.Tokenizer:
+    """The run's saved tokenizer; else the warm-start run's (ids must match its embedding); else a new one."""
+    tok_path = os.path.join(workdir, "tokenizer.json")
+    if os.path.exists(tok_path):
+        return tokenizer_lib.load_tokenizer(tok_path)
+    if config.init_from:
+        tok = tokenizer_lib.load_tokenizer(os.path.join(config.init_from, "tokenizer.json"))
+    else:
+        tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, texts)
+    if jax.process_index() == 0:
+        tokenizer_lib.save_tokenizer(tok, tok_path)
+    return tok
+
+
+def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    c = config.classify
+    train_recs, stats = classify_data.read_split(config.data.path, strict=c.strict)
+    if c.val_path:
+        val_recs, val_stats = classify_data.read_split(c.val_path, strict=c.strict)
+    else:
+        held = [pipeline.hash_unit(formats.record_text(r, "classification")) < config.data.val_fraction
+                for _, r in train_recs]
+        val_recs = [x for x, h in zip(train_recs, held) if h]
+        train_recs = [x for x, h in zip(train_recs, held) if not h]
+        val_stats = sources.ReadStats()
+        if not val_recs or not train_recs:
+            raise sources.DataError(f"data.val_fraction={config.data.val_fraction} of {config.data.path!r} gave "
+                                    f"{len(train_recs)} train and {len(val_recs)} validation records")
+    labels_path = os.path.join(workdir, "labels.json")
+    labels = classify_data.build_labels(train_recs)
+    if os.path.exists(labels_path):
+        saved = classify_data.load_labels(labels_path)
+        if saved != labels:
+            raise checkpoint.IncompatibleCheckpointError(
+                f"{labels_path} holds labels {saved} but the training split has {labels}")
+    elif jax.process_index() == 0:
+        classify_data.save_labels(labels, labels_path)
+    if len(labels) < 2:
+        raise sources.DataError(f"{config.data.path!r}: a classifier needs >= 2 labels, found {labels}")
+    tok = _classify_tokenizer(config, workdir, [formats.record_text(r, "classification") for _, r in train_recs])
+    pool = "last" if config.model.causal else "first"
+    make = functools.partial(classify_data.make_source, tok=tok, labels=labels, seq_len=config.data.seq_len,
+                             pool=pool, strict=c.strict)
+    train_src, val_src = make(train_recs, stats=stats), make(val_recs, stats=val_stats)
+    log.info("classify: %d labels; train %d examples (skipped: %s); validation %d (skipped: %s)", len(labels),
+             len(train_src), stats.skipped or "none", len(val_src), val_stats.skipped or "none")
+    data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
+                                          what="classification examples", process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    return Inputs(tok, data_iter, eval_data, num_classes=len(labels))
+
+
+def causal_model(config, inputs: Inputs):
+    return steps.build_model(config, inputs.tokenizer.vocab_size)
+
+
+def mlm_model(config, inputs: Inputs):
+    if config.model.causal:
+        raise ValueError("mode='mlm' needs model.causal=False (a bidirectional encoder)")
+    if config.mlm.nsp and config.model.type_vocab_size < 2:
+        raise ValueError(f"mlm.nsp=True needs model.type_vocab_size >= 2 (sentence A/B), "
+                         f"got {config.model.type_vocab_size}")
+    return heads.MaskedLM(steps.model_config(config, inputs.tokenizer.vocab_size), nsp=bool(config.mlm.nsp))
+
+
+def classify_model(config, inputs: Inputs):
+    return heads.Classifier(steps.model_config(config, inputs.tokenizer.vocab_size), inputs.num_classes,
+                            pool="last" if config.model.causal else "first")
+
+
+MODES = {  # mode -> (input builder, model builder)
+    "causal": (causal_inputs, causal_model),
+    "mlm": (mlm_inputs, mlm_model),
+    "classify": (classify_inputs, classify_model),
+}
+
+
+def warm_start(state, state_sh, init_from: str):
+    """Backbone params from `init_from`'s latest checkpoint (a wrapper's 'backbone', or a causal run's
+    whole tree); everything else keeps its fresh init. Mismatched shapes raise naming the params."""
+    _, loaded, at = checkpoint.load_for_inference(init_from)
+    source = flax.traverse_util.flatten_dict(dict(loaded.get("backbone", loaded)), sep="/")
+    target = flax.traverse_util.flatten_dict(dict(state.params["backbone"]), sep="/")
+    bad = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(v.shape)}" for k, v in target.items()
+           if k in source and tuple(source[k].shape) != tuple(v.shape)]
+    if bad:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"init_from={init_from!r}: parameter shapes differ:\n  " + "\n  ".join(bad))
+    shardings = flax.traverse_util.flatten_dict(dict(state_sh.params["backbone"]), sep="/")
+    merged = {k: jax.device_put(np.asarray(source[k]), shardings[k]) if k in source else v
+              for k, v in target.items()}
+    loaded_names = sorted(k for k in target if k in source)
+    fresh = sorted(f"backbone/{k}" for k in target if k not in source)
+    fresh += sorted(k for k in state.params if k != "backbone")
+    log.info("warm start from %s (step %d): loaded %d backbone params (%s); re-initialised: %s; unused: %s",
+             init_from, at, len(loaded_names), ", ".join(loaded_names), ", ".join(fresh) or "none",
+             ", ".join(sorted(set(source) - set(target))) or "none")
+    params = dict(state.params, backbone=flax.traverse_util.unflatten_dict(merged, sep="/"))
+    return state.replace(params=params)
