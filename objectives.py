@@ -22,17 +22,21 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
     return logz_BxL - target_logit_BxL
 
 
+def weighted_nll(logits_BxLxV, targets_BxL, weights_BxL):
+    """(mean NLL, NLL sum, correct argmax count, weight sum) over the weighted positions."""
+    w_BxL = weights_BxL.astype(jnp.float32)
+    count = jnp.sum(w_BxL)
+    loss_sum = jnp.sum(token_nll(logits_BxLxV, targets_BxL) * w_BxL)
+    correct = jnp.sum((jnp.argmax(logits_BxLxV, -1) == targets_BxL) * w_BxL)
+    return loss_sum / jnp.maximum(count, 1.0), loss_sum, correct, count
+
+
 def causal_lm(params, batch, rng, *, model):
     """Next-token prediction over packed windows; `weights` zero cross-document targets."""
     rngs = None if rng is None else {"dropout": rng}
     logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
                                deterministic=rng is None, rngs=rngs)
-    nll_BxL = token_nll(logits_BxLxV, batch["targets"])
-    w_BxL = batch["weights"].astype(jnp.float32)
-    tokens = jnp.sum(w_BxL)
-    loss_sum = jnp.sum(nll_BxL * w_BxL)
-    correct = jnp.sum((jnp.argmax(logits_BxLxV, -1) == batch["targets"]) * w_BxL)
-    loss = loss_sum / jnp.maximum(tokens, 1.0)
+    loss, loss_sum, correct, tokens = weighted_nll(logits_BxLxV, batch["targets"], batch["weights"])
     return loss, {"loss": loss, "loss_sum": loss_sum, "correct_sum": correct, "tokens": tokens}
 
 
@@ -42,12 +46,7 @@ def masked_lm(params, batch, rng, *, model):
     logits_BxLxV, nsp_Bx2 = model.apply({"params": params}, batch["inputs"], batch["positions"],
                                         batch["segment_ids"], batch["token_types"], deterministic=rng is None,
                                         rngs=rngs)
-    nll_BxL = token_nll(logits_BxLxV, batch["targets"])
-    w_BxL = batch["mlm_weights"].astype(jnp.float32)
-    masked = jnp.sum(w_BxL)
-    mlm_loss_sum = jnp.sum(nll_BxL * w_BxL)
-    mlm_correct = jnp.sum((jnp.argmax(logits_BxLxV, -1) == batch["targets"]) * w_BxL)
-    mlm_loss = mlm_loss_sum / jnp.maximum(masked, 1.0)
+    mlm_loss, mlm_loss_sum, mlm_correct, masked = weighted_nll(logits_BxLxV, batch["targets"], batch["mlm_weights"])
     metrics = {"mlm_loss": mlm_loss, "mlm_loss_sum": mlm_loss_sum, "mlm_correct_sum": mlm_correct,
                "masked_tokens": masked}
     loss = mlm_loss
