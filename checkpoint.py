@@ -7,6 +7,7 @@ do not change what is saved (lr, steps, logging) may differ and are reported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -36,6 +37,17 @@ class CheckpointWriteError(OSError):
         intact = [s for s in mngr.all_steps() if s != step]
         super().__init__(getattr(cause, "errno", None), f"writing checkpoint {step} under {str(mngr.directory)!r} "
                          f"failed: {cause}; earlier checkpoints intact: {intact or 'none'}")
+
+
+@contextlib.contextmanager
+def write_errors(mngr: ocp.CheckpointManager, step: int):
+    """Turns a failed (possibly asynchronous) checkpoint write into a CheckpointWriteError."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised as is unless it is a write failure
+        if not is_write_failure(e):
+            raise
+        raise CheckpointWriteError(mngr, step, e) from e
 
 
 def is_write_failure(e: Exception) -> bool:

@@ -125,12 +125,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return action
 
     def save(at_step, force=False):
-        try:
+        with checkpoint.write_errors(mngr, at_step):
             checkpoint.save(mngr, at_step, state, data_iter, config_dict, force=force)
-        except Exception as e:  # noqa: BLE001 - re-raised, named, unless it is not a write failure
-            if not checkpoint.is_write_failure(e):
-                raise
-            raise checkpoint.CheckpointWriteError(mngr, at_step, e) from e
 
     stop_at = min(total_steps, int(config.train.stop_after) or total_steps)
     with resilience.PreemptionGuard() as guard:
@@ -142,15 +138,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if clock["first"]:  # the first step includes compilation: start the throughput clock after it
                 jax.block_until_ready(state)
                 clock.update(t=time.time(), step=step, first=False)
-            action = "ok"
+            actions = []
             if pending is not None:  # the previous log step's metrics are ready by now
-                action = log_metrics(*pending)
+                actions.append(log_metrics(*pending))
                 pending = None
+            is_eval = step % config.train.eval_every == 0 or step == stop_at
             if step % config.train.log_every == 0 or step == stop_at:
                 pending = (step, step_metrics)
-            if action == "rollback" and mngr.latest_step() is not None:
-                back = mngr.latest_step()
+                if is_eval:  # evaluation syncs anyway: log this step now
+                    actions.append(log_metrics(*pending))
+                    pending = None
+            back = None
+            if "rollback" in actions:  # to the last complete checkpoint (an async write may be in flight)
                 mngr.wait_until_finished()
+                back = mngr.latest_step()
+            if back is not None:
                 restored = checkpoint.restore_state(mngr, back, steps.abstract_state(state_sh, state))
                 state = restored.replace(lr_scale=state.lr_scale * config.train.rollback_lr_factor,
                                          dropped=state.dropped, last_dropped=state.last_dropped)
@@ -158,10 +160,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             back, float(state.lr_scale))
                 step, pending = back, None
                 continue
-            if step % config.train.eval_every == 0 or step == stop_at:
-                if pending is not None:
-                    log_metrics(*pending)
-                    pending = None
+            if is_eval:
                 scalars = evaluate(eval_step, state.params, eval_data, batch_sharding,
                                    objectives.SUMMARIES[config.mode])
                 writer.write(step, scalars)
@@ -176,12 +175,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 save(step, force=step == stop_at)
         if pending is not None:
             log_metrics(*pending)
-        try:
+        with checkpoint.write_errors(mngr, step):
             mngr.wait_until_finished()
-        except Exception as e:  # noqa: BLE001
-            if not checkpoint.is_write_failure(e):
-                raise
-            raise checkpoint.CheckpointWriteError(mngr, step, e) from e
     mngr.close()
     writer.close()
     last["step"] = step
