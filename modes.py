@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import logging
 import os
+from typing import Callable
 
 import flax.traverse_util
 import jax
@@ -59,6 +60,9 @@ class Inputs:
     train_iter: object  # grain iterator of this process's batches (checkpointed)
     eval_batches: list
     num_classes: int = 0  # mode='classify'
+    # Metrics that need decoding, not just summed losses (QA exact match/F1, SFT generation accuracy):
+    # (model, params) -> {"eval/...": float}; train.py calls it under the mesh at every eval.
+    extra_eval: Callable | None = None
 
 
 def causal_inputs(config, workdir: str, micro_batch: int) -> Inputs:

@@ -163,6 +163,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if is_eval:
                 scalars = evaluate(eval_step, state.params, eval_data, batch_sharding,
                                    objectives.SUMMARIES[config.mode])
+                if inputs.extra_eval is not None:
+                    with sharding.activate(mesh, rules):
+                        scalars.update(inputs.extra_eval(model, state.params))
                 writer.write(step, scalars)
                 progress.print(step, scalars)
                 last.update(scalars)
