@@ -12,6 +12,7 @@ import math
 
 import flax.linen as nn
 import jax
+import optax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -74,6 +75,14 @@ def state_shardings(abstract_boxed, mesh: Mesh, rules):
     """Boxed (logically partitioned) abstract state -> NamedShardings, checked for divisibility."""
     specs = nn.get_partition_spec(abstract_boxed)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    # optax's MaskedNode (the state slot of a frozen/masked param) is an empty node, not an array:
+    # keep it as is, so the shardings tree has the state's structure (restore maps over both).
+    # (Under a box: optax masks boxed params leaf by leaf, so a box may hold a MaskedNode.)
+    def keep_masked(a, s):
+        inner = a.unbox(apply_constraint=False) if isinstance(a, nn.meta.AxisMetadata) else a
+        return inner if isinstance(inner, optax.MaskedNode) else s
+    shardings = jax.tree.map(keep_masked, abstract_boxed, shardings,
+                             is_leaf=lambda x: isinstance(x, (optax.MaskedNode, nn.meta.AxisMetadata)))
     plain = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
                          abstract_boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
     flat_abs = jax.tree_util.tree_leaves_with_path(plain)
