@@ -127,9 +127,10 @@ def render_prompt(messages: list[dict], tokenizer: Tokenizer) -> np.ndarray:
 
 
 def render_records(records: Iterable, tokenizer: Tokenizer, *, seq_len: int, too_long: str = "truncate",
-                   train_on: str = "assistant", strict: bool = False):
+                   train_on: str = "assistant", strict: bool = False, names=None):
     """Render many records -> (list of (ids, mask), Counter of reasons). A packed row holds
-    seq_len + 1 tokens, so that is the longest conversation kept whole."""
+    seq_len + 1 tokens, so that is the longest conversation kept whole. `names[i]` (e.g.
+    'file.jsonl:12') names record i in strict errors; default 'record i'."""
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG}")
     limit = seq_len + 1
@@ -147,7 +148,7 @@ def render_records(records: Iterable, tokenizer: Tokenizer, *, seq_len: int, too
                 counts["truncated"] += 1
         except ChatError as e:
             if strict:
-                raise ValueError(f"record {index}: {e}") from None
+                raise ValueError(f"{names[index] if names is not None else f'record {index}'}: {e}") from None
             counts[e.reason] += 1
             continue
         counts["rendered"] += 1

@@ -1,0 +1,90 @@
+"""SFT data: chat JSONL -> rendered conversations -> packed rows; generation problems for exact match.
+
+Records are `{"messages": [...]}` or `{"prompt", "response"}` (data/formats 'chat'), read from a
+file, directory or glob. Under `strict` the first bad record raises naming its file and line;
+otherwise every skipped record is counted under its reason (format errors from data/formats,
+'too long' / 'truncated' / 'no assistant tokens after truncation' from data/chat).
+
+Rows: `pack=True` lays whole conversations side by side (data/chat.pack_conversations: segment
+ids stop attention and loss at conversation boundaries; only row tails are padding);
+`pack=False` gives each conversation its own padded row. Either way a row is exactly what
+data/pipeline.pack_window makes, so objectives.causal_lm trains on it.
+
+Generation problems (`generation_problems`): the conversation up to its last assistant turn as
+a prompt (data/chat.render_prompt, ending in <|assistant|>) and that turn's content as the
+reference; the `kind` field, when present, groups the exact-match scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from data import chat, formats
+from data.sources import DataError, ReadStats, Source
+from data.tokenizer import Tokenizer
+
+
+def read_split(path: str, *, strict: bool) -> tuple[list[tuple[str, dict]], ReadStats]:
+    """(where, record) pairs of a chat JSONL file/directory/glob, validated."""
+    stats = ReadStats()
+    records = list(formats.read_records(Source(kind="files", path=path), "chat", stats, strict=strict))
+    if not records:
+        raise DataError(f"{path!r}: no valid chat records ({stats.summary()})")
+    return records, stats
+
+
+def render_split(records: list[tuple[str, dict]], tok: Tokenizer, stats: ReadStats, *, seq_len: int,
+                 too_long: str, train_on: str, strict: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rendered (ids, loss mask) conversations; rejects are added to `stats.skipped`."""
+    rendered, counts = chat.render_records([r for _, r in records], tok, seq_len=seq_len, too_long=too_long,
+                                           train_on=train_on, strict=strict, names=[w for w, _ in records])
+    for reason, n in counts.items():
+        if reason != "rendered":
+            stats.skipped[reason] = stats.skipped.get(reason, 0) + n
+    return rendered
+
+
+def make_rows(rendered, *, seq_len: int, pad_id: int, pack: bool, fit: str) -> list[dict[str, np.ndarray]]:
+    """Conversations -> training rows (pack_window examples of length seq_len)."""
+    if pack:
+        return list(chat.pack_conversations(rendered, seq_len, pad_id=pad_id, fit=fit))
+    return [next(chat.pack_conversations([conv], seq_len, pad_id=pad_id)) for conv in rendered]
+
+
+def eval_batches(rows: list[dict[str, np.ndarray]], *, batch_size: int, max_batches: int) -> list[dict]:
+    """All rows (or the first max_batches * batch_size) in order; the last batch padded with zero-weight rows."""
+    n = len(rows) if max_batches <= 0 else min(len(rows), max_batches * batch_size)
+    rows = list(rows[:n])
+    while len(rows) % batch_size:
+        rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
+    return [chat.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    prompt: np.ndarray  # int32 ids ending in <|assistant|>
+    reference: str  # the last assistant turn's content
+    kind: str  # the record's "kind" ('' if none)
+
+
+def generation_problems(records: list[tuple[str, dict]], tok: Tokenizer, limit: int) -> list[Problem]:
+    """Up to `limit` problems, in file order, from records whose last message is an assistant turn."""
+    out = []
+    for _, record in records:
+        if len(out) >= limit:
+            break
+        try:
+            messages = chat.messages_of(record)
+        except chat.ChatError:
+            continue
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            continue
+        try:
+            prompt = chat.render_prompt(messages[:-1], tok)
+        except chat.ChatError:
+            continue
+        kind = record.get("kind", "")
+        out.append(Problem(prompt, messages[-1]["content"], kind if isinstance(kind, str) else str(kind)))
+    return out
