@@ -18,12 +18,16 @@ import orbax.checkpoint as ocp
 # the meaning of the saved state. A prefix ending in '.' covers a whole sub-config.
 MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.tokenizer", "data.seq_len",
               "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "mlm.",
-              "classify.val_path", "classify.freeze_backbone", "init_from")
+              "classify.val_path", "classify.freeze_backbone", "init_from", "sft.val_path", "sft.train_on",
+              "sft.too_long", "sft.pack", "sft.fit", "lora.")
 
 # Fields added after checkpoints existed: absent from a saved config means this value.
 ADDED_DEFAULTS = {"model.type_vocab_size": 0, "mlm.nsp": True, "mlm.mask_prob": 0.15, "mlm.mask_token_frac": 0.8,
                   "mlm.random_token_frac": 0.1, "init_from": "", "classify.val_path": "", "classify.strict": True,
-                  "classify.freeze_backbone": False}
+                  "classify.freeze_backbone": False, "sft.val_path": "", "sft.train_on": "assistant",
+                  "sft.too_long": "truncate", "sft.pack": True, "sft.fit": "first", "lora.rank": 0, "lora.alpha": 16.0,
+                  "lora.targets": ["attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down"],
+                  "lora.base_dtype": "float32"}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -132,3 +136,16 @@ def load_for_inference(workdir: str, step: int | None = None) -> tuple[dict, dic
     mngr.close()
     params = state["params"] if isinstance(state, dict) else state.params
     return config, params, step
+
+
+def save_params(workdir: str, step: int, params, config_dict: dict) -> str:
+    """A params-only checkpoint (export: merged LoRA, converted weights) that load_for_inference,
+    scripts/generate.py and config.init_from read like a training checkpoint."""
+    mngr = make_manager(workdir, keep=1, async_save=False)
+    if mngr.latest_step() is not None:
+        raise IncompatibleCheckpointError(f"{workdir!r} already holds checkpoints; export into a new directory")
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                            config=ocp.args.JsonSave(config_dict)))
+    mngr.wait_until_finished()
+    mngr.close()
+    return os.path.join(os.path.abspath(workdir), "checkpoints", str(step))

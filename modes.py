@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from typing import Callable
@@ -19,9 +20,11 @@ import numpy as np
 
 import checkpoint
 import steps
-from data import classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, sources
+import generation_eval
+from data import chat, classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, sft as sft_data
+from data import sources
 from data import tokenizer as tokenizer_lib
-from model import heads
+from model import heads, lora
 
 log = logging.getLogger("lmstack")
 
@@ -99,34 +102,14 @@ def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     return Inputs(tok, data_iter, eval_data)
 
 
-def _classify_tokenizer(config, workdir: str, texts: list[str]) -> tokenizer_lib.Tokenizer:
-    """The run's saved tokenizer; else the warm-start run's (ids must match its embedding); else a new one."""
-    tok_path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(tok_path):
-        return tokenizer_lib.load_tokenizer(tok_path)
-    if config.init_from:
-        tok = tokenizer_lib.load_tokenizer(os.path.join(config.init_from, "tokenizer.json"))
-    else:
-        tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, texts)
-    if jax.process_index() == 0:
-        tokenizer_lib.save_tokenizer(tok, tok_path)
-    return tok
-
-
 def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     c = config.classify
     train_recs, stats = classify_data.read_split(config.data.path, strict=c.strict)
     if c.val_path:
         val_recs, val_stats = classify_data.read_split(c.val_path, strict=c.strict)
     else:
-        held = [pipeline.hash_unit(formats.record_text(r, "classification")) < config.data.val_fraction
-                for _, r in train_recs]
-        val_recs = [x for x, h in zip(train_recs, held) if h]
-        train_recs = [x for x, h in zip(train_recs, held) if not h]
+        train_recs, val_recs = _held_out(train_recs, "classification", config.data.val_fraction, config.data.path)
         val_stats = sources.ReadStats()
-        if not val_recs or not train_recs:
-            raise sources.DataError(f"data.val_fraction={config.data.val_fraction} of {config.data.path!r} gave "
-                                    f"{len(train_recs)} train and {len(val_recs)} validation records")
     labels_path = os.path.join(workdir, "labels.json")
     labels = classify_data.build_labels(train_recs)
     if os.path.exists(labels_path):
@@ -138,7 +121,7 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
         classify_data.save_labels(labels, labels_path)
     if len(labels) < 2:
         raise sources.DataError(f"{config.data.path!r}: a classifier needs >= 2 labels, found {labels}")
-    tok = _classify_tokenizer(config, workdir, [formats.record_text(r, "classification") for _, r in train_recs])
+    tok = _run_tokenizer(config, workdir, [formats.record_text(r, "classification") for _, r in train_recs])
     pool = "last" if config.model.causal else "first"
     make = functools.partial(classify_data.make_source, tok=tok, labels=labels, seq_len=config.data.seq_len,
                              pool=pool, strict=c.strict)
@@ -152,8 +135,86 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     return Inputs(tok, data_iter, eval_data, num_classes=len(labels))
 
 
+def _held_out(records: list[tuple[str, dict]], fmt: str, val_fraction: float, path: str):
+    """(train, val) records: a content-hash share `val_fraction` of `records` is validation."""
+    held = [pipeline.hash_unit(formats.record_text(r, fmt)) < val_fraction for _, r in records]
+    val = [x for x, h in zip(records, held) if h]
+    train = [x for x, h in zip(records, held) if not h]
+    if not val or not train:
+        raise sources.DataError(f"data.val_fraction={val_fraction} of {path!r} gave {len(train)} train and "
+                                f"{len(val)} validation records")
+    return train, val
+
+
+def _run_tokenizer(config, workdir: str, texts: list[str]) -> tokenizer_lib.Tokenizer:
+    """The run's saved tokenizer; else the warm-start run's (ids must match its embedding); else a new one."""
+    tok_path = os.path.join(workdir, "tokenizer.json")
+    if os.path.exists(tok_path):
+        return tokenizer_lib.load_tokenizer(tok_path)
+    if config.init_from:
+        tok = tokenizer_lib.load_tokenizer(os.path.join(config.init_from, "tokenizer.json"))
+    else:
+        tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, texts)
+    if jax.process_index() == 0:
+        tokenizer_lib.save_tokenizer(tok, tok_path)
+    return tok
+
+
+def _chat_template(workdir: str) -> None:
+    """WORKDIR/chat_template.json: written by a new run; a resumed run must render the same template."""
+    path = os.path.join(workdir, "chat_template.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            chat.check_template_spec(json.load(f))
+    elif jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(chat.template_spec(), f, indent=1)
+
+
+def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    f = config.sft
+    train_recs, stats = sft_data.read_split(config.data.path, strict=f.strict)
+    if f.val_path:
+        val_recs, val_stats = sft_data.read_split(f.val_path, strict=f.strict)
+    else:
+        train_recs, val_recs = _held_out(train_recs, "chat", config.data.val_fraction, config.data.path)
+        val_stats = sources.ReadStats()
+    tok = _run_tokenizer(config, workdir, [formats.record_text(r, "chat") for _, r in train_recs])
+    _chat_template(workdir)
+    seq_len = config.data.seq_len
+    render = functools.partial(sft_data.render_split, tok=tok, seq_len=seq_len, too_long=f.too_long,
+                               train_on=f.train_on, strict=f.strict)
+    train_conv, val_conv = render(train_recs, stats=stats), render(val_recs, stats=val_stats)
+    rows = functools.partial(sft_data.make_rows, seq_len=seq_len, pad_id=tok.pad_id, pack=f.pack, fit=f.fit)
+    train_rows, val_rows = rows(train_conv), rows(val_conv)
+    log.info("sft: train %d conversations in %d rows (skipped: %s); validation %d in %d rows (skipped: %s)",
+             len(train_conv), len(train_rows), stats.skipped or "none", len(val_conv), len(val_rows),
+             val_stats.skipped or "none")
+    if not val_rows:
+        raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()})")
+    data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,
+                                          what="packed SFT rows" if f.pack else "SFT conversations",
+                                          process_index=jax.process_index(), process_count=jax.process_count())
+    eval_data = sft_data.eval_batches(val_rows, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    extra = None
+    if f.eval_generate > 0:
+        problems = sft_data.generation_problems(val_recs, tok, int(f.eval_generate))
+        extra = generation_eval.exact_match_eval(problems, tok, width=seq_len, max_new_tokens=int(f.max_new_tokens),
+                                                 batch_size=micro_batch)
+    return Inputs(tok, data_iter, eval_data, extra_eval=extra)
+
+
+def _with_lora(config, model):
+    """`model` with LoRA adapters when lora.rank > 0 (params {'base', 'lora'}; the base is frozen)."""
+    r = config.lora
+    if int(r.rank) <= 0:
+        return model
+    return lora.LoraModel(model, rank=int(r.rank), alpha=float(r.alpha), targets=tuple(r.targets),
+                          base_dtype=r.base_dtype)
+
+
 def causal_model(config, inputs: Inputs):
-    return steps.build_model(config, inputs.tokenizer.vocab_size)
+    return _with_lora(config, steps.build_model(config, inputs.tokenizer.vocab_size))
 
 
 def mlm_model(config, inputs: Inputs):
@@ -174,28 +235,81 @@ MODES = {  # mode -> (input builder, model builder)
     "causal": (causal_inputs, causal_model),
     "mlm": (mlm_inputs, mlm_model),
     "classify": (classify_inputs, classify_model),
+    "sft": (sft_inputs, causal_model),
 }
 
 
+def frozen_params(config) -> tuple[str, ...]:
+    """Top-level param subtrees the optimizer must not update (and keeps no state for)."""
+    if int(config.lora.rank) > 0:
+        if config.mode not in ("causal", "sft"):
+            raise ValueError(f"lora.rank={config.lora.rank} is supported for mode 'causal' and 'sft', "
+                             f"not mode={config.mode!r}")
+        return ("base",)
+    if config.mode == "classify" and config.classify.freeze_backbone:
+        return ("backbone",)
+    return ()
+
+
+def extend_rows(old_VxD: np.ndarray, rows: int) -> np.ndarray:
+    """An embedding table grown to `rows` rows: old rows untouched, new rows = the mean old row
+    (a new token starts as the average token rather than noise of a different scale)."""
+    old_VxD = np.asarray(old_VxD)
+    if rows < old_VxD.shape[0]:
+        raise ValueError(f"cannot shrink an embedding of {old_VxD.shape[0]} rows to {rows}")
+    new_NxD = np.broadcast_to(old_VxD.mean(axis=0, keepdims=True), (rows - old_VxD.shape[0], old_VxD.shape[1]))
+    return np.concatenate([old_VxD, new_NxD.astype(old_VxD.dtype)], axis=0)
+
+
+def _fit_loaded(name: str, loaded: np.ndarray, shape: tuple) -> np.ndarray | None:
+    """`loaded` as a param of `shape`: equal shapes, or a token table with fewer rows (extended)."""
+    if tuple(loaded.shape) == shape:
+        return loaded
+    if name.endswith("embed/embedding") and loaded.ndim == 2 and loaded.shape[1] == shape[1] \
+            and loaded.shape[0] < shape[0]:
+        return extend_rows(loaded, shape[0])
+    if name.endswith("lm_head/kernel") and loaded.ndim == 2 and loaded.shape[0] == shape[0] \
+            and loaded.shape[1] < shape[1]:
+        return extend_rows(loaded.T, shape[1]).T
+    return None
+
+
+def _subtree(params) -> tuple[str | None, dict]:
+    """Where pretrained weights go: a wrapper's 'backbone', a LoRA model's frozen 'base', or the whole tree."""
+    for name in ("backbone", "base"):
+        if name in params:
+            return name, params[name]
+    return None, params
+
+
 def warm_start(state, state_sh, init_from: str):
-    """Backbone params from `init_from`'s latest checkpoint (a wrapper's 'backbone', or a causal run's
-    whole tree); everything else keeps its fresh init. Mismatched shapes raise naming the params."""
+    """Pretrained weights from `init_from`'s latest checkpoint (a wrapper's 'backbone', or a causal
+    run's whole tree) into this model's backbone / LoRA base / whole tree; everything else keeps its
+    fresh init. A token table with fewer rows is extended (old rows kept); other shape mismatches
+    raise naming the params. The log names what was loaded, extended and re-initialised."""
     _, loaded, at = checkpoint.load_for_inference(init_from)
-    source = flax.traverse_util.flatten_dict(dict(loaded.get("backbone", loaded)), sep="/")
-    target = flax.traverse_util.flatten_dict(dict(state.params["backbone"]), sep="/")
-    bad = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(v.shape)}" for k, v in target.items()
-           if k in source and tuple(source[k].shape) != tuple(v.shape)]
+    _, source_tree = _subtree(loaded)
+    where, target_tree = _subtree(state.params)
+    _, target_sh = _subtree(state_sh.params)
+    prefix = f"{where}/" if where else ""
+    source = flax.traverse_util.flatten_dict(dict(source_tree), sep="/")
+    target = flax.traverse_util.flatten_dict(dict(target_tree), sep="/")
+    fitted = {k: _fit_loaded(k, np.asarray(source[k]), tuple(v.shape)) for k, v in target.items() if k in source}
+    bad = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(target[k].shape)}"
+           for k, v in fitted.items() if v is None]
     if bad:
         raise checkpoint.IncompatibleCheckpointError(
             f"init_from={init_from!r}: parameter shapes differ:\n  " + "\n  ".join(bad))
-    shardings = flax.traverse_util.flatten_dict(dict(state_sh.params["backbone"]), sep="/")
-    merged = {k: jax.device_put(np.asarray(source[k]), shardings[k]) if k in source else v
+    shardings = flax.traverse_util.flatten_dict(dict(target_sh), sep="/")
+    merged = {k: jax.device_put(fitted[k].astype(v.dtype), shardings[k]) if k in fitted else v
               for k, v in target.items()}
-    loaded_names = sorted(k for k in target if k in source)
-    fresh = sorted(f"backbone/{k}" for k in target if k not in source)
-    fresh += sorted(k for k in state.params if k != "backbone")
-    log.info("warm start from %s (step %d): loaded %d backbone params (%s); re-initialised: %s; unused: %s",
-             init_from, at, len(loaded_names), ", ".join(loaded_names), ", ".join(fresh) or "none",
-             ", ".join(sorted(set(source) - set(target))) or "none")
-    params = dict(state.params, backbone=flax.traverse_util.unflatten_dict(merged, sep="/"))
+    extended = [f"{k} {tuple(source[k].shape)} -> {tuple(target[k].shape)}" for k in sorted(fitted)
+                if tuple(source[k].shape) != tuple(target[k].shape)]
+    fresh = sorted(prefix + k for k in target if k not in source)
+    fresh += sorted(k for k in state.params if where and k != where)
+    log.info("warm start from %s (step %d): loaded %d params into %s; extended: %s; re-initialised: %s; unused: %s",
+             init_from, at, len(fitted), where or "the model", ", ".join(extended) or "none",
+             ", ".join(fresh) or "none", ", ".join(sorted(set(source) - set(target))) or "none")
+    tree = flax.traverse_util.unflatten_dict(merged, sep="/")
+    params = dict(state.params, **{where: tree}) if where else tree
     return state.replace(params=params)

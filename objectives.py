@@ -32,7 +32,8 @@ def weighted_nll(logits_BxLxV, targets_BxL, weights_BxL):
 
 
 def causal_lm(params, batch, rng, *, model):
-    """Next-token prediction over packed windows; `weights` zero cross-document targets."""
+    """Next-token prediction over packed windows; `weights` zero cross-document targets (and, for
+    SFT rows, every target outside an assistant turn)."""
     rngs = None if rng is None else {"dropout": rng}
     logits_BxLxV = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
                                deterministic=rng is None, rngs=rngs)
@@ -120,6 +121,7 @@ OBJECTIVES = {
     "causal": causal_lm,
     "mlm": masked_lm,
     "classify": classify,
+    "sft": causal_lm,  # packed chat rows: weights = the assistant-token loss mask
 }
 
 # mode -> (eval metrics summed over all eval batches -> eval scalars)
@@ -127,6 +129,7 @@ SUMMARIES = {
     "causal": causal_summary,
     "mlm": mlm_summary,
     "classify": classify_summary,
+    "sft": causal_summary,  # loss / perplexity / accuracy over the trained (assistant) tokens
 }
 
 

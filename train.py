@@ -77,19 +77,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     objective = objectives.OBJECTIVES[config.mode]
     model = make_model(config, inputs)
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
-    if config.mode == "classify" and config.classify.freeze_backbone:
-        tx = optim.freeze(tx, ("backbone",))
+    frozen = modes.frozen_params(config)
+    if frozen:
+        tx = optim.freeze(tx, frozen)
     state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
     if config.init_from and latest is None:
-        if "backbone" not in state.params:
-            raise ValueError(f"init_from needs a model with a 'backbone' (mode='classify'), not mode={config.mode!r}")
         state = modes.warm_start(state, state_sh, config.init_from)
     if latest is not None:
         state = checkpoint.restore(mngr, latest, steps.abstract_state(state_sh, state), data_iter)
         log.info("resumed from %s at step %d", mngr.directory, latest)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    n_trained = sum(x.size for k, v in state.params.items() if k not in frozen for x in jax.tree.leaves(v))
+    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
     flops_per_token = model.cfg.flops_per_token(config.data.seq_len)
-    log.info("model: %.2fM parameters, %.1f MFLOPs/token; mesh %s", n_params / 1e6, flops_per_token / 1e6,
+    log.info("model: %.2fM parameters (%.2fM trained, %.2f%%), optimizer state %.1f MB, %.1f MFLOPs/token; mesh %s",
+             n_params / 1e6, n_trained / 1e6, 100 * n_trained / n_params, opt_bytes / 1e6, flops_per_token / 1e6,
              dict(mesh.shape))
 
     train_step = steps.make_train_step(model=model, tx=tx, objective=objective, schedule=schedule, accum=k,

@@ -26,7 +26,7 @@ def model_size(cfg: ml_collections.ConfigDict, name: str) -> None:
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "causal"  # training objective (objectives.OBJECTIVES): 'causal' | 'mlm' | 'classify'
+    c.mode = "causal"  # training objective (objectives.OBJECTIVES): 'causal' | 'mlm' | 'classify' | 'sft'
     c.init_from = ""  # a run's workdir: warm start the backbone from its latest checkpoint (new runs only)
     c.seed = 0  # parameter init, dropout and data order
 
@@ -73,6 +73,22 @@ def base() -> ml_collections.ConfigDict:
     q.val_path = ""  # validation JSONL; '' = hold out data.val_fraction of data.path by content hash
     q.strict = True  # a bad record (missing field, unknown validation label) raises naming file:line; False: count+skip
     q.freeze_backbone = False  # train only the classification head
+
+    c.sft = f = ml_collections.ConfigDict()  # mode='sft' only (data/sft.py, data/chat.py)
+    f.val_path = ""  # validation chat JSONL; '' = hold out data.val_fraction of data.path by content hash
+    f.train_on = "assistant"  # loss on 'assistant' tokens (content + closing <|end|>) | 'all' tokens
+    f.too_long = "truncate"  # conversation > seq_len + 1 tokens: 'truncate' (counted) | 'drop' (counted)
+    f.pack = True  # several whole conversations per row (segment ids: no cross-conversation attention/loss)
+    f.fit = "first"  # packing: 'first' (first row with room, denser) | 'next' (streaming, order kept)
+    f.strict = False  # a bad record raises naming file:line; False: count it under its reason and skip
+    f.eval_generate = 64  # validation problems answered greedily at each eval for exact match; 0 = off
+    f.max_new_tokens = 32  # generation length limit for that exact-match evaluation
+
+    c.lora = r = ml_collections.ConfigDict()  # low-rank adapters (model/lora.py); modes 'causal' and 'sft'
+    r.rank = 0  # adapter rank; 0 = off (train every weight)
+    r.alpha = 16.0  # adapter scale alpha / rank
+    r.targets = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down")  # kernels
+    r.base_dtype = "float32"  # frozen base weights stored as 'float32' | 'bfloat16'
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3  # peak learning rate

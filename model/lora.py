@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +96,43 @@ def merge_lora(base, lora, *, alpha: float, rank: int):
 
 def count_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+class LoraModel:
+    """A Flax module wrapped so its params are {'base': frozen weights, 'lora': adapters}.
+
+    `init` / `apply` mirror Flax's, so objectives and the train step use it unchanged:
+    `apply` runs the inner module on apply_lora(stop_gradient(base), lora). Gradients reach only
+    the adapters (freezing the base in the optimizer, optim.freeze(tx, ('base',)), then keeps
+    no optimizer state for it). `base_dtype='bfloat16'` stores the frozen base in bf16.
+    """
+
+    def __init__(self, inner, *, rank: int, alpha: float, targets, base_dtype: str = "float32"):
+        if base_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"lora.base_dtype={base_dtype!r}: expected 'float32' or 'bfloat16'")
+        self.inner, self.rank, self.alpha, self.targets = inner, int(rank), float(alpha), tuple(targets)
+        self.base_dtype = jnp.dtype(base_dtype)
+        self.cfg = inner.cfg
+
+    def init(self, key, *args, **kwargs):
+        base_key, lora_key = jax.random.split(key)
+        base = self.inner.init(base_key, *args, **kwargs)["params"]
+        base = jax.tree.map(lambda x: x.astype(self.base_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                            base)
+        lora = init_lora(nn.meta.unbox(base), rank=self.rank, targets=self.targets, key=lora_key)
+        lora = jax.tree.map(lambda x: x.astype(jnp.float32), lora)
+        return {"params": {"base": base, "lora": lora}}
+
+    def apply(self, variables, *args, **kwargs):
+        p = variables["params"]
+        params = apply_lora(jax.lax.stop_gradient(p["base"]), p["lora"], alpha=self.alpha, rank=self.rank)
+        return self.inner.apply({"params": params}, *args, **kwargs)
+
+
+def merged_params(params, *, alpha: float, rank: int):
+    """A LoRA model's {'base', 'lora'} params as plain float32 model params (adapters folded in);
+    any other params unchanged. Inference and export use this; training keeps the two trees."""
+    if not (isinstance(params, dict) and set(params) == {"base", "lora"}):
+        return params
+    base = jax.tree.map(lambda x: np.asarray(x, np.float32), params["base"])
+    return merge_lora(base, params["lora"], alpha=alpha, rank=rank)
