@@ -10,6 +10,7 @@ later). Windows longer than data.seq_len keep the most recent tokens.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -24,7 +25,8 @@ from absl import logging as absl_logging  # noqa: E402
 
 import checkpoint  # noqa: E402
 import steps  # noqa: E402
-from data import tokenizer as tokenizer_lib  # noqa: E402
+from data import chat, tokenizer as tokenizer_lib  # noqa: E402
+from model import lora  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -38,6 +40,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_samples", 1, "Independent samples.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.")
+    flags.DEFINE_bool("chat", False, "Send --prompt as a user turn in the run's chat template (SFT runs) and "
+                      "stop at <|end|>.")
 
 
 def sample(model, params, prompt_ids: np.ndarray, *, window: int, max_new_tokens: int, temperature: float,
@@ -82,12 +86,24 @@ def main(argv):
     config = ml_collections.ConfigDict(config_dict)
     tok = tokenizer_lib.load_tokenizer(os.path.join(FLAGS.workdir, "tokenizer.json"))
     model = steps.build_model(config, tok.vocab_size)
-    prompt = tok.encode(FLAGS.prompt) if FLAGS.prompt else np.array([tok.eos_id], np.int32)
+    if "lora" in config and config.lora.rank > 0:  # fold the adapters in: a plain model
+        params = lora.merged_params(dict(params), alpha=config.lora.alpha, rank=config.lora.rank)
+    if FLAGS.chat:
+        template = os.path.join(FLAGS.workdir, "chat_template.json")
+        if not os.path.exists(template):
+            raise app.UsageError(f"--chat: {template} not found (is {FLAGS.workdir} an SFT run?)")
+        with open(template) as f:
+            chat.check_template_spec(json.load(f))
+        prompt = chat.render_prompt([{"role": "user", "content": FLAGS.prompt}], tok)
+        stop_id, shown = tok.special_id(chat.END_TOKEN), ""
+    else:
+        prompt = tok.encode(FLAGS.prompt) if FLAGS.prompt else np.array([tok.eos_id], np.int32)
+        stop_id, shown = tok.eos_id, FLAGS.prompt
     print(f"# {FLAGS.workdir} step {step}, prompt {FLAGS.prompt!r}", file=sys.stderr)
     for i in range(FLAGS.num_samples):
         out = sample(model, params, prompt, window=config.data.seq_len, max_new_tokens=FLAGS.max_new_tokens,
-                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed + i, stop_id=tok.eos_id)
-        print(FLAGS.prompt + tok.decode(out))
+                     temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed + i, stop_id=stop_id)
+        print(shown + tok.decode(out))
         if i + 1 < FLAGS.num_samples:
             print("-" * 40)
 
