@@ -37,19 +37,28 @@ def causal_run(corpus_dir, tmp_path_factory):
     return workdir, train.train_and_evaluate(config, workdir), config
 
 
-def test_reproduces_training_eval_on_another_mesh(causal_run):
+@pytest.fixture(scope="module")
+def full_val(causal_run):
+    """Every batch of the run's validation split (the default)."""
+    workdir, _, _ = causal_run
+    before = _files(workdir)
+    out = evaluate.evaluate(workdir)
+    assert _files(workdir) == before  # nothing written into the run
+    return out
+
+
+def test_reproduces_training_eval_on_another_mesh(causal_run, full_val):
     workdir, last, _ = causal_run
     before = _files(workdir)
     out = evaluate.evaluate(workdir, max_batches=2, config_overrides={"mesh.fsdp": "2"})  # trained with fsdp=1
     assert (out["step"], out["mode"], out["split"], out["examples"]) == (4, "causal", "val", 16)
     for key in ("eval/loss", "eval/accuracy"):
         assert out[key] == pytest.approx(last[key], rel=1e-5), key
-    full = evaluate.evaluate(workdir)  # every batch of the validation split
-    assert full["examples"] > 16 and np.isfinite(full["eval/loss"])
     assert _files(workdir) == before  # nothing written into the run
+    assert full_val["examples"] > 16 and np.isfinite(full_val["eval/loss"])
 
 
-def test_data_text_is_evaluated_in_full(causal_run, tmp_path):
+def test_data_text_is_evaluated_in_full(causal_run, full_val, tmp_path):
     """--data replaces the split: the validation documents given as a file score as the split itself."""
     workdir, _, config = causal_run
     docs, _ = sources.read_documents(config.data.path)
@@ -58,9 +67,8 @@ def test_data_text_is_evaluated_in_full(causal_run, tmp_path):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in val_texts))
     out_file = str(tmp_path / "out.json")
     given = evaluate.evaluate(workdir, data=str(path), out=out_file)
-    split = evaluate.evaluate(workdir)
-    assert given["data"] == str(path) and given["examples"] == split["examples"]
-    assert given["eval/loss"] == pytest.approx(split["eval/loss"], rel=1e-6)
+    assert given["data"] == str(path) and given["examples"] == full_val["examples"]
+    assert given["eval/loss"] == pytest.approx(full_val["eval/loss"], rel=1e-6)
     assert json.load(open(out_file)) == given
 
 
