@@ -8,8 +8,9 @@ are restored read-only onto this machine's mesh. Without --data: the run's valid
 rebuilt as training built it (all batches unless --max_batches). --data replaces the eval set:
 for classify a JSONL file (as classify.val_path); for causal/mlm a text file/dir evaluated in
 full (data.val_fraction does not apply), or a prepared dataset's --split. --split=test needs
---data unless the run trained on a prepared dataset (its test split). `--config.x.y=v` overrides
-the saved config (e.g. the mesh or batch size); the checkpoint is never written.
+--data unless a causal/mlm run trained on a prepared dataset (its test split).
+`--config.x.y=v` overrides the saved config (e.g. the mesh or batch size). Nothing in the run's
+workdir is written. Errors (workdir, checkpoint, step, data, override) exit 1 with the reason.
 """
 
 from __future__ import annotations
