@@ -34,7 +34,8 @@ def _files(workdir):
 @pytest.fixture(scope="module")
 def causal_run(corpus_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("causal"))
-    config = tiny_config(corpus_dir, train__steps=4, train__eval_every=4, train__eval_batches=2, optim__lr=3e-3)
+    config = tiny_config(corpus_dir, train__steps=4, train__eval_every=4, train__eval_batches=2, optim__lr=3e-3,
+                         model__n_layers=1)  # one layer: compiles faster
     return workdir, train.train_and_evaluate(config, workdir), config
 
 
@@ -99,7 +100,7 @@ def test_classify_on_a_test_file_matches_an_independent_count(tmp_path):
     test_path = _write_task(tmp_path / "test.jsonl", 37, 2)  # not a multiple of the batch: padding rows
     workdir = str(tmp_path / "cls")
     config = tiny_config(train_path, finetune_classify, classify__val_path=val_path, train__steps=4,
-                         optim__lr=1e-2)
+                         optim__lr=1e-2, model__n_layers=1)
     train.train_and_evaluate(config, workdir)
     out = evaluate.evaluate(workdir, data=test_path, split="test")
     assert (out["mode"], out["split"], out["examples"]) == ("classify", "test", 37)

@@ -18,7 +18,7 @@ GRID = "optim.lr=1e-3,1e-2;optim.warmup_steps=0,1"
 
 def _config(corpus):
     return tiny_config(corpus, train__steps=2, train__eval_every=2, train__checkpoint_every=2, train__eval_batches=1,
-                       optim__warmup_steps=1)
+                       optim__warmup_steps=1, model__n_layers=1)  # one layer: the trials are mostly compile time
 
 
 @pytest.fixture(scope="module")
