@@ -92,15 +92,15 @@ def eval_inputs(config, workdir: str, micro_batch: int, data: str = "", split: s
     """The run's own validation split (exactly as training built it), or `data` as the eval set."""
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r}: expected 'val' or 'test'")
+    if split == "val" and not data:
+        return modes.MODES[config.mode][0](config, workdir, micro_batch)
     if config.mode not in EVAL_DATA:
-        raise ValueError(f"mode={config.mode!r}: no evaluation data rule (evaluation.EVAL_DATA has "
+        raise ValueError(f"mode={config.mode!r}: no rule for other evaluation data (evaluation.EVAL_DATA has "
                          f"{sorted(EVAL_DATA)})")
     if data:
         if not os.path.exists(os.path.expanduser(data)):
             raise FileNotFoundError(f"data path {data!r} does not exist")
         return EVAL_DATA[config.mode](config, workdir, micro_batch, os.path.expanduser(data), split)
-    if split == "val":
-        return modes.MODES[config.mode][0](config, workdir, micro_batch)
     if config.mode in ("causal", "mlm") and prepared.is_prepared(config.data.path):
         return EVAL_DATA[config.mode](config, workdir, micro_batch, config.data.path, split)
     raise ValueError(f"split='test': the run's data ({config.data.path or 'the embedded corpus'!r}) has no test "
