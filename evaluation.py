@@ -48,7 +48,7 @@ def count_examples(batches: list[dict]) -> int:
 # ---- Other data in place of a mode's eval split -------------------------------------------------
 
 def _text_stream(path: str, split: str, config, tok) -> pipeline.TokenStream:
-    """All of a text file/dir (data.val_fraction does not apply: none of it is trained on), or a prepared
+    """All of a text file/dir (data.val_fraction does not apply: the given data is all held out), or a prepared
     dataset directory's `split`, tokenized with the run's tokenizer."""
     if prepared.is_prepared(path):
         data_tok = prepared.load_tokenizer_checked(path)
