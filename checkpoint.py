@@ -12,6 +12,7 @@ import json
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 # Config fields that must match to resume: they fix parameter shapes, the data order and
@@ -149,3 +150,24 @@ def save_params(workdir: str, step: int, params, config_dict: dict) -> str:
     mngr.wait_until_finished()
     mngr.close()
     return os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+
+
+def open_read_only(workdir: str) -> ocp.CheckpointManager:
+    """A manager over a run's checkpoints that never creates, writes or cleans anything (safe on a live run)."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints directory {directory!r}: is {workdir!r} a training run's workdir?")
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0))
+    if not mngr.all_steps():
+        mngr.close()
+        raise FileNotFoundError(f"no complete checkpoint under {directory!r}")
+    return mngr
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
+    """Only the params, onto the shardings in `abstract_params` (any mesh); the optimizer state is not read."""
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
+    args = ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
+                                  partial_restore=True)
+    return mngr.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]

@@ -73,9 +73,14 @@ def causal_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     data_iter = pipeline.train_iterator(train_stream, seq_len=config.data.seq_len, global_batch=micro_batch,
                                         seed=config.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
-    eval_data = pipeline.eval_batches(val_stream, seq_len=config.data.seq_len, batch_size=micro_batch,
-                                      max_batches=config.train.eval_batches)
-    return Inputs(tok, data_iter, eval_data)
+    return Inputs(tok, data_iter, causal_eval_batches(config, tok, val_stream, micro_batch))
+
+
+def causal_eval_batches(config, tok, stream: pipeline.TokenStream, micro_batch: int) -> list[dict]:
+    """Eval batches of a token stream: the validation split, or any text scripts/evaluate.py is given."""
+    del tok
+    return pipeline.eval_batches(stream, seq_len=config.data.seq_len, batch_size=micro_batch,
+                                 max_batches=config.train.eval_batches)
 
 
 def _documents(stream: pipeline.TokenStream, eos_id: int) -> list[np.ndarray]:
@@ -84,21 +89,28 @@ def _documents(stream: pipeline.TokenStream, eos_id: int) -> list[np.ndarray]:
     return [d[:-1] if len(d) and d[-1] == eos_id else d for d in np.split(stream.tokens, cuts)]
 
 
+def mlm_source(config, tok, stream: pipeline.TokenStream, seed: int) -> mlm_data.MlmSource:
+    m = config.mlm
+    return mlm_data.MlmSource(_documents(stream, tok.eos_id), config.data.seq_len, seed=seed,
+                              base_size=tok.base_size, cls_id=tok.special_id("<cls>"),
+                              sep_id=tok.special_id("<sep>"), mask_id=tok.special_id("<mask>"),
+                              pad_id=tok.pad_id, nsp=m.nsp, mask_prob=m.mask_prob,
+                              mask_token_frac=m.mask_token_frac, random_token_frac=m.random_token_frac)
+
+
+def mlm_eval_batches(config, tok, stream: pipeline.TokenStream, micro_batch: int) -> list[dict]:
+    """Eval batches of a token stream: the validation split, or any text scripts/evaluate.py is given."""
+    return mlm_data.eval_batches(mlm_source(config, tok, stream, config.seed + 1), batch_size=micro_batch,
+                                 max_batches=config.train.eval_batches)
+
+
 def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     tok, train_stream, val_stream = prepare_data(config, workdir)
-    m = config.mlm
-
-    def source(stream, seed):
-        return mlm_data.MlmSource(_documents(stream, tok.eos_id), config.data.seq_len, seed=seed,
-                                  base_size=tok.base_size, cls_id=tok.special_id("<cls>"),
-                                  sep_id=tok.special_id("<sep>"), mask_id=tok.special_id("<mask>"),
-                                  pad_id=tok.pad_id, nsp=m.nsp, mask_prob=m.mask_prob,
-                                  mask_token_frac=m.mask_token_frac, random_token_frac=m.random_token_frac)
-    train_src, val_src = source(train_stream, config.seed), source(val_stream, config.seed + 1)
-    log.info("mlm: %d train, %d val examples (nsp=%s)", len(train_src), len(val_src), m.nsp)
+    train_src = mlm_source(config, tok, train_stream, config.seed)
+    eval_data = mlm_eval_batches(config, tok, val_stream, micro_batch)
+    log.info("mlm: %d train examples, %d val batches (nsp=%s)", len(train_src), len(eval_data), config.mlm.nsp)
     data_iter = mlm_data.train_iterator(train_src, global_batch=micro_batch, seed=config.seed,
                                         process_index=jax.process_index(), process_count=jax.process_count())
-    eval_data = mlm_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
     return Inputs(tok, data_iter, eval_data)
 
 

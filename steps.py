@@ -106,3 +106,13 @@ def make_eval_step(*, model, objective: Callable, mesh, rules, state_shardings) 
         with sharding.activate(mesh, rules):
             return step(params, batch)
     return run
+
+
+def abstract_params(model, mesh, rules, seq_len: int):
+    """(params as ShapeDtypeStructs carrying their shardings, those shardings): a restore target, no init."""
+    dummy_1xL = jnp.zeros((1, seq_len), jnp.int32)
+    with sharding.activate(mesh, rules):
+        boxed = jax.eval_shape(lambda k: model.init(k, dummy_1xL)["params"], jax.random.key(0))
+        shardings = sharding.state_shardings(boxed, mesh, rules)
+    plain = nn.meta.unbox(boxed)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), plain, shardings), shardings

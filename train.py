@@ -17,6 +17,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import checkpoint
+import evaluation
 import hostenv
 import resilience
 import metrics as metrics_lib
@@ -33,12 +34,6 @@ def quiet_logs() -> None:
     """Our INFO lines; only warnings from orbax/jax/grain's chatty INFO logging."""
     absl_logging.set_verbosity(absl_logging.WARNING)
     log.setLevel(logging.INFO)
-
-
-def evaluate(eval_step, params, batches, batch_sharding, summary) -> dict:
-    """Adds the eval step's metric sums over `batches`; `summary` (objectives.SUMMARIES) makes the scalars."""
-    outputs = (jax.device_get(eval_step(params, sharding.put_batch(b, batch_sharding))) for b in batches)
-    return summary(objectives.sum_metrics(outputs))
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -71,7 +66,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise ValueError(f"mode={config.mode!r}: expected one of {sorted(modes.MODES)}")
     make_inputs, make_model = modes.MODES[config.mode]
     inputs = make_inputs(config, workdir, micro_batch)
-    data_iter, eval_data = inputs.train_iter, inputs.eval_batches
+    data_iter = inputs.train_iter
 
     # ---- Model, optimizer, sharded state --------------------------------------------------------
     objective = objectives.OBJECTIVES[config.mode]
@@ -163,11 +158,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 step, pending = back, None
                 continue
             if is_eval:
-                scalars = evaluate(eval_step, state.params, eval_data, batch_sharding,
-                                   objectives.SUMMARIES[config.mode])
-                if inputs.extra_eval is not None:
-                    with sharding.activate(mesh, rules):
-                        scalars.update(inputs.extra_eval(model, state.params))
+                scalars = evaluation.run_eval(eval_step, state.params, inputs, mode=config.mode, model=model,
+                                              mesh=mesh, rules=rules, batch_sharding=batch_sharding)
                 writer.write(step, scalars)
                 progress.print(step, scalars)
                 last.update(scalars)

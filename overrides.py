@@ -1,0 +1,80 @@
+"""`field=value` text -> a typed config value: the `--config.x.y=...` spelling outside config_flags.
+
+scripts/evaluate.py applies overrides to a run's saved config (known only after --workdir is
+parsed); scripts/sweep.py parses its grid values. A value takes the type of the field's current
+value; an unknown field or a value that does not parse raises naming both.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _locate(config: ml_collections.ConfigDict, field: str):
+    """(parent ConfigDict, leaf name) of a dotted field, or an error naming it and the keys that exist."""
+    node, names = config, field.split(".")
+    for i, name in enumerate(names):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            where = ".".join(names[:i]) or "the config"
+            keys = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else "no fields"
+            raise ValueError(f"config field {field!r} does not exist ({where} has: {keys})")
+        if i < len(names) - 1:
+            node = node[name]
+    return node, names[-1]
+
+
+def parse(config: ml_collections.ConfigDict, field: str, text: str):
+    """`text` as the type of config's `field` (bool, int, float, str, tuple/list)."""
+    node, leaf = _locate(config, field)
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError(f"config field {field!r} is a section ({', '.join(sorted(current.keys()))}), not a value")
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in _TRUE + _FALSE:
+                raise ValueError("expected true or false")
+            return text.lower() in _TRUE
+        if isinstance(current, int):
+            number = float(text)  # accepts 1e3 for an int field when it is whole
+            if number != int(number):
+                raise ValueError("not a whole number")
+            return int(number)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        if isinstance(current, (tuple, list)):
+            value = ast.literal_eval(text)
+            if not isinstance(value, (tuple, list)):
+                raise ValueError("expected a tuple or list literal")
+            return type(current)(value)
+    except (ValueError, SyntaxError) as e:
+        raise ValueError(f"config field {field!r} ({type(current).__name__}, now {current!r}): "
+                         f"cannot use {text!r}: {e}") from None
+    raise ValueError(f"config field {field!r} holds a {type(current).__name__}; it cannot be set from text")
+
+
+def apply(config: ml_collections.ConfigDict, assignments: dict) -> ml_collections.ConfigDict:
+    """Sets each `field: value` in place (text values parsed with the field's type); returns config."""
+    for field, value in assignments.items():
+        node, leaf = _locate(config, field)
+        node[leaf] = parse(config, field, value) if isinstance(value, str) else value
+    return config
+
+
+def split_argv(argv: list[str], prefix: str = "--config.") -> tuple[dict, list[str]]:
+    """({field: text} for each `--config.field=text`, the other arguments)."""
+    fields, rest = {}, []
+    for arg in argv:
+        if arg.startswith(prefix):
+            field, sep, text = arg[len(prefix):].partition("=")
+            if not sep or not field:
+                raise ValueError(f"{arg!r}: expected {prefix}FIELD=VALUE")
+            fields[field] = text
+        else:
+            rest.append(arg)
+    return fields, rest

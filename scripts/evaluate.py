@@ -1,0 +1,80 @@
+"""Evaluate a trained run's checkpoint exactly as training evaluates; print one JSON object.
+
+    python scripts/evaluate.py --workdir=runs/cls [--step=N] [--split=val|test] [--data=PATH] \
+        [--max_batches=0] [--out=metrics.json] [--config.mesh.data=...]
+
+The run's saved config (from the checkpoint), tokenizer and labels come from --workdir; params
+are restored read-only onto this machine's mesh. Without --data: the run's validation split,
+rebuilt as training built it (all batches unless --max_batches). --data replaces the eval set:
+for classify a JSONL file (as classify.val_path); for causal/mlm a text file/dir evaluated in
+full (data.val_fraction does not apply), or a prepared dataset's --split. --split=test needs
+--data unless a causal/mlm run trained on a prepared dataset (its test split).
+`--config.x.y=v` overrides the saved config (e.g. the mesh or batch size). Nothing in the run's
+workdir is written. Errors (workdir, checkpoint, step, data, override) exit 1 with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+import evaluation  # noqa: E402
+import overrides  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints/, tokenizer.json, labels.json).")
+    flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.")
+    flags.DEFINE_enum("split", "val", ["val", "test"], "Which split (a prepared dataset's, or a label for --data).")
+    flags.DEFINE_string("data", "", "Evaluate on this file/dir instead of the run's validation split.")
+    flags.DEFINE_integer("max_batches", 0, "Eval batches; 0 = all.")
+    flags.DEFINE_string("out", "", "Also write the JSON object to this file.")
+
+
+def evaluate(workdir: str, *, step: int = -1, split: str = "val", data: str = "", max_batches: int = 0,
+             config_overrides: dict | None = None, out: str = "") -> dict:
+    """The script without the command line (tests call this)."""
+    result = evaluation.evaluate_run(workdir, step=None if step < 0 else step, split=split, data=data,
+                                     max_batches=max_batches,
+                                     overrides=lambda c: overrides.apply(c, config_overrides or {}))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    return result
+
+
+def main(argv):
+    config_overrides, rest = overrides.split_argv(argv[1:])
+    if rest:
+        raise app.UsageError(f"unexpected arguments: {rest}")
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        result = evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, data=FLAGS.data,
+                          max_batches=FLAGS.max_batches, config_overrides=config_overrides, out=FLAGS.out)
+    except (FileNotFoundError, ValueError) as e:  # bad workdir/step/data/override: the message, exit 1
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parses the flags it knows; `--config.x.y=v` arguments pass through to main."""
+    config_args = [a for a in argv if a.startswith("--config.")]
+    return flags.FLAGS([a for a in argv if not a.startswith("--config.")]) + config_args
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,120 @@
+"""scripts/evaluate.py: a saved run evaluates exactly as training did, on its split or on other data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import checkpoint
+import steps
+import train
+from classify_test import _write_task
+from configs import finetune_classify
+from data import classify as classify_data, pipeline, sources
+from data import tokenizer as tokenizer_lib
+from model import heads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import evaluate  # noqa: E402
+
+
+def _files(workdir):
+    """Every file under the workdir with its size and mtime: evaluation must change none."""
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+            for d, _, fs in os.walk(workdir) for f in fs}
+
+
+@pytest.fixture(scope="module")
+def causal_run(corpus_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("causal"))
+    config = tiny_config(corpus_dir, train__steps=4, train__eval_every=4, train__eval_batches=2, optim__lr=3e-3,
+                         model__n_layers=1)  # one layer: compiles faster
+    return workdir, train.train_and_evaluate(config, workdir), config
+
+
+@pytest.fixture(scope="module")
+def full_val(causal_run):
+    """Every batch of the run's validation split (the default)."""
+    workdir, _, _ = causal_run
+    before = _files(workdir)
+    out = evaluate.evaluate(workdir)
+    assert _files(workdir) == before  # nothing written into the run
+    return out
+
+
+def test_reproduces_training_eval_on_another_mesh(causal_run, full_val):
+    workdir, last, _ = causal_run
+    before = _files(workdir)
+    out = evaluate.evaluate(workdir, max_batches=2, config_overrides={"mesh.fsdp": "2"})  # trained with fsdp=1
+    assert (out["step"], out["mode"], out["split"], out["examples"]) == (4, "causal", "val", 16)
+    for key in ("eval/loss", "eval/accuracy"):
+        assert out[key] == pytest.approx(last[key], rel=1e-5), key
+    assert _files(workdir) == before  # nothing written into the run
+    assert full_val["examples"] > 16 and np.isfinite(full_val["eval/loss"])
+
+
+def test_data_text_is_evaluated_in_full(causal_run, full_val, tmp_path):
+    """--data replaces the split: the validation documents given as a file score as the split itself."""
+    workdir, _, config = causal_run
+    docs, _ = sources.read_documents(config.data.path)
+    _, val_texts = pipeline.split_documents([d.text for d in docs], config.data.split, config.data.val_fraction)
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in val_texts))
+    out_file = str(tmp_path / "out.json")
+    given = evaluate.evaluate(workdir, data=str(path), out=out_file)
+    assert given["data"] == str(path) and given["examples"] == full_val["examples"]
+    assert given["eval/loss"] == pytest.approx(full_val["eval/loss"], rel=1e-6)
+    assert json.load(open(out_file)) == given
+
+
+def test_errors_name_the_problem(causal_run, tmp_path):
+    workdir, _, _ = causal_run
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate.evaluate(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no checkpoints directory"):
+        evaluate.evaluate(str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")  # not created either
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 3 .*available steps: \[4\]"):
+        evaluate.evaluate(workdir, step=3)
+    with pytest.raises(FileNotFoundError, match="data path .*missing.txt' does not exist"):
+        evaluate.evaluate(workdir, data=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="split='test'.*has no test split"):
+        evaluate.evaluate(workdir, split="test")
+    with pytest.raises(ValueError, match="config field 'mesh.fdsp' does not exist"):
+        evaluate.evaluate(workdir, config_overrides={"mesh.fdsp": "2"})
+    cli = subprocess.run([sys.executable, "scripts/evaluate.py", f"--workdir={workdir}", "--step=7"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and "available steps: [4]" in cli.stderr and not cli.stdout
+
+
+def test_classify_on_a_test_file_matches_an_independent_count(tmp_path):
+    train_path = _write_task(tmp_path / "train.jsonl", 96, 0)
+    val_path = _write_task(tmp_path / "val.jsonl", 24, 1)
+    test_path = _write_task(tmp_path / "test.jsonl", 37, 2)  # not a multiple of the batch: padding rows
+    workdir = str(tmp_path / "cls")
+    config = tiny_config(train_path, finetune_classify, classify__val_path=val_path, train__steps=4,
+                         optim__lr=1e-2, model__n_layers=1)
+    train.train_and_evaluate(config, workdir)
+    out = evaluate.evaluate(workdir, data=test_path, split="test")
+    assert (out["mode"], out["split"], out["examples"]) == ("classify", "test", 37)
+    # independently: encode each record, one forward pass, argmax against labels.json
+    saved, params, _ = checkpoint.load_for_inference(workdir)
+    cfg = ml_collections.ConfigDict(saved)
+    tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
+    labels = classify_data.load_labels(os.path.join(workdir, "labels.json"))
+    records = [json.loads(line) for line in open(test_path)]
+    rows = [classify_data.encode_example(tok, r["text"], None, cfg.data.seq_len, "first") for r in records]
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    model = heads.Classifier(steps.model_config(cfg, tok.vocab_size), len(labels), pool="first")
+    logits = model.apply({"params": jax.device_get(params)}, batch["inputs"], batch["positions"],
+                         batch["segment_ids"], batch["token_types"])
+    truth = np.array([labels.index(r["label"]) for r in records])
+    accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == truth))
+    assert out["eval/accuracy"] == pytest.approx(accuracy, abs=1e-9)
