@@ -85,6 +85,7 @@ EVAL_DATA = {  # mode -> (config, workdir, micro_batch, path, split) -> Inputs w
     "causal": _whole_text(modes.causal_eval_batches),
     "mlm": _whole_text(modes.mlm_eval_batches),
     "classify": _val_path("classify"),
+    "sft": _val_path("sft"),  # chat JSONL: held-out loss and exact match of greedy answers
 }
 
 

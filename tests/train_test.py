@@ -13,7 +13,7 @@ from conftest import tiny_config
 import checkpoint
 import resilience
 import train
-from configs import finetune_classify, pretrain_causal, pretrain_mlm
+from configs import finetune_classify, pretrain_causal, pretrain_mlm, sft
 from metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,15 +46,30 @@ def _classification_jsonl(path, n, seed):
     return str(path)
 
 
-@pytest.mark.parametrize("mode", ["causal", "mlm", "classify"])
+def _chat_jsonl(path, n, seed):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            w = "".join(rng.choice(list("abcdefgh"), int(rng.integers(2, 9))))
+            f.write(json.dumps({"prompt": f"sort {w}", "response": "".join(sorted(w))}) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["causal", "mlm", "classify", "sft", "sft_lora"])
 def test_resume_is_exact(corpus_dir, tmp_path, mode):
-    module = {"causal": pretrain_causal, "mlm": pretrain_mlm, "classify": finetune_classify}[mode]
+    module = {"causal": pretrain_causal, "mlm": pretrain_mlm, "classify": finetune_classify, "sft": sft,
+              "sft_lora": sft}[mode]
     straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
     kw = dict(train__steps=6, train__log_every=1, train__eval_every=100, train__checkpoint_every=100,
               model__dropout=0.1)
     if mode == "classify":
         corpus_dir = _classification_jsonl(tmp_path / "train.jsonl", 64, 0)
         kw["classify__val_path"] = _classification_jsonl(tmp_path / "val.jsonl", 16, 1)
+    if mode.startswith("sft"):
+        corpus_dir = _chat_jsonl(tmp_path / "train.jsonl", 96, 0)
+        kw.update(sft__val_path=_chat_jsonl(tmp_path / "val.jsonl", 16, 1), sft__eval_generate=4)
+        if mode == "sft_lora":
+            kw.update(lora__rank=2)
     train.train_and_evaluate(tiny_config(corpus_dir, module, **kw), straight)
     train.train_and_evaluate(tiny_config(corpus_dir, module, train__stop_after=3, **kw), stopped)
     assert sorted(os.listdir(os.path.join(stopped, "checkpoints"))) == ["3"]

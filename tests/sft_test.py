@@ -1,0 +1,225 @@
+"""mode='sft': greedy decoding, the chat-data path, end-to-end learning, LoRA, merge, embedding extension."""
+
+import json
+import os
+import random
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import tiny_config
+
+import checkpoint
+import evaluation
+import generation_eval
+import modes
+import sharding
+import steps
+import train
+from configs import sft as sft_config
+from data import chat, sft as sft_data, sources
+from data.tokenizer import ByteTokenizer
+from model import decode, lora
+from model.transformer import ModelConfig, Transformer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import merge_lora  # noqa: E402
+
+
+def _copy_task(path, n, seed, letters=2):
+    """'copy x' -> 'x' (letters=1): a 64-wide 2-layer model learns it in ~120 steps (every seed tried)."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            w = "".join(rng.choice("abcdef") for _ in range(letters))
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"copy {w}"},
+                                             {"role": "assistant", "content": w}], "kind": "copy"}) + "\n")
+    return str(path)
+
+
+def _sft_cfg(train_path, val_path, **kw):
+    base = dict(sft__val_path=val_path, data__seq_len=64, sft__eval_generate=32)
+    return tiny_config(train_path, sft_config, **{**base, **kw})
+
+
+def test_greedy_decoding_matches_a_step_by_step_argmax():
+    cfg = ModelConfig(vocab_size=64, num_tokens=60, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    model = Transformer(cfg)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"])
+    prompts = [np.array([5, 9, 3]), np.array([7]), np.array([1, 2, 3, 4, 5, 6])]
+    buf, lengths = decode.left_align(prompts, 16, 4, pad_id=0)
+    out = np.asarray(decode.make_greedy(model, width=16, max_new_tokens=5, stop_id=59)(params, buf, lengths))
+    forward = jax.jit(lambda ids_1xW: model.apply({"params": params}, ids_1xW))
+    for row, p in enumerate(prompts):
+        ids = list(p)
+        for t in range(5):  # the reference: a host loop, one forward per token
+            logits = forward(jnp.asarray([ids + [0] * (16 - len(ids))]))
+            nxt = int(jnp.argmax(logits[0, len(ids) - 1]))
+            assert out[row, t] == nxt, (row, t)
+            if nxt == 59:
+                assert (out[row, t:] == 59).all()
+                break
+            ids.append(nxt)
+
+
+def test_bad_records_are_counted_or_named_under_strict(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad = [{"messages": [{"role": "user", "content": "no answer"}]},
+           {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+           {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]},
+           {"prompt": "p" * 5, "response": "r" * 50}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [good] + bad) + "\n")
+    records, stats = sft_data.read_split(str(path), strict=False)
+    assert len(records) == 2 and sum(stats.skipped.values()) == 3  # format errors: counted, named by reason
+    tok = ByteTokenizer()
+    convs = sft_data.render_split(records, tok, stats, seq_len=32, too_long="drop", train_on="assistant",
+                                  strict=False)
+    assert len(convs) == 1 and stats.skipped["too long"] == 1
+    convs = sft_data.render_split(records, tok, stats, seq_len=32, too_long="truncate", train_on="assistant",
+                                  strict=False)
+    assert len(convs) == 2 and stats.skipped["truncated"] == 1 and len(convs[1][0]) == 33
+    with pytest.raises(ValueError, match=r"d\.jsonl:2"):
+        sft_data.read_split(str(path), strict=True)
+    with pytest.raises(ValueError, match=r"d\.jsonl:5: too long"):
+        sft_data.render_split(records, tok, stats, seq_len=32, too_long="drop", train_on="assistant", strict=True)
+
+
+def test_generation_problems_and_exact_match_scoring():
+    tok = ByteTokenizer()
+    records = [("f:1", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " 42 "}],
+                        "kind": "add"}),
+               ("f:2", {"prompt": "r", "response": "x"})]
+    problems = sft_data.generation_problems(records, tok, limit=10)
+    assert [p.reference for p in problems] == [" 42 ", "x"] and [p.kind for p in problems] == ["add", ""]
+    np.testing.assert_array_equal(problems[0].prompt, chat.render_prompt([{"role": "user", "content": "q"}], tok))
+
+    class Echo:  # a fake generator: answers "42" then <|end|> for every row
+        def __call__(self, params, buf, lengths):
+            ids = list(tok.encode("42")) + [tok.special_id("<|end|>")] * 3
+            return np.tile(np.asarray(ids[:4]), (buf.shape[0], 1))
+    answers = generation_eval.answer(Echo(), None, problems, tok, width=16, batch_size=4)
+    assert answers == ["42", "42"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus_dir, tmp_path_factory):
+    """A tiny causal run on the stdlib corpus, 64-wide (the model the SFT tests start from)."""
+    run = str(tmp_path_factory.mktemp("pre") / "run")
+    train.train_and_evaluate(tiny_config(corpus_dir, train__steps=4, model__d_model=64, model__d_ff=128,
+                                         data__seq_len=64), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def copy_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("copy")
+    return _copy_task(d / "train.jsonl", 400, 0, letters=1), _copy_task(d / "val.jsonl", 32, 1, letters=1)
+
+
+def test_sft_after_pretraining_learns_the_task(pretrained, copy_data, tmp_path):
+    tr, va = copy_data
+    cfg = _sft_cfg(tr, va, init_from=pretrained, model__d_model=64, model__d_ff=128, train__steps=120,
+                   train__eval_every=120, train__log_every=40, optim__lr=5e-3, optim__warmup_steps=5)
+    # the pretrained model, before SFT, on the same problems
+    _, params, _ = checkpoint.load_for_inference(pretrained)
+    tok = ByteTokenizer()
+    problems = sft_data.generation_problems(sft_data.read_split(va, strict=True)[0], tok, 32)
+    model = steps.build_model(cfg, tok.vocab_size)
+    before = generation_eval.exact_match_eval(problems, tok, width=64, max_new_tokens=8, batch_size=8)(model, params)
+    out = train.train_and_evaluate(cfg, str(tmp_path / "sft"))
+    assert before["eval/exact_match"] == 0.0
+    assert out["eval/exact_match"] >= 0.8 and out["eval/exact_match/copy"] == out["eval/exact_match"]
+    with open(tmp_path / "sft" / "chat_template.json") as f:
+        assert json.load(f) == chat.template_spec()
+    # scripts/evaluate.py's path: the saved run on its validation file, given as other data
+    again = evaluation.evaluate_run(str(tmp_path / "sft"), data=va)
+    assert again["eval/exact_match"] == out["eval/exact_match"]
+    assert again["eval/loss"] == pytest.approx(out["eval/loss"], rel=1e-5)
+
+
+def test_lora_sft_trains_only_adapters_and_merges_exactly(pretrained, copy_data, tmp_path):
+    tr, va = copy_data
+    run, merged_dir = str(tmp_path / "lora"), str(tmp_path / "merged")
+    cfg = _sft_cfg(tr, va, init_from=pretrained, model__d_model=64, model__d_ff=128, train__steps=6,
+                   lora__rank=4, lora__alpha=8.0, optim__lr=1e-2)
+    train.train_and_evaluate(cfg, run)
+    _, pre, _ = checkpoint.load_for_inference(pretrained)
+    _, params, step = checkpoint.load_for_inference(run)
+    assert set(params) == {"base", "lora"} and step == 6
+    for a, b in zip(jax.tree.leaves(pre), jax.tree.leaves(params["base"])):  # the base never moves
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(params["lora"]))  # B moved from 0
+    # merged export == adapted model
+    merge_lora.merge_run(run, merged_dir)
+    config, merged, _ = checkpoint.load_for_inference(merged_dir)
+    assert config["lora"]["rank"] == 0 and "lora" not in merged
+    model = steps.build_model(cfg, ByteTokenizer().vocab_size)
+    wrapped = modes._with_lora(cfg, model)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 64)), jnp.int32)
+    want = wrapped.apply({"params": params}, tokens)
+    got = model.apply({"params": merged}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    assert os.path.exists(os.path.join(merged_dir, "chat_template.json"))
+    with pytest.raises(ValueError, match="not a LoRA run"):
+        merge_lora.merge_run(merged_dir, str(tmp_path / "again"))
+
+
+def test_lora_bf16_base_and_trainable_fraction(copy_data, tmp_path, caplog):
+    tr, va = copy_data
+    cfg = _sft_cfg(tr, va, train__steps=3, lora__rank=2, lora__base_dtype="bfloat16",
+                   lora__targets=("attn/query", "attn/value"))
+    with caplog.at_level("INFO", logger="lmstack"):
+        train.train_and_evaluate(cfg, str(tmp_path / "run"))
+    _, params, _ = checkpoint.load_for_inference(str(tmp_path / "run"))
+    assert {x.dtype for x in jax.tree.leaves(params["base"])} == {np.dtype(jnp.bfloat16)}
+    n_lora, n_all = lora.count_params(params["lora"]), lora.count_params(params)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("model:"))
+    assert f"({n_lora / 1e6:.2f}M trained, {100 * n_lora / n_all:.2f}%)" in line
+
+
+def test_warm_start_extends_a_smaller_embedding_keeping_old_rows(corpus_dir, copy_data, tmp_path):
+    tr, va = copy_data
+    pre = str(tmp_path / "pre")
+    train.train_and_evaluate(tiny_config(corpus_dir, train__steps=3, model__vocab_multiple=1), pre)  # 267 rows
+    cfg = _sft_cfg(tr, va)
+    model = steps.build_model(cfg, ByteTokenizer().vocab_size)  # vocab_multiple=64: 320 rows
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.sharding)
+    state, state_sh = steps.init_state(model, optax.sgd(0.1), mesh, rules, 0, 64)
+    new = modes.warm_start(state, state_sh, pre).params
+    _, old, _ = checkpoint.load_for_inference(pre)
+    old_e, new_e = np.asarray(old["embed"]["embedding"]), np.asarray(new["embed"]["embedding"])
+    assert old_e.shape[0] == 267 and new_e.shape[0] == 320
+    np.testing.assert_array_equal(new_e[:267], old_e)
+    np.testing.assert_allclose(new_e[267:], np.broadcast_to(old_e.mean(0), (53, old_e.shape[1])), rtol=1e-6)
+
+
+def test_extend_rows_and_mismatch_errors():
+    old = np.arange(12, dtype=np.float32).reshape(4, 3)
+    new = modes.extend_rows(old, 6)
+    np.testing.assert_array_equal(new[:4], old)
+    np.testing.assert_array_equal(new[4], old.mean(0))
+    with pytest.raises(ValueError, match="cannot shrink"):
+        modes.extend_rows(old, 3)
+    assert modes._fit_loaded("layers_0/attn/query/kernel", old, (4, 4)) is None
+
+
+def test_a_resumed_run_refuses_a_different_chat_template(copy_data, tmp_path):
+    tr, va = copy_data
+    run = str(tmp_path / "run")
+    train.train_and_evaluate(_sft_cfg(tr, va, train__steps=3, sft__eval_generate=0), run)
+    with open(os.path.join(run, "chat_template.json"), "w") as f:
+        json.dump(dict(chat.template_spec(), version=0), f)
+    with pytest.raises(ValueError, match="chat template mismatch"):
+        train.train_and_evaluate(_sft_cfg(tr, va, train__steps=4, sft__eval_generate=0), run)
+
+
+def test_lora_is_refused_for_modes_without_it(corpus_dir):
+    cfg = tiny_config(corpus_dir, lora__rank=2)
+    cfg.mode = "mlm"
+    with pytest.raises(ValueError, match="lora.rank=2 is supported for mode 'causal' and 'sft'"):
+        modes.frozen_params(cfg)
