@@ -216,17 +216,20 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     return Inputs(tok, data_iter, eval_data, extra_eval=extra)
 
 
-def _with_lora(config, model):
-    """`model` with LoRA adapters when lora.rank > 0 (params {'base', 'lora'}; the base is frozen)."""
+def _with_lora(config, model, tok: tokenizer_lib.Tokenizer):
+    """`model` with LoRA adapters when lora.rank > 0 (params {'base', 'lora'}; the base is frozen).
+    lora.train_new_rows: the embedding rows after the tokenizer's base vocabulary (its special tokens,
+    then padding) get a trainable delta too."""
     r = config.lora
     if int(r.rank) <= 0:
         return model
+    new_rows = model.cfg.vocab_size - tok.base_size if r.train_new_rows else 0
     return lora.LoraModel(model, rank=int(r.rank), alpha=float(r.alpha), targets=tuple(r.targets),
-                          base_dtype=r.base_dtype)
+                          base_dtype=r.base_dtype, new_rows=new_rows)
 
 
 def causal_model(config, inputs: Inputs):
-    return _with_lora(config, steps.build_model(config, inputs.tokenizer.vocab_size))
+    return _with_lora(config, steps.build_model(config, inputs.tokenizer.vocab_size), inputs.tokenizer)
 
 
 def mlm_model(config, inputs: Inputs):

@@ -89,6 +89,7 @@ def base() -> ml_collections.ConfigDict:
     r.alpha = 16.0  # adapter scale alpha / rank
     r.targets = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down")  # kernels
     r.base_dtype = "float32"  # frozen base weights stored as 'float32' | 'bfloat16'
+    r.train_new_rows = True  # also train a delta on the special tokens' embedding rows (new to a pretrained model)
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3  # peak learning rate

@@ -107,11 +107,12 @@ class LoraModel:
     no optimizer state for it). `base_dtype='bfloat16'` stores the frozen base in bf16.
     """
 
-    def __init__(self, inner, *, rank: int, alpha: float, targets, base_dtype: str = "float32"):
+    def __init__(self, inner, *, rank: int, alpha: float, targets, base_dtype: str = "float32", new_rows: int = 0):
         if base_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"lora.base_dtype={base_dtype!r}: expected 'float32' or 'bfloat16'")
         self.inner, self.rank, self.alpha, self.targets = inner, int(rank), float(alpha), tuple(targets)
         self.base_dtype = jnp.dtype(base_dtype)
+        self.new_rows = int(new_rows)  # trainable delta on the last rows of the token embedding
         self.cfg = inner.cfg
 
     def init(self, key, *args, **kwargs):
@@ -121,12 +122,33 @@ class LoraModel:
                             base)
         lora = init_lora(nn.meta.unbox(base), rank=self.rank, targets=self.targets, key=lora_key)
         lora = jax.tree.map(lambda x: x.astype(jnp.float32), lora)
+        if self.new_rows:
+            lora[ROWS] = jnp.zeros((self.new_rows, self.cfg.d_model), jnp.float32)
         return {"params": {"base": base, "lora": lora}}
 
     def apply(self, variables, *args, **kwargs):
         p = variables["params"]
         params = apply_lora(jax.lax.stop_gradient(p["base"]), p["lora"], alpha=self.alpha, rank=self.rank)
-        return self.inner.apply({"params": params}, *args, **kwargs)
+        return self.inner.apply({"params": add_rows(params, p["lora"])}, *args, **kwargs)
+
+
+ROWS = "embed_rows"  # lora-tree key of the trainable delta on the embedding's last rows
+
+
+def add_rows(params, lora):
+    """params with lora['embed_rows'] ([n, D], if present) added to the last n rows of embed/embedding:
+    the reserved special tokens (chat roles, <|end|>) that pretraining never trained, so frozen
+    random rows would otherwise be the only way a LoRA model can read and emit them."""
+    if ROWS not in lora:
+        return params
+    table = params["embed"]["embedding"]
+    delta = lora[ROWS]
+    n = delta.shape[0]
+    if n > table.shape[0]:
+        raise ValueError(f"lora {ROWS} has {n} rows; the embedding has {table.shape[0]}")
+    rows = table[-n:].astype(jnp.float32) + delta.astype(jnp.float32)
+    new_table = jnp.concatenate([table[:-n], rows.astype(table.dtype)], axis=0)
+    return dict(params, embed=dict(params["embed"], embedding=new_table))
 
 
 def merged_params(params, *, alpha: float, rank: int):
@@ -135,4 +157,5 @@ def merged_params(params, *, alpha: float, rank: int):
     if not (isinstance(params, dict) and set(params) == {"base", "lora"}):
         return params
     base = jax.tree.map(lambda x: np.asarray(x, np.float32), params["base"])
-    return merge_lora(base, params["lora"], alpha=alpha, rank=rank)
+    merged = merge_lora(base, params["lora"], alpha=alpha, rank=rank)
+    return jax.tree.map(np.asarray, add_rows(merged, params["lora"]))

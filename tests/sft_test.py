@@ -159,7 +159,7 @@ def test_lora_sft_trains_only_adapters_and_merges_exactly(pretrained, copy_data,
     config, merged, _ = checkpoint.load_for_inference(merged_dir)
     assert config["lora"]["rank"] == 0 and "lora" not in merged
     model = steps.build_model(cfg, ByteTokenizer().vocab_size)
-    wrapped = modes._with_lora(cfg, model)
+    wrapped = modes._with_lora(cfg, model, ByteTokenizer())
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 64)), jnp.int32)
     want = wrapped.apply({"params": params}, tokens)
     got = model.apply({"params": merged}, tokens)
