@@ -27,11 +27,11 @@ def get_config(arg=None):
     c.model.causal = False  # as configs/pretrain_mlm.py, so init_from=an mlm run loads every backbone param
     c.model.type_vocab_size = 2  # question / context
     c.data.path = ""  # training JSONL (required)
-    c.data.seq_len = 192
+    c.data.seq_len = 256
     c.data.batch_size = 32
     c.qa.val_path = ""
-    c.qa.doc_stride = 48
-    c.qa.max_query_len = 48
+    c.qa.doc_stride = 64
+    c.qa.max_query_len = 96  # the longest stdlib_qa question is 93 bytes
     c.qa.max_answer_len = 40
     c.train.steps = 400
     c.train.log_every = 25
