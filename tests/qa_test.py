@@ -155,6 +155,25 @@ def test_predictions_pick_the_best_window_and_map_to_text():
     assert qa_eval.predict_answers(feats, start, end, 3)["q1"] != "theta"  # 5 tokens > max_answer_len
 
 
+def test_span_head_shapes_and_padding_mask():
+    import jax
+    import jax.numpy as jnp
+
+    from model import heads
+    from model.transformer import ModelConfig
+    cfg = ModelConfig(vocab_size=320, num_tokens=267, d_model=32, n_layers=1, n_heads=4, n_kv_heads=4, d_ff=64,
+                      causal=False, type_vocab_size=2)
+    model = heads.SpanQA(cfg)
+    tokens_2x8 = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+    seg_2x8 = jnp.array([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
+    params = model.init(jax.random.key(0), tokens_2x8)["params"]
+    assert set(params) == {"backbone", "qa_head"}
+    start_2x8, end_2x8 = model.apply({"params": params}, tokens_2x8, None, seg_2x8, (seg_2x8 * 0).at[:, 4:].set(1))
+    assert start_2x8.shape == end_2x8.shape == (2, 8) and start_2x8.dtype == jnp.float32
+    assert np.all(np.asarray(start_2x8[1, 5:]) == -1e9) and np.all(np.asarray(end_2x8[1, 5:]) == -1e9)
+    assert np.all(np.abs(np.asarray(start_2x8[:, :5])) < 1e3)
+
+
 # ---- end to end --------------------------------------------------------------------------------------
 
 WORDS = ["red", "blue", "green", "pink", "gold", "gray", "teal", "plum", "jade", "rust", "ruby", "sand"]
