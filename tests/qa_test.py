@@ -199,7 +199,7 @@ def _write_task(path, n, seed):
 
 
 def _cfg(train_path, val_path, **kw):
-    args = dict(train__steps=150, train__log_every=50, train__eval_every=150, optim__lr=3e-3, data__batch_size=16)
+    args = dict(train__steps=100, train__log_every=50, train__eval_every=100, optim__lr=1e-2, data__batch_size=16)
     args.update(kw)
     return tiny_config(train_path, finetune_qa, qa__val_path=val_path, **args)
 
