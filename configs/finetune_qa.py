@@ -13,8 +13,11 @@ Command:   python scripts/make_qa_data.py --out=datasets/stdlib_qa
                --config.data.path=datasets/stdlib_qa/train.jsonl \
                --config.qa.val_path=datasets/stdlib_qa/val.jsonl [--config.init_from=runs/mlm]
            (`:tiny` gives a seconds-long smoke run)
-Runtime:   MEASURE
-Result:    MEASURE
+Runtime:   400 steps x 32 windows x 256 tokens (3.5M parameters): 15-30 min wall measured on 2 CPU
+           cores shared with other jobs (1.5-5 s/step); less on an idle machine.
+Result:    on stdlib_qa (617 val questions from unseen files, 2,847 windows; answering `None`
+           everywhere scores EM 26.7 / F1 27.0): EM 55.6 / F1 60.3 from scratch; EM 56.9 / F1 58.3
+           with init_from=runs/mlm (configs/pretrain_mlm.py's run), which leads at step 200 (55.4 vs 47.8).
 """
 
 from configs import common
