@@ -12,7 +12,7 @@ import train
 from configs import finetune_qa, pretrain_mlm
 from data import formats, qa as qa_data, qa_eval
 from data.sources import DataError
-from data.tokenizer import BPETokenizer, ByteTokenizer
+from data.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 
 
 # ---- SQuAD normalisation, exact match, F1 (values worked out by hand) -------------------------------
@@ -48,7 +48,11 @@ def _bpe():
     return BPETokenizer.train(texts, 400)
 
 
-@pytest.mark.parametrize("make_tok", [ByteTokenizer, _bpe], ids=["byte", "bpe"])
+def _char():
+    return CharTokenizer.from_texts([CONTEXT, "What is the secret word said by the owl in the story?"])
+
+
+@pytest.mark.parametrize("make_tok", [ByteTokenizer, _char, _bpe], ids=["byte", "char", "bpe"])
 def test_windows_labels_overlap_and_offsets(make_tok):
     tok = make_tok()
     ex = qa_data.QAExample("x", "What is the secret word said by the owl in the story?", CONTEXT,
