@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -232,3 +233,20 @@ def test_warm_start_from_mlm(corpus_dir, tmp_path, caplog):
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"embed/embedding: checkpoint \(320, 32\)"):
         train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir, model__d_model=64),
                                  str(tmp_path / "qa2"))
+
+
+def test_held_out_split_and_skipped_records_end_to_end(tmp_path, caplog):
+    tr = _write_task(tmp_path / "train.jsonl", 64, 0)
+    with open(tr, "a") as f:
+        f.write(json.dumps({"question": "kiwi?", "context": "kiwi is red1", "answers": [{"text": "red1",
+                                                                                         "answer_start": 3}]}) + "\n")
+    with pytest.raises(formats.FormatError, match=r"train.jsonl:65: answer_start mismatch"):
+        train.train_and_evaluate(_cfg(tr, "", train__steps=3), str(tmp_path / "a"))
+    with caplog.at_level(logging.INFO, logger="lmstack"):
+        out = train.train_and_evaluate(_cfg(tr, "", train__steps=3, qa__strict=False, data__val_fraction=0.25),
+                                       str(tmp_path / "b"))
+    assert out["step"] == 3 and 0.0 <= out["eval/f1"] <= 100.0
+    assert "'qa: answer_start mismatch': 1" in caplog.text
+    held = [line for line in caplog.text.splitlines() if "qa: train" in line][0]
+    n_train, n_val = (int(x) for x in re.findall(r"train (\d+) examples .* validation (\d+) ->", held)[0])
+    assert n_train + n_val == 64 and 0 < n_val < 32  # held out by a hash of the context
