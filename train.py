@@ -82,7 +82,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
     if config.init_from and latest is None:
         if "backbone" not in state.params:
-            raise ValueError(f"init_from needs a model with a 'backbone' (mode='classify' or 'qa'), not mode={config.mode!r}")
+            raise ValueError(f"init_from needs a model with a 'backbone' (mode='classify' or 'qa'), "
+                             f"not mode={config.mode!r}")
         state = modes.warm_start(state, state_sh, config.init_from)
     if latest is not None:
         state = checkpoint.restore(mngr, latest, steps.abstract_state(state_sh, state), data_iter)
