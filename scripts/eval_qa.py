@@ -19,6 +19,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 import checkpoint  # noqa: E402
 import steps  # noqa: E402
@@ -34,6 +35,7 @@ flags.mark_flags_as_required(["workdir", "data"])
 
 def main(argv):
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's INFO lines
     saved, params, step = checkpoint.load_for_inference(FLAGS.workdir)
     config = ml_collections.ConfigDict(saved)
     if config.mode != "qa":
