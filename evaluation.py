@@ -85,6 +85,7 @@ EVAL_DATA = {  # mode -> (config, workdir, micro_batch, path, split) -> Inputs w
     "causal": _whole_text(modes.causal_eval_batches),
     "mlm": _whole_text(modes.mlm_eval_batches),
     "classify": _val_path("classify"),
+    "qa": _val_path("qa"),  # SQuAD-style JSONL: span loss, exact match and F1
     "sft": _val_path("sft"),  # chat JSONL: held-out loss and exact match of greedy answers
 }
 

@@ -21,8 +21,8 @@ import numpy as np
 import checkpoint
 import steps
 import generation_eval
-from data import chat, classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, sft as sft_data
-from data import sources
+from data import chat, classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, qa as qa_data
+from data import qa_eval, sft as sft_data, sources
 from data import tokenizer as tokenizer_lib
 from model import heads, lora
 
@@ -147,6 +147,55 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     return Inputs(tok, data_iter, eval_data, num_classes=len(labels))
 
 
+def _qa_extra_eval(features: qa_data.QAFeatures, batch_size: int, max_answer_len: int) -> Callable:
+    """(model, params) -> SQuAD exact match / F1 (percent) over every validation example, all its windows."""
+    rows = [features[i] for i in range(len(features))]
+    rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (-len(rows) % batch_size)
+    batches = [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+               for i in range(0, len(rows), batch_size)]
+    golds = {ex.id: [text for text, _ in ex.answers] for ex in features.examples}
+    cache = {}
+
+    def run(model, params) -> dict:
+        if "logits" not in cache:  # jitted once per run
+            cache["logits"] = jax.jit(lambda p, b: model.apply({"params": p}, b["inputs"], b["positions"],
+                                                               b["segment_ids"], b["token_types"]))
+        outs = [jax.device_get(cache["logits"](params, b)) for b in batches]
+        start_NxL = np.concatenate([o[0] for o in outs])[:len(features)]
+        end_NxL = np.concatenate([o[1] for o in outs])[:len(features)]
+        preds = qa_eval.predict_answers(features, start_NxL, end_NxL, max_answer_len)
+        scores = qa_eval.squad_scores(preds, golds)
+        return {"eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"]}
+    return run
+
+
+def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    c = config.qa
+    train_exs, stats = qa_data.read_split(config.data.path, strict=c.strict)
+    if c.val_path:
+        val_exs, val_stats = qa_data.read_split(c.val_path, strict=c.strict)
+    else:  # by context, so questions about one passage stay on one side
+        held = [pipeline.hash_unit(ex.context) < config.data.val_fraction for ex in train_exs]
+        val_exs = [x for x, h in zip(train_exs, held) if h]
+        train_exs = [x for x, h in zip(train_exs, held) if not h]
+        val_stats = sources.ReadStats()
+        if not val_exs or not train_exs:
+            raise sources.DataError(f"data.val_fraction={config.data.val_fraction} of {config.data.path!r} gave "
+                                    f"{len(train_exs)} train and {len(val_exs)} validation records")
+    tok = _run_tokenizer(config, workdir, [ex.context + "\n" + ex.question for ex in train_exs])
+    make = functools.partial(qa_data.make_features, tok=tok, seq_len=config.data.seq_len,
+                             max_query_len=c.max_query_len, doc_stride=c.doc_stride)
+    train_src, val_src = make(train_exs), make(val_exs)
+    log.info("qa: train %d examples -> %d windows (skipped: %s); validation %d -> %d windows (skipped: %s)",
+             len(train_exs), len(train_src), stats.skipped or "none", len(val_exs), len(val_src),
+             val_stats.skipped or "none")
+    data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
+                                          what="QA windows", process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    return Inputs(tok, data_iter, eval_data, extra_eval=_qa_extra_eval(val_src, micro_batch, c.max_answer_len))
+
+
 def _held_out(records: list[tuple[str, dict]], fmt: str, val_fraction: float, path: str):
     """(train, val) records: a content-hash share `val_fraction` of `records` is validation."""
     held = [pipeline.hash_unit(formats.record_text(r, fmt)) < val_fraction for _, r in records]
@@ -246,11 +295,16 @@ def classify_model(config, inputs: Inputs):
                             pool="last" if config.model.causal else "first")
 
 
+def qa_model(config, inputs: Inputs):
+    return heads.SpanQA(steps.model_config(config, inputs.tokenizer.vocab_size))
+
+
 MODES = {  # mode -> (input builder, model builder)
     "causal": (causal_inputs, causal_model),
     "mlm": (mlm_inputs, mlm_model),
     "classify": (classify_inputs, classify_model),
     "sft": (sft_inputs, causal_model),
+    "qa": (qa_inputs, qa_model),
 }
 
 

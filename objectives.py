@@ -82,6 +82,22 @@ def classify(params, batch, rng, *, model):
                   "predicted_C": jnp.sum(pred_BxC, 0), "actual_C": jnp.sum(true_BxC, 0)}
 
 
+def qa(params, batch, rng, *, model):
+    """Extractive QA: mean of the start- and end-position cross-entropies over weighted windows."""
+    rngs = None if rng is None else {"dropout": rng}
+    start_BxL, end_BxL = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                     batch["token_types"], deterministic=rng is None, rngs=rngs)
+    w_B = batch["weight"].astype(jnp.float32)
+    start_nll_B = token_nll(start_BxL[:, None, :], batch["start"][:, None])[:, 0]
+    end_nll_B = token_nll(end_BxL[:, None, :], batch["end"][:, None])[:, 0]
+    examples = jnp.sum(w_B)
+    loss_sum = jnp.sum(0.5 * (start_nll_B + end_nll_B) * w_B)
+    loss = loss_sum / jnp.maximum(examples, 1.0)
+    return loss, {"loss": loss, "loss_sum": loss_sum, "examples": examples,
+                  "start_correct_sum": jnp.sum((jnp.argmax(start_BxL, -1) == batch["start"]) * w_B),
+                  "end_correct_sum": jnp.sum((jnp.argmax(end_BxL, -1) == batch["end"]) * w_B)}
+
+
 def _ratio(totals, num: str, den: str) -> float:
     return float(totals[num]) / max(float(totals[den]), 1.0)
 
@@ -117,10 +133,18 @@ def classify_summary(totals: dict) -> dict:
             "eval/macro_f1": macro_f1(totals["true_pos_C"], totals["predicted_C"], totals["actual_C"])}
 
 
+def qa_summary(totals: dict) -> dict:
+    """Per-window loss and start/end token accuracy; exact match and F1 come from modes' extra_eval."""
+    return {"eval/loss": _ratio(totals, "loss_sum", "examples"),
+            "eval/start_accuracy": _ratio(totals, "start_correct_sum", "examples"),
+            "eval/end_accuracy": _ratio(totals, "end_correct_sum", "examples")}
+
+
 OBJECTIVES = {
     "causal": causal_lm,
     "mlm": masked_lm,
     "classify": classify,
+    "qa": qa,
     "sft": causal_lm,  # packed chat rows: weights = the assistant-token loss mask
 }
 
@@ -129,6 +153,7 @@ SUMMARIES = {
     "causal": causal_summary,
     "mlm": mlm_summary,
     "classify": classify_summary,
+    "qa": qa_summary,
     "sft": causal_summary,  # loss / perplexity / accuracy over the trained (assistant) tokens
 }
 

@@ -26,7 +26,7 @@ def model_size(cfg: ml_collections.ConfigDict, name: str) -> None:
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "causal"  # training objective (objectives.OBJECTIVES): 'causal' | 'mlm' | 'classify' | 'sft'
+    c.mode = "causal"  # training objective (objectives.OBJECTIVES): 'causal' | 'mlm' | 'classify' | 'qa' | 'sft'
     c.init_from = ""  # a run's workdir: warm start the backbone from its latest checkpoint (new runs only)
     c.seed = 0  # parameter init, dropout and data order
 
@@ -90,6 +90,13 @@ def base() -> ml_collections.ConfigDict:
     r.targets = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down")  # kernels
     r.base_dtype = "float32"  # frozen base weights stored as 'float32' | 'bfloat16'
     r.train_new_rows = True  # also train a delta on the special tokens' embedding rows (new to a pretrained model)
+
+    c.qa = a = ml_collections.ConfigDict()  # mode='qa' only (data/qa.py, data/qa_eval.py)
+    a.val_path = ""  # validation JSONL; '' = hold out data.val_fraction of data.path by a hash of the context
+    a.doc_stride = 64  # context tokens shared by consecutive windows over a long context (< the room per window)
+    a.max_query_len = 32  # question tokens kept (the rest is cut)
+    a.max_answer_len = 30  # longest predicted answer, in tokens (span decoding)
+    a.strict = True  # a bad record (missing field, answer not at answer_start, no answer) raises naming file:line
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 1e-3  # peak learning rate

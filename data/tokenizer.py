@@ -50,6 +50,11 @@ class Tokenizer:
     def decode(self, ids) -> str:
         raise NotImplementedError
 
+    def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [N], char offsets [N, 2]): token i stands for text[start:end] (extractive QA). A token
+        holding part of a multi-byte character covers that whole character."""
+        raise NotImplementedError
+
     def to_json(self) -> dict:
         raise NotImplementedError
 
@@ -68,6 +73,11 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
+
+    def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.encode(text)
+        char_of_byte = np.repeat(np.arange(len(text)), [len(c.encode("utf-8")) for c in text])
+        return ids, np.stack([char_of_byte, char_of_byte + 1], axis=1).astype(np.int32).reshape(-1, 2)
 
     def to_json(self) -> dict:
         return {"kind": "byte"}
@@ -102,6 +112,10 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids if 0 <= int(i) < self.base_size)
+
+    def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        i = np.arange(len(text), dtype=np.int32)
+        return self.encode(text), np.stack([i, i + 1], axis=1).reshape(-1, 2)
 
     def to_json(self) -> dict:
         return {"kind": "char", "chars": self.chars}
@@ -150,6 +164,10 @@ class BPETokenizer(Tokenizer):
         """Many documents at once (parallel in Rust)."""
         encodings = self._tok.encode_batch_fast(texts, add_special_tokens=False)
         return [np.asarray(e.ids, np.int32) for e in encodings]
+
+    def encode_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return np.asarray(enc.ids, np.int32), np.asarray(enc.offsets, np.int32).reshape(-1, 2)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.base_size])

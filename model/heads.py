@@ -6,6 +6,7 @@ a masked-LM run's `params["backbone"]` (or from a causal run, whose whole tree i
 - MLM head: BERT's transform (dense, GELU, norm) then the backbone's tied output embedding
   (`Transformer.logits`, padded vocabulary rows masked).
 - NSP / classification heads: a small Dense (tanh pooler, then logits) on one pooled hidden state.
+- Span-QA head: one Dense(2) on every hidden state -> start and end logits (padding masked).
 """
 
 from __future__ import annotations
@@ -99,3 +100,22 @@ class Classifier(nn.Module):
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
         return self.cls_head(pool(h_BxLxD, segment_ids_BxL, self.pool), deterministic)
+
+
+class SpanQA(nn.Module):
+    """Backbone + a per-token Dense(2): start and end logits for extractive QA (pad positions -1e9)."""
+    cfg: ModelConfig
+
+    def setup(self):
+        self.backbone = Transformer(self.cfg)
+        self.qa_head = Dense(2, (axes.EMBED, None), dtype=self.cfg.compute_dtype, use_bias=True,
+                             kernel_init=nn.initializers.normal(self.cfg.init_std))
+
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, token_types_BxL=None,
+                 deterministic: bool = True):
+        """-> (start logits [B, L], end logits [B, L]) in float32."""
+        h_BxLxD = self.backbone.encode(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic, token_types_BxL)
+        logits_BxLx2 = self.qa_head(h_BxLxD).astype(jnp.float32)
+        if segment_ids_BxL is not None:
+            logits_BxLx2 = jnp.where((segment_ids_BxL != 0)[..., None], logits_BxLx2, -1e9)
+        return logits_BxLx2[..., 0], logits_BxLx2[..., 1]

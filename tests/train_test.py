@@ -13,7 +13,7 @@ from conftest import tiny_config
 import checkpoint
 import resilience
 import train
-from configs import finetune_classify, pretrain_causal, pretrain_mlm, sft
+from configs import finetune_classify, finetune_qa, pretrain_causal, pretrain_mlm, sft
 from metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,16 +55,29 @@ def _chat_jsonl(path, n, seed):
     return str(path)
 
 
-@pytest.mark.parametrize("mode", ["causal", "mlm", "classify", "sft", "sft_lora"])
+def _qa_jsonl(path, n, seed):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            context = " ".join(rng.choice(["ab", "cd", "ef", "gh"], 30)) + f" key {i}"
+            f.write(json.dumps({"id": str(i), "question": "key?", "context": context,
+                                "answers": [{"text": str(i), "answer_start": len(context) - len(str(i))}]}) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["causal", "mlm", "classify", "qa", "sft", "sft_lora"])
 def test_resume_is_exact(corpus_dir, tmp_path, mode):
-    module = {"causal": pretrain_causal, "mlm": pretrain_mlm, "classify": finetune_classify, "sft": sft,
-              "sft_lora": sft}[mode]
+    module = {"causal": pretrain_causal, "mlm": pretrain_mlm, "classify": finetune_classify, "qa": finetune_qa,
+              "sft": sft, "sft_lora": sft}[mode]
     straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
     kw = dict(train__steps=6, train__log_every=1, train__eval_every=100, train__checkpoint_every=100,
               model__dropout=0.1)
     if mode == "classify":
         corpus_dir = _classification_jsonl(tmp_path / "train.jsonl", 64, 0)
         kw["classify__val_path"] = _classification_jsonl(tmp_path / "val.jsonl", 16, 1)
+    if mode == "qa":
+        corpus_dir = _qa_jsonl(tmp_path / "train.jsonl", 32, 0)
+        kw["qa__val_path"] = _qa_jsonl(tmp_path / "val.jsonl", 8, 1)
     if mode.startswith("sft"):
         corpus_dir = _chat_jsonl(tmp_path / "train.jsonl", 96, 0)
         kw.update(sft__val_path=_chat_jsonl(tmp_path / "val.jsonl", 16, 1), sft__eval_generate=4)
