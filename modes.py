@@ -2,7 +2,8 @@
 objectives.OBJECTIVES[mode]). A new mode is an entry in MODES, an objective, maybe a head.
 
 Input builders return `Inputs` (tokenizer, this process's checkpointable train iterator, eval
-batches); model builders return the Flax module. `warm_start` loads a pretrained backbone.
+batches, optional decoding metrics); model builders return the model (LoRA-wrapped when
+lora.rank > 0). warmstart.py loads pretrained weights into it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ import logging
 import os
 from typing import Callable
 
-import flax.traverse_util
 import jax
 import numpy as np
 
 import checkpoint
 import steps
-import generation_eval
+import task_eval
 from data import chat, classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, qa as qa_data
-from data import qa_eval, sft as sft_data, sources
+from data import sft as sft_data, sources
 from data import tokenizer as tokenizer_lib
 from model import heads, lora
 
@@ -114,6 +114,31 @@ def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     return Inputs(tok, data_iter, eval_data)
 
 
+def _held_out(records: list[tuple[str, dict]], fmt: str, val_fraction: float, path: str):
+    """(train, val) records: a content-hash share `val_fraction` of `records` is validation."""
+    held = [pipeline.hash_unit(formats.record_text(r, fmt)) < val_fraction for _, r in records]
+    val = [x for x, h in zip(records, held) if h]
+    train = [x for x, h in zip(records, held) if not h]
+    if not val or not train:
+        raise sources.DataError(f"data.val_fraction={val_fraction} of {path!r} gave {len(train)} train and "
+                                f"{len(val)} validation records")
+    return train, val
+
+
+def _run_tokenizer(config, workdir: str, texts: list[str]) -> tokenizer_lib.Tokenizer:
+    """The run's saved tokenizer; else the warm-start run's (ids must match its embedding); else a new one."""
+    tok_path = os.path.join(workdir, "tokenizer.json")
+    if os.path.exists(tok_path):
+        return tokenizer_lib.load_tokenizer(tok_path)
+    if config.init_from:
+        tok = tokenizer_lib.load_tokenizer(os.path.join(config.init_from, "tokenizer.json"))
+    else:
+        tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, texts)
+    if jax.process_index() == 0:
+        tokenizer_lib.save_tokenizer(tok, tok_path)
+    return tok
+
+
 def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     c = config.classify
     train_recs, stats = classify_data.read_split(config.data.path, strict=c.strict)
@@ -147,28 +172,6 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     return Inputs(tok, data_iter, eval_data, num_classes=len(labels))
 
 
-def _qa_extra_eval(features: qa_data.QAFeatures, batch_size: int, max_answer_len: int) -> Callable:
-    """(model, params) -> SQuAD exact match / F1 (percent) over every validation example, all its windows."""
-    rows = [features[i] for i in range(len(features))]
-    rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (-len(rows) % batch_size)
-    batches = [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
-               for i in range(0, len(rows), batch_size)]
-    golds = {ex.id: [text for text, _ in ex.answers] for ex in features.examples}
-    cache = {}
-
-    def run(model, params) -> dict:
-        if "logits" not in cache:  # jitted once per run
-            cache["logits"] = jax.jit(lambda p, b: model.apply({"params": p}, b["inputs"], b["positions"],
-                                                               b["segment_ids"], b["token_types"]))
-        outs = [jax.device_get(cache["logits"](params, b)) for b in batches]
-        start_NxL = np.concatenate([o[0] for o in outs])[:len(features)]
-        end_NxL = np.concatenate([o[1] for o in outs])[:len(features)]
-        preds = qa_eval.predict_answers(features, start_NxL, end_NxL, max_answer_len)
-        scores = qa_eval.squad_scores(preds, golds)
-        return {"eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"]}
-    return run
-
-
 def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     c = config.qa
     train_exs, stats = qa_data.read_split(config.data.path, strict=c.strict)
@@ -193,32 +196,7 @@ def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
                                           what="QA windows", process_index=jax.process_index(),
                                           process_count=jax.process_count())
     eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
-    return Inputs(tok, data_iter, eval_data, extra_eval=_qa_extra_eval(val_src, micro_batch, c.max_answer_len))
-
-
-def _held_out(records: list[tuple[str, dict]], fmt: str, val_fraction: float, path: str):
-    """(train, val) records: a content-hash share `val_fraction` of `records` is validation."""
-    held = [pipeline.hash_unit(formats.record_text(r, fmt)) < val_fraction for _, r in records]
-    val = [x for x, h in zip(records, held) if h]
-    train = [x for x, h in zip(records, held) if not h]
-    if not val or not train:
-        raise sources.DataError(f"data.val_fraction={val_fraction} of {path!r} gave {len(train)} train and "
-                                f"{len(val)} validation records")
-    return train, val
-
-
-def _run_tokenizer(config, workdir: str, texts: list[str]) -> tokenizer_lib.Tokenizer:
-    """The run's saved tokenizer; else the warm-start run's (ids must match its embedding); else a new one."""
-    tok_path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(tok_path):
-        return tokenizer_lib.load_tokenizer(tok_path)
-    if config.init_from:
-        tok = tokenizer_lib.load_tokenizer(os.path.join(config.init_from, "tokenizer.json"))
-    else:
-        tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, texts)
-    if jax.process_index() == 0:
-        tokenizer_lib.save_tokenizer(tok, tok_path)
-    return tok
+    return Inputs(tok, data_iter, eval_data, extra_eval=task_eval.span_qa_eval(val_src, micro_batch, c.max_answer_len))
 
 
 def _chat_template(workdir: str) -> None:
@@ -260,8 +238,8 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     extra = None
     if f.eval_generate > 0:
         problems = sft_data.generation_problems(val_recs, tok, int(f.eval_generate))
-        extra = generation_eval.exact_match_eval(problems, tok, width=seq_len, max_new_tokens=int(f.max_new_tokens),
-                                                 batch_size=micro_batch)
+        extra = task_eval.exact_match_eval(problems, tok, width=seq_len, max_new_tokens=int(f.max_new_tokens),
+                                           batch_size=micro_batch)
     return Inputs(tok, data_iter, eval_data, extra_eval=extra)
 
 
@@ -318,67 +296,3 @@ def frozen_params(config) -> tuple[str, ...]:
     if config.mode == "classify" and config.classify.freeze_backbone:
         return ("backbone",)
     return ()
-
-
-def extend_rows(old_VxD: np.ndarray, rows: int) -> np.ndarray:
-    """An embedding table grown to `rows` rows: old rows untouched, new rows = the mean old row
-    (a new token starts as the average token rather than noise of a different scale)."""
-    old_VxD = np.asarray(old_VxD)
-    if rows < old_VxD.shape[0]:
-        raise ValueError(f"cannot shrink an embedding of {old_VxD.shape[0]} rows to {rows}")
-    new_NxD = np.broadcast_to(old_VxD.mean(axis=0, keepdims=True), (rows - old_VxD.shape[0], old_VxD.shape[1]))
-    return np.concatenate([old_VxD, new_NxD.astype(old_VxD.dtype)], axis=0)
-
-
-def _fit_loaded(name: str, loaded: np.ndarray, shape: tuple) -> np.ndarray | None:
-    """`loaded` as a param of `shape`: equal shapes, or a token table with fewer rows (extended)."""
-    if tuple(loaded.shape) == shape:
-        return loaded
-    if name.endswith("embed/embedding") and loaded.ndim == 2 and loaded.shape[1] == shape[1] \
-            and loaded.shape[0] < shape[0]:
-        return extend_rows(loaded, shape[0])
-    if name.endswith("lm_head/kernel") and loaded.ndim == 2 and loaded.shape[0] == shape[0] \
-            and loaded.shape[1] < shape[1]:
-        return extend_rows(loaded.T, shape[1]).T
-    return None
-
-
-def _subtree(params) -> tuple[str | None, dict]:
-    """Where pretrained weights go: a wrapper's 'backbone', a LoRA model's frozen 'base', or the whole tree."""
-    for name in ("backbone", "base"):
-        if name in params:
-            return name, params[name]
-    return None, params
-
-
-def warm_start(state, state_sh, init_from: str):
-    """Pretrained weights from `init_from`'s latest checkpoint (a wrapper's 'backbone', or a causal
-    run's whole tree) into this model's backbone / LoRA base / whole tree; everything else keeps its
-    fresh init. A token table with fewer rows is extended (old rows kept); other shape mismatches
-    raise naming the params. The log names what was loaded, extended and re-initialised."""
-    _, loaded, at = checkpoint.load_for_inference(init_from)
-    _, source_tree = _subtree(loaded)
-    where, target_tree = _subtree(state.params)
-    _, target_sh = _subtree(state_sh.params)
-    prefix = f"{where}/" if where else ""
-    source = flax.traverse_util.flatten_dict(dict(source_tree), sep="/")
-    target = flax.traverse_util.flatten_dict(dict(target_tree), sep="/")
-    fitted = {k: _fit_loaded(k, np.asarray(source[k]), tuple(v.shape)) for k, v in target.items() if k in source}
-    bad = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(target[k].shape)}"
-           for k, v in fitted.items() if v is None]
-    if bad:
-        raise checkpoint.IncompatibleCheckpointError(
-            f"init_from={init_from!r}: parameter shapes differ:\n  " + "\n  ".join(bad))
-    shardings = flax.traverse_util.flatten_dict(dict(target_sh), sep="/")
-    merged = {k: jax.device_put(fitted[k].astype(v.dtype), shardings[k]) if k in fitted else v
-              for k, v in target.items()}
-    extended = [f"{k} {tuple(source[k].shape)} -> {tuple(target[k].shape)}" for k in sorted(fitted)
-                if tuple(source[k].shape) != tuple(target[k].shape)]
-    fresh = sorted(prefix + k for k in target if k not in source)
-    fresh += sorted(k for k in state.params if where and k != where)
-    log.info("warm start from %s (step %d): loaded %d params into %s; extended: %s; re-initialised: %s; unused: %s",
-             init_from, at, len(fitted), where or "the model", ", ".join(extended) or "none",
-             ", ".join(fresh) or "none", ", ".join(sorted(set(source) - set(target))) or "none")
-    tree = flax.traverse_util.unflatten_dict(merged, sep="/")
-    params = dict(state.params, **{where: tree}) if where else tree
-    return state.replace(params=params)

@@ -26,6 +26,7 @@ import objectives
 import optim
 import sharding
 import steps
+import warmstart
 
 log = logging.getLogger("lmstack")
 
@@ -77,7 +78,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         tx = optim.freeze(tx, frozen)
     state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
     if config.init_from and latest is None:
-        state = modes.warm_start(state, state_sh, config.init_from)
+        state = warmstart.warm_start(state, state_sh, config.init_from)
     if latest is not None:
         state = checkpoint.restore(mngr, latest, steps.abstract_state(state_sh, state), data_iter)
         log.info("resumed from %s at step %d", mngr.directory, latest)

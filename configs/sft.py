@@ -26,11 +26,11 @@ def get_config(arg=None):
     c.sft.val_path = "datasets/tasks/val.jsonl"
     c.data.seq_len = 256
     c.data.batch_size = 16
-    c.train.steps = 500
+    c.train.steps = 1000
     c.train.log_every = 25
-    c.train.eval_every = 250
+    c.train.eval_every = 500
     c.train.eval_batches = 0  # 0 = the whole validation split
-    c.train.checkpoint_every = 250
+    c.train.checkpoint_every = 500
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 30
     c.optim.weight_decay = 0.0

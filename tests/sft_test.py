@@ -15,13 +15,14 @@ from conftest import tiny_config
 
 import checkpoint
 import evaluation
-import generation_eval
 import modes
 import sharding
 import steps
+import task_eval
 import train
+import warmstart
 from configs import sft as sft_config
-from data import chat, sft as sft_data, sources
+from data import chat, sft as sft_data
 from data.tokenizer import ByteTokenizer
 from model import decode, lora
 from model.transformer import ModelConfig, Transformer
@@ -102,7 +103,7 @@ def test_generation_problems_and_exact_match_scoring():
         def __call__(self, params, buf, lengths):
             ids = list(tok.encode("42")) + [tok.special_id("<|end|>")] * 3
             return np.tile(np.asarray(ids[:4]), (buf.shape[0], 1))
-    answers = generation_eval.answer(Echo(), None, problems, tok, width=16, batch_size=4)
+    answers = task_eval.answer(Echo(), None, problems, tok, width=16, batch_size=4)
     assert answers == ["42", "42"]
 
 
@@ -130,7 +131,7 @@ def test_sft_after_pretraining_learns_the_task(pretrained, copy_data, tmp_path):
     tok = ByteTokenizer()
     problems = sft_data.generation_problems(sft_data.read_split(va, strict=True)[0], tok, 32)
     model = steps.build_model(cfg, tok.vocab_size)
-    before = generation_eval.exact_match_eval(problems, tok, width=64, max_new_tokens=8, batch_size=8)(model, params)
+    before = task_eval.exact_match_eval(problems, tok, width=64, max_new_tokens=8, batch_size=8)(model, params)
     out = train.train_and_evaluate(cfg, str(tmp_path / "sft"))
     assert before["eval/exact_match"] == 0.0
     assert out["eval/exact_match"] >= 0.8 and out["eval/exact_match/copy"] == out["eval/exact_match"]
@@ -190,7 +191,7 @@ def test_warm_start_extends_a_smaller_embedding_keeping_old_rows(corpus_dir, cop
     model = steps.build_model(cfg, ByteTokenizer().vocab_size)  # vocab_multiple=64: 320 rows
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.sharding)
     state, state_sh = steps.init_state(model, optax.sgd(0.1), mesh, rules, 0, 64)
-    new = modes.warm_start(state, state_sh, pre).params
+    new = warmstart.warm_start(state, state_sh, pre).params
     _, old, _ = checkpoint.load_for_inference(pre)
     old_e, new_e = np.asarray(old["embed"]["embedding"]), np.asarray(new["embed"]["embedding"])
     assert old_e.shape[0] == 267 and new_e.shape[0] == 320
@@ -200,12 +201,12 @@ def test_warm_start_extends_a_smaller_embedding_keeping_old_rows(corpus_dir, cop
 
 def test_extend_rows_and_mismatch_errors():
     old = np.arange(12, dtype=np.float32).reshape(4, 3)
-    new = modes.extend_rows(old, 6)
+    new = warmstart.extend_rows(old, 6)
     np.testing.assert_array_equal(new[:4], old)
     np.testing.assert_array_equal(new[4], old.mean(0))
     with pytest.raises(ValueError, match="cannot shrink"):
-        modes.extend_rows(old, 3)
-    assert modes._fit_loaded("layers_0/attn/query/kernel", old, (4, 4)) is None
+        warmstart.extend_rows(old, 3)
+    assert warmstart._fit_loaded("layers_0/attn/query/kernel", old, (4, 4)) is None
 
 
 def test_a_resumed_run_refuses_a_different_chat_template(copy_data, tmp_path):

@@ -1,0 +1,84 @@
+"""Warm start: a pretrained run's weights into a new model (a head on its backbone, a LoRA base, SFT).
+
+`warm_start(state, state_shardings, init_from)` loads `init_from`'s latest checkpoint into this
+model's 'backbone' (task heads), 'base' (LoRA) or whole tree (causal / SFT); everything else
+keeps its fresh init. A token embedding with fewer rows (new tokens) is extended, its old rows
+untouched; any other shape mismatch is an error naming every differing parameter. The log says
+what was loaded, extended, re-initialised and left unused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import flax.traverse_util
+import jax
+import numpy as np
+
+import checkpoint
+
+log = logging.getLogger("lmstack")
+
+
+def extend_rows(old_VxD: np.ndarray, rows: int) -> np.ndarray:
+    """An embedding table grown to `rows` rows: old rows untouched, new rows = the mean old row
+    (a new token starts as the average token rather than noise of a different scale)."""
+    old_VxD = np.asarray(old_VxD)
+    if rows < old_VxD.shape[0]:
+        raise ValueError(f"cannot shrink an embedding of {old_VxD.shape[0]} rows to {rows}")
+    new_NxD = np.broadcast_to(old_VxD.mean(axis=0, keepdims=True), (rows - old_VxD.shape[0], old_VxD.shape[1]))
+    return np.concatenate([old_VxD, new_NxD.astype(old_VxD.dtype)], axis=0)
+
+
+def _fit_loaded(name: str, loaded: np.ndarray, shape: tuple) -> np.ndarray | None:
+    """`loaded` as a param of `shape`: equal shapes, or a token table with fewer rows (extended)."""
+    if tuple(loaded.shape) == shape:
+        return loaded
+    if name.endswith("embed/embedding") and loaded.ndim == 2 and loaded.shape[1] == shape[1] \
+            and loaded.shape[0] < shape[0]:
+        return extend_rows(loaded, shape[0])
+    if name.endswith("lm_head/kernel") and loaded.ndim == 2 and loaded.shape[0] == shape[0] \
+            and loaded.shape[1] < shape[1]:
+        return extend_rows(loaded.T, shape[1]).T
+    return None
+
+
+def _subtree(params) -> tuple[str | None, dict]:
+    """Where pretrained weights go: a wrapper's 'backbone', a LoRA model's frozen 'base', or the whole tree."""
+    for name in ("backbone", "base"):
+        if name in params:
+            return name, params[name]
+    return None, params
+
+
+def warm_start(state, state_sh, init_from: str):
+    """Pretrained weights from `init_from`'s latest checkpoint (a wrapper's 'backbone', or a causal
+    run's whole tree) into this model's backbone / LoRA base / whole tree; everything else keeps its
+    fresh init. A token table with fewer rows is extended (old rows kept); other shape mismatches
+    raise naming the params. The log names what was loaded, extended and re-initialised."""
+    _, loaded, at = checkpoint.load_for_inference(init_from)
+    _, source_tree = _subtree(loaded)
+    where, target_tree = _subtree(state.params)
+    _, target_sh = _subtree(state_sh.params)
+    prefix = f"{where}/" if where else ""
+    source = flax.traverse_util.flatten_dict(dict(source_tree), sep="/")
+    target = flax.traverse_util.flatten_dict(dict(target_tree), sep="/")
+    fitted = {k: _fit_loaded(k, np.asarray(source[k]), tuple(v.shape)) for k, v in target.items() if k in source}
+    bad = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(target[k].shape)}"
+           for k, v in fitted.items() if v is None]
+    if bad:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"init_from={init_from!r}: parameter shapes differ:\n  " + "\n  ".join(bad))
+    shardings = flax.traverse_util.flatten_dict(dict(target_sh), sep="/")
+    merged = {k: jax.device_put(fitted[k].astype(v.dtype), shardings[k]) if k in fitted else v
+              for k, v in target.items()}
+    extended = [f"{k} {tuple(source[k].shape)} -> {tuple(target[k].shape)}" for k in sorted(fitted)
+                if tuple(source[k].shape) != tuple(target[k].shape)]
+    fresh = sorted(prefix + k for k in target if k not in source)
+    fresh += sorted(k for k in state.params if where and k != where)
+    log.info("warm start from %s (step %d): loaded %d params into %s; extended: %s; re-initialised: %s; unused: %s",
+             init_from, at, len(fitted), where or "the model", ", ".join(extended) or "none",
+             ", ".join(fresh) or "none", ", ".join(sorted(set(source) - set(target))) or "none")
+    tree = flax.traverse_util.unflatten_dict(merged, sep="/")
+    params = dict(state.params, **{where: tree}) if where else tree
+    return state.replace(params=params)
