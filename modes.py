@@ -114,15 +114,20 @@ def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     return Inputs(tok, data_iter, eval_data)
 
 
-def _held_out(records: list[tuple[str, dict]], fmt: str, val_fraction: float, path: str):
-    """(train, val) records: a content-hash share `val_fraction` of `records` is validation."""
-    held = [pipeline.hash_unit(formats.record_text(r, fmt)) < val_fraction for _, r in records]
-    val = [x for x, h in zip(records, held) if h]
-    train = [x for x, h in zip(records, held) if not h]
+def _train_val_records(config, section, fmt: str):
+    """(train records, stats, validation records, stats) of a task mode: `section.val_path` is the
+    validation file; without one, a content-hash share data.val_fraction of data.path is held out."""
+    train, stats = formats.read_split(config.data.path, fmt, strict=section.strict)
+    if section.val_path:
+        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
+        return train, stats, val, val_stats
+    held = [pipeline.hash_unit(formats.record_text(r, fmt)) < config.data.val_fraction for _, r in train]
+    val = [x for x, h in zip(train, held) if h]
+    train = [x for x, h in zip(train, held) if not h]
     if not val or not train:
-        raise sources.DataError(f"data.val_fraction={val_fraction} of {path!r} gave {len(train)} train and "
-                                f"{len(val)} validation records")
-    return train, val
+        raise sources.DataError(f"data.val_fraction={config.data.val_fraction} of {config.data.path!r} gave "
+                                f"{len(train)} train and {len(val)} validation records")
+    return train, stats, val, sources.ReadStats()
 
 
 def _run_tokenizer(config, workdir: str, texts: list[str]) -> tokenizer_lib.Tokenizer:
@@ -141,12 +146,7 @@ def _run_tokenizer(config, workdir: str, texts: list[str]) -> tokenizer_lib.Toke
 
 def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     c = config.classify
-    train_recs, stats = classify_data.read_split(config.data.path, strict=c.strict)
-    if c.val_path:
-        val_recs, val_stats = classify_data.read_split(c.val_path, strict=c.strict)
-    else:
-        train_recs, val_recs = _held_out(train_recs, "classification", config.data.val_fraction, config.data.path)
-        val_stats = sources.ReadStats()
+    train_recs, stats, val_recs, val_stats = _train_val_records(config, c, "classification")
     labels_path = os.path.join(workdir, "labels.json")
     labels = classify_data.build_labels(train_recs)
     if os.path.exists(labels_path):
@@ -212,12 +212,7 @@ def _chat_template(workdir: str) -> None:
 
 def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     f = config.sft
-    train_recs, stats = sft_data.read_split(config.data.path, strict=f.strict)
-    if f.val_path:
-        val_recs, val_stats = sft_data.read_split(f.val_path, strict=f.strict)
-    else:
-        train_recs, val_recs = _held_out(train_recs, "chat", config.data.val_fraction, config.data.path)
-        val_stats = sources.ReadStats()
+    train_recs, stats, val_recs, val_stats = _train_val_records(config, f, "chat")
     tok = _run_tokenizer(config, workdir, [formats.record_text(r, "chat") for _, r in train_recs])
     _chat_template(workdir)
     seq_len = config.data.seq_len

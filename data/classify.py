@@ -16,17 +16,13 @@ import json
 import numpy as np
 
 from data import formats
-from data.sources import DataError, ReadStats, Source
+from data.sources import DataError, ReadStats
 from data.tokenizer import Tokenizer
 
 
 def read_split(path: str, *, strict: bool) -> tuple[list[tuple[str, dict]], ReadStats]:
     """(where, record) pairs of a classification JSONL file/directory, validated."""
-    stats = ReadStats()
-    records = list(formats.read_records(Source(kind="files", path=path), "classification", stats, strict=strict))
-    if not records:
-        raise DataError(f"{path!r}: no valid classification records ({stats.summary()})")
-    return records, stats
+    return formats.read_split(path, "classification", strict=strict)
 
 
 def _label_key(label):

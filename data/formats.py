@@ -162,3 +162,12 @@ def read_records(src: Source, fmt: str, stats: ReadStats, *, strict: bool = Fals
             continue
         stats.documents += 1
         yield where, record
+
+
+def read_split(path: str, fmt: str, *, strict: bool) -> tuple[list[tuple[str, dict]], ReadStats]:
+    """All valid (where, record) pairs of a `fmt` file/directory/glob; an error if none is valid."""
+    stats = ReadStats()
+    records = list(read_records(Source(kind="files", path=path), fmt, stats, strict=strict))
+    if not records:
+        raise DataError(f"{path!r}: no valid {fmt} records ({stats.summary()})")
+    return records, stats

@@ -22,17 +22,13 @@ import dataclasses
 import numpy as np
 
 from data import chat, formats
-from data.sources import DataError, ReadStats, Source
+from data.sources import ReadStats
 from data.tokenizer import Tokenizer
 
 
 def read_split(path: str, *, strict: bool) -> tuple[list[tuple[str, dict]], ReadStats]:
     """(where, record) pairs of a chat JSONL file/directory/glob, validated."""
-    stats = ReadStats()
-    records = list(formats.read_records(Source(kind="files", path=path), "chat", stats, strict=strict))
-    if not records:
-        raise DataError(f"{path!r}: no valid chat records ({stats.summary()})")
-    return records, stats
+    return formats.read_split(path, "chat", strict=strict)
 
 
 def render_split(records: list[tuple[str, dict]], tok: Tokenizer, stats: ReadStats, *, seq_len: int,
