@@ -121,13 +121,19 @@ def _train_val_records(config, section, fmt: str):
     if section.val_path:
         val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
         return train, stats, val, val_stats
-    held = [pipeline.hash_unit(formats.record_text(r, fmt)) < config.data.val_fraction for _, r in train]
-    val = [x for x, h in zip(train, held) if h]
-    train = [x for x, h in zip(train, held) if not h]
+    train, val = _hash_held_out(train, lambda x: formats.record_text(x[1], fmt), config)
+    return train, stats, val, sources.ReadStats()
+
+
+def _hash_held_out(items: list, key, config) -> tuple[list, list]:
+    """(train, val): items whose hash_unit(key(item)) < data.val_fraction are validation; both non-empty."""
+    held = [pipeline.hash_unit(key(x)) < config.data.val_fraction for x in items]
+    val = [x for x, h in zip(items, held) if h]
+    train = [x for x, h in zip(items, held) if not h]
     if not val or not train:
         raise sources.DataError(f"data.val_fraction={config.data.val_fraction} of {config.data.path!r} gave "
                                 f"{len(train)} train and {len(val)} validation records")
-    return train, stats, val, sources.ReadStats()
+    return train, val
 
 
 def _run_tokenizer(config, workdir: str, texts: list[str]) -> tokenizer_lib.Tokenizer:
@@ -178,13 +184,8 @@ def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     if c.val_path:
         val_exs, val_stats = qa_data.read_split(c.val_path, strict=c.strict)
     else:  # by context, so questions about one passage stay on one side
-        held = [pipeline.hash_unit(ex.context) < config.data.val_fraction for ex in train_exs]
-        val_exs = [x for x, h in zip(train_exs, held) if h]
-        train_exs = [x for x, h in zip(train_exs, held) if not h]
+        train_exs, val_exs = _hash_held_out(train_exs, lambda ex: ex.context, config)
         val_stats = sources.ReadStats()
-        if not val_exs or not train_exs:
-            raise sources.DataError(f"data.val_fraction={config.data.val_fraction} of {config.data.path!r} gave "
-                                    f"{len(train_exs)} train and {len(val_exs)} validation records")
     tok = _run_tokenizer(config, workdir, [ex.context + "\n" + ex.question for ex in train_exs])
     make = functools.partial(qa_data.make_features, tok=tok, seq_len=config.data.seq_len,
                              max_query_len=c.max_query_len, doc_stride=c.doc_stride)
@@ -229,7 +230,7 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,
                                           what="packed SFT rows" if f.pack else "SFT conversations",
                                           process_index=jax.process_index(), process_count=jax.process_count())
-    eval_data = sft_data.eval_batches(val_rows, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    eval_data = pipeline.padded_batches(val_rows, batch_size=micro_batch, max_batches=config.train.eval_batches)
     extra = None
     if f.eval_generate > 0:
         problems = sft_data.generation_problems(val_recs, tok, int(f.eval_generate))

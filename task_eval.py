@@ -15,7 +15,7 @@ import collections
 import jax
 import numpy as np
 
-from data import chat, qa as qa_data, qa_eval, tasks
+from data import chat, pipeline, qa as qa_data, qa_eval, tasks
 from data.sft import Problem
 from data.tokenizer import Tokenizer
 from model import decode
@@ -60,10 +60,7 @@ def exact_match_eval(problems: list[Problem], tok: Tokenizer, *, width: int, max
 
 def span_qa_eval(features: qa_data.QAFeatures, batch_size: int, max_answer_len: int):
     """(model, params) -> SQuAD exact match / F1 (percent) over every validation example, all its windows."""
-    rows = [features[i] for i in range(len(features))]
-    rows += [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (-len(rows) % batch_size)
-    batches = [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
-               for i in range(0, len(rows), batch_size)]
+    batches = pipeline.padded_batches(features, batch_size=batch_size, max_batches=0)
     golds = {ex.id: [text for text, _ in ex.answers] for ex in features.examples}
     cache = {}
 

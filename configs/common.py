@@ -117,7 +117,7 @@ def base() -> ml_collections.ConfigDict:
     t.stop_after = 0  # stop with a checkpoint after this step (time-sliced jobs); 0 = run to train.steps
     t.log_every = 50  # train metrics + progress line
     t.eval_every = 250  # validation loss (and at the end)
-    t.eval_batches = 20  # validation batches per evaluation (fewer if the split is small; classify: 0 = all)
+    t.eval_batches = 20  # validation batches per evaluation (fewer if the split is small; 0 = all)
     t.checkpoint_every = 500  # checkpoint period (and always at the end)
     t.keep_checkpoints = 3  # checkpoints kept
     t.async_checkpoint = True  # write checkpoints in the background

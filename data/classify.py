@@ -16,6 +16,7 @@ import json
 import numpy as np
 
 from data import formats
+from data.pipeline import padded_batches
 from data.sources import DataError, ReadStats
 from data.tokenizer import Tokenizer
 
@@ -110,9 +111,4 @@ def make_source(records, tok: Tokenizer, labels: list, seq_len: int, pool: str, 
 
 def eval_batches(source: ClassifySource, *, batch_size: int, max_batches: int) -> list[dict]:
     """The first `max_batches` batches (0 = all) in order; the last padded with zero-weight rows."""
-    n = len(source) if max_batches <= 0 else min(len(source), max_batches * batch_size)
-    rows = [source[i] for i in range(n)]
-    while len(rows) % batch_size:
-        rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
-    return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
-            for i in range(0, len(rows), batch_size)]
+    return padded_batches(source, batch_size=batch_size, max_batches=max_batches)

@@ -121,12 +121,7 @@ def train_iterator(source: MlmSource, *, global_batch: int, seed: int, process_i
 
 
 def eval_batches(source: MlmSource, *, batch_size: int, max_batches: int) -> list[dict]:
-    """The first `max_batches` batches in order; the last padded with all-zero-weight rows."""
+    """The first `max_batches` batches (0 = all) in order; the last padded with all-zero-weight rows."""
     if len(source) == 0:
         raise DataError("the validation split gives no MLM examples; raise data.val_fraction")
-    n = min(len(source), max_batches * batch_size)
-    rows = [source[i] for i in range(n)]
-    while len(rows) % batch_size:
-        rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
-    return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
-            for i in range(0, len(rows), batch_size)]
+    return pipeline.padded_batches(source, batch_size=batch_size, max_batches=max_batches)

@@ -133,16 +133,21 @@ def shuffled_batches(source, *, global_batch: int, seed: int, what: str, process
 
 
 def eval_batches(stream: TokenStream, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
-    """The first `max_batches` batches of the split, in order; the last one padded with
-    zero-weight rows. A split shorter than one window is an error naming its size."""
+    """The first `max_batches` batches (0 = all) of the split's windows, in order; the last one
+    padded with zero-weight rows. A split shorter than one window is an error naming its size."""
     source = WindowSource(stream, seq_len)
     if len(source) == 0:
         raise DataError(f"the validation split has {len(stream)} tokens, less than one window of "
                         f"data.seq_len={seq_len}; lower seq_len or raise data.val_fraction")
-    n = min(len(source), max_batches * batch_size)
+    return padded_batches(source, batch_size=batch_size, max_batches=max_batches)
+
+
+def padded_batches(source, *, batch_size: int, max_batches: int) -> list[dict]:
+    """The first `max_batches` batches (0 = all) of a random-access source of example dicts, in
+    order; the last one padded with all-zero rows (zero weight, segment id 0): every mode's eval set."""
+    n = len(source) if max_batches <= 0 else min(len(source), max_batches * batch_size)
     rows = [source[i] for i in range(n)]
-    while len(rows) % batch_size:
-        pad = {k: np.zeros_like(v) for k, v in rows[0].items()}
-        rows.append(pad)
+    while rows and len(rows) % batch_size:
+        rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
     return [{k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
             for i in range(0, len(rows), batch_size)]

@@ -49,15 +49,6 @@ def make_rows(rendered, *, seq_len: int, pad_id: int, pack: bool, fit: str) -> l
     return [next(chat.pack_conversations([conv], seq_len, pad_id=pad_id)) for conv in rendered]
 
 
-def eval_batches(rows: list[dict[str, np.ndarray]], *, batch_size: int, max_batches: int) -> list[dict]:
-    """All rows (or the first max_batches * batch_size) in order; the last batch padded with zero-weight rows."""
-    n = len(rows) if max_batches <= 0 else min(len(rows), max_batches * batch_size)
-    rows = list(rows[:n])
-    while len(rows) % batch_size:
-        rows.append({k: np.zeros_like(v) for k, v in rows[0].items()})
-    return [chat.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-
-
 @dataclasses.dataclass(frozen=True)
 class Problem:
     prompt: np.ndarray  # int32 ids ending in <|assistant|>
