@@ -21,15 +21,20 @@ NEG_INF = -1e30
 
 
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (rotate-half convention) in float32."""
+    """Rotary position embedding (rotate-half convention) in float32.
+
+    Written as x * cos + swap_halves(x) * [-sin, sin]: one concatenate instead of two splits
+    and a concatenate of four products, which made the fwd+bwd 3.3x faster on CPU.
+    """
     k = x_BxLxHxK.shape[-1]
     inv_freq_K2 = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
     angle_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2[None, None, :]
-    sin_BxLx1xK2 = jnp.sin(angle_BxLxK2)[:, :, None, :]
-    cos_BxLx1xK2 = jnp.cos(angle_BxLxK2)[:, :, None, :]
-    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos_BxLx1xK2 - x2 * sin_BxLx1xK2,
-                            x2 * cos_BxLx1xK2 + x1 * sin_BxLx1xK2], axis=-1)
+    sin_BxLxK2, cos_BxLxK2 = jnp.sin(angle_BxLxK2), jnp.cos(angle_BxLxK2)
+    sin_BxLx1xK = jnp.concatenate([-sin_BxLxK2, sin_BxLxK2], axis=-1)[:, :, None, :]
+    cos_BxLx1xK = jnp.concatenate([cos_BxLxK2, cos_BxLxK2], axis=-1)[:, :, None, :]
+    x_BxLxHxK = x_BxLxHxK.astype(jnp.float32)
+    x1, x2 = jnp.split(x_BxLxHxK, 2, axis=-1)
+    return x_BxLxHxK * cos_BxLx1xK + jnp.concatenate([x2, x1], axis=-1) * sin_BxLx1xK
 
 
 def attention_mask(segment_ids_BxL: jax.Array, causal: bool) -> jax.Array:
@@ -43,24 +48,48 @@ def attention_mask(segment_ids_BxL: jax.Array, causal: bool) -> jax.Array:
     return mask_BxLxL[:, None]
 
 
+# Query rows per block when causal attention skips the key blocks above the diagonal (the
+# [L, L] work then shrinks by about half). 128 measured best at L = 256 on CPU.
+CAUSAL_BLOCK = 128
+
+
+def _row_major(x):
+    """x, pinned to a row-major layout on CPU.
+
+    XLA:CPU's layout assignment likes to turn a transpose feeding a dot into a column-major
+    layout of the dot operand; its bf16 dot library (YNNPACK) only takes row-major operands, so
+    such dots silently ran in f32 at about half the speed (and a transposed dot *output* could
+    even fail with "Unsupported element type for DotThunk: BF16 x BF16 = F32"). A reshape to 2-D
+    behind an optimization barrier has only one layout that keeps it a bitcast: row-major.
+    """
+    if x.ndim < 2 or jax.default_backend() != "cpu":
+        return x
+    return jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
+def _t(x, dtype):
+    """The last two dims swapped, in `dtype`, materialised row-major."""
+    return _row_major(jnp.swapaxes(x.astype(dtype), -1, -2))
+
+
 def _bmm(a_XxMxK, b_XxKxN, dtype):
-    """Batched a @ b over leading dims, operands in `dtype`, float32 result."""
+    """Batched a @ b over leading dims, operands in `dtype`, float32 (row-major) result."""
     batch = tuple(range(a_XxMxK.ndim - 2))
-    return jax.lax.dot_general(a_XxMxK.astype(dtype), b_XxKxN.astype(dtype),
-                               (((a_XxMxK.ndim - 1,), (b_XxKxN.ndim - 2,)), (batch, batch)),
-                               preferred_element_type=jnp.float32)
+    return _row_major(jax.lax.dot_general(
+        a_XxMxK.astype(dtype), b_XxKxN.astype(dtype),
+        (((a_XxMxK.ndim - 1,), (b_XxKxN.ndim - 2,)), (batch, batch)), preferred_element_type=jnp.float32))
 
 
-def _attend(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype):
-    scores_BxHxLxL = _bmm(q_BxHxLxK, jnp.swapaxes(k_BxHxLxK, -1, -2), dtype)
-    scores_BxHxLxL = jnp.where(mask_Bx1xLxL, scores_BxHxLxL, NEG_INF)
-    probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
-    return _bmm(probs_BxHxLxL, v_BxHxLxK, dtype), probs_BxHxLxL
+def _attend(q_BxHxQxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xQxS, dtype):
+    scores_BxHxQxS = _bmm(q_BxHxQxK, _t(k_BxHxSxK, dtype), dtype)
+    scores_BxHxQxS = jnp.where(mask_Bx1xQxS, scores_BxHxQxS, NEG_INF)
+    probs_BxHxQxS = jax.nn.softmax(scores_BxHxQxS, axis=-1)
+    return _bmm(probs_BxHxQxS, v_BxHxSxK, dtype), probs_BxHxQxS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _lowp_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype):
-    return _attend(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype)[0]
+def _lowp_attention(q_BxHxQxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xQxS, dtype):
+    return _attend(q_BxHxQxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xQxS, dtype)[0]
 
 
 def _lowp_attention_fwd(q, k, v, mask, dtype):
@@ -68,31 +97,44 @@ def _lowp_attention_fwd(q, k, v, mask, dtype):
     return out, (q.astype(dtype), k.astype(dtype), v.astype(dtype), probs.astype(dtype), mask)
 
 
-def _lowp_attention_bwd(dtype, res, dout_BxHxLxK):
-    q, k, v, probs_BxHxLxL, mask = res
+def _lowp_attention_bwd(dtype, res, dout_BxHxQxK):
+    q, k, v, probs_BxHxQxS, mask = res
     # Every product is a canonical batched matmul ([..., m, k] @ [..., k, n]) with low-precision
-    # operands: the CPU dot kernels reject bf16 contractions over other dimensions.
-    dv_BxHxLxK = _bmm(jnp.swapaxes(probs_BxHxLxL, -1, -2), dout_BxHxLxK, dtype)
-    dprobs_BxHxLxL = _bmm(dout_BxHxLxK, jnp.swapaxes(v, -1, -2), dtype)
-    p = probs_BxHxLxL.astype(jnp.float32)
-    dscores_BxHxLxL = p * (dprobs_BxHxLxL - jnp.sum(dprobs_BxHxLxL * p, axis=-1, keepdims=True))
-    dq_BxHxLxK = _bmm(dscores_BxHxLxL, k, dtype)
-    dk_BxHxLxK = _bmm(jnp.swapaxes(dscores_BxHxLxL, -1, -2), q, dtype)
-    return dq_BxHxLxK, dk_BxHxLxK, dv_BxHxLxK, None
+    # operands; only the small [Q or S, K] tensors are transposed, never the [Q, S] ones
+    # (dv^T = dout^T p and dk^T = q^T dscores instead of p^T dout and dscores^T q).
+    dv_BxHxSxK = jnp.swapaxes(_bmm(_t(dout_BxHxQxK, dtype), probs_BxHxQxS, dtype), -1, -2)
+    dprobs_BxHxQxS = _bmm(dout_BxHxQxK, _t(v, dtype), dtype)
+    p = probs_BxHxQxS.astype(jnp.float32)
+    dscores_BxHxQxS = p * (dprobs_BxHxQxS - jnp.sum(dprobs_BxHxQxS * p, axis=-1, keepdims=True))
+    dq_BxHxQxK = _bmm(dscores_BxHxQxS, k, dtype)
+    dk_BxHxSxK = jnp.swapaxes(_bmm(_t(q, dtype), dscores_BxHxQxS, dtype), -1, -2)
+    return dq_BxHxQxK, dk_BxHxSxK, dv_BxHxSxK, None
 
 
 _lowp_attention.defvjp(_lowp_attention_fwd, _lowp_attention_bwd)
 
 
-def dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype=jnp.float32):
+def dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype=jnp.float32,
+                          causal: bool = False):
     """softmax(q k^T + mask) v with float32 scores and softmax; q is pre-scaled.
 
-    With a low-precision `dtype` the four matmuls (two forward, four backward) take bf16
-    operands with float32 accumulation, the backward pass included (a custom VJP).
+    With a low-precision `dtype` the matmuls (two forward, four backward) take bf16 operands
+    with float32 accumulation, the backward pass included (a custom VJP). `causal=True`
+    promises the mask is causal (it may also mask more): query block i then only looks at
+    keys up to its own last row, skipping the all-masked blocks above the diagonal.
     """
     if jnp.dtype(dtype) == jnp.float32:
         return _attend(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, jnp.float32)[0]
-    return _lowp_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, jnp.dtype(dtype))
+    dtype = jnp.dtype(dtype)
+    length = q_BxHxLxK.shape[2]
+    if not causal or length <= CAUSAL_BLOCK:
+        return _lowp_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype)
+    outs = []
+    for start in range(0, length, CAUSAL_BLOCK):
+        end = min(start + CAUSAL_BLOCK, length)
+        outs.append(_lowp_attention(q_BxHxLxK[:, :, start:end], k_BxHxLxK[:, :, :end], v_BxHxLxK[:, :, :end],
+                                    mask_Bx1xLxL[:, :, start:end, :end], dtype))
+    return jnp.concatenate(outs, axis=2)
 
 
 class Attention(nn.Module):
@@ -140,7 +182,8 @@ class Attention(nn.Module):
             probs_BxHxLxL = nn.Dropout(self.dropout)(probs_BxHxLxL, deterministic=False)
             out_BxHxLxK = jnp.einsum("bhqs,bhsk->bhqk", probs_BxHxLxL, v_BxHxLxK.astype(jnp.float32))
         else:
-            out_BxHxLxK = dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, self.dtype)
+            out_BxHxLxK = dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, self.dtype,
+                                                causal=self.causal)
         out_BxLxHK = jnp.swapaxes(out_BxHxLxK, 1, 2).reshape(b, length, h * k)
         out_BxLxHK = nn.with_logical_constraint(out_BxLxHK, (axes.BATCH, axes.LENGTH, axes.HEADS))
         return Dense(d, (axes.HEADS, axes.EMBED), dtype=self.dtype, use_bias=self.use_bias,
