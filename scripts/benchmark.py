@@ -6,10 +6,10 @@
     python scripts/benchmark.py --config=... --what=eval|data|decode             # other paths
 
 Prints JSON: tokens_per_s, step_ms, model_flops_per_token, achieved_gflops, mfu (against
---peak_gflops, default config.train.peak_flops). Timing: compile once, warm up, then the
-median over timed steps. These 2-core machines switch between fast and slow states every few
-seconds, so --vs-torch alternates short blocks of JAX and PyTorch steps in one process and
-reports the median of per-round ratios (torch extras: requirements-dev.txt).
+--peak_gflops, default config.train.peak_flops). Timing: compile once, warm up, then
+timed blocks of steps run back to back (see `timed`). These 2-core machines switch between
+fast and slow states every few seconds, so --vs-torch alternates short blocks of JAX and
+PyTorch steps in one process and reports the median of per-round ratios (torch extras: requirements-dev.txt).
 
 --gpt2 makes our model GPT-2 shaped (GELU MLP with d_ff = 4 d, LayerNorm, learned positions,
 biases) so a comparison is at exactly the same parameter count; --vs-torch implies it.
@@ -96,12 +96,12 @@ def make_jax_step(config, num_tokens: int, eval_only: bool = False):
     if eval_only:
         evaluate = steps.make_eval_step(model=model, objective=objectives.OBJECTIVES[config.mode], mesh=mesh,
                                         rules=rules, state_shardings=sh)
-        return (lambda: float(evaluate(state.params, batch)["loss_sum"]), b * length, n_params,
+        return (lambda: evaluate(state.params, batch)["loss_sum"], b * length, n_params,
                 model.cfg.flops_per_token(length) / 3)
 
     def run():
         holder["state"], m = step(holder["state"], batch)
-        return float(m["loss"])  # forces completion
+        return m["loss"]  # not fetched: train.py never waits on a step's metrics either
     return run, b * length, n_params, model.cfg.flops_per_token(length)
 
 
@@ -144,12 +144,18 @@ def bench_decode(config, num_tokens: int) -> dict:
 
 
 def timed(run, n: int) -> float:
-    times = []
+    """Seconds per call: n calls back to back, one wait at the end.
+
+    This is how train.py runs steps (metrics are fetched a log period late, so the host
+    dispatches step t+1 while step t computes); PyTorch's eager CPU steps are synchronous
+    anyway. Waiting on every step would add JAX's ~2-3 ms host dispatch to each step.
+    """
+    t = time.perf_counter()
+    out = None
     for _ in range(n):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        out = run()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / n
 
 
 def main(argv):
