@@ -29,6 +29,20 @@ def _attn_implementation() -> str:
     return "sdpa" if sdpa_ok and getattr(transformers.GPT2LMHeadModel, "_supports_sdpa", False) else "eager"
 
 
+def make_model(*, n_layer: int, n_head: int, n_embd: int, block_size: int,
+               vocab_size: int) -> transformers.GPT2LMHeadModel:
+    """A freshly initialised GPT2LMHeadModel (from torch's global RNG): dropout off everywhere,
+    LM head tied to the token embedding, attention via ``_attn_implementation()``."""
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
+        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+        attn_implementation=_attn_implementation())
+    model = transformers.GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # the shifted next-token cross-entropy (silences a warning)
+    return model
+
+
 def make_train_step(*, n_layer: int, n_head: int, n_embd: int, block_size: int, vocab_size: int,
                     batch_size: int, lr: float = 1e-3, bf16: bool = False, seed: int = 0,
                     threads: int | None = None) -> tuple[Callable[[], float], int, int]:
@@ -45,13 +59,8 @@ def make_train_step(*, n_layer: int, n_head: int, n_embd: int, block_size: int, 
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
-        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-        attn_implementation=_attn_implementation())
-    model = transformers.GPT2LMHeadModel(config)
-    model.loss_type = "ForCausalLM"  # the shifted next-token cross-entropy (silences a warning)
+    model = make_model(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                       vocab_size=vocab_size)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.1)
