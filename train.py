@@ -11,22 +11,24 @@ import json
 import logging
 import time
 
-import jax
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+_PROCESS_T0 = time.time()  # before jax is imported: 'time/since_start_s' includes start-up
 
-import checkpoint
-import evaluation
-import hostenv
-import resilience
-import metrics as metrics_lib
-import modes
-import objectives
-import optim
-import sharding
-import steps
-import warmstart
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import checkpoint  # noqa: E402
+import evaluation  # noqa: E402
+import hostenv  # noqa: E402
+import resilience  # noqa: E402
+import metrics as metrics_lib  # noqa: E402
+import modes  # noqa: E402
+import objectives  # noqa: E402
+import optim  # noqa: E402
+import sharding  # noqa: E402
+import steps  # noqa: E402
+import warmstart  # noqa: E402
 
 log = logging.getLogger("lmstack")
 
@@ -161,6 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if is_eval:
                 scalars = evaluation.run_eval(eval_step, state.params, inputs, mode=config.mode, model=model,
                                               mesh=mesh, rules=rules, batch_sharding=batch_sharding)
+                scalars["time/since_start_s"] = time.time() - _PROCESS_T0  # wall time to this eval's result
                 writer.write(step, scalars)
                 progress.print(step, scalars)
                 last.update(scalars)
