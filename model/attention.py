@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from model import axes
-from model.layers import Dense
+from model.layers import Dense, row_major as _row_major
 
 NEG_INF = -1e30
 
@@ -53,20 +53,6 @@ def attention_mask(segment_ids_BxL: jax.Array, causal: bool) -> jax.Array:
 CAUSAL_BLOCK = 128
 
 
-def _row_major(x):
-    """x, pinned to a row-major layout on CPU.
-
-    XLA:CPU's layout assignment likes to turn a transpose feeding a dot into a column-major
-    layout of the dot operand; its bf16 dot library (YNNPACK) only takes row-major operands, so
-    such dots silently ran in f32 at about half the speed (and a transposed dot *output* could
-    even fail with "Unsupported element type for DotThunk: BF16 x BF16 = F32"). A reshape to 2-D
-    behind an optimization barrier has only one layout that keeps it a bitcast: row-major.
-    """
-    if x.ndim < 2 or jax.default_backend() != "cpu":
-        return x
-    return jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-
-
 def _t(x, dtype):
     """The last two dims swapped, in `dtype`, materialised row-major."""
     return _row_major(jnp.swapaxes(x.astype(dtype), -1, -2))
@@ -76,7 +62,7 @@ def _bmm(a_XxMxK, b_XxKxN, dtype):
     """Batched a @ b over leading dims, operands in `dtype`, float32 (row-major) result."""
     batch = tuple(range(a_XxMxK.ndim - 2))
     return _row_major(jax.lax.dot_general(
-        a_XxMxK.astype(dtype), b_XxKxN.astype(dtype),
+        _row_major(a_XxMxK.astype(dtype)), _row_major(b_XxKxN.astype(dtype)),
         (((a_XxMxK.ndim - 1,), (b_XxKxN.ndim - 2,)), (batch, batch)), preferred_element_type=jnp.float32))
 
 

@@ -21,6 +21,21 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
+def row_major(x: jax.Array) -> jax.Array:
+    """x, pinned to a row-major layout on CPU (identity elsewhere).
+
+    XLA:CPU's layout assignment likes to turn a transpose feeding a dot into a column-major
+    layout of the dot operand. Its bf16 dot library (YNNPACK) takes only row-major operands,
+    so such dots silently ran in f32 at about half the speed (and a transposed dot *output*
+    could even fail with "Unsupported element type for DotThunk: BF16 x BF16 = F32"). A
+    reshape to 2-D behind an optimization barrier has one layout that keeps it a bitcast:
+    row-major. scripts/profile_step.py shows each dot's operand dtype.
+    """
+    if x.ndim < 2 or jax.default_backend() != "cpu":
+        return x
+    return jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+
 def _dot(x_NxK: jax.Array, w_KxM: jax.Array, dtype: Dtype) -> jax.Array:
     return jax.lax.dot_general(
         x_NxK.astype(dtype), w_KxM.astype(dtype), (((x_NxK.ndim - 1,), (0,)), ((), ())),
@@ -44,8 +59,8 @@ def _lowp_bwd(dtype, res, g_NxM):
     g_NxM = g_NxM.astype(dtype)
     dx_NxK = _dot(g_NxM, w_KxM.T, dtype)
     k, m = w_KxM.shape
-    # Transpose explicitly so the weight-gradient dot contracts over the last dimension.
-    dw_KxM = _dot(x_NxK.reshape(-1, k).T, g_NxM.reshape(-1, m), dtype)
+    # Transpose explicitly (and materialise it row-major) so the weight-gradient dot is canonical.
+    dw_KxM = _dot(row_major(x_NxK.reshape(-1, k).T), g_NxM.reshape(-1, m), dtype)
     return dx_NxK.astype(x_tag.dtype), dw_KxM.astype(w_tag.dtype)
 
 
