@@ -28,12 +28,12 @@ def row_major(x: jax.Array) -> jax.Array:
     layout of the dot operand. Its bf16 dot library (YNNPACK) takes only row-major operands,
     so such dots silently ran in f32 at about half the speed (and a transposed dot *output*
     could even fail with "Unsupported element type for DotThunk: BF16 x BF16 = F32"). A
-    reshape to 2-D behind an optimization barrier has one layout that keeps it a bitcast:
+    flattening to 1-D behind an optimization barrier has one layout that keeps it a bitcast:
     row-major. scripts/profile_step.py shows each dot's operand dtype.
     """
     if x.ndim < 2 or jax.default_backend() != "cpu":
         return x
-    return jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+    return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
 
 
 def _dot(x_NxK: jax.Array, w_KxM: jax.Array, dtype: Dtype) -> jax.Array:
@@ -60,7 +60,7 @@ def _lowp_bwd(dtype, res, g_NxM):
     dx_NxK = _dot(g_NxM, w_KxM.T, dtype)
     k, m = w_KxM.shape
     # Transpose explicitly (and materialise it row-major) so the weight-gradient dot is canonical.
-    dw_KxM = _dot(row_major(x_NxK.reshape(-1, k).T), g_NxM.reshape(-1, m), dtype)
+    dw_KxM = row_major(_dot(row_major(x_NxK.reshape(-1, k).T), row_major(g_NxM.reshape(-1, m)), dtype))
     return dx_NxK.astype(x_tag.dtype), dw_KxM.astype(w_tag.dtype)
 
 
