@@ -3,6 +3,7 @@
     python scripts/benchmark.py --config=configs/shakespeare_char.py            # JSON line
     python scripts/benchmark.py --config=configs/shakespeare_char.py --vs-torch # interleaved
     python scripts/benchmark.py --measure-peak                                  # matmul peaks
+    python scripts/benchmark.py --config=configs/pretrain_mini.py --vs-peak     # MFU, interleaved
     python scripts/benchmark.py --config=... --what=eval|data|decode             # other paths
 
 Prints JSON: tokens_per_s, step_ms, model_flops_per_token, achieved_gflops, mfu (against
@@ -47,26 +48,48 @@ flags.DEFINE_bool("vs_torch", False, "Interleave with a PyTorch + HF GPT-2 of th
 flags.DEFINE_bool("torch_bf16", False, "--vs-torch: run PyTorch under bf16 autocast too.")
 flags.DEFINE_bool("gpt2", False, "Use a GPT-2 shaped model (exact parameter parity with HF GPT-2).")
 flags.DEFINE_bool("measure_peak", False, "Measure bf16->f32 and f32 matmul peak GFLOP/s and exit.")
+flags.DEFINE_bool("vs_peak", False, "Alternate train-step blocks with 2048^3 bf16 matmuls; MFU = median per-round "
+                  "ratio of the step's model GFLOP/s to the peak measured in the same round.")
 flags.DEFINE_float("peak_gflops", 0.0, "Peak for MFU; 0 = config.train.peak_flops.")
 flags.DEFINE_enum("what", "train", ["train", "eval", "data", "decode"],
                   "train step | eval step | the grain input pipeline alone (real corpus) | sampling tokens/s")
 
 
-def measure_peak(n: int = 2048, reps: int = 10) -> dict:
+def peak_matmul(dtype, n: int = 2048):
+    """(run, flops): one n^3 matmul with `dtype` operands and float32 output, compiled and warm."""
+    a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n)).astype(dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    return (lambda: f(a, b)), 2 * n ** 3
+
+
+def measure_peak(reps: int = 10) -> dict:
     out = {}
     for name, dtype in (("bf16", jnp.bfloat16), ("f32", jnp.float32)):
-        a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
-        b = jax.random.normal(jax.random.key(1), (n, n)).astype(dtype)
-        f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-        f(a, b).block_until_ready()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            f(a, b).block_until_ready()
-            times.append(time.perf_counter() - t)
-        out[f"{name}_gflops_median"] = 2 * n ** 3 / statistics.median(times) / 1e9
-        out[f"{name}_gflops_best"] = 2 * n ** 3 / min(times) / 1e9
+        run, flops = peak_matmul(dtype)
+        times = [timed(run, 1) for _ in range(reps)]
+        out[f"{name}_gflops_median"] = flops / statistics.median(times) / 1e9
+        out[f"{name}_gflops_best"] = flops / min(times) / 1e9
     return out
+
+
+def mfu_vs_peak(run, tokens: int, flops_per_token: float, rounds: int, steps: int) -> dict:
+    """Model FLOPs utilisation against the bf16 peak measured in the same rounds (the machine's
+    fast/slow states cancel out of each round's ratio)."""
+    peak_run, peak_flops = peak_matmul(jnp.bfloat16)
+    achieved, peaks, ratios = [], [], []
+    for _ in range(rounds):
+        a = flops_per_token * tokens / timed(run, steps)
+        p = peak_flops / timed(peak_run, 5)
+        achieved.append(a)
+        peaks.append(p)
+        ratios.append(a / p)
+        print(f"step {a / 1e9:.0f} GFLOP/s, peak {p / 1e9:.0f} GFLOP/s, MFU {a / p:.1%}", file=sys.stderr)
+    return {"what": "mfu_vs_peak", "mfu_median": statistics.median(ratios), "mfu_min": min(ratios),
+            "mfu_max": max(ratios), "step_gflops_median": statistics.median(achieved) / 1e9,
+            "peak_gflops_median": statistics.median(peaks) / 1e9,
+            "tokens_per_s_median": statistics.median(achieved) / flops_per_token}
 
 
 def gpt2_shape(config) -> None:
@@ -179,6 +202,9 @@ def main(argv):
     for _ in range(FLAGS.warmup + 1):
         run()
     peak = (FLAGS.peak_gflops * 1e9) or config.train.peak_flops
+    if FLAGS.vs_peak:
+        print(json.dumps(mfu_vs_peak(run, tokens, fpt, FLAGS.rounds, FLAGS.steps)))
+        return
     if not FLAGS.vs_torch:
         s = timed(run, FLAGS.steps)
         print(json.dumps({"what": FLAGS.what, "tokens_per_s": tokens / s, "step_ms": 1000 * s, "n_params": n_params,
@@ -210,7 +236,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # accept --vs-torch / --measure-peak / --torch-bf16 spellings as well as underscores
+    # accept --vs-torch / --vs-peak / --measure-peak / --torch-bf16 spellings as well as underscores
     sys.argv = [sys.argv[0]] + ["--" + a[2:].split("=")[0].replace("-", "_") + a[2:][len(a[2:].split("=")[0]):]
                                 if a.startswith("--") else a for a in sys.argv[1:]]
     app.run(main)

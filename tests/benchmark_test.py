@@ -32,3 +32,15 @@ def test_benchmark_data_pipeline(corpus_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["tokens_per_s"] > 1e5 and row["tokens"] > 1000
+
+
+def test_benchmark_mfu_vs_peak():
+    out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=configs/pretrain_causal.py:tiny",
+                          "--vs-peak", "--steps=2", "--rounds=2", "--warmup=1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    assert row["what"] == "mfu_vs_peak" and row["peak_gflops_median"] > 0
+    assert 0 < row["mfu_min"] <= row["mfu_median"] <= row["mfu_max"]
+    assert abs(row["mfu_median"] - row["step_gflops_median"] / row["peak_gflops_median"]) < 0.5 * row["mfu_median"]
+    assert out.stderr.count("MFU") == 2  # one line per round
