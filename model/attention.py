@@ -123,6 +123,20 @@ def dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype=j
     return jnp.concatenate(outs, axis=2)
 
 
+def use_platform_attention() -> bool:
+    """GPU/TPU: `jax.nn.dot_product_attention` (cuDNN's fused kernel where it applies, XLA's
+    otherwise). CPU: this module's bf16 core, measured faster there (README, Performance)."""
+    return jax.default_backend() != "cpu"
+
+
+def platform_attention(q_BxLxHxK, k_BxLxVxK, v_BxLxVxK, mask_Bx1xLxL, dtype):
+    """softmax(q k^T + mask) v through jax.nn.dot_product_attention, operands in `dtype`, float32
+    result; q is pre-scaled, key/value heads may be fewer (grouped-query attention)."""
+    out_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK.astype(dtype), k_BxLxVxK.astype(dtype), v_BxLxVxK.astype(dtype), mask=mask_Bx1xLxL, scale=1.0)
+    return out_BxLxHxK.astype(jnp.float32)
+
+
 class Attention(nn.Module):
     n_heads: int
     n_kv_heads: int
@@ -167,6 +181,9 @@ class Attention(nn.Module):
             probs_BxHxLxL = jax.nn.softmax(jnp.where(mask_Bx1xLxL, scores_BxHxLxL, NEG_INF), axis=-1)
             probs_BxHxLxL = nn.Dropout(self.dropout)(probs_BxHxLxL, deterministic=False)
             out_BxHxLxK = jnp.einsum("bhqs,bhsk->bhqk", probs_BxHxLxL, v_BxHxLxK.astype(jnp.float32))
+        elif use_platform_attention() and jnp.dtype(self.dtype) != jnp.float32:
+            out_BxHxLxK = jnp.swapaxes(platform_attention(
+                jnp.swapaxes(q_BxHxLxK, 1, 2), k_BxLxVxK, v_BxLxVxK, mask_Bx1xLxL, self.dtype), 1, 2)
         else:
             out_BxHxLxK = dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, self.dtype,
                                                 causal=self.causal)
