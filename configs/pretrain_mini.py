@@ -2,9 +2,9 @@
 
 Command:   python train.py --config=configs/pretrain_mini.py --workdir=runs/mini
 Benchmark: python scripts/benchmark.py --config=configs/pretrain_mini.py [--vs-torch]
-Runtime:   about 15-17 minutes on 2 CPU cores (2000 steps x 8 x 256 tokens at 4.1-4.7k tokens/s,
-           README Performance).
-Result:    not yet measured end to end; its role so far is the benchmark size.
+Runtime:   about 11 minutes on 2 CPU cores (658 s measured end to end: 2000 steps x 8 x 256
+           tokens at 5-7k tokens/s, evals included; README Performance).
+Result:    val loss 1.244 nats/byte after 4.1M tokens (the 4L/256d default: 1.397 after 2.5M).
 """
 
 from configs import common
