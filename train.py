@@ -11,7 +11,7 @@ import json
 import logging
 import time
 
-_PROCESS_T0 = time.time()  # before jax is imported: 'time/since_start_s' includes start-up
+_PROCESS_T0 = time.time()  # before jax is imported: 'perf/since_start_s' includes start-up
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -163,7 +163,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if is_eval:
                 scalars = evaluation.run_eval(eval_step, state.params, inputs, mode=config.mode, model=model,
                                               mesh=mesh, rules=rules, batch_sharding=batch_sharding)
-                scalars["time/since_start_s"] = time.time() - _PROCESS_T0  # wall time to this eval's result
+                scalars["perf/since_start_s"] = time.time() - _PROCESS_T0  # wall time to this eval's result
                 writer.write(step, scalars)
                 progress.print(step, scalars)
                 last.update(scalars)

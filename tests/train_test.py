@@ -32,6 +32,8 @@ def test_smoke_run_lowers_loss(corpus_dir, tmp_path):
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     assert rows[0]["train/loss"] > 5.0  # ~ln(267) at init
     assert evals[-1] < rows[0]["train/loss"] - 1.0 and evals[-1] < evals[0]
+    since = [r["perf/since_start_s"] for r in rows if "eval/loss" in r]  # wall time to each eval result
+    assert len(since) == len(evals) and 0 < since[0] < since[-1]
     assert out["step"] == 30 and np.isfinite(out["eval/perplexity"])
     assert os.path.exists(tmp_path / "tokenizer.json")
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
