@@ -54,8 +54,8 @@ CAUSAL_BLOCK = 128
 
 
 def _t(x, dtype):
-    """The last two dims swapped, in `dtype`, materialised row-major."""
-    return _row_major(jnp.swapaxes(x.astype(dtype), -1, -2))
+    """The last two dims swapped, in `dtype` (an operand of _bmm, which pins it row-major)."""
+    return jnp.swapaxes(x.astype(dtype), -1, -2)
 
 
 def _bmm(a_XxMxK, b_XxKxN, dtype):
