@@ -37,7 +37,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 _DUMP_DIR = None
 if __name__ == "__main__":  # the dump flags must be in place before the XLA backend starts
@@ -287,19 +286,17 @@ def profile(config, steps: int = 3, dump_dir: str | None = None, num_tokens: int
     if not dump_dir:
         raise ValueError("profile() needs the HLO dump directory set in XLA_FLAGS at startup (run as a script)")
     import benchmark  # here, not at the top: see define_flags
-    num_tokens = num_tokens or {"byte": 267, "char": 76}[config.data.tokenizer]
+    num_tokens = num_tokens or benchmark.default_num_tokens(config)
     run, _, _, _ = benchmark.make_jax_step(config, num_tokens)
     for _ in range(warmup + 1):
         jax.block_until_ready(run())
-    hlo_text = open(find_hlo(dump_dir)).read()
+    hlo_path = find_hlo(dump_dir)
+    with open(hlo_path) as f:
+        hlo_text = f.read()
     with tempfile.TemporaryDirectory(prefix="profile_step_trace_") as trace_dir:
-        times = []
         jax.profiler.start_trace(trace_dir)
         try:
-            for _ in range(steps):
-                t = time.perf_counter()
-                jax.block_until_ready(run())
-                times.append(time.perf_counter() - t)
+            times = [benchmark.timed(run, 1) for _ in range(steps)]  # one step, waited on
         finally:
             jax.profiler.stop_trace()
         events = []
@@ -307,7 +304,7 @@ def profile(config, steps: int = 3, dump_dir: str | None = None, num_tokens: int
             with open(path, "rb") as f:
                 events += decode_xspace(f.read())
     out = summarise(events, hlo_text, steps, statistics.median(times))
-    out["hlo_path"] = find_hlo(dump_dir)
+    out["hlo_path"] = hlo_path
     return out
 
 
