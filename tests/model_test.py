@@ -148,6 +148,26 @@ def test_causal_block_skipping_matches_full_attention(monkeypatch):
         np.testing.assert_allclose(gb, gf, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch,mask_batch", [(4, 4), (4, 1), (3, 3)])
+def test_cpu_batch_slices_match_one_batch(monkeypatch, batch, mask_batch):
+    # the CPU path cuts the batch into independent slices; a broadcast (batch-1) mask and a batch
+    # the slices don't divide must work, with the same values and gradients as one slice
+    from model import attention
+    q, k, v = (jax.random.normal(jax.random.key(i), (batch, 2, 9, 8)) for i in range(3))
+    seg = jnp.tile(jnp.array([[1] * 5 + [2] * 4], jnp.int32), (mask_batch, 1))
+    mask = attention.attention_mask(seg, causal=True)
+
+    def run(slices):
+        monkeypatch.setattr(attention, "CPU_BATCH_SLICES", slices)
+        f = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, jnp.bfloat16, causal=True)  # noqa
+        return f(q, k, v), jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))(q, k, v)
+
+    (out2, grads2), (out1, grads1) = run(2), run(1)
+    np.testing.assert_allclose(out2, out1, atol=1e-6)
+    for a, b in zip(grads2, grads1):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 5, 7), (1, 2, 130, 16)])
 def test_bf16_attention_odd_shapes_run_and_match_f32(shape):
     # XLA:CPU rejects some bf16 dot layouts at run time; every shape must compile and run
