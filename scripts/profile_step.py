@@ -1,6 +1,7 @@
 """Where the train step's time goes on CPU: per-op profile mapped onto the optimised HLO.
 
     python scripts/profile_step.py --config=configs/pretrain_mini.py [--steps=3] [--top=25] [--gpt2] [--json]
+        [--keep_hlo]
 
 Compiles the config's train step (scripts/benchmark.py's make_jax_step, random tokens),
 warms it up, then traces --steps steps with jax.profiler (blocking on each) and reports:
@@ -8,7 +9,10 @@ wall ms/step; summed op ms/step (CPU time of every XLA op, all threads added up,
 exceed wall time when ops run in parallel); a category table (dense matmul = 2-D dots,
 attention matmul = batched dots, each split by operand dtype, and elementwise/reduce/copy
 for everything else) with ms/step, share and GFLOP/s for the dots (2 x output elements x
-contracting size); a component table (attn, mlp, norm, embed/head, loss/metrics, optimizer/other
+contracting size), then "wall ms" (every instant of the trace split evenly among the ops
+running then: these add up to the step's busy time, so they say what removing an op would
+save) with its GFLOP/s, and "alone ms" (time no other op ran: a single-threaded op, such as
+a batched matmul of small items, leaves the second core idle then); a component table (attn, mlp, norm, embed/head, loss/metrics, optimizer/other
 from the op's metadata op_name, forward and backward (op_name has "transpose(jvp(") split);
 and the top-N ops. --json prints one JSON object instead. Flags --config, --gpt2,
 --num_tokens and --warmup are scripts/benchmark.py's (imported as a module).
@@ -92,11 +96,12 @@ def _fields(buf: bytes):
         yield field, value
 
 
-def decode_xspace(data: bytes) -> list[tuple[str, str, int]]:
-    """XSpace bytes -> [(line_name, event_name, duration_ps)] over all planes.
+def decode_xspace(data: bytes) -> list[tuple[str, str, int, int]]:
+    """XSpace bytes -> [(line_name, event_name, duration_ps, start_ps)] over all planes.
 
     XSpace.planes=1; XPlane: name=2, lines=3, event_metadata=4 (map entry: key=1, value=2 with
-    XEventMetadata.name=2); XLine: name=2, events=4; XEvent: metadata_id=1, duration_ps=3.
+    XEventMetadata.name=2); XLine: name=2, timestamp_ns=3, events=4; XEvent: metadata_id=1,
+    offset_ps=2 (from the line's timestamp), duration_ps=3.
     """
     out = []
     for field, plane in _fields(data):
@@ -110,15 +115,17 @@ def decode_xspace(data: bytes) -> list[tuple[str, str, int]]:
                 entry = dict(_fields(v))
                 names[entry.get(1, 0)] = dict(_fields(entry.get(2, b""))).get(2, b"").decode(errors="replace")
         for line in lines:
-            line_name, events = "", []
+            line_name, line_ns, events = "", 0, []
             for f, v in _fields(line):
                 if f == 2:
                     line_name = v.decode(errors="replace")
+                elif f == 3:
+                    line_ns = v
                 elif f == 4:
                     events.append(v)
             for ev in events:
                 e = dict(_fields(ev))
-                out.append((line_name, names.get(e.get(1, 0), "?"), e.get(3, 0)))
+                out.append((line_name, names.get(e.get(1, 0), "?"), e.get(3, 0), line_ns * 1000 + e.get(2, 0)))
     return out
 
 
@@ -213,32 +220,53 @@ def classify(name: str, instrs: dict, comps: dict) -> dict:
 
 # ----------------------------------------------------------------------------- profiling
 
-def op_times(events, instrs: dict) -> tuple[dict, float]:
-    """-> (summed duration in ps per HLO instruction, executions per instruction, unmatched ps).
+def op_times(events, instrs: dict) -> tuple[dict, dict, dict, dict, float]:
+    """-> (summed ps per HLO instruction, wall-attributed ps per instruction, ps it ran alone (no
+    other op running: a single-threaded op leaves the other core idle then), executions per
+    instruction, unmatched ps).
 
-    Ops on XLA threads only; while/call/conditional are left out as their bodies' ops are events too.
+    Ops on XLA threads only; while/call/conditional are left out as their bodies' ops are events
+    too. Wall-attributed time splits every instant among the ops running then (two ops side by
+    side on the two threads get half each), so it adds up to the time some op was running, and
+    an op slowed down by a neighbour is charged only its part of the machine.
     """
-    per_op, count, unmatched = collections.Counter(), collections.Counter(), 0
-    for line, name, dur in events:
+    per_op, wall, alone, count = collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter()
+    unmatched, edges = 0, []
+    for line, name, dur, start in events:
         if "XLA" not in line or name.startswith(("ThunkExecutor", "end:", "Slinky", "Threadpool")):
             continue
         if name in instrs:
             if instrs[name]["opcode"] not in _CONTROL_FLOW:
                 per_op[name] += dur
                 count[name] += 1
+                edges += [(start, 1, name), (start + dur, -1, name)]
         else:
             unmatched += dur
-    return per_op, count, unmatched
+    active, prev = collections.Counter(), None
+    for t, kind, name in sorted(edges, key=lambda e: (e[0], e[1])):
+        n = sum(active.values())
+        if n and t > prev:
+            for op, k in active.items():
+                wall[op] += (t - prev) * k / n
+            if n == 1:
+                alone[next(iter(active))] += t - prev
+        active[name] += kind
+        if not active[name]:
+            del active[name]
+        prev = t
+    return per_op, wall, alone, count, unmatched
 
 
 def summarise(events, hlo_text: str, steps: int, wall_s: float) -> dict:
     """Trace events + train-step HLO -> the report dict (all times in ms per step)."""
     instrs, comps = parse_hlo(hlo_text)
-    per_op, count, unmatched = op_times(events, instrs)
+    per_op, wall, alone, count, unmatched = op_times(events, instrs)
     rows = []
     for n, ps in per_op.items():
         r = classify(n, instrs, comps)
         r["ms"] = ps / 1e9 / steps
+        r["wall_ms"] = wall[n] / 1e9 / steps
+        r["alone_ms"] = alone[n] / 1e9 / steps
         r["runs_per_step"] = count[n] / steps  # > 1 inside a while loop (scanned layers)
         r["flops"] *= r["runs_per_step"]
         rows.append(r)
@@ -247,20 +275,25 @@ def summarise(events, hlo_text: str, steps: int, wall_s: float) -> dict:
     total = sum(r["ms"] for r in rows)
 
     def table(key):
-        acc = collections.defaultdict(lambda: {"ms": 0.0, "flops": 0, "fwd_ms": 0.0, "bwd_ms": 0.0, "ops": 0})
+        acc = collections.defaultdict(lambda: {"ms": 0.0, "wall_ms": 0.0, "alone_ms": 0.0, "flops": 0, "fwd_ms": 0.0,
+                                               "bwd_ms": 0.0, "ops": 0})
         for r in rows:
             a = acc[key(r)]
             a["ms"] += r["ms"]
+            a["wall_ms"] += r["wall_ms"]
+            a["alone_ms"] += r["alone_ms"]
             a["flops"] += r["flops"]
             a["bwd_ms" if r["backward"] else "fwd_ms"] += r["ms"]
             a["ops"] += 1
         for a in acc.values():
             a["share"] = a["ms"] / total if total else 0.0
             a["gflops"] = a["flops"] / (a["ms"] / 1e3) / 1e9 if a["flops"] and a["ms"] else None
+            a["wall_gflops"] = a["flops"] / (a["wall_ms"] / 1e3) / 1e9 if a["flops"] and a["wall_ms"] else None
         return dict(sorted(acc.items(), key=lambda kv: -kv[1]["ms"]))
 
     rows.sort(key=lambda r: -r["ms"])
-    return {"wall_ms_per_step": 1e3 * wall_s, "op_ms_per_step": total, "unmatched_ms_per_step": unmatched / 1e9 / steps,
+    return {"wall_ms_per_step": 1e3 * wall_s, "op_ms_per_step": total,
+            "busy_ms_per_step": sum(r["wall_ms"] for r in rows), "unmatched_ms_per_step": unmatched / 1e9 / steps,
             "steps": steps, "train_step_flops": sum(r["flops"] for r in rows),
             "categories": table(lambda r: r["category"]), "components": table(lambda r: r["component"]),
             "ops": rows}
@@ -320,14 +353,21 @@ def report(r: dict, top: int) -> str:
         return f"{x:8.1f}" if x else "       -"
     out = [f"wall {r['wall_ms_per_step']:.1f} ms/step (median of {r['steps']} traced steps, blocking on each); "
            f"summed op time {r['op_ms_per_step']:.1f} ms/step (all threads); "
+           f"some op running {r['busy_ms_per_step']:.1f} ms/step; "
            f"unmatched events {r['unmatched_ms_per_step']:.2f} ms/step; "
            f"dot FLOPs {r['train_step_flops'] / 1e9:.2f} GFLOP/step",
-           "", f"{'category':32s} {'ms/step':>8s} {'share':>6s} {'GFLOP/s':>8s} {'ops':>5s}"]
+           "ms: summed op time; wall ms: each instant split among the ops running then; alone ms: no other "
+           "op running",
+           "", f"{'category':32s} {'ms/step':>8s} {'share':>6s} {'GFLOP/s':>8s} {'wall ms':>8s} {'GFLOP/s':>8s} "
+               f"{'alone ms':>8s} {'ops':>5s}"]
     for k, a in r["categories"].items():
-        out.append(f"{k:32s} {a['ms']:8.2f} {a['share']:6.1%} {gf(a['gflops'])} {a['ops']:5d}")
-    out += ["", f"{'component':32s} {'ms/step':>8s} {'share':>6s} {'fwd ms':>8s} {'bwd ms':>8s} {'GFLOP/s':>8s}"]
+        out.append(f"{k:32s} {a['ms']:8.2f} {a['share']:6.1%} {gf(a['gflops'])} {a['wall_ms']:8.2f} "
+                   f"{gf(a['wall_gflops'])} {a['alone_ms']:8.2f} {a['ops']:5d}")
+    out += ["", f"{'component':32s} {'ms/step':>8s} {'share':>6s} {'fwd ms':>8s} {'bwd ms':>8s} {'GFLOP/s':>8s} "
+                f"{'wall ms':>8s}"]
     for k, a in r["components"].items():
-        out.append(f"{k:32s} {a['ms']:8.2f} {a['share']:6.1%} {a['fwd_ms']:8.2f} {a['bwd_ms']:8.2f} {gf(a['gflops'])}")
+        out.append(f"{k:32s} {a['ms']:8.2f} {a['share']:6.1%} {a['fwd_ms']:8.2f} {a['bwd_ms']:8.2f} {gf(a['gflops'])} "
+                   f"{a['wall_ms']:8.2f}")
     out += ["", f"top {top} ops:", f"{'ms/step':>8s} {'GFLOP/s':>8s}  {'kind':24s} {'shape':22s} op_name"]
     for row in r["ops"][:top]:
         kind = f"{row['kind']} {row['dtype']}" if row["flops"] else row["kind"]
@@ -345,7 +385,10 @@ def main(argv):
     try:
         r = profile(config, FLAGS.steps, num_tokens=FLAGS.num_tokens or None, warmup=FLAGS.warmup)
     finally:
-        shutil.rmtree(_DUMP_DIR, ignore_errors=True)
+        if FLAGS.keep_hlo:
+            print(f"HLO dump kept in {_DUMP_DIR}", file=sys.stderr)
+        else:
+            shutil.rmtree(_DUMP_DIR, ignore_errors=True)
     print(json.dumps(r) if FLAGS.json else report(r, FLAGS.top))
 
 
@@ -357,6 +400,7 @@ def define_flags():
     benchmark.FLAGS.set_default("warmup", 2)
     flags.DEFINE_integer("top", 25, "Number of ops in the top-ops table.")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the tables.")
+    flags.DEFINE_bool("keep_hlo", False, "Keep the HLO dump (path printed on stderr) to read an op's fusion.")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def _field(num: int, value) -> bytes:
 def _xspace() -> bytes:
     meta = b"".join(_field(4, _field(1, mid) + _field(2, _field(1, mid) + _field(2, name)))
                     for mid, name in ((1, "dot.3"), (2, "fusion.7"), (300, "ThunkExecutor::Execute")))
-    line = (_field(1, 5) + _field(2, "tf_XLAEigen/123")
+    line = (_field(1, 5) + _field(2, "tf_XLAEigen/123") + _field(3, 7)  # timestamp 7 ns
             + _field(4, _field(1, 1) + _field(2, 10) + _field(3, 2_000_000))
             + _field(4, _field(1, 2) + _field(2, 20) + _field(3, 300))
             + _field(4, _field(1, 300) + _field(3, 1 << 40)))  # > 32 bits: multi-byte varints
@@ -44,8 +44,9 @@ def _xspace() -> bytes:
 
 def test_decode_xspace_hand_built():
     events = profile_step.decode_xspace(_xspace())
-    assert events == [("tf_XLAEigen/123", "dot.3", 2_000_000), ("tf_XLAEigen/123", "fusion.7", 300),
-                      ("tf_XLAEigen/123", "ThunkExecutor::Execute", 1 << 40), ("python", "fusion.7", 7)]
+    # (line, op, duration ps, start ps = line timestamp + event offset)
+    assert events == [("tf_XLAEigen/123", "dot.3", 2_000_000, 7010), ("tf_XLAEigen/123", "fusion.7", 300, 7020),
+                      ("tf_XLAEigen/123", "ThunkExecutor::Execute", 1 << 40, 7000), ("python", "fusion.7", 7, 0)]
 
 
 HLO = """HloModule jit__train_step, entry_computation_layout={()->f32[]}
@@ -85,13 +86,21 @@ def test_classify_dots_and_components():
     add = profile_step.classify("add.3", instrs, comps)
     assert (add["category"], add["component"]) == (profile_step.OTHER, "optimizer/other")
 
-    events = [("tf_XLAEigen/1", "ynn_fusion.1", 4_000_000_000), ("tf_XLAEigen/1", "ynn_fusion.1", 2_000_000_000),
-              ("tf_XLAEigen/2", "add.3", 1_000_000_000), ("tf_XLAEigen/2", "end: add.3", 5),
-              ("tf_XLAEigen/2", "mystery.1", 2_000_000_000), ("python", "add.3", 9_000_000_000)]
+    ms = 1_000_000_000  # ps
+    # thread 1: the dot runs 0-4 ms and 10-12 ms; thread 2: add.3 runs 3-4 ms beside it, then alone 5-6 ms
+    events = [("tf_XLAEigen/1", "ynn_fusion.1", 4 * ms, 0), ("tf_XLAEigen/1", "ynn_fusion.1", 2 * ms, 10 * ms),
+              ("tf_XLAEigen/2", "add.3", 1 * ms, 3 * ms), ("tf_XLAEigen/2", "add.3", 1 * ms, 5 * ms),
+              ("tf_XLAEigen/2", "end: add.3", 5, 0), ("tf_XLAEigen/2", "mystery.1", 2 * ms, 0),
+              ("python", "add.3", 9 * ms, 0)]
     r = profile_step.summarise(events, HLO, steps=2, wall_s=0.01)
-    assert r["op_ms_per_step"] == 3.5 and r["unmatched_ms_per_step"] == 1.0
+    assert r["op_ms_per_step"] == 4.0 and r["unmatched_ms_per_step"] == 1.0
     dense = r["categories"]["dense matmul bf16"]
     assert dense["ms"] == 3.0 and abs(dense["gflops"] - 2 * 256 * 128 * 64 / 3e-3 / 1e9) < 1e-6
+    # wall: the shared millisecond is split in half; alone: time with no other op running
+    assert (dense["wall_ms"], dense["alone_ms"]) == (2.75, 2.5)
+    other = r["categories"][profile_step.OTHER]
+    assert (other["wall_ms"], other["alone_ms"]) == (0.75, 0.5)
+    assert r["busy_ms_per_step"] == 3.5
 
 
 def test_profile_step_end_to_end():
