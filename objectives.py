@@ -22,12 +22,20 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
     return logz_BxL - target_logit_BxL
 
 
+def argmax_first(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum wins ties), as two plain reductions: XLA:CPU
+    runs argmax's (value, index) reduction at ~2 GB/s, 1.4 ms of a 6L/384d train step."""
+    max_x1 = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == max_x1, iota, x.shape[-1]), axis=-1)
+
+
 def weighted_nll(logits_BxLxV, targets_BxL, weights_BxL):
     """(mean NLL, NLL sum, correct argmax count, weight sum) over the weighted positions."""
     w_BxL = weights_BxL.astype(jnp.float32)
     count = jnp.sum(w_BxL)
     loss_sum = jnp.sum(token_nll(logits_BxLxV, targets_BxL) * w_BxL)
-    correct = jnp.sum((jnp.argmax(logits_BxLxV, -1) == targets_BxL) * w_BxL)
+    correct = jnp.sum((argmax_first(logits_BxLxV) == targets_BxL) * w_BxL)
     return loss_sum / jnp.maximum(count, 1.0), loss_sum, correct, count
 
 

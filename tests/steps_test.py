@@ -41,3 +41,14 @@ def test_multisteps_k4_matches_full_batch(corpus_dir):
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                 for a, b in zip(jax.tree.leaves(s_full.params), jax.tree.leaves(_run(cfg_full, full[:1]).params)))
     assert moved > 1e-4  # the second update really happened (the comparison is not vacuous)
+
+
+def test_argmax_first_matches_jnp_argmax_with_ties():
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, (5, 7, 9)).astype(np.float32)  # few values: many ties
+    x[0, 0] = 2.0  # a row of equal logits: index 0
+    x[1, 1, 3] = np.inf
+    got = objectives.argmax_first(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(x, -1))
+    assert got.dtype == jnp.int32
