@@ -157,6 +157,27 @@ class Embed(nn.Module):
         return matmul(x_BxLxD, self.embedding.T, self.dtype)
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, with a hand-written backward: autodiff's version materialised sigmoid(gate)
+    and silu(gate) * up as extra float32 [N, d_ff] tensors (five passes over them a layer,
+    three here; 1.025x on the 6L/384d step). Same math, float32."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+    gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    return g * up * sig * (1.0 + gate * (1.0 - sig)), g * gate * sig
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class Mlp(nn.Module):
     """GELU (GPT-2) or SwiGLU (Llama) feed-forward block."""
     d_model: int
@@ -174,7 +195,7 @@ class Mlp(nn.Module):
         if self.kind == "swiglu":
             gate_BxLxF = dense(self.d_ff, (axes.EMBED, axes.MLP), name="gate")(x_BxLxD)
             up_BxLxF = dense(self.d_ff, (axes.EMBED, axes.MLP), name="up")(x_BxLxD)
-            h_BxLxF = nn.silu(gate_BxLxF) * up_BxLxF
+            h_BxLxF = swiglu(gate_BxLxF, up_BxLxF)
         elif self.kind == "gelu":
             h_BxLxF = nn.gelu(dense(self.d_ff, (axes.EMBED, axes.MLP), name="up")(x_BxLxD))
         else:

@@ -101,6 +101,20 @@ def test_bf16_matmul_gradients_match_f32():
     assert not np.allclose(gw16, gw32, atol=1e-7)  # really computed in bf16
 
 
+def test_swiglu_custom_backward_matches_autodiff():
+    from model.layers import swiglu
+    gate, up = (jax.random.normal(jax.random.key(i), (3, 7, 16)) * 3 for i in (8, 9))
+
+    def loss(f, gate, up):
+        return jnp.sum(jnp.sin(f(gate, up)))
+
+    ref = jax.grad(lambda g, u: loss(lambda a, b: jax.nn.silu(a) * b, g, u), argnums=(0, 1))(gate, up)
+    got = jax.grad(lambda g, u: loss(swiglu, g, u), argnums=(0, 1))(gate, up)
+    np.testing.assert_allclose(swiglu(gate, up), jax.nn.silu(gate) * up, rtol=1e-6)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_model_config_errors_name_values():
     with pytest.raises(ValueError, match="n_heads=3"):
         ModelConfig(vocab_size=64, num_tokens=60, d_model=32, n_heads=3)
