@@ -5,6 +5,7 @@
     python scripts/benchmark.py --measure-peak                                  # matmul peaks
     python scripts/benchmark.py --config=configs/pretrain_mini.py --vs-peak     # MFU, interleaved
     python scripts/benchmark.py --config=... --what=eval|data|decode             # other paths
+    python scripts/benchmark.py --config=... --what=compile [--layers=24]        # scan / remat
 
 Prints JSON: tokens_per_s, step_ms, model_flops_per_token, achieved_gflops, mfu (against
 --peak_gflops, default config.train.peak_flops). Timing: compile once, warm up, then
@@ -51,8 +52,13 @@ flags.DEFINE_bool("measure_peak", False, "Measure bf16->f32 and f32 matmul peak 
 flags.DEFINE_bool("vs_peak", False, "Alternate train-step blocks with 2048^3 bf16 matmuls; MFU = median per-round "
                   "ratio of the step's model GFLOP/s to the peak measured in the same round.")
 flags.DEFINE_float("peak_gflops", 0.0, "Peak for MFU; 0 = config.train.peak_flops.")
-flags.DEFINE_enum("what", "train", ["train", "eval", "data", "decode"],
-                  "train step | eval step | the grain input pipeline alone (real corpus) | sampling tokens/s")
+flags.DEFINE_enum("what", "train", ["train", "eval", "data", "decode", "compile"],
+                  "train step | eval step | the grain input pipeline alone (real corpus) | sampling tokens/s | "
+                  "compile time, temporary memory and step time for layer loop / nn.scan x remat policies")
+flags.DEFINE_integer("layers", 0, "--what=compile: model.n_layers to compare at; 0 = the config's.")
+
+# --what=compile: (model.scan_layers, model.remat) pairs, the layer loop without remat first.
+COMPILE_VARIANTS = ((False, "none"), (True, "none"), (False, "full"), (True, "full"), (True, "dots"))
 
 
 def peak_matmul(dtype, n: int = 2048):
@@ -103,6 +109,16 @@ def gpt2_shape(config) -> None:
     m.d_ff, m.max_len, m.n_kv_heads = 4 * m.d_model, config.data.seq_len, m.n_heads
 
 
+def _random_batch(config, num_tokens: int, mesh):
+    b, length = config.data.batch_size, config.data.seq_len
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, num_tokens, (b, length), dtype=np.int32),
+             "targets": rng.integers(0, num_tokens, (b, length), dtype=np.int32),
+             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+             "segment_ids": np.ones((b, length), np.int32), "weights": np.ones((b, length), np.float32)}
+    return sharding.put_batch(batch, sharding.batch_sharding(mesh))
+
+
 def make_jax_step(config, num_tokens: int, eval_only: bool = False):
     """-> (run_one_step, tokens_per_step, n_params, flops_per_token); eval: forward only (1/3 the FLOPs)."""
     mesh = sharding.make_mesh(config.mesh)
@@ -113,12 +129,7 @@ def make_jax_step(config, num_tokens: int, eval_only: bool = False):
     step = steps.make_train_step(model=model, tx=tx, objective=objectives.OBJECTIVES[config.mode],
                                  schedule=schedule, accum=1, mesh=mesh, rules=rules, state_shardings=sh)
     b, length = config.data.batch_size, config.data.seq_len
-    rng = np.random.default_rng(0)
-    batch = {"inputs": rng.integers(0, num_tokens, (b, length), dtype=np.int32),
-             "targets": rng.integers(0, num_tokens, (b, length), dtype=np.int32),
-             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
-             "segment_ids": np.ones((b, length), np.int32), "weights": np.ones((b, length), np.float32)}
-    batch = sharding.put_batch(batch, sharding.batch_sharding(mesh))
+    batch = _random_batch(config, num_tokens, mesh)
     holder = {"state": state}
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     if eval_only:
@@ -131,6 +142,47 @@ def make_jax_step(config, num_tokens: int, eval_only: bool = False):
         holder["state"], m = step(holder["state"], batch)
         return m["loss"]  # not fetched: train.py never waits on a step's metrics either
     return run, b * length, n_params, model.cfg.flops_per_token(length)
+
+
+def bench_compile(config, num_tokens: int, n_layers: int, steps_timed: int, rounds: int) -> dict:
+    """Per COMPILE_VARIANTS: seconds to trace + compile the train step, XLA's temporary buffer
+    bytes (where activations kept for the backward pass live) and ms per step (the variants'
+    steps timed in alternating blocks, median over `rounds`)."""
+    import copy
+    rows, runs = [], []
+    for scan, remat in COMPILE_VARIANTS:
+        c = copy.deepcopy(config)
+        with c.unlocked():
+            c.model.n_layers = n_layers or c.model.n_layers
+            c.model.scan_layers, c.model.remat = scan, remat
+        mesh, rules = sharding.make_mesh(c.mesh), sharding.logical_rules(c.sharding)
+        model = steps.build_model(c, num_tokens)
+        tx, schedule = optim.make_optimizer(c.optim, c.train.steps)
+        state, sh = steps.init_state(model, tx, mesh, rules, c.seed, c.data.seq_len)
+        step = steps.make_train_step(model=model, tx=tx, objective=objectives.OBJECTIVES[c.mode],
+                                     schedule=schedule, accum=1, mesh=mesh, rules=rules, state_shardings=sh)
+        batch = _random_batch(c, num_tokens, mesh)
+        t = time.perf_counter()
+        with sharding.activate(mesh, rules):
+            compiled = step.jitted.lower(state, batch).compile()
+        rows.append({"scan_layers": scan, "remat": remat, "compile_s": time.perf_counter() - t,
+                     "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20})
+        holder = {"state": state}
+
+        def run(compiled=compiled, holder=holder, batch=batch):
+            holder["state"], m = compiled(holder["state"], batch)
+            return m["loss"]
+        for _ in range(2):
+            jax.block_until_ready(run())
+        runs.append(run)
+    times = [[] for _ in runs]
+    for _ in range(rounds):
+        for t_list, run in zip(times, runs):
+            t_list.append(timed(run, steps_timed))
+    for row, t_list in zip(rows, times):
+        row["step_ms"] = 1000 * statistics.median(t_list)
+        print(json.dumps(row), file=sys.stderr)
+    return {"what": "compile", "n_layers": n_layers or config.model.n_layers, "rows": rows}
 
 
 def bench_data(config) -> dict:
@@ -198,6 +250,9 @@ def main(argv):
     num_tokens = FLAGS.num_tokens or default_num_tokens(config)
     if FLAGS.what == "data":
         print(json.dumps(bench_data(config)))
+        return
+    if FLAGS.what == "compile":
+        print(json.dumps(bench_compile(config, num_tokens, FLAGS.layers, FLAGS.steps, FLAGS.rounds)))
         return
     if FLAGS.what == "decode":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
