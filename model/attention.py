@@ -55,8 +55,15 @@ CAUSAL_BLOCK = 128
 
 # Independent batch slices for the attention core on CPU. XLA:CPU runs a batched matmul with
 # items this small ([128 x 256]) on one thread, but runs independent ops side by side: two
-# halves of the batch keep both cores busy (1.03x on the 6L/384d step with _bmm_nt).
+# halves of the batch keep both cores busy (1.03x on the 6L/384d step with the transposed-rhs
+# products).
 CPU_BATCH_SLICES = 2
+
+
+def batch_slices() -> int:
+    """CPU_BATCH_SLICES on a single CPU device, else 1: with several devices the batch is already
+    split across them, and slicing the global batch made XLA reshard it (collective-permutes)."""
+    return CPU_BATCH_SLICES if jax.default_backend() == "cpu" and jax.device_count() == 1 else 1
 
 
 def _t(x, dtype):
@@ -117,14 +124,14 @@ def dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype=j
     with float32 accumulation, the backward pass included (a custom VJP). `causal=True`
     promises the mask is causal (it may also mask more): query block i then only looks at
     keys up to its own last row, skipping the all-masked blocks above the diagonal. On CPU the
-    batch is cut into CPU_BATCH_SLICES independent slices (both cores busy).
+    batch is cut into batch_slices() independent slices (both cores busy).
     """
     if jnp.dtype(dtype) == jnp.float32:
         return _attend(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, jnp.float32)[0]
     dtype = jnp.dtype(dtype)
-    b = q_BxHxLxK.shape[0]
-    if jax.default_backend() == "cpu" and CPU_BATCH_SLICES > 1 and b % CPU_BATCH_SLICES == 0:
-        n = b // CPU_BATCH_SLICES
+    b, slices = q_BxHxLxK.shape[0], batch_slices()
+    if slices > 1 and b % slices == 0:
+        n = b // slices
         return jnp.concatenate([_blocked_attention(
             q_BxHxLxK[i:i + n], k_BxHxLxK[i:i + n], v_BxHxLxK[i:i + n],
             mask_Bx1xLxL if mask_Bx1xLxL.shape[0] == 1 else mask_Bx1xLxL[i:i + n], dtype, causal)

@@ -172,7 +172,7 @@ def test_cpu_batch_slices_match_one_batch(monkeypatch, batch, mask_batch):
     mask = attention.attention_mask(seg, causal=True)
 
     def run(slices):
-        monkeypatch.setattr(attention, "CPU_BATCH_SLICES", slices)
+        monkeypatch.setattr(attention, "batch_slices", lambda: slices)
         f = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, jnp.bfloat16, causal=True)  # noqa
         return f(q, k, v), jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))(q, k, v)
 
@@ -180,6 +180,12 @@ def test_cpu_batch_slices_match_one_batch(monkeypatch, batch, mask_batch):
     np.testing.assert_allclose(out2, out1, atol=1e-6)
     for a, b in zip(grads2, grads1):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_batch_slices_only_on_a_single_cpu_device():
+    from model import attention
+    assert jax.device_count() == 8  # tests run 8 fake CPU devices (conftest)
+    assert attention.batch_slices() == 1  # slicing a device-sharded batch would reshard it
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 5, 7), (1, 2, 130, 16)])
