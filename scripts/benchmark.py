@@ -119,8 +119,8 @@ def _random_batch(config, num_tokens: int, mesh):
     return sharding.put_batch(batch, sharding.batch_sharding(mesh))
 
 
-def make_jax_step(config, num_tokens: int, eval_only: bool = False):
-    """-> (run_one_step, tokens_per_step, n_params, flops_per_token); eval: forward only (1/3 the FLOPs)."""
+def _train_setup(config, num_tokens: int):
+    """-> (model, mesh, rules, state, state_shardings, jitted train step, random batch) for `config`."""
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding)
     model = steps.build_model(config, num_tokens)
@@ -128,20 +128,30 @@ def make_jax_step(config, num_tokens: int, eval_only: bool = False):
     state, sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
     step = steps.make_train_step(model=model, tx=tx, objective=objectives.OBJECTIVES[config.mode],
                                  schedule=schedule, accum=1, mesh=mesh, rules=rules, state_shardings=sh)
-    b, length = config.data.batch_size, config.data.seq_len
-    batch = _random_batch(config, num_tokens, mesh)
+    return model, mesh, rules, state, sh, step, _random_batch(config, num_tokens, mesh)
+
+
+def _stepper(step, state, batch):
+    """A no-argument run of `step` that carries the (donated) state from call to call."""
     holder = {"state": state}
+
+    def run():
+        holder["state"], m = step(holder["state"], batch)
+        return m["loss"]  # not fetched: train.py never waits on a step's metrics either
+    return run
+
+
+def make_jax_step(config, num_tokens: int, eval_only: bool = False):
+    """-> (run_one_step, tokens_per_step, n_params, flops_per_token); eval: forward only (1/3 the FLOPs)."""
+    model, mesh, rules, state, sh, step, batch = _train_setup(config, num_tokens)
+    b, length = config.data.batch_size, config.data.seq_len
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     if eval_only:
         evaluate = steps.make_eval_step(model=model, objective=objectives.OBJECTIVES[config.mode], mesh=mesh,
                                         rules=rules, state_shardings=sh)
         return (lambda: evaluate(state.params, batch)["loss_sum"], b * length, n_params,
                 model.cfg.flops_per_token(length) / 3)
-
-    def run():
-        holder["state"], m = step(holder["state"], batch)
-        return m["loss"]  # not fetched: train.py never waits on a step's metrics either
-    return run, b * length, n_params, model.cfg.flops_per_token(length)
+    return _stepper(step, state, batch), b * length, n_params, model.cfg.flops_per_token(length)
 
 
 def bench_compile(config, num_tokens: int, n_layers: int, steps_timed: int, rounds: int) -> dict:
@@ -155,23 +165,13 @@ def bench_compile(config, num_tokens: int, n_layers: int, steps_timed: int, roun
         with c.unlocked():
             c.model.n_layers = n_layers or c.model.n_layers
             c.model.scan_layers, c.model.remat = scan, remat
-        mesh, rules = sharding.make_mesh(c.mesh), sharding.logical_rules(c.sharding)
-        model = steps.build_model(c, num_tokens)
-        tx, schedule = optim.make_optimizer(c.optim, c.train.steps)
-        state, sh = steps.init_state(model, tx, mesh, rules, c.seed, c.data.seq_len)
-        step = steps.make_train_step(model=model, tx=tx, objective=objectives.OBJECTIVES[c.mode],
-                                     schedule=schedule, accum=1, mesh=mesh, rules=rules, state_shardings=sh)
-        batch = _random_batch(c, num_tokens, mesh)
+        _, mesh, rules, state, _, step, batch = _train_setup(c, num_tokens)
         t = time.perf_counter()
         with sharding.activate(mesh, rules):
             compiled = step.jitted.lower(state, batch).compile()
         rows.append({"scan_layers": scan, "remat": remat, "compile_s": time.perf_counter() - t,
                      "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20})
-        holder = {"state": state}
-
-        def run(compiled=compiled, holder=holder, batch=batch):
-            holder["state"], m = compiled(holder["state"], batch)
-            return m["loss"]
+        run = _stepper(compiled, state, batch)
         for _ in range(2):
             jax.block_until_ready(run())
         runs.append(run)

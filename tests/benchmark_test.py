@@ -10,48 +10,41 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _benchmark(*args):
+    """scripts/benchmark.py on one CPU device (as a user runs it) -> (its last JSON line, stderr)."""
+    out = subprocess.run([sys.executable, "scripts/benchmark.py", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
 @pytest.mark.parametrize("what,keys", [
     ("train", {"tokens_per_s", "step_ms", "model_flops_per_token", "achieved_gflops", "mfu"}),
     ("eval", {"tokens_per_s", "mfu"}),
     ("decode", {"tokens_per_s", "ms_per_token"}),
 ])
 def test_benchmark_prints_json(what, keys, corpus_dir):
-    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user runs it
-    out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=configs/pretrain_causal.py:tiny",
-                          f"--what={what}", "--steps=3", "--warmup=1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row, _ = _benchmark("--config=configs/pretrain_causal.py:tiny", f"--what={what}", "--steps=3", "--warmup=1")
     assert keys <= set(row) and row["tokens_per_s"] > 0
 
 
 def test_benchmark_data_pipeline(corpus_dir):
-    out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=configs/pretrain_causal.py:tiny",
-                          "--what=data", f"--config.data.path={corpus_dir}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
-    assert out.returncode == 0, out.stderr[-2000:]
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row, _ = _benchmark("--config=configs/pretrain_causal.py:tiny", "--what=data", f"--config.data.path={corpus_dir}")
     assert row["tokens_per_s"] > 1e5 and row["tokens"] > 1000
 
 
 def test_benchmark_mfu_vs_peak():
-    out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=configs/pretrain_causal.py:tiny",
-                          "--vs-peak", "--steps=2", "--rounds=2", "--warmup=1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
-    assert out.returncode == 0, out.stderr[-2000:]
-    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row, stderr = _benchmark("--config=configs/pretrain_causal.py:tiny", "--vs-peak", "--steps=2", "--rounds=2",
+                             "--warmup=1")
     assert row["what"] == "mfu_vs_peak" and row["peak_gflops_median"] > 0
     assert 0 < row["mfu_min"] <= row["mfu_median"] <= row["mfu_max"]
     assert abs(row["mfu_median"] - row["step_gflops_median"] / row["peak_gflops_median"]) < 0.5 * row["mfu_median"]
-    assert out.stderr.count("MFU") == 2  # one line per round
+    assert stderr.count("MFU") == 2  # one line per round
 
 
 def test_benchmark_compile_variants():
-    out = subprocess.run([sys.executable, "scripts/benchmark.py", "--config=configs/pretrain_causal.py:tiny",
-                          "--what=compile", "--layers=3", "--steps=1", "--rounds=1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r, _ = _benchmark("--config=configs/pretrain_causal.py:tiny", "--what=compile", "--layers=3", "--steps=1",
+                      "--rounds=1")
     assert r["what"] == "compile" and r["n_layers"] == 3
     rows = {(x["scan_layers"], x["remat"]): x for x in r["rows"]}
     assert set(rows) == {(False, "none"), (True, "none"), (False, "full"), (True, "full"), (True, "dots")}
