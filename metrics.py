@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import struct
 import sys
 import time
 
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 
 class MetricWriter:
@@ -38,6 +41,25 @@ class MetricWriter:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_tb_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} from the TensorBoard event files in `logdir` (WORKDIR/tb), without
+    TensorBoard installed. An event file is a sequence of records: length (u64), a CRC of it, the
+    serialized Event, a CRC of that (CRCs not checked here)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        i = 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+    return out
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:

@@ -7,6 +7,7 @@ importable entry that tests and notebooks call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -129,7 +130,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             checkpoint.save(mngr, at_step, state, data_iter, config_dict, force=force)
 
     stop_at = min(total_steps, int(config.train.stop_after) or total_steps)
-    with resilience.PreemptionGuard() as guard:
+    # closing(writer): the TensorBoard events logged so far reach the disk on an error exit too
+    with contextlib.closing(writer), resilience.PreemptionGuard() as guard:
         while step < stop_at:
             for _ in range(k):
                 batch = sharding.put_batch(next(data_iter), batch_sharding)
@@ -179,7 +181,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         with checkpoint.write_errors(mngr, step):
             mngr.wait_until_finished()
     mngr.close()
-    writer.close()
     last["step"] = step
     if guard.received:
         log.warning("%s received: stopped after step %d with a checkpoint in %s; rerun the same command to resume",

@@ -17,7 +17,7 @@ import checkpoint
 import resilience
 import sharding
 import train
-from metrics import read_jsonl
+from metrics import read_jsonl, read_tb_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,13 +63,13 @@ def test_preemption_signal_checkpoints_and_exits_zero(corpus_dir, tmp_path, sig)
 
 
 def test_kill_9_during_async_checkpoints_resumes_exactly(corpus_dir, tmp_path):
-    steps_total = 120
+    steps_total = 60
     args = ["--config.train.steps=%d" % steps_total, "--config.train.checkpoint_every=1",
             "--config.train.keep_checkpoints=2", "--config.train.log_every=1", "--config.train.eval_every=100000"]
     victim = tmp_path / "victim"
     proc = subprocess.Popen(_cli(victim, corpus_dir, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_for_step(str(victim), 30, proc)
+    _wait_for_step(str(victim), 20, proc)
     time.sleep(np.random.default_rng().uniform(0.0, 0.3))
     proc.kill()  # SIGKILL: no chance to finish a write
     proc.wait()
@@ -115,6 +115,10 @@ def test_nonfinite_halt_names_the_step_range(corpus_dir, tmp_path, monkeypatch):
     with pytest.raises(resilience.NonFiniteLossError, match=r"within steps \[5, 6\].*last at step 5"):
         train.train_and_evaluate(tiny_config(corpus_dir, train__steps=12, train__log_every=2,
                                              train__eval_every=100, train__on_nonfinite="halt"), str(tmp_path))
+    # what was logged before the halt is on disk: JSONL and the TensorBoard events (writer closed on the way out)
+    tb = read_tb_scalars(str(tmp_path / "tb"))
+    assert [step for step, _ in tb["train/loss"]] == [2, 4]
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "train/loss" in r] == [2, 4]
 
 
 def test_nonfinite_rollback_restores_and_lowers_lr(corpus_dir, tmp_path, monkeypatch, caplog):
