@@ -28,7 +28,8 @@ ADDED_DEFAULTS = {"model.type_vocab_size": 0, "mlm.nsp": True, "mlm.mask_prob": 
                   "classify.freeze_backbone": False, "sft.val_path": "", "sft.train_on": "assistant",
                   "sft.too_long": "truncate", "sft.pack": True, "sft.fit": "first", "lora.rank": 0, "lora.alpha": 16.0,
                   "lora.targets": ["attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down"],
-                  "lora.base_dtype": "float32", "lora.train_new_rows": True}
+                  "lora.base_dtype": "float32", "lora.train_new_rows": True,
+                  "train.compile_cache_dir": ""}
 
 
 class IncompatibleCheckpointError(ValueError):

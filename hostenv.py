@@ -42,3 +42,19 @@ def tune_malloc(pad_bytes: int = 64 << 20) -> bool:
     results = [mallopt(M_MMAP_MAX, 0), mallopt(M_ARENA_MAX, 1), mallopt(M_TRIM_THRESHOLD, INT_MAX),
                mallopt(M_TOP_PAD, pad_bytes)]
     return all(r == 1 for r in results)
+
+
+def compile_cache(path: str) -> bool:
+    """JAX's persistent compilation cache in `path` (config train.compile_cache_dir; '' = off).
+
+    A resumed or repeated run then loads its compiled programs instead of compiling them again
+    (pretrain_mini's resume: 20.7 s -> 14.9 s on 2 CPU cores; on accelerators compiles take
+    minutes). Process-wide: JAX opens the cache at its first compile, so in a notebook the first
+    run's directory stays in use. Every program is cached, however fast it compiled.
+    """
+    if not path:
+        return False
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.expanduser(path)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    return True

@@ -43,6 +43,7 @@ def quiet_logs() -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     resilience.check_workdir(workdir)
+    hostenv.compile_cache(config.train.compile_cache_dir)
     k = int(config.optim.grad_accum_steps)
     total_steps = int(config.train.steps)
 

@@ -124,6 +124,7 @@ def base() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500  # checkpoint period (and always at the end)
     t.keep_checkpoints = 3  # checkpoints kept
     t.async_checkpoint = True  # write checkpoints in the background
+    t.compile_cache_dir = ""  # JAX persistent compilation cache (resumes skip compiling); '' = off
     t.on_nonfinite = "skip"  # non-finite loss/grads (the update is always dropped): 'skip' | 'rollback' | 'halt'
     t.max_nonfinite = 10  # stop once more updates than this were dropped in all
     t.rollback_lr_factor = 0.5  # 'rollback': LR multiplier applied at each rollback

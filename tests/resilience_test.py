@@ -64,8 +64,10 @@ def test_preemption_signal_checkpoints_and_exits_zero(corpus_dir, tmp_path, sig)
 
 def test_kill_9_during_async_checkpoints_resumes_exactly(corpus_dir, tmp_path):
     steps_total = 60
+    cache = tmp_path / "xla_cache"  # the resumed run loads the victim's compiled steps: still exact
     args = ["--config.train.steps=%d" % steps_total, "--config.train.checkpoint_every=1",
-            "--config.train.keep_checkpoints=2", "--config.train.log_every=1", "--config.train.eval_every=100000"]
+            "--config.train.keep_checkpoints=2", "--config.train.log_every=1", "--config.train.eval_every=100000",
+            f"--config.train.compile_cache_dir={cache}"]
     victim = tmp_path / "victim"
     proc = subprocess.Popen(_cli(victim, corpus_dir, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -76,6 +78,7 @@ def test_kill_9_during_async_checkpoints_resumes_exactly(corpus_dir, tmp_path):
     again = subprocess.run(_cli(victim, corpus_dir, *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stderr
+    assert len(os.listdir(cache)) >= 2  # train and eval steps at least
     straight = tmp_path / "straight"  # uninterrupted, in-process (same 8-device mesh as the subprocess)
     train.train_and_evaluate(tiny_config(corpus_dir, train__steps=steps_total, train__checkpoint_every=1000,
                                          train__log_every=1, train__eval_every=100000), str(straight))
