@@ -14,6 +14,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from model import axes
 
@@ -22,18 +23,19 @@ Initializer = Callable[..., jax.Array]
 
 
 def row_major(x: jax.Array) -> jax.Array:
-    """x, pinned to a row-major layout on CPU (identity elsewhere).
+    """x, constrained to a row-major layout on CPU (identity elsewhere).
 
     XLA:CPU's layout assignment likes to turn a transpose feeding a dot into a column-major
-    layout of the dot operand. Its bf16 dot library (YNNPACK) takes only row-major operands,
-    so such dots silently ran in f32 at about half the speed (and a transposed dot *output*
-    could even fail with "Unsupported element type for DotThunk: BF16 x BF16 = F32"). A
-    flattening to 1-D behind an optimization barrier has one layout that keeps it a bitcast:
-    row-major. scripts/profile_step.py shows each dot's operand dtype.
+    layout of the dot operand (or to fold it into the dot as a contraction over the operand's
+    first dim). Its bf16 dot library (YNNPACK) takes neither, so such dots ran in f32 at about
+    half the speed, or failed at run time ("Unsupported element type for DotThunk: BF16 x BF16 =
+    F32"). A layout constraint keeps the operand row-major: a transpose is then materialised,
+    and a tensor that is row-major already costs nothing (the earlier pin, a 1-D reshape behind
+    an optimization barrier, copied it). scripts/profile_step.py shows each dot's operand dtype.
     """
     if x.ndim < 2 or jax.default_backend() != "cpu":
         return x
-    return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
 
 def _dot(x_NxK: jax.Array, w_KxM: jax.Array, dtype: Dtype) -> jax.Array:
@@ -56,7 +58,7 @@ def _lowp_fwd(x_NxK, w_KxM, dtype):
 
 def _lowp_bwd(dtype, res, g_NxM):
     x_NxK, w_KxM, x_tag, w_tag = res
-    g_NxM = g_NxM.astype(dtype)
+    g_NxM = row_major(g_NxM.astype(dtype))  # e.g. a grouped-query head sum could reach here transposed
     dx_NxK = _dot(g_NxM, w_KxM.T, dtype)
     k, m = w_KxM.shape
     # Transpose explicitly (and materialise it row-major) so the weight-gradient dot is canonical.

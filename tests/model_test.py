@@ -188,6 +188,17 @@ def test_batch_slices_only_on_a_single_cpu_device():
     assert attention.batch_slices() == 1  # slicing a device-sharded batch would reshard it
 
 
+@pytest.mark.parametrize("n_kv_heads,batch,length", [(1, 1, 16), (1, 3, 129), (2, 1, 16), (4, 2, 33)])
+def test_bf16_gradients_run_for_every_head_grouping(n_kv_heads, batch, length):
+    # XLA:CPU folded multi-query attention's head sum (batch 1) into the value projection's backward
+    # dot as a transposed operand, which its bf16 dot library does not take: a run-time error
+    # ("Unsupported element type for DotThunk") until layers.row_major constrained that operand
+    model, params = make(n_kv_heads=n_kv_heads, d_model=64)
+    tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, 60)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(jax.nn.log_softmax(model.apply({"params": p}, tokens))[..., 0])))(params)
+    chex.assert_tree_all_finite(grads)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 5, 7), (1, 2, 130, 16)])
 def test_bf16_attention_odd_shapes_run_and_match_f32(shape):
     # XLA:CPU rejects some bf16 dot layouts at run time; every shape must compile and run
