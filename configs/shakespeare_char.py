@@ -5,10 +5,10 @@ Recipe:    char tokenizer; 4 layers, 4 heads, 128 dims; block 64; batch 12; 2000
            AdamW lr 1e-3, beta2 0.99, warmup 100, cosine to 1e-4; no dropout. Architecture is
            ours (RoPE + RMSNorm + SwiGLU, d_ff 512) at about nanoGPT's parameter count.
 Split:     the last 10% of the text is validation (nanoGPT's split).
-Runtime:   under 1 minute on 2 CPU cores (56 s measured end to end, data and compile included).
+Runtime:   under 1 minute on 2 CPU cores (50 s measured end to end, data and compile included).
 Result:    val loss 1.67 over the whole validation split (nanoGPT's figure: 1.88); val is 1.823
-           at iteration 1000, about 32-34 s after start (README Performance: the same recipe in
-           PyTorch, scripts/nanogpt_torch.py, takes 80-89 s to reach 1.8855).
+           at iteration 1000, about 29 s after start (README Performance: the same recipe in
+           PyTorch, scripts/nanogpt_torch.py, takes 79-89 s to reach 1.8855).
 """
 
 import os
