@@ -24,9 +24,7 @@ import tempfile  # noqa: E402
 
 _XLA_CACHE = tempfile.mkdtemp(prefix="lmstack_test_xla_cache_")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+hostenv.compile_cache(_XLA_CACHE)  # what train.compile_cache_dir does
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
