@@ -7,7 +7,8 @@
   on device (steps.py) and counts it. `NonFinitePolicy` decides, at the next log step, what
   happens then: 'skip' (continue), 'rollback' (restore the last checkpoint, scale the LR by
   train.rollback_lr_factor, keep reading fresh data) or 'halt' (stop, naming the step range).
-- `check_workdir`: an unwritable or impossible --workdir fails before any work is done.
+- `check_workdir`: an unwritable or impossible --workdir (or train.compile_cache_dir) fails
+  before any work is done.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class WorkdirError(OSError):
 POLICIES = ("skip", "rollback", "halt")
 
 
-def check_workdir(workdir: str) -> None:
-    """Create the workdir and prove it is writable (a probe file), or raise naming it."""
+def check_workdir(workdir: str, what: str = "--workdir") -> None:
+    """Create the directory and prove it is writable (a probe file), or raise naming it as `what`
+    (also used for train.compile_cache_dir)."""
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, ".write_probe")
@@ -39,7 +41,7 @@ def check_workdir(workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
-        raise WorkdirError(e.errno, f"--workdir {workdir!r} is not a writable directory: {reason}") from e
+        raise WorkdirError(e.errno, f"{what} {workdir!r} is not a writable directory: {reason}") from e
 
 
 class PreemptionGuard:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 
 _PROCESS_T0 = time.time()  # before jax is imported: 'perf/since_start_s' includes start-up
@@ -43,7 +44,10 @@ def quiet_logs() -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     resilience.check_workdir(workdir)
-    hostenv.compile_cache(config.train.compile_cache_dir)
+    cache_dir = os.path.expanduser(config.train.compile_cache_dir)
+    if cache_dir:  # JAX would only warn on each compile and run without the cache
+        resilience.check_workdir(cache_dir, what="train.compile_cache_dir")
+    hostenv.compile_cache(cache_dir)
     k = int(config.optim.grad_accum_steps)
     total_steps = int(config.train.steps)
 

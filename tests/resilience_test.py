@@ -160,6 +160,9 @@ def test_unwritable_workdir_named(tmp_path):
     blocker.write_text("x")
     with pytest.raises(resilience.WorkdirError, match="a_file/run.*not a writable directory"):
         train.train_and_evaluate(tiny_config(str(tmp_path)), str(blocker / "run"))
+    with pytest.raises(resilience.WorkdirError, match="train.compile_cache_dir '.*a_file/cache' is not a writable"):
+        train.train_and_evaluate(tiny_config(str(tmp_path), train__compile_cache_dir=str(blocker / "cache")),
+                                 str(tmp_path / "run"))
 
 
 def test_same_seed_same_metrics(corpus_dir, tmp_path):
