@@ -63,6 +63,9 @@ def is_write_failure(e: Exception) -> bool:
 
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """The writing process's own manager: creates checkpoints/ and deletes the unfinished temporary
+    checkpoints it finds there (an earlier attempt's, killed mid-write). Never for reading a run another
+    process may be writing: that would delete its in-flight checkpoint (readers use open_read_only)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
                                            cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
@@ -128,24 +131,32 @@ def check_compatible(saved: dict, current: dict, workdir: str) -> list[str]:
 
 
 def load_for_inference(workdir: str, step: int | None = None) -> tuple[dict, dict, int]:
-    """(saved config dict, params, step) from a run's workdir: latest checkpoint by default."""
-    mngr = make_manager(workdir, keep=1, async_save=False)
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')!r}")
-    config = saved_config(mngr, step)
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    mngr.close()
+    """(saved config dict, params, step) from a run's workdir: latest complete checkpoint by default.
+    Read-only, so safe on a run that is still training (its in-flight checkpoint is left alone)."""
+    mngr = open_read_only(workdir)
+    try:
+        available = sorted(mngr.all_steps())
+        step = available[-1] if step is None else step
+        if step not in available:
+            raise FileNotFoundError(f"no checkpoint for step {step} under {str(mngr.directory)!r}; "
+                                    f"available steps: {available}")
+        config = saved_config(mngr, step)
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    finally:
+        mngr.close()
     params = state["params"] if isinstance(state, dict) else state.params
     return config, params, step
 
 
 def save_params(workdir: str, step: int, params, config_dict: dict) -> str:
     """A params-only checkpoint (export: merged LoRA, converted weights) that load_for_inference,
-    scripts/generate.py and config.init_from read like a training checkpoint."""
+    scripts/generate.py and config.init_from read like a training checkpoint. `workdir` must hold no
+    checkpoints yet: checked before the writing manager exists, which would clean a live run's."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise IncompatibleCheckpointError(f"{workdir!r} already holds checkpoints ({sorted(os.listdir(directory))} "
+                                          f"in {directory!r}); export into a new directory")
     mngr = make_manager(workdir, keep=1, async_save=False)
-    if mngr.latest_step() is not None:
-        raise IncompatibleCheckpointError(f"{workdir!r} already holds checkpoints; export into a new directory")
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
                                             config=ocp.args.JsonSave(config_dict)))
     mngr.wait_until_finished()

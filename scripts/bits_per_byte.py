@@ -26,16 +26,14 @@ from data import pipeline, prepared  # noqa: E402
 from metrics import read_jsonl  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("workdir", None, "Run directory (trained with data.path = a prepared dataset).")
-flags.mark_flags_as_required(["workdir"])
 
 
 def bits_per_byte(workdir: str) -> dict:
-    mngr = checkpoint.make_manager(workdir, keep=1, async_save=False)
-    step = mngr.latest_step()
-    if step is None:
-        raise SystemExit(f"{workdir}: no checkpoint")
-    cfg = checkpoint.saved_config(mngr, step)
+    mngr = checkpoint.open_read_only(workdir)  # never cleans: the run may still be training
+    try:
+        cfg = checkpoint.saved_config(mngr, mngr.latest_step())
+    finally:
+        mngr.close()
     data = cfg["data"]
     if not prepared.is_prepared(data["path"]):
         raise SystemExit(f"{workdir}: data.path={data['path']!r} is not a prepared dataset")
@@ -65,5 +63,7 @@ def main(argv):
               f"the val split): {r['bits_per_byte']:.4f} bits/byte")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined here: tests import this module beside other scripts
+    flags.DEFINE_multi_string("workdir", None, "Run directory (trained with data.path = a prepared dataset).")
+    flags.mark_flags_as_required(["workdir"])
     app.run(main)
