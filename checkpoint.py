@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 
 import grain
@@ -169,12 +170,30 @@ def open_read_only(workdir: str) -> ocp.CheckpointManager:
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints directory {directory!r}: is {workdir!r} a training run's workdir?")
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False, save_interval_steps=0))
+    with _without_read_only_notice():
+        mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            read_only=True, create=False, save_interval_steps=0))
     if not mngr.all_steps():
         mngr.close()
         raise FileNotFoundError(f"no complete checkpoint under {directory!r}")
     return mngr
+
+
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: False for Orbax's 'Given directory is read only=DIR' warning, which every
+    read-only manager logs (through absl). Expected here, not news."""
+    return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _without_read_only_notice():
+    """That one warning dropped while a read-only manager is being opened; every other message kept."""
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_not_read_only_notice)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(_not_read_only_notice)
 
 
 def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):

@@ -1,6 +1,7 @@
 """checkpoint.py: readers of a run never touch its checkpoints, even while one is being written."""
 
 import asyncio
+import logging
 import os
 import sys
 import threading
@@ -12,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from absl import logging as absl_logging
 from conftest import tiny_config
 from flax import struct
 # Orbax's own tests hold a save in flight the same way (mock.patch.object on this class's finalize).
@@ -112,3 +114,11 @@ def test_readers_leave_an_in_flight_async_save_alone(run, tmp_path, monkeypatch)
     assert at == step
     jax.tree.map(np.testing.assert_array_equal, params, saved["state"]["params"])
 
+
+def test_read_only_managers_open_without_orbaxs_read_only_warning(run, caplog):
+    caplog.set_level(logging.INFO)
+    evaluation.load_run(run)  # what scripts/evaluate.py opens (twice a call)
+    checkpoint.open_read_only(run).close()
+    absl_logging.warning("Given directory is read only=%s", "elsewhere")  # not opening: passes
+    notices = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Given directory is read only")]
+    assert notices == ["Given directory is read only=elsewhere"]
