@@ -10,6 +10,7 @@ later). Windows longer than data.seq_len keep the most recent tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -44,24 +45,27 @@ def define_flags() -> None:
                       "stop at <|end|>.")
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def next_logits(model, params, buf_1xW, n):
+    """Logits after the window's first n tokens. Compiled once per (model, window size) in a process,
+    shared by every sample (a jit inside `sample` had traced and compiled it again for each)."""
+    window = buf_1xW.shape[1]
+    seg_1xW = (jnp.arange(window) < n).astype(jnp.int32)[None, :]
+    pos_1xW = jnp.arange(window, dtype=jnp.int32)[None, :]
+    logits_1xWxV = model.apply({"params": params}, buf_1xW, pos_1xW, seg_1xW)
+    return logits_1xWxV[0, n - 1]
+
+
 def sample(model, params, prompt_ids: np.ndarray, *, window: int, max_new_tokens: int, temperature: float,
            top_k: int, seed: int, stop_id: int | None = None) -> list[int]:
-    """Autoregressive sampling with a fixed-size window (one compiled forward)."""
-
-    @jax.jit
-    def next_logits(params, buf_1xW, n):
-        seg_1xW = (jnp.arange(window) < n).astype(jnp.int32)[None, :]
-        pos_1xW = jnp.arange(window, dtype=jnp.int32)[None, :]
-        logits_1xWxV = model.apply({"params": params}, buf_1xW, pos_1xW, seg_1xW)
-        return logits_1xWxV[0, n - 1]
-
+    """Autoregressive sampling with a fixed-size window (one compiled forward: next_logits)."""
     key = jax.random.key(seed)
     ids = list(int(i) for i in prompt_ids)
     for _ in range(max_new_tokens):
         ctx = ids[-window:]
         buf = np.zeros((1, window), np.int32)
         buf[0, :len(ctx)] = ctx
-        logits_V = next_logits(params, jnp.asarray(buf), len(ctx))
+        logits_V = next_logits(model, params, jnp.asarray(buf), len(ctx))
         if temperature <= 0:
             nxt = int(jnp.argmax(logits_V))
         else:

@@ -3,6 +3,8 @@
 import os
 import sys
 
+import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
 from conftest import tiny_config
@@ -33,3 +35,26 @@ def test_greedy_sampling_continues_a_memorised_pattern(tmp_path):
     a = generate.sample(model, params, tok.encode("ab"), window=32, max_new_tokens=10, temperature=1.0, top_k=3, seed=1)
     b = generate.sample(model, params, tok.encode("ab"), window=32, max_new_tokens=10, temperature=1.0, top_k=3, seed=1)
     assert a == b and len(a) == 10 and np.all(np.asarray(a) < tok.vocab_size)
+
+
+class _CountingLM(nn.Module):
+    """A tiny LM that records every trace of its forward (Python side effects run only while tracing)."""
+    vocab: int = 16
+
+    @nn.compact
+    def __call__(self, ids_BxL, positions_BxL=None, segment_ids_BxL=None):
+        TRACES.append(ids_BxL.shape)
+        return nn.Dense(self.vocab)(nn.Embed(self.vocab, 8)(ids_BxL))
+
+
+TRACES = []
+
+
+def test_samples_share_one_compiled_step():
+    model = _CountingLM()
+    params = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
+    TRACES.clear()
+    outs = [generate.sample(model, params, np.array([1, 2, 3]), window=8, max_new_tokens=4, temperature=1.0,
+                            top_k=0, seed=seed) for seed in (0, 1)]
+    assert len(TRACES) == 1, f"{len(TRACES)} traces for two samples"
+    assert [len(o) for o in outs] == [4, 4]
