@@ -2,8 +2,10 @@
 
 Encoders ('first' pooling): <cls> text <sep> [text_pair <sep>], token types 0 then 1.
 Decoders ('last' pooling):  text [<sep> text_pair] <eos>, pooled at the last non-pad token.
-Pairs are truncated longest-first to fit `seq_len`. The label vocabulary is built from the
-training split (sorted: ints first, then strings) and saved with the run (WORKDIR/labels.json).
+Pairs are truncated longest-first to fit `seq_len`; the source counts the records that were cut
+and their untruncated lengths (`ClassifySource.truncation`, logged per split by the input builder).
+The label vocabulary is built from the training split (sorted: ints first, then strings) and
+saved with the run (WORKDIR/labels.json).
 Records are validated by data/formats.py: under `strict` the first bad record raises naming
 its file and line; otherwise it is counted (stats.skipped) and skipped. A validation label
 never seen in training is handled the same way ('unknown label').
@@ -19,6 +21,7 @@ from data import formats
 from data.pipeline import padded_batches
 from data.sources import DataError, ReadStats
 from data.tokenizer import Tokenizer
+from data.truncation import Truncation
 
 
 def read_split(path: str, *, strict: bool) -> tuple[list[tuple[str, dict]], ReadStats]:
@@ -44,11 +47,28 @@ def load_labels(path: str) -> list:
         return json.load(f)["labels"]
 
 
+def token_ids(tok: Tokenizer, text: str, pair: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The record's text (and text_pair) as token ids, before any truncation."""
+    return tok.encode(text).astype(np.int32), None if pair is None else tok.encode(pair).astype(np.int32)
+
+
+def _overhead(pool: str, pair: bool) -> int:
+    """Special tokens around the text: <cls> text <sep> [pair <sep>] or text [<sep> pair] <eos>."""
+    return (2 if pool == "first" else 1) + (1 if pair else 0)
+
+
+def full_length(a: np.ndarray, b: np.ndarray | None, pool: str) -> int:
+    """Tokens the example would take untruncated: text (+ pair) and the special tokens around them."""
+    return len(a) + (0 if b is None else len(b)) + _overhead(pool, b is not None)
+
+
 def encode_example(tok: Tokenizer, text: str, pair: str | None, seq_len: int, pool: str) -> dict[str, np.ndarray]:
-    a = tok.encode(text).astype(np.int32)
-    b = None if pair is None else tok.encode(pair).astype(np.int32)
-    overhead = (2 if pool == "first" else 1) + (1 if b is not None else 0)
-    budget = seq_len - overhead
+    return layout(tok, *token_ids(tok, text, pair), seq_len, pool)
+
+
+def layout(tok: Tokenizer, a: np.ndarray, b: np.ndarray | None, seq_len: int, pool: str) -> dict[str, np.ndarray]:
+    """Token ids of text (+ pair) -> one fixed-length example, the pair cut longest-first to fit."""
+    budget = seq_len - _overhead(pool, b is not None)
     if budget < (2 if b is not None else 1):
         raise DataError(f"data.seq_len={seq_len} leaves no room for text")
     la, lb = len(a), (0 if b is None else len(b))
@@ -76,10 +96,12 @@ def encode_example(tok: Tokenizer, text: str, pair: str | None, seq_len: int, po
 
 
 class ClassifySource:
-    """Random-access encoded examples (a grain data source); all arrays precomputed."""
+    """Random-access encoded examples (a grain data source); all arrays precomputed. `truncation`:
+    how many records were cut to seq_len tokens (and their untruncated lengths)."""
 
-    def __init__(self, examples: list[dict], labels: np.ndarray):
+    def __init__(self, examples: list[dict], labels: np.ndarray, truncation: Truncation | None = None):
         self.examples, self.labels = examples, labels
+        self.truncation = truncation
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -90,23 +112,36 @@ class ClassifySource:
         return dict(self.examples[i], label=np.int32(self.labels[i]), weight=np.float32(1.0))
 
 
+def label_index(labels: list) -> dict:
+    """(type, label) -> class id: labels 1, 1.0, "1" and True stay distinct."""
+    return {(type(lab), lab): i for i, lab in enumerate(labels)}
+
+
+def label_key(label) -> tuple:
+    return type(label), label
+
+
 def make_source(records, tok: Tokenizer, labels: list, seq_len: int, pool: str, *, strict: bool,
                 stats: ReadStats) -> ClassifySource:
-    """Encode records; a label outside `labels` raises (strict, naming file:line) or is counted."""
-    index = {(type(lab), lab): i for i, lab in enumerate(labels)}
+    """Encode records; a label outside `labels` raises (strict, naming file:line) or is counted.
+    Records longer than seq_len are cut (longest part first) and counted in the source's `truncation`."""
+    index = label_index(labels)
+    truncation = Truncation("records", seq_len)
     examples, ids = [], []
     for where, r in records:
-        key = (type(r["label"]), r["label"])
+        key = label_key(r["label"])
         if key not in index:
             if strict:
                 raise DataError(f"{where}: unknown label {r['label']!r} (training labels: {labels})")
             stats.skip("unknown label")
             continue
-        examples.append(encode_example(tok, r["text"], r.get("text_pair"), seq_len, pool))
+        a, b = token_ids(tok, r["text"], r.get("text_pair"))
+        truncation.add(full_length(a, b, pool))
+        examples.append(layout(tok, a, b, seq_len, pool))
         ids.append(index[key])
     if not examples:
         raise DataError(f"no usable classification records ({stats.summary()})")
-    return ClassifySource(examples, np.array(ids, np.int32))
+    return ClassifySource(examples, np.array(ids, np.int32), truncation)
 
 
 def eval_batches(source: ClassifySource, *, batch_size: int, max_batches: int) -> list[dict]:

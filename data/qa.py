@@ -7,9 +7,10 @@ needs at least one answer (unanswerable SQuAD-2.0 questions are not supported: c
 'qa: no answer'). Under `strict` the first bad record raises naming its file and line; otherwise
 it is counted (stats.skipped) and skipped. A record without "id" is named by its file:line.
 
-Features: the question is cut to `max_query_len` tokens; a context longer than the room left
-in `seq_len` is covered by sliding windows whose consecutive context spans share `doc_stride`
-tokens (the overlap, as Hugging Face's `stride`; each window moves by room - doc_stride).
+Features: the question is cut to `max_query_len` tokens (counted in `QAFeatures.truncation`,
+logged per split by the input builder); a context longer than the room left in `seq_len` is
+covered by sliding windows whose consecutive context spans share `doc_stride` tokens (the
+overlap, as Hugging Face's `stride`; each window moves by room - doc_stride).
 Token types are 0 for `<cls> question <sep>` and 1 for `context <sep>`; padding has segment id 0.
 `start`/`end` label the first answer's first and last token when the whole answer lies inside the
 window, else 0 (the <cls> position: "not in this window"). Every token keeps the character span
@@ -26,6 +27,7 @@ import numpy as np
 from data import formats
 from data.sources import DataError, ReadStats, Source, source_records
 from data.tokenizer import Tokenizer
+from data.truncation import Truncation
 
 ARRAY_KEYS = ("inputs", "positions", "segment_ids", "token_types", "start", "end", "weight")
 
@@ -146,6 +148,7 @@ class QAFeatures:
     example_index: np.ndarray  # [N] index into `examples`
     offsets: np.ndarray  # [N, seq_len, 2] character spans in the example's context; -1 outside it
     examples: list[QAExample]
+    truncation: Truncation | None = None  # questions cut to qa.max_query_len tokens (contexts are windowed)
 
     def __len__(self) -> int:
         return len(self.example_index)
@@ -159,11 +162,13 @@ class QAFeatures:
 def make_features(examples: list[QAExample], tok: Tokenizer, *, seq_len: int, max_query_len: int,
                   doc_stride: int) -> QAFeatures:
     context_room(seq_len, max_query_len, doc_stride)
+    truncation = Truncation("questions", max_query_len)
     rows, offsets, owner = [], [], []
     for i, ex in enumerate(examples):
+        truncation.add(len(tok.encode(ex.question)))
         feats, offs = encode_example(tok, ex, seq_len=seq_len, max_query_len=max_query_len, doc_stride=doc_stride)
         rows += feats
         offsets += offs
         owner += [i] * len(feats)
     arrays = {k: np.stack([r[k] for r in rows]) for k in ARRAY_KEYS}
-    return QAFeatures(arrays, np.array(owner, np.int32), np.stack(offsets), list(examples))
+    return QAFeatures(arrays, np.array(owner, np.int32), np.stack(offsets), list(examples), truncation)
