@@ -11,8 +11,9 @@ ids stop attention and loss at conversation boundaries; only row tails are paddi
 data/pipeline.pack_window makes, so objectives.causal_lm trains on it.
 
 Generation problems (`generation_problems`): the conversation up to its last assistant turn as
-a prompt (data/chat.render_prompt, ending in <|assistant|>) and that turn's content as the
-reference; the `kind` field, when present, groups the exact-match scores.
+a prompt (data/chat.render_prompt, ending in <|assistant|>); the reference is the record's
+`answer` field when it has one (a non-empty string or a number), else that turn's content; the
+`kind` field, when present, groups the exact-match scores (README: "SFT task records").
 """
 
 from __future__ import annotations
@@ -52,26 +53,56 @@ def make_rows(rendered, *, seq_len: int, pad_id: int, pack: bool, fit: str) -> l
 @dataclasses.dataclass(frozen=True)
 class Problem:
     prompt: np.ndarray  # int32 ids ending in <|assistant|>
-    reference: str  # the last assistant turn's content
+    reference: str  # the record's "answer" if it has one, else the last assistant turn's content
     kind: str  # the record's "kind" ('' if none)
+    messages: tuple = ()  # the prompt's messages: the conversation before the last assistant turn
 
 
-def generation_problems(records: list[tuple[str, dict]], tok: Tokenizer, limit: int) -> list[Problem]:
-    """Up to `limit` problems, in file order, from records whose last message is an assistant turn."""
-    out = []
+class Problems(list):
+    """`generation_problems`' problems (a list) and `of`: how many of the records could have been one."""
+
+    def __init__(self, problems, of: int):
+        super().__init__(problems)
+        self.of = of
+
+
+def reference_answer(record: dict, messages: list[dict]) -> str:
+    """The record's "answer" field (a non-empty string, or a number as text) when it has one, else the
+    last assistant turn's content: a task record may keep the checkable answer apart from a longer reply."""
+    answer = record.get("answer")
+    if isinstance(answer, str) and answer.strip():
+        return answer
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        return str(answer)
+    return messages[-1]["content"]
+
+
+def _final_turn_messages(record) -> list[dict] | None:
+    """The record's messages when the last one is an assistant turn after at least one other; else None."""
+    try:
+        messages = chat.messages_of(record)
+    except chat.ChatError:
+        return None
+    return messages if len(messages) >= 2 and messages[-1]["role"] == "assistant" else None
+
+
+def generation_problems(records: list[tuple[str, dict]], tok: Tokenizer, limit: int) -> Problems:
+    """Up to `limit` problems, in file order, from records whose last message is an assistant turn;
+    `.of` counts all such records (the problems are the first `limit` of them)."""
+    out, of = [], 0
     for _, record in records:
-        if len(out) >= limit:
-            break
-        try:
-            messages = chat.messages_of(record)
-        except chat.ChatError:
+        messages = _final_turn_messages(record)
+        if messages is None:
             continue
-        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        if len(out) >= limit:
+            of += 1
             continue
         try:
             prompt = chat.render_prompt(messages[:-1], tok)
         except chat.ChatError:
             continue
+        of += 1
         kind = record.get("kind", "")
-        out.append(Problem(prompt, messages[-1]["content"], kind if isinstance(kind, str) else str(kind)))
-    return out
+        out.append(Problem(prompt, reference_answer(record, messages), kind if isinstance(kind, str) else str(kind),
+                           tuple(messages[:-1])))
+    return Problems(out, of)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from data import chat, formats, tasks
+from data import chat, formats, sft as sft_data, tasks
 from data.tokenizer import ByteTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +84,28 @@ def test_exact_match_and_errors():
         tasks.make_splits(0, {"train": 2}, kinds=("divide",))
     a, b = tasks.make_splits(7, {"train": 20, "test": 5}), tasks.make_splits(7, {"train": 20, "test": 5})
     assert a == b and {p["key"] for p in a["train"]}.isdisjoint(p["key"] for p in a["test"])
+
+
+def _turns(question: str, reply: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
+
+def test_generation_problems_take_the_reference_from_the_answer_field():
+    """A task record's "answer" is the reference exact match checks (the reply may say more); without a usable
+    one, the last assistant turn is; `of` counts every record that could be a problem."""
+    records = [("f:1", {"messages": _turns("What is 2 + 2?", "The answer is 4."), "kind": "add", "answer": "4"}),
+               ("f:2", {"messages": _turns("copy x", "x")}),  # no answer field: the reply
+               ("f:3", {"prompt": "How many?", "response": "Seven.", "answer": 7}),  # a number, as text
+               ("f:4", {"messages": _turns("q", "reply"), "answer": ["a"]}),  # not a string or number: the reply
+               ("f:5", {"messages": _turns("q", "reply"), "answer": " "}),  # blank: the reply
+               ("f:6", {"messages": [{"role": "user", "content": "no reply"}], "answer": "1"})]  # not a problem
+    tok = ByteTokenizer()
+    problems = sft_data.generation_problems(records, tok, limit=10)
+    assert [p.reference for p in problems] == ["4", "x", "7", "reply", "reply"] and problems.of == 5
+    assert problems[0].messages == (_turns("What is 2 + 2?", "")[0],) and problems[0].kind == "add"
+    assert problems[2].messages == ({"role": "user", "content": "How many?"},)
+    first = sft_data.generation_problems(records, tok, limit=2)
+    assert [p.reference for p in first] == ["4", "x"] and first.of == 5  # scored 2 of 5
+    p = tasks.make_problem("add", random.Random(0))
+    (made,) = sft_data.generation_problems([("t:1", tasks.sft_record(p))], tok, limit=1)
+    assert (made.reference, made.kind) == (p["answer"], "add")
