@@ -1,24 +1,60 @@
 """Eval metrics that need the model's outputs decoded, not just summed losses: the
-`Inputs.extra_eval` callables train.py and scripts/evaluate.py call with (model, params).
+`Inputs.extra_eval` callables train.py and scripts/evaluate.py call with (model, params), and
+the per-item predictions behind them (scripts/evaluate.py --out_predictions).
 
 - `exact_match_eval` (mode sft): answers every problem greedily (model/decode, stopping at
   <|end|>), compares the decoded text with the reference (data/tasks.exact_match: surrounding
   whitespace ignored) and reports the share correct, overall and per problem kind.
 - `span_qa_eval` (mode qa): start/end logits for every validation window, the best legal span per
   question over its windows (data/qa_eval), SQuAD exact match and F1 in percent.
+- `classify_predictions` (mode classify): each validation record's predicted and gold label.
+
+Compiled functions are kept per model (a Flax module hashes by its fields, a LoRA wrapper by
+identity): one evaluator called with a second, different model compiles that model's function.
+`coverage()` says how many items the decoded metric scored of how many there were.
 """
 
 from __future__ import annotations
 
 import collections
+from typing import Callable
 
 import jax
 import numpy as np
 
-from data import chat, pipeline, qa as qa_data, qa_eval, tasks
+from data import chat, classify as classify_data, pipeline, qa as qa_data, qa_eval, tasks
 from data.sft import Problem
 from data.tokenizer import Tokenizer
 from model import decode
+
+
+def per_model(build: Callable) -> Callable:
+    """model -> build(model), built once per distinct model and kept."""
+    cache = {}
+
+    def get(model):
+        if model not in cache:
+            cache[model] = build(model)
+        return cache[model]
+    return get
+
+
+class _LastResult:
+    """The result of one (model, params) pair, kept until it is taken once: scripts/evaluate.py asks
+    for predictions, then the eval's scores reuse them instead of decoding again. Identity, not
+    equality: a new params tree is a new result."""
+
+    def __init__(self):
+        self._entry = None
+
+    def get(self, model, params, compute: Callable, *, keep: bool):
+        entry = self._entry
+        if entry is not None and entry[0] is model and entry[1] is params:
+            self._entry = (model, params, entry[2]) if keep else None
+            return entry[2]
+        out = compute()
+        self._entry = (model, params, out) if keep else None
+        return out
 
 
 def answer(generate, params, problems: list[Problem], tok: Tokenizer, *, width: int, batch_size: int) -> list[str]:
@@ -33,20 +69,38 @@ def answer(generate, params, problems: list[Problem], tok: Tokenizer, *, width: 
     return out
 
 
-def exact_match_eval(problems: list[Problem], tok: Tokenizer, *, width: int, max_new_tokens: int, batch_size: int):
+class ExactMatchEval:
     """(model, params) -> {'eval/exact_match', 'eval/exact_match/<kind>'...} over `problems`."""
-    compiled = {}
 
-    def run(model, params) -> dict:
-        if not problems:
+    def __init__(self, problems: list[Problem], tok: Tokenizer, *, width: int, max_new_tokens: int,
+                 batch_size: int):
+        self.problems, self.tok, self.width, self.batch_size = problems, tok, width, batch_size
+        self._generate = per_model(lambda model: decode.make_greedy(
+            model, width=width, max_new_tokens=max_new_tokens, stop_id=tok.special_id(chat.END_TOKEN)))
+        self._last = _LastResult()
+
+    def _answers(self, model, params, keep: bool) -> list[str]:
+        return self._last.get(model, params, lambda: answer(self._generate(model), params, self.problems, self.tok,
+                                                            width=self.width, batch_size=self.batch_size), keep=keep)
+
+    def predictions(self, model, params) -> list[dict]:
+        """One dict per problem: prompt messages, generated answer, reference, kind, correct."""
+        answers = self._answers(model, params, keep=True)
+        return [{"prompt": list(p.messages), "prediction": a, "reference": p.reference, "kind": p.kind,
+                 "correct": bool(tasks.exact_match(a, p.reference))} for p, a in zip(self.problems, answers)]
+
+    def coverage(self) -> dict:
+        return {"exact_match_scored": len(self.problems),
+                "exact_match_of": int(getattr(self.problems, "of", len(self.problems))),
+                "exact_match_unit": "problems"}
+
+    def __call__(self, model, params) -> dict:
+        if not self.problems:
             return {}
-        if "fn" not in compiled:
-            compiled["fn"] = decode.make_greedy(model, width=width, max_new_tokens=max_new_tokens,
-                                                stop_id=tok.special_id(chat.END_TOKEN))
-        answers = answer(compiled["fn"], params, problems, tok, width=width, batch_size=batch_size)
+        answers = self._answers(model, params, keep=False)
         right = collections.Counter()
         total = collections.Counter()
-        for p, a in zip(problems, answers):
+        for p, a in zip(self.problems, answers):
             ok = tasks.exact_match(a, p.reference)
             for key in ("", p.kind) if p.kind else ("",):
                 right[key] += ok
@@ -55,23 +109,78 @@ def exact_match_eval(problems: list[Problem], tok: Tokenizer, *, width: int, max
         out.update({f"eval/exact_match/{k}": right[k] / total[k] for k in sorted(total) if k})
         return out
 
-    return run
+
+def exact_match_eval(problems: list[Problem], tok: Tokenizer, *, width: int, max_new_tokens: int,
+                     batch_size: int) -> ExactMatchEval:
+    return ExactMatchEval(problems, tok, width=width, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
-def span_qa_eval(features: qa_data.QAFeatures, batch_size: int, max_answer_len: int):
+def _encoder_logits(model):
+    """jit((params, batch) -> the model's outputs) for encoder heads (classifier, span QA)."""
+    return jax.jit(lambda p, b: model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"],
+                                            b["token_types"]))
+
+
+class SpanQAEval:
     """(model, params) -> SQuAD exact match / F1 (percent) over every validation example, all its windows."""
-    batches = pipeline.padded_batches(features, batch_size=batch_size, max_batches=0)
-    golds = {ex.id: [text for text, _ in ex.answers] for ex in features.examples}
-    cache = {}
 
-    def run(model, params) -> dict:
-        if "logits" not in cache:  # jitted once per run
-            cache["logits"] = jax.jit(lambda p, b: model.apply({"params": p}, b["inputs"], b["positions"],
-                                                               b["segment_ids"], b["token_types"]))
-        outs = [jax.device_get(cache["logits"](params, b)) for b in batches]
-        start_NxL = np.concatenate([o[0] for o in outs])[:len(features)]
-        end_NxL = np.concatenate([o[1] for o in outs])[:len(features)]
-        preds = qa_eval.predict_answers(features, start_NxL, end_NxL, max_answer_len)
-        scores = qa_eval.squad_scores(preds, golds)
+    def __init__(self, features: qa_data.QAFeatures, batch_size: int, max_answer_len: int):
+        self.features, self.max_answer_len = features, max_answer_len
+        self.batches = pipeline.padded_batches(features, batch_size=batch_size, max_batches=0)
+        self.golds = {ex.id: [text for text, _ in ex.answers] for ex in features.examples}
+        self._logits = per_model(_encoder_logits)
+        self._last = _LastResult()
+
+    def _predict(self, model, params) -> dict[str, str]:
+        outs = [jax.device_get(self._logits(model)(params, b)) for b in self.batches]
+        start_NxL = np.concatenate([o[0] for o in outs])[:len(self.features)]
+        end_NxL = np.concatenate([o[1] for o in outs])[:len(self.features)]
+        return qa_eval.predict_answers(self.features, start_NxL, end_NxL, self.max_answer_len)
+
+    def _answers(self, model, params, keep: bool) -> dict[str, str]:
+        return self._last.get(model, params, lambda: self._predict(model, params), keep=keep)
+
+    def predictions(self, model, params) -> list[dict]:
+        """One dict per question: id, question, predicted answer, gold answers, exact match and F1 (0-1)."""
+        preds = self._answers(model, params, keep=True)
+        return [{"id": ex.id, "question": ex.question, "prediction": preds[ex.id], "answers": self.golds[ex.id],
+                 "exact_match": qa_eval.exact_match(preds[ex.id], self.golds[ex.id]),
+                 "f1": qa_eval.f1_score(preds[ex.id], self.golds[ex.id])} for ex in self.features.examples]
+
+    def coverage(self) -> dict:
+        n = len(self.features.examples)
+        return {"exact_match_scored": n, "exact_match_of": n, "exact_match_unit": "questions"}
+
+    def __call__(self, model, params) -> dict:
+        scores = qa_eval.squad_scores(self._answers(model, params, keep=False), self.golds)
         return {"eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"]}
-    return run
+
+
+def span_qa_eval(features: qa_data.QAFeatures, batch_size: int, max_answer_len: int) -> SpanQAEval:
+    return SpanQAEval(features, batch_size, max_answer_len)
+
+
+def classify_predictions(model, params, batches: list[dict], records: list[tuple[str, dict]],
+                         labels: list) -> list[dict]:
+    """One dict per scored record (the non-padding rows of `batches`, which encode `records` in order):
+    where (file:line), text [+ text_pair], predicted and gold label names, correct."""
+    logits = _encoder_logits(model)
+    predicted, gold = [], []
+    for b in batches:
+        real_B = np.asarray(b["weight"]) > 0
+        logits_BxC = np.asarray(jax.device_get(logits(params, b)))
+        predicted += list(np.argmax(logits_BxC, axis=-1)[real_B])
+        gold += list(np.asarray(b["label"])[real_B])
+    if len(predicted) > len(records):
+        raise ValueError(f"{len(predicted)} scored rows but only {len(records)} validation records to name them")
+    index = classify_data.label_index(labels)
+    out = []
+    for (where, r), p, g in zip(records, predicted, gold):
+        if index[classify_data.label_key(r["label"])] != int(g):
+            raise ValueError(f"{where}: record label {r['label']!r} is not the scored row's label {labels[int(g)]!r} "
+                             f"(records and eval rows out of step)")
+        row = {"where": where, "text": r["text"]}
+        if r.get("text_pair") is not None:
+            row["text_pair"] = r["text_pair"]
+        out.append(dict(row, prediction=labels[int(p)], label=r["label"], correct=bool(int(p) == int(g))))
+    return out
