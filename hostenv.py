@@ -3,8 +3,8 @@
 XLA:CPU allocates an executable's temporary buffers afresh on every run, from its worker
 threads. glibc serves a large allocation with a fresh mmap (unmapped again on free), gives
 threads their own arenas (whose heaps are shrunk when freed), and trims the main heap's free
-top; each way the next train step page-faults and zeroes its temporaries again. That cost
-40% of the Shakespeare step (56 MB of temporaries) and 35% of the default run's (729 MB).
+top; each way the next train step page-faults and zeroes its temporaries again, a large share
+of a step's time.
 Serving everything from one heap (M_MMAP_MAX = 0, M_ARENA_MAX = 1) that is never trimmed
 (M_TRIM_THRESHOLD at its maximum) removes every page fault from the steady state: see
 README, Performance. The price: freed memory stays mapped (RSS stays at its peak), which is
@@ -48,8 +48,8 @@ def compile_cache(path: str) -> bool:
     """JAX's persistent compilation cache in `path` (config train.compile_cache_dir; '' = off).
 
     A resumed or repeated run then loads its compiled programs instead of compiling them again
-    (pretrain_mini's resume: 20.7 s -> 14.9 s on 2 CPU cores; on accelerators compiles take
-    minutes). Process-wide: JAX opens the cache at its first compile, so in a notebook the first
+    (the time a resume saves: README, Running; on accelerators compiles take minutes).
+    Process-wide: JAX opens the cache at its first compile, so in a notebook the first
     run's directory stays in use. Every program is cached, however fast it compiled.
     """
     if not path:

@@ -24,7 +24,7 @@ def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
 
 def argmax_first(x: jax.Array) -> jax.Array:
     """jnp.argmax over the last axis (the first maximum wins ties), as two plain reductions: XLA:CPU
-    runs argmax's (value, index) reduction at ~2 GB/s, 1.4 ms of a 6L/384d train step."""
+    runs argmax's (value, index) reduction far slower than plain reductions (README, Performance)."""
     max_x1 = jnp.max(x, axis=-1, keepdims=True)
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     return jnp.min(jnp.where(x == max_x1, iota, x.shape[-1]), axis=-1)

@@ -1,9 +1,9 @@
 """Deduplication: exact (hash of whitespace-normalized text) and near-duplicate (MinHash + LSH).
 
 Why a hand-written numpy MinHash rather than `datasketch`: datasketch hashes every shingle
-with a Python call (sha1 per shingle) and updates one `MinHash` object per document, about
-1-2 us per shingle, so the ~4.5M word shingles of the stdlib corpus alone would take longer
-than the whole 60 s preparation budget, and it adds a dependency. Here a document's shingle
+with a Python call (sha1 per shingle) and updates one `MinHash` object per document: the
+stdlib corpus's word shingles alone would not fit in the preparation's time budget (README, Data
+preparation), and it adds a dependency. Here a document's shingle
 hashes come from prefix sums over its UTF-8 bytes (no Python loop per shingle), and each of
 the `num_perm` permutations is two vectorized passes over all shingles of the corpus at once
 plus one `np.minimum.reduceat`. Deterministic: no salted `hash()`, fixed seeds.

@@ -4,9 +4,9 @@ byte-level BPE (trained by scripts/prepare_data.py with Hugging Face `tokenizers
 Why `tokenizers` byte-level BPE rather than SentencePiece: byte-level BPE is lossless by
 construction (decode(encode(x)) == x for every Unicode string; SentencePiece maps a literal
 U+2581 to a space and needs byte fallback plus five normalization options to get close), and
-its pre-tokenizer keeps runs of spaces and newlines together, which on the stdlib corpus gives
-9% fewer tokens than a SentencePiece BPE of the same vocabulary (8.64M vs 9.46M tokens, 8192
-ids); training takes about 5 s either way.
+its pre-tokenizer keeps runs of spaces and newlines together, which on source code gives fewer
+tokens than a SentencePiece BPE of the same vocabulary, for the same training time (README, Data
+preparation).
 
 Every tokenizer reserves the same special tokens after its base vocabulary, so later stages
 (MLM, SFT chat templates, ...) find them. A tokenizer is saved as JSON with the run

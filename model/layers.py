@@ -27,8 +27,8 @@ def row_major(x: jax.Array) -> jax.Array:
 
     XLA:CPU's layout assignment likes to turn a transpose feeding a dot into a column-major
     layout of the dot operand (or to fold it into the dot as a contraction over the operand's
-    first dim). Its bf16 dot library (YNNPACK) takes neither, so such dots ran in f32 at about
-    half the speed, or failed at run time ("Unsupported element type for DotThunk: BF16 x BF16 =
+    first dim). Its bf16 dot library (YNNPACK) takes neither, so such dots silently ran in f32,
+    or failed at run time ("Unsupported element type for DotThunk: BF16 x BF16 =
     F32"). A layout constraint keeps the operand row-major: a transpose is then materialised,
     and a tensor that is row-major already costs nothing (the earlier pin, a 1-D reshape behind
     an optimization barrier, copied it). scripts/profile_step.py shows each dot's operand dtype.
@@ -163,7 +163,7 @@ class Embed(nn.Module):
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """silu(gate) * up, with a hand-written backward: autodiff's version materialised sigmoid(gate)
     and silu(gate) * up as extra float32 [N, d_ff] tensors (five passes over them a layer,
-    three here; 1.025x on the 6L/384d step). Same math, float32."""
+    three here; its gain on the step: README, Performance). Same math, float32."""
     return jax.nn.silu(gate) * up
 
 

@@ -16,7 +16,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Many tests compile the same tiny programs (a straight run and its resumed twin, every mode's
 # train/eval step): JAX's persistent compilation cache, in a directory of this test process only,
-# serves the repeats (a repeated tiny run takes 1.5 s instead of 5 s). Subprocesses (CLI tests)
+# serves the repeats (README, Tests, says how much that saves). Subprocesses (CLI tests)
 # do not inherit it: they run exactly as a user's command does.
 import atexit  # noqa: E402
 import shutil  # noqa: E402
