@@ -16,18 +16,15 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-# Config fields that must match to resume: they fix parameter shapes, the data order and
-# the meaning of the saved state. A prefix ending in '.' covers a whole sub-config.
+# Config fields every mode's resume must match: they fix parameter shapes, the data order and the
+# meaning of the saved state (each mode adds its own: modes.Mode.must_match). A prefix ending in '.'
+# covers a whole sub-config.
 MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.tokenizer", "data.seq_len",
-              "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "mlm.",
-              "classify.val_path", "classify.freeze_backbone", "init_from", "sft.val_path", "sft.train_on",
-              "sft.too_long", "sft.pack", "sft.fit", "lora.")
+              "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "init_from", "lora.")
 
-# Fields added after checkpoints existed: absent from a saved config means this value.
-ADDED_DEFAULTS = {"model.type_vocab_size": 0, "mlm.nsp": True, "mlm.mask_prob": 0.15, "mlm.mask_token_frac": 0.8,
-                  "mlm.random_token_frac": 0.1, "init_from": "", "classify.val_path": "", "classify.strict": True,
-                  "classify.freeze_backbone": False, "sft.val_path": "", "sft.train_on": "assistant",
-                  "sft.too_long": "truncate", "sft.pack": True, "sft.fit": "first", "lora.rank": 0, "lora.alpha": 16.0,
+# Common fields added after checkpoints existed: absent from a saved config means this value (each mode
+# adds its own section's: modes.Mode.added_defaults).
+ADDED_DEFAULTS = {"model.type_vocab_size": 0, "init_from": "", "lora.rank": 0, "lora.alpha": 16.0,
                   "lora.targets": ["attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down"],
                   "lora.base_dtype": "float32", "lora.train_new_rows": True,
                   "train.compile_cache_dir": ""}
@@ -106,24 +103,27 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(incompatible, harmless) differences, each as 'field: saved -> current'."""
+def config_differences(saved: dict, current: dict, must_match=MUST_MATCH,
+                       added=ADDED_DEFAULTS) -> tuple[list[str], list[str]]:
+    """(incompatible, harmless) differences, each as 'field: saved -> current'. `must_match` and `added`
+    are the common tables plus the mode's (modes.Mode)."""
     a, b = flatten(saved), flatten(json.loads(json.dumps(current)))
     bad, ok = [], []
     for key in sorted(set(a) | set(b)):
-        if key not in a and key in ADDED_DEFAULTS:
-            a[key] = ADDED_DEFAULTS[key]
+        if key not in a and key in added:
+            a[key] = added[key]
         if a.get(key, "<absent>") == b.get(key, "<absent>"):
             continue
         line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
-        must = any(key == m or (m.endswith(".") and key.startswith(m)) for m in MUST_MATCH)
+        must = any(key == m or (m.endswith(".") and key.startswith(m)) for m in must_match)
         (bad if must else ok).append(line)
     return bad, ok
 
 
-def check_compatible(saved: dict, current: dict, workdir: str) -> list[str]:
+def check_compatible(saved: dict, current: dict, workdir: str, must_match=MUST_MATCH,
+                     added=ADDED_DEFAULTS) -> list[str]:
     """Raise naming every incompatible field; return the harmless differences."""
-    bad, ok = config_differences(saved, current)
+    bad, ok = config_differences(saved, current, must_match, added)
     if bad:
         raise IncompatibleCheckpointError(
             f"workdir {workdir!r} holds a checkpoint from an incompatible config; differing fields:\n  "

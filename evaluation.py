@@ -1,9 +1,9 @@
 """Evaluation as training runs it, and of a saved run on any split or data.
 
 `run_eval` is the eval of every train.py eval step: the mode's metric sums over the eval batches
-(objectives.SUMMARIES) plus `Inputs.extra_eval`. `evaluate_run` restores a run's params from its
+(the mode's summary) plus `Inputs.extra_eval`. `evaluate_run` restores a run's params from its
 workdir (read-only, onto this process's mesh) and runs that same eval on the run's validation
-split or on other data; `EVAL_DATA[mode]` says how other data replaces a mode's eval split.
+split or on other data (the mode's `other_eval_data` says how other data replaces its eval split).
 """
 
 from __future__ import annotations
@@ -19,21 +19,20 @@ import modes
 import objectives
 import sharding
 import steps
-from data import pipeline, prepared, sources
-from data import tokenizer as tokenizer_lib
+from data import prepared
 
 ALL_BATCHES = 2**31 - 1  # train.eval_batches meaning "every batch" for every mode
 
 
 def summed_eval(eval_step, params, batches, batch_sharding, summary) -> dict:
-    """Adds the eval step's metric sums over `batches`; `summary` (objectives.SUMMARIES) makes the scalars."""
+    """Adds the eval step's metric sums over `batches`; `summary` (the mode's) makes the scalars."""
     outputs = (jax.device_get(eval_step(params, sharding.put_batch(b, batch_sharding))) for b in batches)
     return summary(objectives.sum_metrics(outputs))
 
 
 def run_eval(eval_step, params, inputs: modes.Inputs, *, mode: str, model, mesh, rules, batch_sharding) -> dict:
     """The mode's eval scalars over `inputs.eval_batches`, plus `inputs.extra_eval` (under the mesh)."""
-    scalars = summed_eval(eval_step, params, inputs.eval_batches, batch_sharding, objectives.SUMMARIES[mode])
+    scalars = summed_eval(eval_step, params, inputs.eval_batches, batch_sharding, modes.MODES[mode].summary)
     if inputs.extra_eval is not None:
         with sharding.activate(mesh, rules):
             scalars.update(inputs.extra_eval(model, params))
@@ -45,66 +44,19 @@ def count_examples(batches: list[dict]) -> int:
     return sum(int((b["segment_ids"] != 0).any(axis=-1).sum()) for b in batches)
 
 
-# ---- Other data in place of a mode's eval split -------------------------------------------------
-
-def _text_stream(path: str, split: str, config, tok) -> pipeline.TokenStream:
-    """All of a text file/dir (data.val_fraction does not apply: the given data is all held out), or a prepared
-    dataset directory's `split`, tokenized with the run's tokenizer."""
-    if prepared.is_prepared(path):
-        data_tok = prepared.load_tokenizer_checked(path)
-        if data_tok.to_json() != tok.to_json():
-            raise sources.DataError(f"prepared dataset {path!r} has a different tokenizer ({data_tok.kind!r}, "
-                                    f"{data_tok.vocab_size} ids) than the run ({tok.kind!r}, {tok.vocab_size} ids)")
-        stream = prepared.split_stream(path, split, tok.eos_id)
-        if not len(stream):
-            raise sources.DataError(f"prepared dataset {path!r} has no {split!r} documents")
-        return stream
-    docs, _ = sources.read_documents(path, config.data.text_field)
-    return pipeline.tokenize_stream([d.text for d in docs], tok)
-
-
-def _whole_text(eval_batches):
-    """For text modes: every document of the given data becomes the eval set."""
-    def inputs(config, workdir: str, micro_batch: int, path: str, split: str) -> modes.Inputs:
-        tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
-        stream = _text_stream(path, split, config, tok)
-        return modes.Inputs(tok, None, eval_batches(config, tok, stream, micro_batch))
-    return inputs
-
-
-def _val_path(section: str):
-    """For task modes: the file replaces `<section>.val_path`; the mode's own builder does the rest."""
-    def inputs(config, workdir: str, micro_batch: int, path: str, split: str) -> modes.Inputs:
-        del split
-        config[section].val_path = path
-        return modes.MODES[config.mode][0](config, workdir, micro_batch)
-    return inputs
-
-
-EVAL_DATA = {  # mode -> (config, workdir, micro_batch, path, split) -> Inputs with that data as eval set
-    "causal": _whole_text(modes.causal_eval_batches),
-    "mlm": _whole_text(modes.mlm_eval_batches),
-    "classify": _val_path("classify"),
-    "qa": _val_path("qa"),  # SQuAD-style JSONL: span loss, exact match and F1
-    "sft": _val_path("sft"),  # chat JSONL: held-out loss and exact match of greedy answers
-}
-
-
 def eval_inputs(config, workdir: str, micro_batch: int, data: str = "", split: str = "val") -> modes.Inputs:
     """The run's own validation split (exactly as training built it), or `data` as the eval set."""
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r}: expected 'val' or 'test'")
+    mode = modes.get(config)
     if split == "val" and not data:
-        return modes.MODES[config.mode][0](config, workdir, micro_batch)
-    if config.mode not in EVAL_DATA:
-        raise ValueError(f"mode={config.mode!r}: no rule for other evaluation data (evaluation.EVAL_DATA has "
-                         f"{sorted(EVAL_DATA)})")
+        return mode.inputs(config, workdir, micro_batch)
     if data:
         if not os.path.exists(os.path.expanduser(data)):
             raise FileNotFoundError(f"data path {data!r} does not exist")
-        return EVAL_DATA[config.mode](config, workdir, micro_batch, os.path.expanduser(data), split)
+        return mode.other_eval_data(config, workdir, micro_batch, os.path.expanduser(data), split)
     if config.mode in ("causal", "mlm") and prepared.is_prepared(config.data.path):
-        return EVAL_DATA[config.mode](config, workdir, micro_batch, config.data.path, split)
+        return mode.other_eval_data(config, workdir, micro_batch, config.data.path, split)
     raise ValueError(f"split='test': the run's data ({config.data.path or 'the embedded corpus'!r}) has no test "
                      f"split; give the test data with data=PATH")
 
@@ -114,7 +66,7 @@ def eval_inputs(config, workdir: str, micro_batch: int, data: str = "", split: s
 def config_from_saved(saved: dict) -> ml_collections.ConfigDict:
     """A checkpoint's config dict as a ConfigDict (fields added since it was written get their old meaning)."""
     config = ml_collections.ConfigDict(saved)
-    for field, value in checkpoint.ADDED_DEFAULTS.items():
+    for field, value in modes.get(config).all_added_defaults().items():
         *parents, leaf = field.split(".")
         node = config
         for p in parents:
@@ -156,14 +108,14 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "val", d
     micro_batch = config.data.batch_size // config.optim.grad_accum_steps
     sharding.check_batch_size(micro_batch, mesh, "data.batch_size / optim.grad_accum_steps")
     inputs = eval_inputs(config, workdir, micro_batch, data, split)
-    model = modes.MODES[config.mode][1](config, inputs)
+    model = modes.get(config).model(config, inputs)
     target, param_sh = steps.abstract_params(model, mesh, rules, config.data.seq_len)
     mngr = checkpoint.open_read_only(workdir)
     try:
         params = checkpoint.restore_params(mngr, step, target)
     finally:
         mngr.close()
-    eval_step = steps.make_eval_step(model=model, objective=objectives.OBJECTIVES[config.mode], mesh=mesh,
+    eval_step = steps.make_eval_step(model=model, objective=modes.get(config).objective, mesh=mesh,
                                      rules=rules, state_shardings=types.SimpleNamespace(params=param_sh))
     scalars = run_eval(eval_step, params, inputs, mode=config.mode, model=model, mesh=mesh, rules=rules,
                        batch_sharding=sharding.batch_sharding(mesh))

@@ -67,10 +67,11 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float
 
 
 class Progress:
-    """One console line per log step: step, loss, tokens/s, step time, MFU, ETA."""
+    """One console line per log step: step, loss, tokens/s, step time, MFU, ETA; at an eval, the validation
+    loss and the mode's `headline` metrics (accuracy, macro-F1, exact match, ...)."""
 
-    def __init__(self, total_steps: int, start_step: int, stream=sys.stdout):
-        self.total, self.stream = total_steps, stream
+    def __init__(self, total_steps: int, start_step: int, stream=None, headline: tuple[str, ...] = ()):
+        self.total, self.stream, self.headline = total_steps, stream, tuple(headline)
         self.t0, self.s0 = time.time(), start_step
 
     def line(self, step: int, scalars: dict) -> str:
@@ -83,8 +84,11 @@ class Progress:
                          ("perf/mfu", "MFU {:.1%}")):
             if key in scalars:
                 parts.append(fmt.format(float(scalars[key])))
+        for key in self.headline:
+            if key in scalars:  # 'eval/macro_f1' -> 'macro_f1 0.8123'
+                parts.append(f"{key.split('/', 1)[-1]} {float(scalars[key]):.4f}")
         parts.append(f"ETA {eta:.0f}s" if eta == eta else "ETA ?")
         return " | ".join(parts)
 
     def print(self, step: int, scalars: dict) -> None:
-        print(self.line(step, scalars), file=self.stream, flush=True)
+        print(self.line(step, scalars), file=self.stream or sys.stdout, flush=True)

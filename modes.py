@@ -1,294 +1,125 @@
-"""Training modes: for each `config.mode`, its input pipeline and its model (the objective is
-objectives.OBJECTIVES[mode]). A new mode is an entry in MODES, an objective, maybe a head.
+"""Training modes: ONE record per `config.mode`, saying everything that makes the mode.
 
-Input builders return `Inputs` (tokenizer, this process's checkpointable train iterator, eval
-batches, optional decoding metrics); model builders return the model (LoRA-wrapped when
-lora.rank > 0). warmstart.py loads pretrained weights into it.
+A `Mode` names its input builder (inputs.py), its model (model/build.py), its loss and eval
+summary (objectives.py), how other data replaces its validation split (scripts/evaluate.py
+--data), the eval scalars the console shows, the parameter subtrees it freezes, and the config
+fields a resume must match beyond the common ones (checkpoint.MUST_MATCH). Adding a mode is one
+record here, a config file, and its objective (and head, if it needs one). `MODES` is the only
+table keyed by mode name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import logging
 import os
 from typing import Callable
 
-import jax
-import numpy as np
-
 import checkpoint
-import steps
-import task_eval
-from data import chat, classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, qa as qa_data
-from data import sft as sft_data, sources
-from data import tokenizer as tokenizer_lib
-from model import heads, lora
-
-log = logging.getLogger("lmstack")
+import inputs as inputs_lib
+import objectives
+from data import sources
+from inputs import Inputs
+from model import build
 
 
-def prepare_data(config, workdir: str):
-    """Documents -> split -> tokenizer (saved with the run, reused on resume) -> token streams."""
-    if prepared.is_prepared(config.data.path):  # a scripts/prepare_data.py directory: its tokenizer + shards
-        tok, train, val = prepared.load_prepared(config.data.path)
-        prepared.use_tokenizer_in_workdir(tok, workdir, write=jax.process_index() == 0)
-        log.info("prepared data: %d train, %d val tokens (%s tokenizer, %d ids)", len(train), len(val), tok.kind,
-                 tok.vocab_size)
-        return tok, train, val
-    docs, stats = sources.read_documents(config.data.path, config.data.text_field)
-    log.info("data: %s", stats.summary())
-    train_texts, val_texts = pipeline.split_documents([d.text for d in docs], config.data.split,
-                                                      config.data.val_fraction)
-    tok_path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(tok_path):
-        tok = tokenizer_lib.load_tokenizer(tok_path)
-        if tok.kind != config.data.tokenizer:
-            raise checkpoint.IncompatibleCheckpointError(
-                f"workdir {workdir!r} has a {tok.kind!r} tokenizer but data.tokenizer={config.data.tokenizer!r}")
-    else:
-        tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, train_texts)
-        if jax.process_index() == 0:
-            tokenizer_lib.save_tokenizer(tok, tok_path)
-    train = pipeline.tokenize_stream(train_texts, tok)
-    val = pipeline.tokenize_stream(val_texts, tok)
-    log.info("tokens: %d train, %d val (%s tokenizer, %d ids)", len(train), len(val), tok.kind, tok.vocab_size)
-    return tok, train, val
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    inputs: Callable[..., Inputs]  # (config, workdir, micro_batch) -> Inputs
+    model: Callable  # (config, Inputs) -> the Flax module
+    objective: Callable  # (params, batch, rng, *, model) -> (loss, metrics)
+    summary: Callable[[dict], dict]  # eval metric sums over all eval batches -> eval scalars
+    other_eval_data: Callable[..., Inputs]  # (config, workdir, micro_batch, path, split) -> Inputs evaluating `path`
+    headline: tuple[str, ...] = ()  # eval scalars the console line shows beside the loss
+    must_match: tuple[str, ...] = ()  # config fields (a prefix ending in '.' covers a sub-config) a resume must match
+    added_defaults: dict = dataclasses.field(default_factory=dict)  # fields added later: their meaning when absent
+    frozen: Callable[..., tuple[str, ...]] = lambda config: ()  # top-level param subtrees the optimizer never updates
+    lora: bool = False  # lora.rank > 0 allowed (adapters on the language model)
+    paths: tuple[str, ...] = ("data.path",)  # config fields naming input files/directories that must exist
+
+    def all_must_match(self) -> tuple[str, ...]:
+        return checkpoint.MUST_MATCH + self.must_match
+
+    def all_added_defaults(self) -> dict:
+        return dict(checkpoint.ADDED_DEFAULTS, **self.added_defaults)
 
 
-@dataclasses.dataclass
-class Inputs:
-    tokenizer: tokenizer_lib.Tokenizer
-    train_iter: object  # grain iterator of this process's batches (checkpointed)
-    eval_batches: list
-    num_classes: int = 0  # mode='classify'
-    # Metrics that need decoding, not just summed losses (QA exact match/F1, SFT generation accuracy):
-    # (model, params) -> {"eval/...": float}; train.py calls it under the mesh at every eval.
-    extra_eval: Callable | None = None
+def _causal_model(config, inputs: Inputs):
+    return build.causal_lm(config, inputs.tokenizer.vocab_size, inputs.tokenizer.base_size)
 
 
-def causal_inputs(config, workdir: str, micro_batch: int) -> Inputs:
-    tok, train_stream, val_stream = prepare_data(config, workdir)
-    data_iter = pipeline.train_iterator(train_stream, seq_len=config.data.seq_len, global_batch=micro_batch,
-                                        seed=config.seed, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-    return Inputs(tok, data_iter, causal_eval_batches(config, tok, val_stream, micro_batch))
+def _classify_frozen(config) -> tuple[str, ...]:
+    return ("backbone",) if config.classify.freeze_backbone else ()
 
 
-def causal_eval_batches(config, tok, stream: pipeline.TokenStream, micro_batch: int) -> list[dict]:
-    """Eval batches of a token stream: the validation split, or any text scripts/evaluate.py is given."""
-    del tok
-    return pipeline.eval_batches(stream, seq_len=config.data.seq_len, batch_size=micro_batch,
-                                 max_batches=config.train.eval_batches)
-
-
-def _documents(stream: pipeline.TokenStream, eos_id: int) -> list[np.ndarray]:
-    """A packed token stream back into its documents (each without its trailing <eos>)."""
-    cuts = np.flatnonzero(np.diff(stream.segments)) + 1
-    return [d[:-1] if len(d) and d[-1] == eos_id else d for d in np.split(stream.tokens, cuts)]
-
-
-def mlm_source(config, tok, stream: pipeline.TokenStream, seed: int) -> mlm_data.MlmSource:
-    m = config.mlm
-    return mlm_data.MlmSource(_documents(stream, tok.eos_id), config.data.seq_len, seed=seed,
-                              base_size=tok.base_size, cls_id=tok.special_id("<cls>"),
-                              sep_id=tok.special_id("<sep>"), mask_id=tok.special_id("<mask>"),
-                              pad_id=tok.pad_id, nsp=m.nsp, mask_prob=m.mask_prob,
-                              mask_token_frac=m.mask_token_frac, random_token_frac=m.random_token_frac)
-
-
-def mlm_eval_batches(config, tok, stream: pipeline.TokenStream, micro_batch: int) -> list[dict]:
-    """Eval batches of a token stream: the validation split, or any text scripts/evaluate.py is given."""
-    return mlm_data.eval_batches(mlm_source(config, tok, stream, config.seed + 1), batch_size=micro_batch,
-                                 max_batches=config.train.eval_batches)
-
-
-def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
-    tok, train_stream, val_stream = prepare_data(config, workdir)
-    train_src = mlm_source(config, tok, train_stream, config.seed)
-    eval_data = mlm_eval_batches(config, tok, val_stream, micro_batch)
-    log.info("mlm: %d train examples, %d val batches (nsp=%s)", len(train_src), len(eval_data), config.mlm.nsp)
-    data_iter = mlm_data.train_iterator(train_src, global_batch=micro_batch, seed=config.seed,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
-    return Inputs(tok, data_iter, eval_data)
-
-
-def _train_val_records(config, section, fmt: str):
-    """(train records, stats, validation records, stats) of a task mode: `section.val_path` is the
-    validation file; without one, a content-hash share data.val_fraction of data.path is held out."""
-    train, stats = formats.read_split(config.data.path, fmt, strict=section.strict)
-    if section.val_path:
-        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
-        return train, stats, val, val_stats
-    train, val = _hash_held_out(train, lambda x: formats.record_text(x[1], fmt), config)
-    return train, stats, val, sources.ReadStats()
-
-
-def _hash_held_out(items: list, key, config) -> tuple[list, list]:
-    """(train, val): items whose hash_unit(key(item)) < data.val_fraction are validation; both non-empty."""
-    held = [pipeline.hash_unit(key(x)) < config.data.val_fraction for x in items]
-    val = [x for x, h in zip(items, held) if h]
-    train = [x for x, h in zip(items, held) if not h]
-    if not val or not train:
-        raise sources.DataError(f"data.val_fraction={config.data.val_fraction} of {config.data.path!r} gave "
-                                f"{len(train)} train and {len(val)} validation records")
-    return train, val
-
-
-def _run_tokenizer(config, workdir: str, texts: list[str]) -> tokenizer_lib.Tokenizer:
-    """The run's saved tokenizer; else the warm-start run's (ids must match its embedding); else a new one."""
-    tok_path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(tok_path):
-        return tokenizer_lib.load_tokenizer(tok_path)
-    if config.init_from:
-        tok = tokenizer_lib.load_tokenizer(os.path.join(config.init_from, "tokenizer.json"))
-    else:
-        tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, texts)
-    if jax.process_index() == 0:
-        tokenizer_lib.save_tokenizer(tok, tok_path)
-    return tok
-
-
-def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
-    c = config.classify
-    train_recs, stats, val_recs, val_stats = _train_val_records(config, c, "classification")
-    labels_path = os.path.join(workdir, "labels.json")
-    labels = classify_data.build_labels(train_recs)
-    if os.path.exists(labels_path):
-        saved = classify_data.load_labels(labels_path)
-        if saved != labels:
-            raise checkpoint.IncompatibleCheckpointError(
-                f"{labels_path} holds labels {saved} but the training split has {labels}")
-    elif jax.process_index() == 0:
-        classify_data.save_labels(labels, labels_path)
-    if len(labels) < 2:
-        raise sources.DataError(f"{config.data.path!r}: a classifier needs >= 2 labels, found {labels}")
-    tok = _run_tokenizer(config, workdir, [formats.record_text(r, "classification") for _, r in train_recs])
-    pool = "last" if config.model.causal else "first"
-    make = functools.partial(classify_data.make_source, tok=tok, labels=labels, seq_len=config.data.seq_len,
-                             pool=pool, strict=c.strict)
-    train_src, val_src = make(train_recs, stats=stats), make(val_recs, stats=val_stats)
-    log.info("classify: %d labels; train %d examples (skipped: %s); validation %d (skipped: %s)", len(labels),
-             len(train_src), stats.skipped or "none", len(val_src), val_stats.skipped or "none")
-    data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
-                                          what="classification examples", process_index=jax.process_index(),
-                                          process_count=jax.process_count())
-    eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
-    return Inputs(tok, data_iter, eval_data, num_classes=len(labels))
-
-
-def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
-    c = config.qa
-    train_exs, stats = qa_data.read_split(config.data.path, strict=c.strict)
-    if c.val_path:
-        val_exs, val_stats = qa_data.read_split(c.val_path, strict=c.strict)
-    else:  # by context, so questions about one passage stay on one side
-        train_exs, val_exs = _hash_held_out(train_exs, lambda ex: ex.context, config)
-        val_stats = sources.ReadStats()
-    tok = _run_tokenizer(config, workdir, [ex.context + "\n" + ex.question for ex in train_exs])
-    make = functools.partial(qa_data.make_features, tok=tok, seq_len=config.data.seq_len,
-                             max_query_len=c.max_query_len, doc_stride=c.doc_stride)
-    train_src, val_src = make(train_exs), make(val_exs)
-    log.info("qa: train %d examples -> %d windows (skipped: %s); validation %d -> %d windows (skipped: %s)",
-             len(train_exs), len(train_src), stats.skipped or "none", len(val_exs), len(val_src),
-             val_stats.skipped or "none")
-    data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
-                                          what="QA windows", process_index=jax.process_index(),
-                                          process_count=jax.process_count())
-    eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
-    return Inputs(tok, data_iter, eval_data, extra_eval=task_eval.span_qa_eval(val_src, micro_batch, c.max_answer_len))
-
-
-def _chat_template(workdir: str) -> None:
-    """WORKDIR/chat_template.json: written by a new run; a resumed run must render the same template."""
-    path = os.path.join(workdir, "chat_template.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            chat.check_template_spec(json.load(f))
-    elif jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(chat.template_spec(), f, indent=1)
-
-
-def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
-    f = config.sft
-    train_recs, stats, val_recs, val_stats = _train_val_records(config, f, "chat")
-    tok = _run_tokenizer(config, workdir, [formats.record_text(r, "chat") for _, r in train_recs])
-    _chat_template(workdir)
-    seq_len = config.data.seq_len
-    render = functools.partial(sft_data.render_split, tok=tok, seq_len=seq_len, too_long=f.too_long,
-                               train_on=f.train_on, strict=f.strict)
-    train_conv, val_conv = render(train_recs, stats=stats), render(val_recs, stats=val_stats)
-    rows = functools.partial(sft_data.make_rows, seq_len=seq_len, pad_id=tok.pad_id, pack=f.pack, fit=f.fit)
-    train_rows, val_rows = rows(train_conv), rows(val_conv)
-    log.info("sft: train %d conversations in %d rows (skipped: %s); validation %d in %d rows (skipped: %s)",
-             len(train_conv), len(train_rows), stats.skipped or "none", len(val_conv), len(val_rows),
-             val_stats.skipped or "none")
-    if not val_rows:
-        raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()})")
-    data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,
-                                          what="packed SFT rows" if f.pack else "SFT conversations",
-                                          process_index=jax.process_index(), process_count=jax.process_count())
-    eval_data = pipeline.padded_batches(val_rows, batch_size=micro_batch, max_batches=config.train.eval_batches)
-    extra = None
-    if f.eval_generate > 0:
-        problems = sft_data.generation_problems(val_recs, tok, int(f.eval_generate))
-        extra = task_eval.exact_match_eval(problems, tok, width=seq_len, max_new_tokens=int(f.max_new_tokens),
-                                           batch_size=micro_batch)
-    return Inputs(tok, data_iter, eval_data, extra_eval=extra)
-
-
-def _with_lora(config, model, tok: tokenizer_lib.Tokenizer):
-    """`model` with LoRA adapters when lora.rank > 0 (params {'base', 'lora'}; the base is frozen).
-    lora.train_new_rows: the embedding rows after the tokenizer's base vocabulary (its special tokens,
-    then padding) get a trainable delta too."""
-    r = config.lora
-    if int(r.rank) <= 0:
-        return model
-    new_rows = model.cfg.vocab_size - tok.base_size if r.train_new_rows else 0
-    return lora.LoraModel(model, rank=int(r.rank), alpha=float(r.alpha), targets=tuple(r.targets),
-                          base_dtype=r.base_dtype, new_rows=new_rows)
-
-
-def causal_model(config, inputs: Inputs):
-    return _with_lora(config, steps.build_model(config, inputs.tokenizer.vocab_size), inputs.tokenizer)
-
-
-def mlm_model(config, inputs: Inputs):
-    if config.model.causal:
-        raise ValueError("mode='mlm' needs model.causal=False (a bidirectional encoder)")
-    if config.mlm.nsp and config.model.type_vocab_size < 2:
-        raise ValueError(f"mlm.nsp=True needs model.type_vocab_size >= 2 (sentence A/B), "
-                         f"got {config.model.type_vocab_size}")
-    return heads.MaskedLM(steps.model_config(config, inputs.tokenizer.vocab_size), nsp=bool(config.mlm.nsp))
-
-
-def classify_model(config, inputs: Inputs):
-    return heads.Classifier(steps.model_config(config, inputs.tokenizer.vocab_size), inputs.num_classes,
-                            pool="last" if config.model.causal else "first")
-
-
-def qa_model(config, inputs: Inputs):
-    return heads.SpanQA(steps.model_config(config, inputs.tokenizer.vocab_size))
-
-
-MODES = {  # mode -> (input builder, model builder)
-    "causal": (causal_inputs, causal_model),
-    "mlm": (mlm_inputs, mlm_model),
-    "classify": (classify_inputs, classify_model),
-    "sft": (sft_inputs, causal_model),
-    "qa": (qa_inputs, qa_model),
+MODES = {
+    "causal": Mode(
+        inputs=inputs_lib.causal_inputs, model=_causal_model, objective=objectives.causal_lm,
+        summary=objectives.causal_summary, other_eval_data=inputs_lib.whole_text(inputs_lib.causal_eval_batches),
+        headline=("eval/accuracy",), lora=True),
+    "mlm": Mode(
+        inputs=inputs_lib.mlm_inputs, model=lambda config, inputs: build.masked_lm(config, inputs.tokenizer.vocab_size),
+        objective=objectives.masked_lm, summary=objectives.mlm_summary,
+        other_eval_data=inputs_lib.whole_text(inputs_lib.mlm_eval_batches),
+        headline=("eval/mlm_accuracy", "eval/nsp_accuracy"), must_match=("mlm.",),
+        added_defaults={"mlm.nsp": True, "mlm.mask_prob": 0.15, "mlm.mask_token_frac": 0.8,
+                        "mlm.random_token_frac": 0.1}),
+    "classify": Mode(
+        inputs=inputs_lib.classify_inputs,
+        model=lambda config, inputs: build.classifier(config, inputs.tokenizer.vocab_size, inputs.num_classes),
+        objective=objectives.classify, summary=objectives.classify_summary,
+        other_eval_data=inputs_lib.as_val_path("classify", inputs_lib.classify_inputs),
+        headline=("eval/accuracy", "eval/macro_f1"), must_match=("classify.val_path", "classify.freeze_backbone"),
+        added_defaults={"classify.val_path": "", "classify.strict": True, "classify.freeze_backbone": False},
+        frozen=_classify_frozen, paths=("data.path", "classify.val_path")),
+    "qa": Mode(
+        inputs=inputs_lib.qa_inputs, model=lambda config, inputs: build.span_qa(config, inputs.tokenizer.vocab_size),
+        objective=objectives.qa, summary=objectives.qa_summary,
+        other_eval_data=inputs_lib.as_val_path("qa", inputs_lib.qa_inputs),  # span loss, exact match and F1
+        headline=("eval/exact_match", "eval/f1"), must_match=("qa.val_path",),
+        paths=("data.path", "qa.val_path")),
+    "sft": Mode(
+        inputs=inputs_lib.sft_inputs, model=_causal_model,
+        objective=objectives.causal_lm,  # packed chat rows: weights = the assistant-token loss mask
+        summary=objectives.causal_summary,  # loss / perplexity / accuracy over the trained (assistant) tokens
+        other_eval_data=inputs_lib.as_val_path("sft", inputs_lib.sft_inputs),  # held-out loss + exact match
+        headline=("eval/accuracy", "eval/exact_match"),
+        must_match=("sft.val_path", "sft.train_on", "sft.too_long", "sft.pack", "sft.fit"),
+        added_defaults={"sft.val_path": "", "sft.train_on": "assistant", "sft.too_long": "truncate",
+                        "sft.pack": True, "sft.fit": "first"},
+        lora=True, paths=("data.path", "sft.val_path")),
 }
+
+
+def get(config) -> Mode:
+    """The record of `config.mode`, or an error naming the field and the modes there are."""
+    if config.mode not in MODES:
+        raise ValueError(f"mode={config.mode!r}: expected one of {sorted(MODES)}")
+    return MODES[config.mode]
 
 
 def frozen_params(config) -> tuple[str, ...]:
     """Top-level param subtrees the optimizer must not update (and keeps no state for)."""
+    mode = get(config)
     if int(config.lora.rank) > 0:
-        if config.mode not in ("causal", "sft"):
-            raise ValueError(f"lora.rank={config.lora.rank} is supported for mode 'causal' and 'sft', "
+        if not mode.lora:
+            allowed = " and ".join(repr(name) for name, m in MODES.items() if m.lora)
+            raise ValueError(f"lora.rank={config.lora.rank} is supported for mode {allowed}, "
                              f"not mode={config.mode!r}")
         return ("base",)
-    if config.mode == "classify" and config.classify.freeze_backbone:
-        return ("backbone",)
-    return ()
+    return mode.frozen(config)
+
+
+def _field(config, name: str):
+    node = config
+    for part in name.split("."):
+        node = node[part]
+    return node
+
+
+def check_paths(config) -> None:
+    """Every input file/directory the mode reads exists; else an error naming the config field (before any
+    file is written). data.path '' is the embedded corpus; other empty fields mean 'not given'."""
+    for name in get(config).paths + (("init_from",) if config.init_from else ()):
+        value = _field(config, name)
+        if value and not os.path.exists(os.path.expanduser(value)):
+            raise sources.DataError(f"{name}={value!r} does not exist (set --config.{name}=PATH)")

@@ -2,7 +2,8 @@
 
 `rng` is None for evaluation (dropout off). Losses are token-weighted means in float32;
 metrics carry sums where a mean across batches must be exact (`*_sum` and their counts).
-`SUMMARIES[mode]` turns those sums, added over every eval batch, into the mode's eval scalars.
+Each mode's `*_summary` turns those sums, added over every eval batch, into its eval scalars
+(modes.py pairs each mode with its loss and summary).
 """
 
 from __future__ import annotations
@@ -148,26 +149,8 @@ def qa_summary(totals: dict) -> dict:
             "eval/end_accuracy": _ratio(totals, "end_correct_sum", "examples")}
 
 
-OBJECTIVES = {
-    "causal": causal_lm,
-    "mlm": masked_lm,
-    "classify": classify,
-    "qa": qa,
-    "sft": causal_lm,  # packed chat rows: weights = the assistant-token loss mask
-}
-
-# mode -> (eval metrics summed over all eval batches -> eval scalars)
-SUMMARIES = {
-    "causal": causal_summary,
-    "mlm": mlm_summary,
-    "classify": classify_summary,
-    "qa": qa_summary,
-    "sft": causal_summary,  # loss / perplexity / accuracy over the trained (assistant) tokens
-}
-
-
 def sum_metrics(outputs) -> dict:
-    """Adds each metric over the eval batches (float64); SUMMARIES read only the sums and counts."""
+    """Adds each metric over the eval batches (float64); the summaries read only the sums and counts."""
     totals: dict = {}
     for out in outputs:
         for k, v in out.items():

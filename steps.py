@@ -12,29 +12,16 @@ import optax
 from flax import struct
 
 import sharding
-from model.transformer import ModelConfig, Transformer
 
 
 class TrainState(struct.PyTreeNode):
-    step: jax.Array  # train-step calls so far (micro-batches when accumulating gradients)
+    step: jax.Array  # applied train steps (micro-batches when accumulating); dropped ones not counted
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key data; the step's dropout key is fold_in(rng, step)
     lr_scale: jax.Array  # multiplies every update (lowered by a non-finite rollback)
     dropped: jax.Array  # updates dropped because the loss or gradients were not finite
     last_dropped: jax.Array  # step of the most recent dropped update (-1: none)
-
-
-def model_config(config, num_tokens: int) -> ModelConfig:
-    """config.model + the tokenizer's size -> ModelConfig (vocab padded to vocab_multiple)."""
-    fields = config.model.to_dict()
-    multiple = int(fields.pop("vocab_multiple"))
-    vocab = -(-num_tokens // multiple) * multiple
-    return ModelConfig(vocab_size=vocab, num_tokens=num_tokens, **fields)
-
-
-def build_model(config, num_tokens: int) -> Transformer:
-    return Transformer(model_config(config, num_tokens))
 
 
 def init_state(model, tx, mesh, rules, seed: int, seq_len: int):
@@ -63,21 +50,23 @@ def abstract_state(state_shardings, state) -> Any:
 
 
 def _train_step(state: TrainState, batch, *, model, tx, objective, schedule, accum: int):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    calls = state.step + state.dropped  # train-step calls so far, dropped ones included
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), calls)
     grad_fn = jax.value_and_grad(functools.partial(objective, model=model), has_aux=True)
     (loss, metrics), grads = grad_fn(state.params, batch, rng)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient never reaches the parameters or optimizer moments.
+    # A non-finite loss or gradient never reaches the parameters, the optimizer moments or the step count:
+    # `step` counts applied micro-steps, as the optimizer's own counters do (LR schedule, MultiSteps windows).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     dropped = state.dropped + (~finite).astype(jnp.int32)
-    last_dropped = jnp.where(finite, state.last_dropped, state.step // accum + 1)
+    last_dropped = jnp.where(finite, state.last_dropped, calls // accum + 1)
     metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step // accum) * state.lr_scale,
                    dropped=dropped, last_dropped=last_dropped)
-    return state.replace(step=state.step + 1, params=keep(params, state.params),
+    return state.replace(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
                          opt_state=keep(opt_state, state.opt_state), dropped=dropped,
                          last_dropped=last_dropped), metrics
 

@@ -51,13 +51,26 @@ def _subtree(params) -> tuple[str | None, dict]:
     return None, params
 
 
+def unused_params(loaded: dict, source_where: str | None, unmatched: set[str]) -> list[str]:
+    """What a warm start leaves behind: the source subtree's params the model has no place for, and every
+    other top-level subtree of the checkpoint (an MLM run's 'mlm_head' and 'nsp_head' beside its
+    'backbone'), each with its parameter count."""
+    prefix = f"{source_where}/" if source_where else ""
+    out = [prefix + k for k in sorted(unmatched)]
+    for name in sorted(loaded):
+        if source_where and name != source_where:
+            count = sum(int(np.size(x)) for x in jax.tree.leaves(loaded[name]))
+            out.append(f"{name} ({count:,} params)")
+    return out
+
+
 def warm_start(state, state_sh, init_from: str):
     """Pretrained weights from `init_from`'s latest checkpoint (a wrapper's 'backbone', or a causal
     run's whole tree) into this model's backbone / LoRA base / whole tree; everything else keeps its
     fresh init. A token table with fewer rows is extended (old rows kept); other shape mismatches
     raise naming the params. The log names what was loaded, extended and re-initialised."""
     _, loaded, at = checkpoint.load_for_inference(init_from)
-    _, source_tree = _subtree(loaded)
+    source_where, source_tree = _subtree(loaded)
     where, target_tree = _subtree(state.params)
     _, target_sh = _subtree(state_sh.params)
     prefix = f"{where}/" if where else ""
@@ -76,9 +89,10 @@ def warm_start(state, state_sh, init_from: str):
                 if tuple(source[k].shape) != tuple(target[k].shape)]
     fresh = sorted(prefix + k for k in target if k not in source)
     fresh += sorted(k for k in state.params if where and k != where)
-    log.info("warm start from %s (step %d): loaded %d params into %s; extended: %s; re-initialised: %s; unused: %s",
-             init_from, at, len(fitted), where or "the model", ", ".join(extended) or "none",
-             ", ".join(fresh) or "none", ", ".join(sorted(set(source) - set(target))) or "none")
+    log.info("warm start from %s (step %d): loaded %d params into %s; extended: %s; re-initialised: %s; "
+             "unused: %s", init_from, at, len(fitted), where or "the model",
+             ", ".join(extended) or "none", ", ".join(fresh) or "none",
+             ", ".join(unused_params(loaded, source_where, set(source) - set(target))) or "none")
     tree = flax.traverse_util.unflatten_dict(merged, sep="/")
     params = dict(state.params, **{where: tree}) if where else tree
     return state.replace(params=params)

@@ -38,6 +38,7 @@ import objectives  # noqa: E402
 import optim  # noqa: E402
 import sharding  # noqa: E402
 import steps  # noqa: E402
+from model import build  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "Config to benchmark.", lock_config=True)
@@ -123,7 +124,7 @@ def _train_setup(config, num_tokens: int):
     """-> (model, mesh, rules, state, state_shardings, jitted train step, random batch) for `config`."""
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding)
-    model = steps.build_model(config, num_tokens)
+    model = build.transformer(config, num_tokens)
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
     state, sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
     step = steps.make_train_step(model=model, tx=tx, objective=objectives.OBJECTIVES[config.mode],
@@ -211,7 +212,7 @@ def bench_decode(config, num_tokens: int) -> dict:
     """Sampling tokens/s with scripts/generate.py's window-recompute decoder (no KV cache yet)."""
     import generate
     mesh = sharding.make_mesh(config.mesh)
-    model = steps.build_model(config, num_tokens)
+    model = build.transformer(config, num_tokens)
     tx, _ = optim.make_optimizer(config.optim, config.train.steps)
     state, _ = steps.init_state(model, tx, mesh, sharding.logical_rules(config.sharding), 0, config.data.seq_len)
     kw = dict(window=config.data.seq_len, temperature=1.0, top_k=40, seed=0)

@@ -25,9 +25,8 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 import checkpoint  # noqa: E402
-import steps  # noqa: E402
 from data import chat, tokenizer as tokenizer_lib  # noqa: E402
-from model import lora  # noqa: E402
+from model import build, lora  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -89,7 +88,7 @@ def main(argv):
     config_dict, params, step = checkpoint.load_for_inference(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
     config = ml_collections.ConfigDict(config_dict)
     tok = tokenizer_lib.load_tokenizer(os.path.join(FLAGS.workdir, "tokenizer.json"))
-    model = steps.build_model(config, tok.vocab_size)
+    model = build.transformer(config, tok.vocab_size)
     if "lora" in config and config.lora.rank > 0:  # fold the adapters in: a plain model
         params = lora.merged_params(dict(params), alpha=config.lora.alpha, rank=config.lora.rank)
     if FLAGS.chat:

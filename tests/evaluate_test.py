@@ -12,13 +12,12 @@ import pytest
 from conftest import tiny_config
 
 import checkpoint
-import steps
 import train
 from classify_test import _write_task
 from configs import finetune_classify
 from data import classify as classify_data, pipeline, sources
 from data import tokenizer as tokenizer_lib
-from model import heads
+from model import build, heads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -112,7 +111,7 @@ def test_classify_on_a_test_file_matches_an_independent_count(tmp_path):
     records = [json.loads(line) for line in open(test_path)]
     rows = [classify_data.encode_example(tok, r["text"], None, cfg.data.seq_len, "first") for r in records]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    model = heads.Classifier(steps.model_config(cfg, tok.vocab_size), len(labels), pool="first")
+    model = heads.Classifier(build.model_config(cfg, tok.vocab_size), len(labels), pool="first")
     logits = model.apply({"params": jax.device_get(params)}, batch["inputs"], batch["positions"],
                          batch["segment_ids"], batch["token_types"])
     truth = np.array([labels.index(r["label"]) for r in records])

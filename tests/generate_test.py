@@ -10,8 +10,8 @@ import numpy as np
 from conftest import tiny_config
 
 import checkpoint
-import steps
 import train
+from model import build
 from data import tokenizer as tokenizer_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -27,7 +27,7 @@ def test_greedy_sampling_continues_a_memorised_pattern(tmp_path):
     saved, params, step = checkpoint.load_for_inference(str(tmp_path / "run"))
     assert step == 60
     tok = tokenizer_lib.load_tokenizer(str(tmp_path / "run" / "tokenizer.json"))
-    model = steps.build_model(ml_collections.ConfigDict(saved), tok.vocab_size)
+    model = build.transformer(ml_collections.ConfigDict(saved), tok.vocab_size)
     out = generate.sample(model, params, tok.encode("cdef"), window=saved["data"]["seq_len"], max_new_tokens=40,
                           temperature=0.0, top_k=0, seed=0)
     assert tok.decode(out) == ("ghabcdef" * 5)

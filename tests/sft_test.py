@@ -24,7 +24,7 @@ import warmstart
 from configs import sft as sft_config
 from data import chat, sft as sft_data
 from data.tokenizer import ByteTokenizer
-from model import decode, lora
+from model import build, decode, lora
 from model.transformer import ModelConfig, Transformer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -130,7 +130,7 @@ def test_sft_after_pretraining_learns_the_task(pretrained, copy_data, tmp_path):
     _, params, _ = checkpoint.load_for_inference(pretrained)
     tok = ByteTokenizer()
     problems = sft_data.generation_problems(sft_data.read_split(va, strict=True)[0], tok, 32)
-    model = steps.build_model(cfg, tok.vocab_size)
+    model = build.transformer(cfg, tok.vocab_size)
     before = task_eval.exact_match_eval(problems, tok, width=64, max_new_tokens=8, batch_size=8)(model, params)
     out = train.train_and_evaluate(cfg, str(tmp_path / "sft"))
     assert before["eval/exact_match"] == 0.0
@@ -159,8 +159,8 @@ def test_lora_sft_trains_only_adapters_and_merges_exactly(pretrained, copy_data,
     merge_lora.merge_run(run, merged_dir)
     config, merged, _ = checkpoint.load_for_inference(merged_dir)
     assert config["lora"]["rank"] == 0 and "lora" not in merged
-    model = steps.build_model(cfg, ByteTokenizer().vocab_size)
-    wrapped = modes._with_lora(cfg, model, ByteTokenizer())
+    model = build.transformer(cfg, ByteTokenizer().vocab_size)
+    wrapped = build.causal_lm(cfg, ByteTokenizer().vocab_size, ByteTokenizer().base_size)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 64)), jnp.int32)
     want = wrapped.apply({"params": params}, tokens)
     got = model.apply({"params": merged}, tokens)
@@ -188,7 +188,7 @@ def test_warm_start_extends_a_smaller_embedding_keeping_old_rows(corpus_dir, cop
     pre = str(tmp_path / "pre")
     train.train_and_evaluate(tiny_config(corpus_dir, train__steps=3, model__vocab_multiple=1), pre)  # 267 rows
     cfg = _sft_cfg(tr, va)
-    model = steps.build_model(cfg, ByteTokenizer().vocab_size)  # vocab_multiple=64: 320 rows
+    model = build.transformer(cfg, ByteTokenizer().vocab_size)  # vocab_multiple=64: 320 rows
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.sharding)
     state, state_sh = steps.init_state(model, optax.sgd(0.1), mesh, rules, 0, 64)
     new = warmstart.warm_start(state, state_sh, pre).params

@@ -10,6 +10,7 @@ import objectives
 import optim
 import sharding
 import steps
+from model import build
 from data import pipeline, sources, tokenizer as tokenizer_lib
 
 
@@ -32,7 +33,7 @@ def _setup(config, mesh, corpus):
     stream = pipeline.tokenize_stream([d.text for d in docs], tok)
     batches = pipeline.eval_batches(stream, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
                                     max_batches=3)
-    model = steps.build_model(config, tok.vocab_size)
+    model = build.transformer(config, tok.vocab_size)
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
     rules = sharding.logical_rules(config.sharding)
     state, sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
@@ -64,7 +65,7 @@ def test_eight_device_step_matches_one_device(corpus_dir, dtype, tol):
 def test_indivisible_parameter_names_it(corpus_dir):
     config = tiny_config(corpus_dir, model__d_model=30, model__n_heads=3, model__n_kv_heads=3)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-    model = steps.build_model(config, 267)
+    model = build.transformer(config, 267)
     tx, _ = optim.make_optimizer(config.optim, config.train.steps)
     with pytest.raises(ValueError, match=r"embedding.*dimension 30 is not divisible by 4"):
         steps.init_state(model, tx, mesh, sharding.logical_rules(config.sharding), 0, 32)

@@ -8,13 +8,14 @@ import objectives
 import optim
 import sharding
 import steps
+from model import build
 from data import pipeline, sources, tokenizer as tokenizer_lib
 
 
 def _run(config, batches):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     rules = sharding.logical_rules(config.sharding)
-    model = steps.build_model(config, 267)
+    model = build.transformer(config, 267)
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
     state, sh = steps.init_state(model, tx, mesh, rules, 0, config.data.seq_len)
     step = steps.make_train_step(model=model, tx=tx, objective=objectives.causal_lm, schedule=schedule,

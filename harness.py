@@ -1,0 +1,240 @@
+"""The run harness: what every training loop shares around its steps.
+
+`open_run(config, workdir)` checks the config and its input paths, refuses an incompatible
+workdir, builds the mode's inputs, model, optimizer and sharded state, warm-starts or resumes,
+and opens the metric writer and the preemption guard. It yields a `Run`; leaving the `with`
+block waits for the last checkpoint write and closes the writer (on an error exit too, so what
+was logged reaches the disk). A loop (the supervised one in train.py; an RL iteration loop)
+only steps and calls `run.log_train`, `run.evaluate`, `run.save` and `run.rollback`.
+
+Order matters: nothing is written to the workdir before the config's input paths are checked,
+and the checkpoint directory is created only after the inputs were read without error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+
+import checkpoint
+import evaluation
+import hostenv
+import metrics as metrics_lib
+import modes
+import optim
+import resilience
+import sharding
+import steps
+import warmstart
+
+log = logging.getLogger("lmstack")
+
+
+@dataclasses.dataclass
+class Run:
+    """A run's set-up, shared by its loop. `state` is the live TrainState (the loop replaces it)."""
+    config: Any
+    workdir: str
+    mode: modes.Mode
+    mesh: Any
+    rules: Any
+    batch_sharding: Any
+    accum: int  # micro-batches per optimizer update
+    inputs: modes.Inputs
+    model: Any
+    tx: Any
+    schedule: Callable
+    state: Any
+    state_sh: Any
+    start_step: int  # the checkpoint step resumed from (0 for a new run)
+    mngr: Any
+    writer: metrics_lib.MetricWriter
+    progress: metrics_lib.Progress
+    nonfinite: resilience.NonFinitePolicy
+    guard: resilience.PreemptionGuard
+    config_dict: dict
+    flops_per_token: float
+    process_t0: float  # when the process started: 'perf/since_start_s' counts from here
+    last: dict = dataclasses.field(default_factory=dict)  # the latest value of every logged scalar
+    saved_step: int = 0  # the step of the latest checkpoint write started
+    _clock: tuple[float, int] = (0.0, 0)  # (time, step) the throughput is measured from
+
+    # ---- Logging ----------------------------------------------------------------------------------
+    def start_clock(self, step: int) -> None:
+        """Throughput is measured from here (call after the first, compiling, step and after each eval)."""
+        jax.block_until_ready(self.state)
+        self._clock = (time.time(), step)
+
+    def write(self, step: int, scalars: dict) -> None:
+        self.writer.write(step, scalars)
+        self.progress.print(step, scalars)
+        self.last.update(scalars)
+
+    def log_train(self, step: int, device_metrics: dict, tokens_per_step: int) -> str:
+        """A log step's train metrics (fetched now: call it after the next step was dispatched) -> the
+        non-finite policy's action: 'ok', 'skip' or 'rollback' (or NonFiniteLossError for 'halt')."""
+        m = jax.device_get(device_metrics)
+        action = self.nonfinite.check(step, int(m["dropped"]), int(m["last_dropped"]))
+        t0, s0 = self._clock
+        dt, n = time.time() - t0, step - s0
+        rate = n * tokens_per_step / dt if dt > 0 and n > 0 else 0.0
+        scalars = {"train/loss": float(m["loss"]), "train/lr": float(m["lr"]),
+                   "train/grad_norm": float(m["grad_norm"]), "train/dropped_updates": float(m["dropped"]),
+                   "perf/tokens_per_s": rate, "perf/step_ms": 1000 * dt / max(n, 1),
+                   "perf/mfu": metrics_lib.mfu(self.flops_per_token, rate / jax.device_count(),
+                                               self.config.train.peak_flops)}
+        scalars.update({f"train/{k}": float(v) for k, v in m.items() if k.endswith("_loss")})  # mlm_loss, ...
+        self._clock = (time.time(), step)
+        self.write(step, scalars)
+        return action
+
+    def evaluate(self, step: int, eval_step) -> dict:
+        """The mode's evaluation of the live params, logged; the eval's time is not charged to throughput."""
+        scalars = evaluation.run_eval(eval_step, self.state.params, self.inputs, mode=self.config.mode,
+                                      model=self.model, mesh=self.mesh, rules=self.rules,
+                                      batch_sharding=self.batch_sharding)
+        scalars["perf/since_start_s"] = time.time() - self.process_t0  # wall time to this eval's result
+        self.write(step, scalars)
+        self.start_clock(step)
+        return scalars
+
+    # ---- Checkpoints ------------------------------------------------------------------------------
+    def save(self, step: int, force: bool = False) -> None:
+        """A checkpoint of the state and the train iterator's position at `step` (asynchronous by default)."""
+        self.saved_step = step
+        with checkpoint.write_errors(self.mngr, step):
+            checkpoint.save(self.mngr, step, self.state, self.inputs.train_iter, self.config_dict, force=force)
+
+    def rollback(self, step: int) -> int | None:
+        """The non-finite policy's rollback: the last complete checkpoint's state (the data iterator keeps
+        going forward) with the LR scaled by train.rollback_lr_factor; returns that checkpoint's step. With
+        no checkpoint yet: the current state (its bad updates were dropped) with the LR scaled; None."""
+        self.mngr.wait_until_finished()  # an async write may be in flight
+        back = self.mngr.latest_step()
+        factor = self.config.train.rollback_lr_factor
+        if back is None:
+            self.state = self.state.replace(lr_scale=self.state.lr_scale * factor)
+            log.warning("rollback requested at step %d but no checkpoint exists yet: continuing from the current "
+                        "parameters (the non-finite updates were dropped); LR scale now %.3g", step,
+                        float(self.state.lr_scale))
+            return None
+        restored = checkpoint.restore_state(self.mngr, back, steps.abstract_state(self.state_sh, self.state))
+        self.state = restored.replace(lr_scale=self.state.lr_scale * factor, dropped=self.state.dropped,
+                                      last_dropped=self.state.last_dropped)
+        log.warning("rolled back to step %d (data continues forward); LR scale now %.3g", back,
+                    float(self.state.lr_scale))
+        return back
+
+    def summary_line(self, step: int) -> str:
+        """The run's last metrics in one line: loss, validation loss and the mode's headline metrics."""
+        parts = [f"finished at step {step}"]
+        for key in ("train/loss", "eval/loss") + self.mode.headline:
+            if key in self.last:
+                parts.append(f"{key} {self.last[key]:.4g}")
+        return " | ".join(parts)
+
+
+def _checked_config(config) -> tuple[modes.Mode, int, int]:
+    """(mode, micro-batches per update, micro-batch) after every check that needs no file or device."""
+    mode = modes.get(config)
+    k = int(config.optim.grad_accum_steps)
+    if k < 1:
+        raise ValueError(f"optim.grad_accum_steps={k} must be >= 1")
+    if config.data.batch_size % k:
+        raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                         f"optim.grad_accum_steps={k}")
+    modes.frozen_params(config)  # lora.rank in a mode without adapters
+    modes.check_paths(config)  # missing input files name their config field
+    return mode, k, config.data.batch_size // k
+
+
+def _saved_config(workdir: str, config_dict: dict, mode: modes.Mode) -> int | None:
+    """The latest complete checkpoint's step (None: a new run), after refusing an incompatible config.
+    Read-only: nothing in the workdir is created or cleaned here."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    try:
+        mngr = checkpoint.open_read_only(workdir)
+    except FileNotFoundError:  # a checkpoints directory with no complete checkpoint
+        return None
+    try:
+        latest = mngr.latest_step()
+        changed = checkpoint.check_compatible(checkpoint.saved_config(mngr, latest), config_dict, workdir,
+                                              mode.all_must_match(), mode.all_added_defaults())
+    finally:
+        mngr.close()
+    if changed:
+        log.info("config changed since the checkpoint (allowed): %s", "; ".join(changed))
+    return latest
+
+
+@contextlib.contextmanager
+def open_run(config, workdir: str, process_t0: float | None = None):
+    """Set up a run (resumed from `workdir` when it holds a checkpoint) and yield its `Run`."""
+    mode, k, micro_batch = _checked_config(config)
+    total_steps = int(config.train.steps)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    frozen = modes.frozen_params(config)
+    if frozen:
+        tx = optim.freeze(tx, frozen)
+    cache_dir = os.path.expanduser(config.train.compile_cache_dir)
+    if cache_dir:  # JAX would only warn on each compile and run without the cache
+        resilience.check_workdir(cache_dir, what="train.compile_cache_dir")
+    resilience.check_workdir(workdir)
+    hostenv.compile_cache(cache_dir)
+
+    # ---- Devices and mesh; an incompatible workdir is refused before anything is written ----------
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.sharding)
+    sharding.check_batch_size(micro_batch, mesh, "data.batch_size / optim.grad_accum_steps")
+    config_dict = json.loads(config.to_json())
+    latest = _saved_config(workdir, config_dict, mode)
+
+    # ---- Inputs, model, sharded state: warm start (new runs) or resume ---------------------------
+    inputs = mode.inputs(config, workdir, micro_batch)
+    model = mode.model(config, inputs)
+    state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
+    mngr = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
+    if config.init_from and latest is None:
+        state = warmstart.warm_start(state, state_sh, config.init_from)
+    if latest is not None:
+        state = checkpoint.restore(mngr, latest, steps.abstract_state(state_sh, state), inputs.train_iter)
+        log.info("resumed from %s at step %d", mngr.directory, latest)
+    start = latest or 0
+    _log_model(state, frozen, model, config, mesh)
+
+    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+    nonfinite = resilience.NonFinitePolicy(config.train.on_nonfinite, config.train.max_nonfinite, start,
+                                           seen=int(jax.device_get(state.dropped)))
+    run = None
+    try:
+        with resilience.PreemptionGuard() as guard:
+            run = Run(config=config, workdir=workdir, mode=mode, mesh=mesh, rules=rules,
+                      batch_sharding=sharding.batch_sharding(mesh), accum=k, inputs=inputs, model=model, tx=tx,
+                      schedule=schedule, state=state, state_sh=state_sh, start_step=start, mngr=mngr,
+                      writer=writer, progress=metrics_lib.Progress(total_steps, start, headline=mode.headline),
+                      nonfinite=nonfinite, guard=guard, config_dict=config_dict,
+                      flops_per_token=model.cfg.flops_per_token(config.data.seq_len),
+                      process_t0=time.time() if process_t0 is None else process_t0, saved_step=start)
+            yield run
+            with checkpoint.write_errors(mngr, run.saved_step):
+                mngr.wait_until_finished()
+    finally:
+        writer.close()
+    mngr.close()
+
+
+def _log_model(state, frozen, model, config, mesh) -> None:
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    n_trained = sum(x.size for k, v in state.params.items() if k not in frozen for x in jax.tree.leaves(v))
+    opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+    log.info("model: %.2fM parameters (%.2fM trained, %.2f%%), optimizer state %.1f MB, %.1f MFLOPs/token; mesh %s",
+             n_params / 1e6, n_trained / 1e6, 100 * n_trained / n_params, opt_bytes / 1e6,
+             model.cfg.flops_per_token(config.data.seq_len) / 1e6, dict(mesh.shape))

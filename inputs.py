@@ -1,0 +1,316 @@
+"""Each mode's inputs: documents or task records -> the run's tokenizer -> a checkpointable train
+iterator and eval batches (`Inputs`), and how other data replaces a mode's validation split
+(scripts/evaluate.py --data). modes.py names, per mode, which builders here it uses.
+
+The run's tokenizer is saved in WORKDIR/tokenizer.json: a resumed run reuses it, a warm start
+(`init_from`) takes the source run's (its embedding rows are indexed by that tokenizer's ids),
+and only a new run from scratch builds one from its training data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+
+import checkpoint
+import task_eval
+from data import chat, classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, qa as qa_data
+from data import sft as sft_data, sources
+from data import tokenizer as tokenizer_lib
+
+log = logging.getLogger("lmstack")
+
+
+def _describe(tok: tokenizer_lib.Tokenizer) -> str:
+    return f"{tok.kind!r} ({tok.vocab_size} ids)"
+
+
+def _source_tokenizer(config, data_tok: tokenizer_lib.Tokenizer | None) -> tokenizer_lib.Tokenizer:
+    """A warm start's tokenizer: the init_from run's. Its embedding rows are indexed by those ids, so a
+    config (data.tokenizer) or prepared dataset asking for another tokenizer is refused, naming both."""
+    path = os.path.join(config.init_from, "tokenizer.json")
+    if not os.path.exists(path):
+        raise checkpoint.IncompatibleCheckpointError(
+            f"init_from={config.init_from!r} has no tokenizer.json: cannot tell which token ids its embedding "
+            f"rows belong to")
+    tok = tokenizer_lib.load_tokenizer(path)
+    if data_tok is not None and data_tok.to_json() != tok.to_json():
+        raise checkpoint.IncompatibleCheckpointError(
+            f"data.path={config.data.path!r} is a prepared dataset tokenized with a {_describe(data_tok)} "
+            f"tokenizer, but init_from={config.init_from!r} was trained with a different {_describe(tok)} "
+            f"tokenizer: its embeddings would be read for the wrong tokens. Prepare the data with the source "
+            f"run's tokenizer, or train from scratch (init_from='').")
+    if data_tok is None and config.data.tokenizer != tok.kind:
+        raise checkpoint.IncompatibleCheckpointError(
+            f"data.tokenizer={config.data.tokenizer!r} but init_from={config.init_from!r} was trained with a "
+            f"{_describe(tok)} tokenizer: a warm start keeps the source run's tokenizer (its embedding rows are "
+            f"indexed by its ids). Set --config.data.tokenizer={tok.kind}, or train from scratch (init_from='').")
+    log.info("tokenizer: init_from's %s, as its embedding rows require (not rebuilt from this run's data)",
+             _describe(tok))
+    return tok
+
+
+def run_tokenizer(config, workdir: str, texts: list[str] | None = None,
+                  data_tok: tokenizer_lib.Tokenizer | None = None) -> tokenizer_lib.Tokenizer:
+    """The run's tokenizer, saved as WORKDIR/tokenizer.json. A resumed run: the saved one (refused if the
+    config or prepared dataset now names another). A warm start: init_from's (_source_tokenizer). A new
+    run: the prepared dataset's (`data_tok`), or one built from the training `texts` by data.tokenizer."""
+    tok_path = os.path.join(workdir, "tokenizer.json")
+    if os.path.exists(tok_path):
+        tok = tokenizer_lib.load_tokenizer(tok_path)
+        if data_tok is not None and data_tok.to_json() != tok.to_json():
+            raise sources.DataError(f"workdir {workdir!r} was trained with a different tokenizer "
+                                    f"({_describe(tok)}) than this prepared dataset's ({_describe(data_tok)})")
+        if data_tok is None and tok.kind != config.data.tokenizer:
+            raise checkpoint.IncompatibleCheckpointError(
+                f"workdir {workdir!r} has a {tok.kind!r} tokenizer but data.tokenizer={config.data.tokenizer!r}")
+        return tok
+    if config.init_from:
+        tok = _source_tokenizer(config, data_tok)
+    elif data_tok is not None:
+        tok = data_tok
+    else:
+        tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, texts)
+    if jax.process_index() == 0:
+        tokenizer_lib.save_tokenizer(tok, tok_path)
+    return tok
+
+
+def prepare_data(config, workdir: str):
+    """Documents -> split -> the run's tokenizer (run_tokenizer) -> token streams."""
+    if prepared.is_prepared(config.data.path):  # a scripts/prepare_data.py directory: its tokenizer + shards
+        data_tok, train, val = prepared.load_prepared(config.data.path)
+        tok = run_tokenizer(config, workdir, data_tok=data_tok)
+        log.info("prepared data: %d train, %d val tokens (%s tokenizer, %d ids)", len(train), len(val), tok.kind,
+                 tok.vocab_size)
+        return tok, train, val
+    docs, stats = sources.read_documents(config.data.path, config.data.text_field)
+    log.info("data: %s", stats.summary())
+    train_texts, val_texts = pipeline.split_documents([d.text for d in docs], config.data.split,
+                                                      config.data.val_fraction)
+    tok = run_tokenizer(config, workdir, train_texts)
+    train = pipeline.tokenize_stream(train_texts, tok)
+    val = pipeline.tokenize_stream(val_texts, tok)
+    log.info("tokens: %d train, %d val (%s tokenizer, %d ids)", len(train), len(val), tok.kind, tok.vocab_size)
+    unknown = int(np.count_nonzero(train.tokens == tok.special_id("<unk>")))
+    if unknown:
+        log.warning("%d of %d training tokens (%.2f%%) are <unk>: characters the %s tokenizer does not have",
+                    unknown, len(train), 100 * unknown / max(len(train), 1), tok.kind)
+    return tok, train, val
+
+
+@dataclasses.dataclass
+class Inputs:
+    tokenizer: tokenizer_lib.Tokenizer
+    train_iter: object  # grain iterator of this process's batches (checkpointed)
+    eval_batches: list
+    num_classes: int = 0  # mode='classify'
+    # Metrics that need decoding, not just summed losses (QA exact match/F1, SFT generation accuracy):
+    # (model, params) -> {"eval/...": float}; train.py calls it under the mesh at every eval.
+    extra_eval: Callable | None = None
+
+
+def causal_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    tok, train_stream, val_stream = prepare_data(config, workdir)
+    data_iter = pipeline.train_iterator(train_stream, seq_len=config.data.seq_len, global_batch=micro_batch,
+                                        seed=config.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    return Inputs(tok, data_iter, causal_eval_batches(config, tok, val_stream, micro_batch))
+
+
+def causal_eval_batches(config, tok, stream: pipeline.TokenStream, micro_batch: int) -> list[dict]:
+    """Eval batches of a token stream: the validation split, or any text scripts/evaluate.py is given."""
+    del tok
+    return pipeline.eval_batches(stream, seq_len=config.data.seq_len, batch_size=micro_batch,
+                                 max_batches=config.train.eval_batches)
+
+
+def _documents(stream: pipeline.TokenStream, eos_id: int) -> list[np.ndarray]:
+    """A packed token stream back into its documents (each without its trailing <eos>)."""
+    cuts = np.flatnonzero(np.diff(stream.segments)) + 1
+    return [d[:-1] if len(d) and d[-1] == eos_id else d for d in np.split(stream.tokens, cuts)]
+
+
+def mlm_source(config, tok, stream: pipeline.TokenStream, seed: int) -> mlm_data.MlmSource:
+    m = config.mlm
+    return mlm_data.MlmSource(_documents(stream, tok.eos_id), config.data.seq_len, seed=seed,
+                              base_size=tok.base_size, cls_id=tok.special_id("<cls>"),
+                              sep_id=tok.special_id("<sep>"), mask_id=tok.special_id("<mask>"),
+                              pad_id=tok.pad_id, nsp=m.nsp, mask_prob=m.mask_prob,
+                              mask_token_frac=m.mask_token_frac, random_token_frac=m.random_token_frac)
+
+
+def mlm_eval_batches(config, tok, stream: pipeline.TokenStream, micro_batch: int) -> list[dict]:
+    """Eval batches of a token stream: the validation split, or any text scripts/evaluate.py is given."""
+    return mlm_data.eval_batches(mlm_source(config, tok, stream, config.seed + 1), batch_size=micro_batch,
+                                 max_batches=config.train.eval_batches)
+
+
+def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    tok, train_stream, val_stream = prepare_data(config, workdir)
+    train_src = mlm_source(config, tok, train_stream, config.seed)
+    eval_data = mlm_eval_batches(config, tok, val_stream, micro_batch)
+    log.info("mlm: %d train examples, %d val batches (nsp=%s)", len(train_src), len(eval_data), config.mlm.nsp)
+    data_iter = mlm_data.train_iterator(train_src, global_batch=micro_batch, seed=config.seed,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+    return Inputs(tok, data_iter, eval_data)
+
+
+def _train_val_records(config, section, fmt: str):
+    """(train records, stats, validation records, stats) of a task mode: `section.val_path` is the
+    validation file; without one, a content-hash share data.val_fraction of data.path is held out."""
+    train, stats = formats.read_split(config.data.path, fmt, strict=section.strict)
+    if section.val_path:
+        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
+        return train, stats, val, val_stats
+    train, val = _hash_held_out(train, lambda x: formats.record_text(x[1], fmt), config)
+    return train, stats, val, sources.ReadStats()
+
+
+def _hash_held_out(items: list, key, config) -> tuple[list, list]:
+    """(train, val): items whose hash_unit(key(item)) < data.val_fraction are validation; both non-empty."""
+    held = [pipeline.hash_unit(key(x)) < config.data.val_fraction for x in items]
+    val = [x for x, h in zip(items, held) if h]
+    train = [x for x, h in zip(items, held) if not h]
+    if not val or not train:
+        raise sources.DataError(f"data.val_fraction={config.data.val_fraction} of {config.data.path!r} gave "
+                                f"{len(train)} train and {len(val)} validation records")
+    return train, val
+
+
+def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    c = config.classify
+    train_recs, stats, val_recs, val_stats = _train_val_records(config, c, "classification")
+    labels_path = os.path.join(workdir, "labels.json")
+    labels = classify_data.build_labels(train_recs)
+    if os.path.exists(labels_path):
+        saved = classify_data.load_labels(labels_path)
+        if saved != labels:
+            raise checkpoint.IncompatibleCheckpointError(
+                f"{labels_path} holds labels {saved} but the training split has {labels}")
+    elif jax.process_index() == 0:
+        classify_data.save_labels(labels, labels_path)
+    if len(labels) < 2:
+        raise sources.DataError(f"{config.data.path!r}: a classifier needs >= 2 labels, found {labels}")
+    tok = run_tokenizer(config, workdir, [formats.record_text(r, "classification") for _, r in train_recs])
+    pool = "last" if config.model.causal else "first"
+    make = functools.partial(classify_data.make_source, tok=tok, labels=labels, seq_len=config.data.seq_len,
+                             pool=pool, strict=c.strict)
+    train_src, val_src = make(train_recs, stats=stats), make(val_recs, stats=val_stats)
+    log.info("classify: %d labels; train %d examples (skipped: %s); validation %d (skipped: %s)", len(labels),
+             len(train_src), stats.skipped or "none", len(val_src), val_stats.skipped or "none")
+    log.info("classify: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
+    data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
+                                          what="classification examples", process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    return Inputs(tok, data_iter, eval_data, num_classes=len(labels))
+
+
+def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    c = config.qa
+    train_exs, stats = qa_data.read_split(config.data.path, strict=c.strict)
+    if c.val_path:
+        val_exs, val_stats = qa_data.read_split(c.val_path, strict=c.strict)
+    else:  # by context, so questions about one passage stay on one side
+        train_exs, val_exs = _hash_held_out(train_exs, lambda ex: ex.context, config)
+        val_stats = sources.ReadStats()
+    tok = run_tokenizer(config, workdir, [ex.context + "\n" + ex.question for ex in train_exs])
+    make = functools.partial(qa_data.make_features, tok=tok, seq_len=config.data.seq_len,
+                             max_query_len=c.max_query_len, doc_stride=c.doc_stride)
+    train_src, val_src = make(train_exs), make(val_exs)
+    log.info("qa: train %d examples -> %d windows (skipped: %s); validation %d -> %d windows (skipped: %s)",
+             len(train_exs), len(train_src), stats.skipped or "none", len(val_exs), len(val_src),
+             val_stats.skipped or "none")
+    log.info("qa: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
+    data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
+                                          what="QA windows", process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    return Inputs(tok, data_iter, eval_data, extra_eval=task_eval.span_qa_eval(val_src, micro_batch, c.max_answer_len))
+
+
+def _chat_template(workdir: str) -> None:
+    """WORKDIR/chat_template.json: written by a new run; a resumed run must render the same template."""
+    path = os.path.join(workdir, "chat_template.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            chat.check_template_spec(json.load(f))
+    elif jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(chat.template_spec(), f, indent=1)
+
+
+def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+    f = config.sft
+    train_recs, stats, val_recs, val_stats = _train_val_records(config, f, "chat")
+    tok = run_tokenizer(config, workdir, [formats.record_text(r, "chat") for _, r in train_recs])
+    _chat_template(workdir)
+    seq_len = config.data.seq_len
+    render = functools.partial(sft_data.render_split, tok=tok, seq_len=seq_len, too_long=f.too_long,
+                               train_on=f.train_on, strict=f.strict)
+    train_conv, val_conv = render(train_recs, stats=stats), render(val_recs, stats=val_stats)
+    rows = functools.partial(sft_data.make_rows, seq_len=seq_len, pad_id=tok.pad_id, pack=f.pack, fit=f.fit)
+    train_rows, val_rows = rows(train_conv), rows(val_conv)
+    log.info("sft: train %d conversations in %d rows (skipped: %s); validation %d in %d rows (skipped: %s)",
+             len(train_conv), len(train_rows), stats.skipped or "none", len(val_conv), len(val_rows),
+             val_stats.skipped or "none")
+    if not val_rows:
+        raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()})")
+    data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,
+                                          what="packed SFT rows" if f.pack else "SFT conversations",
+                                          process_index=jax.process_index(), process_count=jax.process_count())
+    eval_data = pipeline.padded_batches(val_rows, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    extra = None
+    if f.eval_generate > 0:
+        problems = sft_data.generation_problems(val_recs, tok, int(f.eval_generate))
+        extra = task_eval.exact_match_eval(problems, tok, width=seq_len, max_new_tokens=int(f.max_new_tokens),
+                                           batch_size=micro_batch)
+    return Inputs(tok, data_iter, eval_data, extra_eval=extra)
+
+
+
+
+# ---- Other data in place of a mode's validation split (scripts/evaluate.py --data) ------------------
+
+def _text_stream(path: str, split: str, config, tok) -> pipeline.TokenStream:
+    """All of a text file/dir (data.val_fraction does not apply: the given data is all held out), or a prepared
+    dataset directory's `split`, tokenized with the run's tokenizer."""
+    if prepared.is_prepared(path):
+        data_tok = prepared.load_tokenizer_checked(path)
+        if data_tok.to_json() != tok.to_json():
+            raise sources.DataError(f"prepared dataset {path!r} has a different tokenizer ({data_tok.kind!r}, "
+                                    f"{data_tok.vocab_size} ids) than the run ({tok.kind!r}, {tok.vocab_size} ids)")
+        stream = prepared.split_stream(path, split, tok.eos_id)
+        if not len(stream):
+            raise sources.DataError(f"prepared dataset {path!r} has no {split!r} documents")
+        return stream
+    docs, _ = sources.read_documents(path, config.data.text_field)
+    return pipeline.tokenize_stream([d.text for d in docs], tok)
+
+
+def whole_text(eval_batches):
+    """Text modes: every document of the given data (or a prepared dataset's split) is the eval set."""
+    def inputs(config, workdir: str, micro_batch: int, path: str, split: str) -> Inputs:
+        tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
+        stream = _text_stream(path, split, config, tok)
+        return Inputs(tok, None, eval_batches(config, tok, stream, micro_batch))
+    return inputs
+
+
+def as_val_path(section: str, build):
+    """Task modes: the file stands in for `<section>.val_path` and the mode's own builder does the rest
+    (on a copy of the config: the caller's is not changed)."""
+    def inputs(config, workdir: str, micro_batch: int, path: str, split: str) -> Inputs:
+        del split
+        config = config.copy_and_resolve_references()
+        config[section].val_path = path
+        return build(config, workdir, micro_batch)
+    return inputs

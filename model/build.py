@@ -1,0 +1,58 @@
+"""Models from a run's config: the one place that turns `config.model` (+ the tokenizer's size and
+the mode's options) into a Flax module. Scripts that only generate, convert or evaluate use this,
+never the train-step module.
+
+`config` is the run's ConfigDict (or any object with the same fields); only `config.model`,
+`config.mlm.nsp` and `config.lora` are read here.
+"""
+
+from __future__ import annotations
+
+from model import heads, lora
+from model.transformer import ModelConfig, Transformer
+
+
+def model_config(config, num_tokens: int) -> ModelConfig:
+    """config.model + the tokenizer's size -> ModelConfig (vocab padded to model.vocab_multiple)."""
+    fields = config.model.to_dict()
+    multiple = int(fields.pop("vocab_multiple"))
+    vocab = -(-num_tokens // multiple) * multiple
+    return ModelConfig(vocab_size=vocab, num_tokens=num_tokens, **fields)
+
+
+def transformer(config, num_tokens: int) -> Transformer:
+    """The plain language model (no adapters)."""
+    return Transformer(model_config(config, num_tokens))
+
+
+def causal_lm(config, num_tokens: int, base_size: int):
+    """The language model, LoRA-wrapped when lora.rank > 0 (params {'base', 'lora'}; the base frozen).
+    lora.train_new_rows: the embedding rows after the tokenizer's `base_size` ids (its special tokens,
+    then padding) get a trainable delta too."""
+    model = transformer(config, num_tokens)
+    r = config.lora
+    if int(r.rank) <= 0:
+        return model
+    new_rows = model.cfg.vocab_size - base_size if r.train_new_rows else 0
+    return lora.LoraModel(model, rank=int(r.rank), alpha=float(r.alpha), targets=tuple(r.targets),
+                          base_dtype=r.base_dtype, new_rows=new_rows)
+
+
+def masked_lm(config, num_tokens: int) -> heads.MaskedLM:
+    """A bidirectional encoder with the MLM head (+ the NSP head when mlm.nsp)."""
+    if config.model.causal:
+        raise ValueError("mode='mlm' needs model.causal=False (a bidirectional encoder)")
+    if config.mlm.nsp and config.model.type_vocab_size < 2:
+        raise ValueError(f"mlm.nsp=True needs model.type_vocab_size >= 2 (sentence A/B), "
+                         f"got {config.model.type_vocab_size}")
+    return heads.MaskedLM(model_config(config, num_tokens), nsp=bool(config.mlm.nsp))
+
+
+def classifier(config, num_tokens: int, num_classes: int) -> heads.Classifier:
+    """A pooled classification head: the last real token of a causal model, <cls> of an encoder."""
+    return heads.Classifier(model_config(config, num_tokens), num_classes,
+                            pool="last" if config.model.causal else "first")
+
+
+def span_qa(config, num_tokens: int) -> heads.SpanQA:
+    return heads.SpanQA(model_config(config, num_tokens))

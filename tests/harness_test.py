@@ -1,0 +1,189 @@
+"""The run harness and the mode records: warm starts keep the source run's tokenizer, a dropped update
+does not count as a step, rollback with no checkpoint says what it does, config paths are named before
+anything is written, the console shows each mode's headline metrics."""
+
+import io
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import tiny_config
+
+import checkpoint
+import inputs
+import modes
+import optim
+import sharding
+import train
+from configs import common, finetune_classify, pretrain_mlm, sft
+from data import sources
+from data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, save_tokenizer
+from metrics import Progress, read_jsonl
+
+
+def _corpus(path, alphabet: str, seed: int) -> str:
+    """A char corpus over `alphabet`: 12 documents of random words."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(path, exist_ok=True)
+    for i in range(12):
+        words = ["".join(rng.choice(list(alphabet), size=int(rng.integers(2, 7)))) for _ in range(120)]
+        with open(os.path.join(path, f"doc{i}.txt"), "w") as f:
+            f.write(" ".join(words) + "\n")
+    return str(path)
+
+
+def test_warm_start_keeps_the_source_runs_tokenizer(tmp_path, caplog):
+    # two char vocabularies that differ but pad to the same 64 embedding rows
+    a = _corpus(tmp_path / "a", "abcdefghij", 0)
+    b = _corpus(tmp_path / "b", "klmnopqrst", 1)
+    src = str(tmp_path / "src")
+    train.train_and_evaluate(tiny_config(a, data__tokenizer="char", train__steps=3), src)
+    tok_a = load_tokenizer(os.path.join(src, "tokenizer.json"))
+    assert CharTokenizer.from_texts(["klmnopqrst \n"]).vocab_size <= 64 and tok_a.vocab_size <= 64
+    run = str(tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="lmstack"):
+        train.train_and_evaluate(tiny_config(b, data__tokenizer="char", train__steps=3, init_from=src), run)
+    assert load_tokenizer(os.path.join(run, "tokenizer.json")).to_json() == tok_a.to_json()
+    assert "tokenizer: init_from's 'char'" in caplog.text
+    assert "are <unk>" in caplog.text  # corpus b's characters are not in the source's vocabulary: said
+    # a config asking for another tokenizer is refused, naming both; nothing is trained
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"data.tokenizer='byte'.*'char' \(\d+ ids\)"):
+        train.train_and_evaluate(tiny_config(b, train__steps=3, init_from=src), str(tmp_path / "byte"))
+    assert not os.path.exists(tmp_path / "byte" / "checkpoints")
+
+
+def test_prepared_dataset_with_another_tokenizer_than_the_source_is_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    save_tokenizer(CharTokenizer("abc"), str(src / "tokenizer.json"))
+    config = common.base()
+    config.init_from, config.data.path = str(src), "prepared-dir"
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w2").mkdir()
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"prepared dataset.*'char' \(14 ids\).*'char'"):
+        inputs.run_tokenizer(config, str(tmp_path / "w"), data_tok=CharTokenizer("abd"))
+    assert inputs.run_tokenizer(config, str(tmp_path / "w"), data_tok=CharTokenizer("abc")).chars == "abc"
+    config.data.tokenizer = "char"
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="has no tokenizer.json"):
+        config.init_from = str(tmp_path)
+        inputs.run_tokenizer(config, str(tmp_path / "w2"), texts=["x"])
+
+
+class _PoisonOnce:
+    """Replaces put_batch: the n-th training batch gets NaN weights (its update is dropped)."""
+
+    def __init__(self, n):
+        self.n, self.calls, self.real = n, 0, sharding.put_batch
+
+    def __call__(self, batch, sh):
+        if "weights" in batch:
+            self.calls += 1
+            if self.calls == self.n:
+                batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
+        return self.real(batch, sh)
+
+
+def _state(workdir, step):
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+def _find(tree, name):
+    """Every value under a dict key `name` in a restored (nested dict / list) optimizer state."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if any(getattr(k, "key", None) == name for k in path):
+            found.append(int(np.asarray(leaf)))
+    return found
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_a_dropped_update_is_not_a_step(corpus_dir, tmp_path, monkeypatch, accum):
+    monkeypatch.setattr(train.sharding, "put_batch", _PoisonOnce(3))
+    config = tiny_config(corpus_dir, train__steps=6, train__log_every=1, train__eval_every=100,
+                         data__batch_size=8 * accum, optim__grad_accum_steps=accum, optim__schedule="linear",
+                         optim__warmup_steps=4)
+    out = train.train_and_evaluate(config, str(tmp_path))
+    assert out["step"] == 6 and out["train/dropped_updates"] == 1.0
+    state = _state(str(tmp_path), 6)
+    applied = 6 * accum - 1
+    assert int(state["step"]) == applied
+    if accum > 1:  # MultiSteps' own counters agree with state.step: the windows did not shift
+        assert _find(state["opt_state"], "gradient_step") == [applied // accum]
+        assert _find(state["opt_state"], "mini_step") == [applied % accum]
+    # the logged LR is the one AdamW applied: the schedule at the number of updates applied before it
+    schedule = optim.make_schedule(config.optim, config.train.steps)
+    rows = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "train/lr" in r]
+    last_call_applied_before = (applied - 1) // accum  # updates completed before the last micro-step
+    assert rows[-1]["train/lr"] == pytest.approx(float(schedule(last_call_applied_before)))
+
+
+def test_rollback_before_any_checkpoint_says_what_it_does(corpus_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train.sharding, "put_batch", _PoisonOnce(2))
+    with caplog.at_level(logging.WARNING, logger="lmstack"):
+        out = train.train_and_evaluate(
+            tiny_config(corpus_dir, train__steps=6, train__log_every=1, train__eval_every=100,
+                        train__checkpoint_every=100, train__on_nonfinite="rollback", optim__schedule="constant",
+                        optim__warmup_steps=0), str(tmp_path))
+    assert "no checkpoint exists yet: continuing from the current parameters" in caplog.text
+    assert out["step"] == 6 and out["train/lr"] == pytest.approx(0.5 * 2e-3)
+
+
+def test_missing_input_names_the_config_field_and_writes_nothing(tmp_path):
+    train_path = tmp_path / "train.jsonl"
+    train_path.write_text(json.dumps({"prompt": "1+1", "response": "2"}) + "\n")
+    config = tiny_config(str(train_path), sft)  # sft.val_path keeps its default 'datasets/tasks/val.jsonl'
+    work = tmp_path / "run"
+    with pytest.raises(sources.DataError, match=r"sft.val_path='datasets/tasks/val.jsonl' does not exist"):
+        train.train_and_evaluate(config, str(work))
+    assert not os.path.exists(work)
+    with pytest.raises(sources.DataError, match=r"classify.val_path='nope.jsonl'"):
+        train.train_and_evaluate(tiny_config(str(train_path), finetune_classify, classify__val_path="nope.jsonl"),
+                                 str(work))
+    with pytest.raises(sources.DataError, match=r"init_from='no-such-run'"):
+        train.train_and_evaluate(tiny_config(str(train_path), sft, sft__val_path=str(train_path),
+                                             init_from="no-such-run"), str(work))
+    assert not os.path.exists(work)
+
+
+def test_every_mode_record_names_real_config_fields():
+    base = json.loads(common.base().to_json())
+    fields = set(checkpoint.flatten(base))
+    for name, mode in modes.MODES.items():
+        for field in mode.all_must_match() + mode.paths:
+            assert field in fields or (field.endswith(".") and any(f.startswith(field) for f in fields)), (name, field)
+        for field in mode.all_added_defaults():
+            assert field in fields, (name, field)
+        for key in mode.headline:
+            assert key.startswith("eval/"), (name, key)
+    with pytest.raises(ValueError, match=r"mode='dpo': expected one of \['causal', 'classify', 'mlm', 'qa', 'sft'\]"):
+        modes.get(ml_collections.ConfigDict({"mode": "dpo"}))
+
+
+def test_console_shows_the_modes_headline_metrics(corpus_dir, tmp_path, caplog, capsys):
+    line = Progress(10, 0, stream=io.StringIO(), headline=("eval/accuracy", "eval/macro_f1")).line(
+        5, {"eval/loss": 0.5, "eval/accuracy": 0.75, "eval/macro_f1": 0.7})
+    assert "val 0.5000" in line and "accuracy 0.7500" in line and "macro_f1 0.7000" in line
+    with caplog.at_level(logging.INFO, logger="lmstack"):
+        train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3, train__eval_every=3),
+                                 str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "mlm_accuracy" in printed and "nsp_accuracy" in printed
+    assert "finished at step 3 | train/loss" in caplog.text and "eval/mlm_accuracy" in caplog.text
+
+
+def test_warm_start_names_the_heads_it_leaves_behind(corpus_dir, tmp_path, caplog):
+    mlm_dir = str(tmp_path / "mlm")
+    train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3), mlm_dir)
+    records = tmp_path / "cls.jsonl"
+    records.write_text("".join(json.dumps({"text": t, "label": t[0]}) + "\n" for t in ["ab", "ba", "aa", "bb"] * 8))
+    with caplog.at_level(logging.INFO, logger="lmstack"):
+        train.train_and_evaluate(tiny_config(str(records), finetune_classify, train__steps=3, init_from=mlm_dir,
+                                             data__val_fraction=0.3), str(tmp_path / "cls"))
+    left = caplog.text.split("unused: ")[1].splitlines()[0]
+    assert "mlm_head" in left and "nsp_head" in left and "params)" in left
