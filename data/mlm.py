@@ -7,6 +7,9 @@ anchors every `seq_len - 3` tokens through each document. Everything random abou
 iterator's saved position is all that resume needs, and it stays bit-exact.
 
 With NSP:    <cls> A <sep> B <sep>   token_types 0 ... 0 1 ... 1   nsp_label 1 = B follows A
+             A is cut from the anchor at a random length; B is the rest of the anchor's room (label 1) or
+             as many tokens of another document (label 0; fewer only if that document is shorter), so
+             the padding does not tell the label.
 Without:     <cls> A <sep>
 BERT masking: `mask_prob` of the non-special tokens (rounded, at least 1) are chosen; of those
 80% become <mask>, 10% a random base-vocabulary token, 10% stay. Specials and padding are never
@@ -62,7 +65,7 @@ class MlmSource:
         other = int(rng.integers(0, len(self.docs) - 1))
         other += other >= d  # any document but this one
         odoc = self.docs[other]
-        b_len = min(self.budget - a_len, len(odoc))
+        b_len = min(avail - a_len, len(odoc))  # as long as the true B: the padding must not tell the label
         b_start = int(rng.integers(0, len(odoc) - b_len + 1))
         return a, odoc[b_start:b_start + b_len], 0
 

@@ -98,6 +98,22 @@ def test_nsp_pairs_fifty_fifty_and_segments_respected():
     assert 0 < np.mean(labels) < 1
 
 
+def test_nsp_label_not_readable_from_the_example_length():
+    """A negative's B is as long as the true continuation would have been: at a document's last anchor
+    (fewer tokens left than the budget) a full-length random B gave the label away through the padding."""
+    src, docs = _source([np.random.default_rng(k).integers(0, BASE, n) for k, n in enumerate((150, 200, 170, 230))])
+    lengths = {0: set(), 1: set()}
+    for i in range(len(src)):
+        ex = src[i]
+        d, start = src.anchors[i]
+        room = min(src.budget, len(docs[d]) - start)
+        n = int(ex["segment_ids"].sum())
+        assert n == room + 3, (i, int(ex["nsp_label"]), n, room + 3)  # <cls> A <sep> B <sep>: set by the anchor
+        if room < src.budget:
+            lengths[int(ex["nsp_label"])].add(n)
+    assert lengths[0] and lengths[1]  # both labels occur at short (document-final) anchors
+
+
 def test_examples_are_deterministic_per_index_and_seed():
     src, docs = _source()
     again, _ = _source(docs)
