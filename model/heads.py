@@ -6,6 +6,9 @@ a masked-LM run's `params["backbone"]` (or from a causal run, whose whole tree i
 - MLM head: BERT's transform (dense, GELU, norm) then the backbone's tied output embedding
   (`Transformer.logits`, padded vocabulary rows masked).
 - NSP / classification heads: a small Dense (tanh pooler, then logits) on one pooled hidden state.
+  NSP pools `<cls>` (BERT) or, with `nsp_pool='boundary'`, the `<sep>` that closes segment A: with
+  segments cut at arbitrary points the pair signal is local to the cut (does B's start continue A's
+  end?), and at the CPU size `<cls>` does not learn to find it (README, Encoder pretraining: NSP).
 - Span-QA head: one Dense(2) on every hidden state -> start and end logits (padding masked).
 """
 
@@ -54,6 +57,14 @@ def last_token_index(segment_ids_BxL: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(segment_ids_BxL != 0, idx_BxL, 0), axis=1)
 
 
+def pair_boundary_index(token_types_BxL: jax.Array) -> jax.Array:
+    """Index of each row's `<sep>` closing segment A (the token before the first type-1 token);
+    0 (the `<cls>`) for a row without a B segment."""
+    first_b_B = jnp.argmax(token_types_BxL == 1, axis=1)
+    has_b_B = jnp.any(token_types_BxL == 1, axis=1)
+    return jnp.where(has_b_B, first_b_B - 1, 0)
+
+
 def pool(h_BxLxD: jax.Array, segment_ids_BxL: jax.Array, how: str) -> jax.Array:
     """'first': the <cls> token (encoders); 'last': the last non-pad token (decoders)."""
     if how == "first":
@@ -65,13 +76,17 @@ def pool(h_BxLxD: jax.Array, segment_ids_BxL: jax.Array, how: str) -> jax.Array:
 
 
 class MaskedLM(nn.Module):
-    """Bidirectional backbone + MLM head (+ NSP head on the <cls> state when `nsp`)."""
+    """Bidirectional backbone + MLM head (+ NSP head when `nsp`, on the `<cls>` state or, with
+    `nsp_pool='boundary'`, on the state of the `<sep>` between segments A and B)."""
     cfg: ModelConfig
     nsp: bool = True
+    nsp_pool: str = "first"  # 'first': <cls> | 'boundary': the <sep> closing segment A
 
     def setup(self):
         self.backbone = Transformer(self.cfg)
         self.mlm_head = MlmHead(self.cfg)
+        if self.nsp_pool not in ("first", "boundary"):
+            raise ValueError(f"nsp_pool={self.nsp_pool!r}: expected 'first' or 'boundary'")
         if self.nsp:
             self.nsp_head = PooledHead(2, self.cfg)
 
@@ -79,7 +94,14 @@ class MaskedLM(nn.Module):
                  deterministic: bool = True):
         """-> (mlm logits [B, L, V], nsp logits [B, 2] or None)."""
         h_BxLxD = self.backbone.encode(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic, token_types_BxL)
-        nsp_Bx2 = self.nsp_head(h_BxLxD[:, 0], deterministic) if self.nsp else None
+        nsp_Bx2 = None
+        if self.nsp:
+            if self.nsp_pool == "boundary" and token_types_BxL is not None:
+                i_B = pair_boundary_index(token_types_BxL)
+                pooled_BxD = jnp.take_along_axis(h_BxLxD, i_B[:, None, None], axis=1)[:, 0]
+            else:  # <cls>; also for inputs without token types (no B segment to find)
+                pooled_BxD = h_BxLxD[:, 0]
+            nsp_Bx2 = self.nsp_head(pooled_BxD, deterministic)
         return self.mlm_head(h_BxLxD, self.backbone), nsp_Bx2
 
 

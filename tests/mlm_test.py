@@ -165,6 +165,31 @@ def test_encoder_heads_see_the_future_and_token_types():
     assert not np.allclose(nsp, nsp_t)  # token types change the representation
 
 
+@pytest.mark.parametrize("how", ["first", "boundary"])
+def test_nsp_head_reads_cls_or_the_pair_boundary(how):
+    """NSP logits are a function of the final state of <cls> (default) or, with nsp_pool='boundary',
+    of the <sep> closing segment A (where a stdlib pair's signal is: does B's start continue A's end?)."""
+    types = np.array([[0, 0, 0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1], [0] * 8])
+    np.testing.assert_array_equal(heads.pair_boundary_index(jnp.asarray(types)), [3, 1, 0])
+    model, params = _encoder()
+    model = model.clone(nsp_pool=how)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
+    read = {"first": [0, 0], "boundary": [3, 1]}[how]
+
+    def head_on(h_BxLxD, i_B):
+        pooled_BxD = jnp.take_along_axis(h_BxLxD, jnp.asarray(i_B)[:, None, None], axis=1)[:, 0]
+        return heads.PooledHead(2, model.cfg).apply({"params": params["nsp_head"]}, pooled_BxD)
+
+    h = model.apply({"params": params}, tokens, None, None, jnp.asarray(types[:2]),
+                    method=lambda m, *a: m.backbone.encode(a[0], a[1], a[2], True, a[3]))
+    _, nsp = model.apply({"params": params}, tokens, None, None, jnp.asarray(types[:2]))
+    np.testing.assert_allclose(nsp, head_on(h, read), rtol=1e-5, atol=1e-6)
+    other = {"first": [3, 1], "boundary": [0, 0]}[how]
+    assert not np.allclose(nsp, head_on(h, other), rtol=1e-3)  # the position read matters
+    with pytest.raises(ValueError, match="nsp_pool='middle'"):
+        model.clone(nsp_pool="middle").apply({"params": params}, tokens)
+
+
 def _mlm_from_embeddings(self, x_BxLxD):
     """MaskedLM forward from token embeddings (the gradient test's input)."""
     bb = self.backbone
