@@ -26,7 +26,7 @@ def model_size(cfg: ml_collections.ConfigDict, name: str) -> None:
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "causal"  # training objective (objectives.OBJECTIVES): 'causal' | 'mlm' | 'classify' | 'qa' | 'sft'
+    c.mode = "causal"  # the training mode (a record in modes.MODES): 'causal' | 'mlm' | 'classify' | 'qa' | 'sft'
     c.init_from = ""  # a run's workdir: warm start the backbone from its latest checkpoint (new runs only)
     c.seed = 0  # parameter init, dropout and data order
 

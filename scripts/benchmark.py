@@ -127,7 +127,7 @@ def _train_setup(config, num_tokens: int):
     model = build.transformer(config, num_tokens)
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
     state, sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
-    step = steps.make_train_step(model=model, tx=tx, objective=objectives.OBJECTIVES[config.mode],
+    step = steps.make_train_step(model=model, tx=tx, objective=objectives.causal_lm,
                                  schedule=schedule, accum=1, mesh=mesh, rules=rules, state_shardings=sh)
     return model, mesh, rules, state, sh, step, _random_batch(config, num_tokens, mesh)
 
@@ -148,7 +148,7 @@ def make_jax_step(config, num_tokens: int, eval_only: bool = False):
     b, length = config.data.batch_size, config.data.seq_len
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     if eval_only:
-        evaluate = steps.make_eval_step(model=model, objective=objectives.OBJECTIVES[config.mode], mesh=mesh,
+        evaluate = steps.make_eval_step(model=model, objective=objectives.causal_lm, mesh=mesh,
                                         rules=rules, state_shardings=sh)
         return (lambda: evaluate(state.params, batch)["loss_sum"], b * length, n_params,
                 model.cfg.flops_per_token(length) / 3)
