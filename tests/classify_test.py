@@ -121,3 +121,18 @@ def test_decoder_classifier_warm_starts_from_a_causal_run(corpus_dir, tmp_path, 
     assert "re-initialised: cls_head" in caplog.text and "unused: none" in caplog.text
     _, causal_params, _ = checkpoint.load_for_inference(causal_dir)
     assert "backbone" not in causal_params and "embed" in causal_params
+
+
+def test_truncation_is_logged_per_split(tmp_path, caplog):
+    """Records longer than data.seq_len are cut; the log says how many per split and how long they were."""
+    tr = _write_task(tmp_path / "train.jsonl", 48, 0)  # texts of 5-19 characters: + <cls> <sep> = 7-21 tokens
+    va = _write_task(tmp_path / "val.jsonl", 12, 1)
+    lengths = {name: [len(json.loads(line)["text"]) + 2 for line in open(path)] for name, path in
+               (("train", tr), ("validation", va))}
+    with caplog.at_level(logging.INFO, logger="lmstack"):
+        train.train_and_evaluate(_cfg(tr, va, train__steps=3, data__seq_len=16, model__n_layers=1),
+                                 str(tmp_path / "run"))
+    for name, ns in lengths.items():
+        cut = [n for n in ns if n > 16]
+        assert f"{name}: {len(cut)} of {len(ns)} records truncated to 16 tokens (median {int(np.median(cut))} " \
+               f"tokens, max {max(cut)})" in caplog.text
