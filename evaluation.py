@@ -8,6 +8,7 @@ split or on other data (the mode's `other_eval_data` says how other data replace
 
 from __future__ import annotations
 
+import json
 import os
 import types
 
@@ -17,6 +18,7 @@ import ml_collections
 import checkpoint
 import modes
 import objectives
+import predictions
 import sharding
 import steps
 from data import prepared
@@ -39,9 +41,43 @@ def run_eval(eval_step, params, inputs: modes.Inputs, *, mode: str, model, mesh,
     return scalars
 
 
-def count_examples(batches: list[dict]) -> int:
-    """Rows that are not padding (padding rows have all-zero segment ids): windows, records, pairs."""
+def count_examples(batches: list[dict], *, per_segment: bool = False) -> int:
+    """Rows that are not padding (padding rows have all-zero segment ids): windows, records, pairs; with
+    `per_segment`, the segments in them (packed SFT rows number their conversations 1..k)."""
+    if per_segment:
+        return sum(int(b["segment_ids"].max(axis=-1).sum()) for b in batches)
     return sum(int((b["segment_ids"] != 0).any(axis=-1).sum()) for b in batches)
+
+
+EXAMPLE_UNITS = {  # mode -> what evaluate_run's "examples" counts (the unit of the eval loss)
+    "causal": "windows", "mlm": "windows", "classify": "records", "qa": "windows", "sft": "conversations"}
+
+PREDICTIONS = {  # mode -> (config, inputs, model, params, *, workdir, data) -> one dict per item (predictions.py)
+    "classify": predictions.classify, "qa": predictions.qa, "sft": predictions.sft}
+
+
+def scored_data(config, data: str) -> dict:
+    """What the eval set was cut from: {"data": the file/dir scored} plus "held_out" when it is a share of
+    data.path (not a file of its own)."""
+    if data:
+        return {"data": data}
+    section = config.get(config.mode)
+    if section is not None and section.get("val_path"):  # classify / qa / sft with a validation file
+        return {"data": section.val_path}
+    path = config.data.path or "the embedded corpus"
+    if config.mode in ("causal", "mlm") and prepared.is_prepared(config.data.path):
+        return {"data": path, "held_out": "the prepared dataset's 'val' split"}
+    if config.mode in ("causal", "mlm") and config.data.split == "tail":
+        how = f"the last data.val_fraction={config.data.val_fraction} of every document (data.split='tail')"
+    else:
+        how = f"by hash (data.val_fraction={config.data.val_fraction})"
+    return {"data": path, "held_out": f"held out from data.path {how}"}
+
+
+def write_jsonl(rows: list[dict], path: str) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
 
 
 def eval_inputs(config, workdir: str, micro_batch: int, data: str = "", split: str = "val") -> modes.Inputs:
@@ -93,13 +129,20 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
         mngr.close()
 
 
-def evaluate_run(workdir: str, *, step: int | None = None, split: str = "val", data: str = "",
-                 max_batches: int = 0, overrides=None) -> dict:
+def evaluate_run(workdir: str, *, step: int | None = None, split: str = "", data: str = "",
+                 max_batches: int = 0, overrides=None, out_predictions: str = "") -> dict:
     """Restore a run's params (any mesh) and evaluate them as training does. `overrides(config)` may edit
-    the saved config first (mesh, batch size). Returns the eval scalars plus step, mode, split, examples."""
+    the saved config first (mesh, batch size). `split` '' is the run's validation split, or with `data` all
+    of that file (labelled "data"; a prepared dataset directory: its 'val' split). `out_predictions`: also
+    write one JSON line per evaluated item (PREDICTIONS[mode]). Returns the eval scalars plus step, mode,
+    split, the data scored, examples and their unit, and (decoded metrics) how many items they scored of how many."""
     config, step = load_run(workdir, step)
     if overrides is not None:
         overrides(config)
+    if out_predictions and config.mode not in PREDICTIONS:
+        raise ValueError(f"predictions are not defined for mode={config.mode!r}: its eval rows are windows of a "
+                         f"token stream, not items with a reference (modes with predictions: {sorted(PREDICTIONS)})")
+    config = config.copy_and_resolve_references()  # the eval's own settings; the caller's config is not changed
     config.train.eval_batches = max_batches if max_batches > 0 else ALL_BATCHES
     if not os.path.exists(os.path.join(workdir, "tokenizer.json")):
         raise FileNotFoundError(f"{workdir!r} has checkpoints but no tokenizer.json")
@@ -107,7 +150,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "val", d
     rules = sharding.logical_rules(config.sharding)
     micro_batch = config.data.batch_size // config.optim.grad_accum_steps
     sharding.check_batch_size(micro_batch, mesh, "data.batch_size / optim.grad_accum_steps")
-    inputs = eval_inputs(config, workdir, micro_batch, data, split)
+    inputs = eval_inputs(config, workdir, micro_batch, data, split or "val")
     model = modes.get(config).model(config, inputs)
     target, param_sh = steps.abstract_params(model, mesh, rules, config.data.seq_len)
     mngr = checkpoint.open_read_only(workdir)
@@ -115,9 +158,22 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "val", d
         params = checkpoint.restore_params(mngr, step, target)
     finally:
         mngr.close()
+    result = {"step": step, "mode": config.mode,
+              "split": split or ("data" if data and not prepared.is_prepared(os.path.expanduser(data)) else "val"),
+              **scored_data(config, data)}
+    if out_predictions:  # first: a mode or setting without predictions fails before the eval
+        with sharding.activate(mesh, rules):
+            rows = PREDICTIONS[config.mode](config, inputs, model, params, workdir=workdir,
+                                            data=os.path.expanduser(data))
+        write_jsonl(rows, out_predictions)
+        result.update(predictions=len(rows), out_predictions=out_predictions)
     eval_step = steps.make_eval_step(model=model, objective=modes.get(config).objective, mesh=mesh,
                                      rules=rules, state_shardings=types.SimpleNamespace(params=param_sh))
     scalars = run_eval(eval_step, params, inputs, mode=config.mode, model=model, mesh=mesh, rules=rules,
                        batch_sharding=sharding.batch_sharding(mesh))
-    return {"step": step, "mode": config.mode, "split": split, "data": data or config.data.path,
-            "examples": count_examples(inputs.eval_batches), **scalars}
+    unit = EXAMPLE_UNITS.get(config.mode, "rows")
+    result.update(examples=count_examples(inputs.eval_batches, per_segment=unit == "conversations"),
+                  example_unit=unit)
+    if hasattr(inputs.extra_eval, "coverage"):  # decoded metrics (task_eval): items scored of items there were
+        result.update(inputs.extra_eval.coverage())
+    return {**result, **scalars}

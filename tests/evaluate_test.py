@@ -12,12 +12,16 @@ import pytest
 from conftest import tiny_config
 
 import checkpoint
+import evaluation
 import train
-from classify_test import _write_task
-from configs import finetune_classify
+from classify_test import ALPHABETS, _write_task
+from configs import finetune_classify, finetune_qa
+from configs import sft as sft_config
 from data import classify as classify_data, pipeline, sources
 from data import tokenizer as tokenizer_lib
 from model import build, heads
+from qa_test import _write_task as qa_write_task
+from sft_test import _copy_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -117,3 +121,91 @@ def test_classify_on_a_test_file_matches_an_independent_count(tmp_path):
     truth = np.array([labels.index(r["label"]) for r in records])
     accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == truth))
     assert out["eval/accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def _lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_classify_reports_the_held_out_share_and_writes_predictions(tmp_path):
+    """Without classify.val_path the scored set is the hash-held-out share of data.path, and says so; the
+    predictions are the scored records (their mean correctness is eval/accuracy)."""
+    train_path = _write_task(tmp_path / "train.jsonl", 120, 0, pair=True)
+    test_path = _write_task(tmp_path / "test.jsonl", 21, 2, pair=True)
+    workdir = str(tmp_path / "cls")
+    train.train_and_evaluate(tiny_config(train_path, finetune_classify, train__steps=3, model__n_layers=1), workdir)
+    preds = str(tmp_path / "preds.jsonl")
+    out = evaluate.evaluate(workdir, out_predictions=preds)
+    assert (out["split"], out["data"], out["example_unit"]) == ("val", train_path, "records")
+    assert out["held_out"] == "held out from data.path by hash (data.val_fraction=0.2)"
+    rows = _lines(preds)
+    assert out["predictions"] == len(rows) == out["examples"] > 0 and out["out_predictions"] == preds
+    assert np.mean([r["correct"] for r in rows]) == pytest.approx(out["eval/accuracy"], abs=1e-9)
+    records = {f"{train_path}:{i + 1}": json.loads(line) for i, line in enumerate(open(train_path))}
+    for r in rows:  # each row names its record, and carries its text, pair and gold label
+        rec = records[r["where"]]
+        assert (r["text"], r["text_pair"], r["label"]) == (rec["text"], rec["text_pair"], rec["label"])
+        assert r["prediction"] in ALPHABETS and r["correct"] == (r["prediction"] == r["label"])
+    # a test file without --split: labelled by what it is, never "val"; only 2 batches scored
+    given = evaluate.evaluate(workdir, data=test_path, max_batches=2, out_predictions=preds)
+    assert (given["split"], given["data"], given["examples"]) == ("data", test_path, 16) and "held_out" not in given
+    assert [r["text"] for r in _lines(preds)] == [json.loads(line)["text"] for line in open(test_path)][:16]
+
+
+def test_evaluation_leaves_the_callers_config_alone(tmp_path):
+    train_path = _write_task(tmp_path / "train.jsonl", 60, 0)
+    test_path = _write_task(tmp_path / "test.jsonl", 9, 2)
+    workdir = str(tmp_path / "cls")
+    train.train_and_evaluate(tiny_config(train_path, finetune_classify, train__steps=3, model__n_layers=1), workdir)
+    config, _ = evaluation.load_run(workdir)
+    before = config.to_dict()
+    evaluation.eval_inputs(config, workdir, 8, data=test_path)
+    assert config.to_dict() == before  # classify.val_path not set on it
+    seen = []
+    evaluation.evaluate_run(workdir, data=test_path, max_batches=1, overrides=seen.append)
+    assert seen[0].to_dict() == before  # train.eval_batches not set on the config the caller was handed
+
+
+def test_predictions_are_refused_for_text_modes(causal_run, tmp_path):
+    workdir, _, _ = causal_run
+    preds = tmp_path / "p.jsonl"
+    with pytest.raises(ValueError, match=r"predictions are not defined for mode='causal'.*\['classify', 'qa', 'sft'\]"):
+        evaluate.evaluate(workdir, out_predictions=str(preds))
+    assert not preds.exists()
+    cli = subprocess.run([sys.executable, "scripts/evaluate.py", f"--workdir={workdir}", f"--out_predictions={preds}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert cli.returncode == 1 and "predictions are not defined for mode='causal'" in cli.stderr and not preds.exists()
+
+
+def test_sft_reports_conversations_and_how_many_problems_were_scored(tmp_path):
+    tr, va = _copy_task(tmp_path / "train.jsonl", 40, 0), _copy_task(tmp_path / "val.jsonl", 10, 1)
+    workdir = str(tmp_path / "sft")
+    train.train_and_evaluate(tiny_config(tr, sft_config, sft__val_path=va, data__seq_len=64, sft__eval_generate=4,
+                                         train__steps=3, model__n_layers=1), workdir)
+    preds = str(tmp_path / "preds.jsonl")
+    out = evaluate.evaluate(workdir, out_predictions=preds)
+    assert (out["data"], out["examples"], out["example_unit"]) == (va, 10, "conversations")  # not packed rows
+    assert (out["exact_match_scored"], out["exact_match_of"], out["exact_match_unit"]) == (4, 10, "problems")
+    rows = _lines(preds)
+    assert len(rows) == 4 and np.mean([r["correct"] for r in rows]) == pytest.approx(out["eval/exact_match"])
+    first = json.loads(open(va).readline())
+    assert rows[0]["prompt"] == first["messages"][:1] and rows[0]["reference"] == first["messages"][1]["content"]
+    assert rows[0]["kind"] == "copy" and isinstance(rows[0]["prediction"], str)
+    bigger = evaluate.evaluate(workdir, data=va, config_overrides={"sft.eval_generate": "20"})
+    assert (bigger["split"], bigger["exact_match_scored"], bigger["exact_match_of"]) == ("data", 10, 10)
+    with pytest.raises(ValueError, match=r"sft.eval_generate=0 generates no answers"):
+        evaluate.evaluate(workdir, out_predictions=preds, config_overrides={"sft.eval_generate": "0"})
+
+
+def test_qa_predictions_explain_exact_match_and_f1(tmp_path):
+    train_path = qa_write_task(tmp_path / "train.jsonl", 80, 0)
+    workdir = str(tmp_path / "qa")
+    train.train_and_evaluate(tiny_config(train_path, finetune_qa, train__steps=3, model__n_layers=1), workdir)
+    preds = str(tmp_path / "preds.jsonl")
+    out = evaluate.evaluate(workdir, out_predictions=preds, max_batches=1)  # span metrics cover every question
+    assert (out["data"], out["example_unit"]) == (train_path, "windows") and out["held_out"].startswith("held out")
+    rows = _lines(preds)
+    assert len(rows) == out["exact_match_scored"] == out["exact_match_of"] and out["exact_match_unit"] == "questions"
+    assert 100 * np.mean([r["exact_match"] for r in rows]) == pytest.approx(out["eval/exact_match"])
+    assert 100 * np.mean([r["f1"] for r in rows]) == pytest.approx(out["eval/f1"])
+    assert set(rows[0]) == {"id", "question", "prediction", "answers", "exact_match", "f1"}
