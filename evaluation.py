@@ -18,7 +18,6 @@ import ml_collections
 import checkpoint
 import modes
 import objectives
-import predictions
 import sharding
 import steps
 from data import prepared
@@ -49,13 +48,6 @@ def count_examples(batches: list[dict], *, per_segment: bool = False) -> int:
     return sum(int((b["segment_ids"] != 0).any(axis=-1).sum()) for b in batches)
 
 
-EXAMPLE_UNITS = {  # mode -> what evaluate_run's "examples" counts (the unit of the eval loss)
-    "causal": "windows", "mlm": "windows", "classify": "records", "qa": "windows", "sft": "conversations"}
-
-PREDICTIONS = {  # mode -> (config, inputs, model, params, *, workdir, data) -> one dict per item (predictions.py)
-    "classify": predictions.classify, "qa": predictions.qa, "sft": predictions.sft}
-
-
 def scored_data(config, data: str) -> dict:
     """What the eval set was cut from: {"data": the file/dir scored} plus "held_out" when it is a share of
     data.path (not a file of its own)."""
@@ -65,9 +57,10 @@ def scored_data(config, data: str) -> dict:
     if section is not None and section.get("val_path"):  # classify / qa / sft with a validation file
         return {"data": section.val_path}
     path = config.data.path or "the embedded corpus"
-    if config.mode in ("causal", "mlm") and prepared.is_prepared(config.data.path):
+    text = modes.get(config).text_corpus
+    if text and prepared.is_prepared(config.data.path):
         return {"data": path, "held_out": "the prepared dataset's 'val' split"}
-    if config.mode in ("causal", "mlm") and config.data.split == "tail":
+    if text and config.data.split == "tail":
         how = f"the last data.val_fraction={config.data.val_fraction} of every document (data.split='tail')"
     else:
         how = f"by hash (data.val_fraction={config.data.val_fraction})"
@@ -91,7 +84,7 @@ def eval_inputs(config, workdir: str, micro_batch: int, data: str = "", split: s
         if not os.path.exists(os.path.expanduser(data)):
             raise FileNotFoundError(f"data path {data!r} does not exist")
         return mode.other_eval_data(config, workdir, micro_batch, os.path.expanduser(data), split)
-    if config.mode in ("causal", "mlm") and prepared.is_prepared(config.data.path):
+    if mode.text_corpus and prepared.is_prepared(config.data.path):
         return mode.other_eval_data(config, workdir, micro_batch, config.data.path, split)
     raise ValueError(f"split='test': the run's data ({config.data.path or 'the embedded corpus'!r}) has no test "
                      f"split; give the test data with data=PATH")
@@ -134,14 +127,16 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "", data
     """Restore a run's params (any mesh) and evaluate them as training does. `overrides(config)` may edit
     the saved config first (mesh, batch size). `split` '' is the run's validation split, or with `data` all
     of that file (labelled "data"; a prepared dataset directory: its 'val' split). `out_predictions`: also
-    write one JSON line per evaluated item (PREDICTIONS[mode]). Returns the eval scalars plus step, mode,
+    write one JSON line per evaluated item (the mode's `predictions`). Returns the eval scalars plus step, mode,
     split, the data scored, examples and their unit, and (decoded metrics) how many items they scored of how many."""
     config, step = load_run(workdir, step)
     if overrides is not None:
         overrides(config)
-    if out_predictions and config.mode not in PREDICTIONS:
+    mode = modes.get(config)
+    if out_predictions and mode.predictions is None:
+        with_predictions = sorted(name for name, m in modes.MODES.items() if m.predictions is not None)
         raise ValueError(f"predictions are not defined for mode={config.mode!r}: its eval rows are windows of a "
-                         f"token stream, not items with a reference (modes with predictions: {sorted(PREDICTIONS)})")
+                         f"token stream, not items with a reference (modes with predictions: {with_predictions})")
     config = config.copy_and_resolve_references()  # the eval's own settings; the caller's config is not changed
     config.train.eval_batches = max_batches if max_batches > 0 else ALL_BATCHES
     if not os.path.exists(os.path.join(workdir, "tokenizer.json")):
@@ -151,7 +146,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "", data
     micro_batch = config.data.batch_size // config.optim.grad_accum_steps
     sharding.check_batch_size(micro_batch, mesh, "data.batch_size / optim.grad_accum_steps")
     inputs = eval_inputs(config, workdir, micro_batch, data, split or "val")
-    model = modes.get(config).model(config, inputs)
+    model = mode.model(config, inputs)
     target, param_sh = steps.abstract_params(model, mesh, rules, config.data.seq_len)
     mngr = checkpoint.open_read_only(workdir)
     try:
@@ -163,15 +158,14 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "", data
               **scored_data(config, data)}
     if out_predictions:  # first: a mode or setting without predictions fails before the eval
         with sharding.activate(mesh, rules):
-            rows = PREDICTIONS[config.mode](config, inputs, model, params, workdir=workdir,
-                                            data=os.path.expanduser(data))
+            rows = mode.predictions(config, inputs, model, params, workdir=workdir, data=os.path.expanduser(data))
         write_jsonl(rows, out_predictions)
         result.update(predictions=len(rows), out_predictions=out_predictions)
-    eval_step = steps.make_eval_step(model=model, objective=modes.get(config).objective, mesh=mesh,
+    eval_step = steps.make_eval_step(model=model, objective=mode.objective, mesh=mesh,
                                      rules=rules, state_shardings=types.SimpleNamespace(params=param_sh))
     scalars = run_eval(eval_step, params, inputs, mode=config.mode, model=model, mesh=mesh, rules=rules,
                        batch_sharding=sharding.batch_sharding(mesh))
-    unit = EXAMPLE_UNITS.get(config.mode, "rows")
+    unit = mode.example_unit
     result.update(examples=count_examples(inputs.eval_batches, per_segment=unit == "conversations"),
                   example_unit=unit)
     if hasattr(inputs.extra_eval, "coverage"):  # decoded metrics (task_eval): items scored of items there were

@@ -163,7 +163,7 @@ def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     return Inputs(tok, data_iter, eval_data)
 
 
-def _train_val_records(config, section, fmt: str):
+def train_val_records(config, section, fmt: str):
     """(train records, stats, validation records, stats) of a task mode: `section.val_path` is the
     validation file; without one, a content-hash share data.val_fraction of data.path is held out."""
     train, stats = formats.read_split(config.data.path, fmt, strict=section.strict)
@@ -187,7 +187,7 @@ def _hash_held_out(items: list, key, config) -> tuple[list, list]:
 
 def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     c = config.classify
-    train_recs, stats, val_recs, val_stats = _train_val_records(config, c, "classification")
+    train_recs, stats, val_recs, val_stats = train_val_records(config, c, "classification")
     labels_path = os.path.join(workdir, "labels.json")
     labels = classify_data.build_labels(train_recs)
     if os.path.exists(labels_path):
@@ -250,7 +250,7 @@ def _chat_template(workdir: str) -> None:
 
 def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     f = config.sft
-    train_recs, stats, val_recs, val_stats = _train_val_records(config, f, "chat")
+    train_recs, stats, val_recs, val_stats = train_val_records(config, f, "chat")
     tok = run_tokenizer(config, workdir, [formats.record_text(r, "chat") for _, r in train_recs])
     _chat_template(workdir)
     seq_len = config.data.seq_len

@@ -2,8 +2,9 @@
 
 A `Mode` names its input builder (inputs.py), its model (model/build.py), its loss and eval
 summary (objectives.py), how other data replaces its validation split (scripts/evaluate.py
---data), the eval scalars the console shows, the parameter subtrees it freezes, and the config
-fields a resume must match beyond the common ones (checkpoint.MUST_MATCH). Adding a mode is one
+--data), the eval scalars the console shows, the parameter subtrees it freezes, the config
+fields a resume must match beyond the common ones (checkpoint.MUST_MATCH), and its per-item
+predictions for error analysis (predictions.py). Adding a mode is one
 record here, a config file, and its objective (and head, if it needs one). `MODES` is the only
 table keyed by mode name.
 """
@@ -17,6 +18,7 @@ from typing import Callable
 import checkpoint
 import inputs as inputs_lib
 import objectives
+import predictions
 from data import sources
 from inputs import Inputs
 from model import build
@@ -35,6 +37,9 @@ class Mode:
     frozen: Callable[..., tuple[str, ...]] = lambda config: ()  # top-level param subtrees the optimizer never updates
     lora: bool = False  # lora.rank > 0 allowed (adapters on the language model)
     paths: tuple[str, ...] = ("data.path",)  # config fields naming input files/directories that must exist
+    text_corpus: bool = False  # data.path is text (files or a prepared dataset) split by data.split, not records
+    example_unit: str = "windows"  # what an eval example is (scripts/evaluate.py reports their count)
+    predictions: Callable | None = None  # per-item predictions for error analysis (predictions.py); None: none
 
     def all_must_match(self) -> tuple[str, ...]:
         return checkpoint.MUST_MATCH + self.must_match
@@ -55,14 +60,15 @@ MODES = {
     "causal": Mode(
         inputs=inputs_lib.causal_inputs, model=_causal_model, objective=objectives.causal_lm,
         summary=objectives.causal_summary, other_eval_data=inputs_lib.whole_text(inputs_lib.causal_eval_batches),
-        headline=("eval/accuracy",), lora=True),
+        headline=("eval/accuracy",), lora=True, text_corpus=True),
     "mlm": Mode(
         inputs=inputs_lib.mlm_inputs, model=lambda config, inputs: build.masked_lm(config, inputs.tokenizer.vocab_size),
         objective=objectives.masked_lm, summary=objectives.mlm_summary,
         other_eval_data=inputs_lib.whole_text(inputs_lib.mlm_eval_batches),
         headline=("eval/mlm_accuracy", "eval/nsp_accuracy"), must_match=("mlm.",),
         added_defaults={"mlm.nsp": True, "mlm.mask_prob": 0.15, "mlm.mask_token_frac": 0.8,
-                        "mlm.random_token_frac": 0.1}),
+                        "mlm.random_token_frac": 0.1},
+        text_corpus=True),
     "classify": Mode(
         inputs=inputs_lib.classify_inputs,
         model=lambda config, inputs: build.classifier(config, inputs.tokenizer.vocab_size, inputs.num_classes),
@@ -70,13 +76,14 @@ MODES = {
         other_eval_data=inputs_lib.as_val_path("classify", inputs_lib.classify_inputs),
         headline=("eval/accuracy", "eval/macro_f1"), must_match=("classify.val_path", "classify.freeze_backbone"),
         added_defaults={"classify.val_path": "", "classify.strict": True, "classify.freeze_backbone": False},
-        frozen=_classify_frozen, paths=("data.path", "classify.val_path")),
+        frozen=_classify_frozen, paths=("data.path", "classify.val_path"), example_unit="records",
+        predictions=predictions.classify),
     "qa": Mode(
         inputs=inputs_lib.qa_inputs, model=lambda config, inputs: build.span_qa(config, inputs.tokenizer.vocab_size),
         objective=objectives.qa, summary=objectives.qa_summary,
         other_eval_data=inputs_lib.as_val_path("qa", inputs_lib.qa_inputs),  # span loss, exact match and F1
         headline=("eval/exact_match", "eval/f1"), must_match=("qa.val_path",),
-        paths=("data.path", "qa.val_path")),
+        paths=("data.path", "qa.val_path"), predictions=predictions.qa),
     "sft": Mode(
         inputs=inputs_lib.sft_inputs, model=_causal_model,
         objective=objectives.causal_lm,  # packed chat rows: weights = the assistant-token loss mask
@@ -86,7 +93,7 @@ MODES = {
         must_match=("sft.val_path", "sft.train_on", "sft.too_long", "sft.pack", "sft.fit"),
         added_defaults={"sft.val_path": "", "sft.train_on": "assistant", "sft.too_long": "truncate",
                         "sft.pack": True, "sft.fit": "first"},
-        lora=True, paths=("data.path", "sft.val_path")),
+        lora=True, paths=("data.path", "sft.val_path"), example_unit="conversations", predictions=predictions.sft),
 }
 
 

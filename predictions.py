@@ -1,6 +1,6 @@
 """Per-item predictions of a restored run for error analysis (scripts/evaluate.py --out_predictions):
 one dict per evaluated item with its input, the model's prediction, the reference and whether it
-was right. evaluation.PREDICTIONS maps each mode that has items to its function here.
+was right. Each mode record (modes.py) that has items names its function here.
 
 Every function is (config, inputs, model, params, *, workdir, data) -> list[dict], called under the
 mesh after `inputs` (the eval set scripts/evaluate.py scores) is built; `data` is the --data path
@@ -29,7 +29,7 @@ def classify(config, inputs, model, params, *, workdir: str, data: str) -> list[
     if data:
         val_recs, _ = formats.read_split(data, "classification", strict=config.classify.strict)
     else:
-        _, _, val_recs, _ = inputs_lib._train_val_records(config, config.classify, "classification")
+        _, _, val_recs, _ = inputs_lib.train_val_records(config, config.classify, "classification")
     labels = classify_data.load_labels(os.path.join(workdir, "labels.json"))
     index = classify_data.label_index(labels)
     records = [(w, r) for w, r in val_recs if classify_data.label_key(r["label"]) in index]

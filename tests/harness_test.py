@@ -161,6 +161,7 @@ def test_every_mode_record_names_real_config_fields():
             assert field in fields, (name, field)
         for key in mode.headline:
             assert key.startswith("eval/"), (name, key)
+        assert mode.example_unit in ("windows", "records", "conversations"), name
     with pytest.raises(ValueError, match=r"mode='dpo': expected one of \['causal', 'classify', 'mlm', 'qa', 'sft'\]"):
         modes.get(ml_collections.ConfigDict({"mode": "dpo"}))
 
