@@ -125,8 +125,13 @@ def _field(config, name: str):
 
 def check_paths(config) -> None:
     """Every input file/directory the mode reads exists; else an error naming the config field (before any
-    file is written). data.path '' is the embedded corpus; other empty fields mean 'not given'."""
-    for name in get(config).paths + (("init_from",) if config.init_from else ()):
+    file is written). data.path '' is the embedded corpus of the text modes (an error for the others);
+    other empty fields mean 'not given'."""
+    mode = get(config)
+    if not mode.text_corpus and not config.data.path:
+        raise sources.DataError(f"data.path is empty: mode={config.mode!r} reads task records from a JSONL file "
+                                f"(set --config.data.path=FILE)")
+    for name in mode.paths + (("init_from",) if config.init_from else ()):
         value = _field(config, name)
         if value and not os.path.exists(os.path.expanduser(value)):
             raise sources.DataError(f"{name}={value!r} does not exist (set --config.{name}=PATH)")

@@ -10,6 +10,8 @@ this file is the supervised loop.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 
 _PROCESS_T0 = time.time()  # before jax is imported: 'perf/since_start_s' includes start-up
@@ -18,8 +20,10 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import checkpoint  # noqa: E402
 import harness  # noqa: E402
 import hostenv  # noqa: E402
+import resilience  # noqa: E402
 import sharding  # noqa: E402
 import steps  # noqa: E402
 
@@ -91,7 +95,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_logs()
     hostenv.tune_malloc()
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, resilience.WorkdirError, resilience.NonFiniteLossError,
+            checkpoint.CheckpointWriteError) as e:
+        if os.environ.get("LMSTACK_TRACEBACK"):
+            raise
+        # bad config values, inputs, workdirs, non-finite halts: the message names what to change
+        print(f"train.py: error: {e}\n(LMSTACK_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

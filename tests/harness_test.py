@@ -188,3 +188,20 @@ def test_warm_start_names_the_heads_it_leaves_behind(corpus_dir, tmp_path, caplo
                                              data__val_fraction=0.3), str(tmp_path / "cls"))
     left = caplog.text.split("unused: ")[1].splitlines()[0]
     assert "mlm_head" in left and "nsp_head" in left and "params)" in left
+
+
+def test_cli_config_error_is_one_message_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    train_path = tmp_path / "train.jsonl"
+    train_path.write_text(json.dumps({"prompt": "1+1", "response": "2"}) + "\n")
+    work = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--config=configs/sft.py:tiny", f"--workdir={work}",
+           f"--config.data.path={train_path}"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "train.py: error: sft.val_path='datasets/tasks/val.jsonl' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr and not os.path.exists(work)
+    empty = subprocess.run(cmd[:4] + ["--config.data.path="], cwd=root, capture_output=True, text=True)
+    assert empty.returncode == 1 and "data.path is empty: mode='sft'" in empty.stderr
