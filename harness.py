@@ -150,12 +150,11 @@ def _checked_config(config) -> tuple[modes.Mode, int, int]:
     if config.data.batch_size % k:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                          f"optim.grad_accum_steps={k}")
-    modes.frozen_params(config)  # lora.rank in a mode without adapters
     modes.check_paths(config)  # missing input files name their config field
     return mode, k, config.data.batch_size // k
 
 
-def _saved_config(workdir: str, config_dict: dict, mode: modes.Mode) -> int | None:
+def _resume_step(workdir: str, config_dict: dict, mode: modes.Mode) -> int | None:
     """The latest complete checkpoint's step (None: a new run), after refusing an incompatible config.
     Read-only: nothing in the workdir is created or cleaned here."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -181,7 +180,7 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     mode, k, micro_batch = _checked_config(config)
     total_steps = int(config.train.steps)
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
-    frozen = modes.frozen_params(config)
+    frozen = modes.frozen_params(config)  # refuses lora.rank in a mode without adapters
     if frozen:
         tx = optim.freeze(tx, frozen)
     cache_dir = os.path.expanduser(config.train.compile_cache_dir)
@@ -195,7 +194,7 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     rules = sharding.logical_rules(config.sharding)
     sharding.check_batch_size(micro_batch, mesh, "data.batch_size / optim.grad_accum_steps")
     config_dict = json.loads(config.to_json())
-    latest = _saved_config(workdir, config_dict, mode)
+    latest = _resume_step(workdir, config_dict, mode)
 
     # ---- Inputs, model, sharded state: warm start (new runs) or resume ---------------------------
     inputs = mode.inputs(config, workdir, micro_batch)
@@ -213,7 +212,6 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
     nonfinite = resilience.NonFinitePolicy(config.train.on_nonfinite, config.train.max_nonfinite, start,
                                            seen=int(jax.device_get(state.dropped)))
-    run = None
     try:
         with resilience.PreemptionGuard() as guard:
             run = Run(config=config, workdir=workdir, mode=mode, mesh=mesh, rules=rules,
