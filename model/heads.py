@@ -8,7 +8,7 @@ a masked-LM run's `params["backbone"]` (or from a causal run, whose whole tree i
 - NSP / classification heads: a small Dense (tanh pooler, then logits) on one pooled hidden state.
   NSP pools `<cls>` (BERT) or, with `nsp_pool='boundary'`, the `<sep>` that closes segment A: with
   segments cut at arbitrary points the pair signal is local to the cut (does B's start continue A's
-  end?), and at the CPU size `<cls>` does not learn to find it (README, Encoder pretraining: NSP).
+  end?), and at the CPU size `<cls>` does not learn to find it (README: Why NSP stays at chance).
 - Span-QA head: one Dense(2) on every hidden state -> start and end logits (padding masked).
 """
 
