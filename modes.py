@@ -67,7 +67,7 @@ MODES = {
         other_eval_data=inputs_lib.whole_text(inputs_lib.mlm_eval_batches),
         headline=("eval/mlm_accuracy", "eval/nsp_accuracy"), must_match=("mlm.",),
         added_defaults={"mlm.nsp": True, "mlm.mask_prob": 0.15, "mlm.mask_token_frac": 0.8,
-                        "mlm.random_token_frac": 0.1},
+                        "mlm.random_token_frac": 0.1, "mlm.nsp_pool": "first"},
         text_corpus=True),
     "classify": Mode(
         inputs=inputs_lib.classify_inputs,

@@ -68,6 +68,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.mlm = k = ml_collections.ConfigDict()  # mode='mlm' only (data/mlm.py)
     k.nsp = True  # next-sentence prediction pairs <cls> A <sep> B <sep> + NSP head (needs model.type_vocab_size=2)
+    k.nsp_pool = "first"  # the state the NSP head reads: 'first' (<cls>, BERT) | 'boundary' (the <sep> closing A)
     k.mask_prob = 0.15  # share of non-special tokens chosen for prediction
     k.mask_token_frac = 0.8  # of the chosen: replaced by <mask>
     k.random_token_frac = 0.1  # of the chosen: replaced by a random token (the rest stay unchanged)

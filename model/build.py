@@ -3,7 +3,7 @@ the mode's options) into a Flax module. Scripts that only generate, convert or e
 never the train-step module.
 
 `config` is the run's ConfigDict (or any object with the same fields); only `config.model`,
-`config.mlm.nsp` and `config.lora` are read here.
+`config.mlm.nsp`, `config.mlm.nsp_pool` and `config.lora` are read here.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def masked_lm(config, num_tokens: int) -> heads.MaskedLM:
     if config.mlm.nsp and config.model.type_vocab_size < 2:
         raise ValueError(f"mlm.nsp=True needs model.type_vocab_size >= 2 (sentence A/B), "
                          f"got {config.model.type_vocab_size}")
-    return heads.MaskedLM(model_config(config, num_tokens), nsp=bool(config.mlm.nsp))
+    return heads.MaskedLM(model_config(config, num_tokens), nsp=bool(config.mlm.nsp), nsp_pool=config.mlm.nsp_pool)
 
 
 def classifier(config, num_tokens: int, num_classes: int) -> heads.Classifier:

@@ -239,3 +239,12 @@ def test_checkpoints_from_before_the_new_fields_still_resume():
     assert checkpoint.config_differences(saved, current)[0] == []
     current["model"]["type_vocab_size"] = 2
     assert checkpoint.config_differences(saved, current)[0] == ["model.type_vocab_size: 0 -> 2"]
+
+
+def test_nsp_pool_is_a_config_field():
+    from configs import pretrain_mlm
+    from model import build
+    c = pretrain_mlm.get_config("tiny")
+    assert build.masked_lm(c, 267).nsp_pool == "first"  # BERT's <cls>, the default
+    c.mlm.nsp_pool = "boundary"
+    assert build.masked_lm(c, 267).nsp_pool == "boundary"
