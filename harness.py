@@ -144,9 +144,7 @@ class Run:
 def _checked_config(config) -> tuple[modes.Mode, int, int]:
     """(mode, micro-batches per update, micro-batch) after every check that needs no file or device."""
     mode = modes.get(config)
-    k = int(config.optim.grad_accum_steps)
-    if k < 1:
-        raise ValueError(f"optim.grad_accum_steps={k} must be >= 1")
+    k = int(config.optim.grad_accum_steps)  # >= 1: optim.make_optimizer checked it
     if config.data.batch_size % k:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                          f"optim.grad_accum_steps={k}")
@@ -177,9 +175,9 @@ def _resume_step(workdir: str, config_dict: dict, mode: modes.Mode) -> int | Non
 @contextlib.contextmanager
 def open_run(config, workdir: str, process_t0: float | None = None):
     """Set up a run (resumed from `workdir` when it holds a checkpoint) and yield its `Run`."""
-    mode, k, micro_batch = _checked_config(config)
     total_steps = int(config.train.steps)
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    mode, k, micro_batch = _checked_config(config)
     frozen = modes.frozen_params(config)  # refuses lora.rank in a mode without adapters
     if frozen:
         tx = optim.freeze(tx, frozen)

@@ -64,11 +64,11 @@ def run_tokenizer(config, workdir: str, texts: list[str] | None = None,
     run: the prepared dataset's (`data_tok`), or one built from the training `texts` by data.tokenizer."""
     tok_path = os.path.join(workdir, "tokenizer.json")
     if os.path.exists(tok_path):
+        if data_tok is not None:  # refused unless it is the prepared dataset's tokenizer the run trained with
+            prepared.use_tokenizer_in_workdir(data_tok, workdir, write=False)
+            return data_tok
         tok = tokenizer_lib.load_tokenizer(tok_path)
-        if data_tok is not None and data_tok.to_json() != tok.to_json():
-            raise sources.DataError(f"workdir {workdir!r} was trained with a different tokenizer "
-                                    f"({_describe(tok)}) than this prepared dataset's ({_describe(data_tok)})")
-        if data_tok is None and tok.kind != config.data.tokenizer:
+        if tok.kind != config.data.tokenizer:
             raise checkpoint.IncompatibleCheckpointError(
                 f"workdir {workdir!r} has a {tok.kind!r} tokenizer but data.tokenizer={config.data.tokenizer!r}")
         return tok

@@ -10,7 +10,6 @@ import os
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_config
 
@@ -18,12 +17,12 @@ import checkpoint
 import inputs
 import modes
 import optim
-import sharding
 import train
 from configs import common, finetune_classify, pretrain_mlm, sft
 from data import sources
 from data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, save_tokenizer
 from metrics import Progress, read_jsonl
+from resilience_test import _Poison, _state
 
 
 def _corpus(path, alphabet: str, seed: int) -> str:
@@ -74,25 +73,6 @@ def test_prepared_dataset_with_another_tokenizer_than_the_source_is_refused(tmp_
         inputs.run_tokenizer(config, str(tmp_path / "w2"), texts=["x"])
 
 
-class _PoisonOnce:
-    """Replaces put_batch: the n-th training batch gets NaN weights (its update is dropped)."""
-
-    def __init__(self, n):
-        self.n, self.calls, self.real = n, 0, sharding.put_batch
-
-    def __call__(self, batch, sh):
-        if "weights" in batch:
-            self.calls += 1
-            if self.calls == self.n:
-                batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
-        return self.real(batch, sh)
-
-
-def _state(workdir, step):
-    mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-
-
 def _find(tree, name):
     """Every value under a dict key `name` in a restored (nested dict / list) optimizer state."""
     found = []
@@ -104,7 +84,7 @@ def _find(tree, name):
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_a_dropped_update_is_not_a_step(corpus_dir, tmp_path, monkeypatch, accum):
-    monkeypatch.setattr(train.sharding, "put_batch", _PoisonOnce(3))
+    monkeypatch.setattr(train.sharding, "put_batch", _Poison(3))
     config = tiny_config(corpus_dir, train__steps=6, train__log_every=1, train__eval_every=100,
                          data__batch_size=8 * accum, optim__grad_accum_steps=accum, optim__schedule="linear",
                          optim__warmup_steps=4)
@@ -124,7 +104,7 @@ def test_a_dropped_update_is_not_a_step(corpus_dir, tmp_path, monkeypatch, accum
 
 
 def test_rollback_before_any_checkpoint_says_what_it_does(corpus_dir, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(train.sharding, "put_batch", _PoisonOnce(2))
+    monkeypatch.setattr(train.sharding, "put_batch", _Poison(2))
     with caplog.at_level(logging.WARNING, logger="lmstack"):
         out = train.train_and_evaluate(
             tiny_config(corpus_dir, train__steps=6, train__log_every=1, train__eval_every=100,
