@@ -18,7 +18,7 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array  # applied train steps (micro-batches when accumulating); dropped ones not counted
     params: Any
     opt_state: Any
-    rng: jax.Array  # raw uint32 key data; the step's dropout key is fold_in(rng, step)
+    rng: jax.Array  # raw uint32 key data; a call's dropout key is fold_in(rng, step + dropped)
     lr_scale: jax.Array  # multiplies every update (lowered by a non-finite rollback)
     dropped: jax.Array  # updates dropped because the loss or gradients were not finite
     last_dropped: jax.Array  # step of the most recent dropped update (-1: none)
