@@ -166,6 +166,14 @@ def platform_attention(q_BxLxHxK, k_BxLxVxK, v_BxLxVxK, mask_Bx1xLxL, dtype):
     return out_BxLxHxK.astype(jnp.float32)
 
 
+def cache_dtype(dtype):
+    """The KV cache's storage dtype: the matmul dtype (bf16 by default), except on CPU, where XLA
+    converted a bf16 cache to float32 around every scatter and dot (the whole cache, every token:
+    7x slower decoding). There it is float32 holding values rounded to `dtype`, so every product
+    sees the numbers a bf16 cache would give."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.dtype(dtype)
+
+
 class Attention(nn.Module):
     n_heads: int
     n_kv_heads: int
@@ -178,6 +186,7 @@ class Attention(nn.Module):
     out_init_std: float = 0.02
     use_bias: bool = False
     dropout: float = 0.0
+    decode: bool = False  # read and extend the 'cache' collection (model/decode.py); training never sets it
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic: bool = True):
@@ -200,6 +209,11 @@ class Attention(nn.Module):
             q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, self.rope_theta)
             k_BxLxVxK = rope(k_BxLxVxK, positions_BxL, self.rope_theta)
 
+        if self.decode:
+            out_BxLxHK = self._cached_attention(q_BxLxHxK * (k ** -0.5), k_BxLxVxK, v_BxLxVxK, positions_BxL)
+            return Dense(d, (axes.HEADS, axes.EMBED), dtype=self.dtype, use_bias=self.use_bias,
+                         kernel_init=nn.initializers.normal(self.out_init_std), name="out")(out_BxLxHK)
+
         # Heads-major layout; key/value heads repeated for their query-head groups (GQA).
         q_BxHxLxK = jnp.swapaxes(q_BxLxHxK * (k ** -0.5), 1, 2)
         k_BxHxLxK = jnp.repeat(jnp.swapaxes(k_BxLxVxK, 1, 2), g, axis=1)
@@ -220,3 +234,39 @@ class Attention(nn.Module):
         out_BxLxHK = nn.with_logical_constraint(out_BxLxHK, (axes.BATCH, axes.LENGTH, axes.HEADS))
         return Dense(d, (axes.HEADS, axes.EMBED), dtype=self.dtype, use_bias=self.use_bias,
                      kernel_init=nn.initializers.normal(self.out_init_std), name="out")(out_BxLxHK)
+
+    def _cached_attention(self, q_BxTxHxK, k_BxTxVxK, v_BxTxVxK, positions_BxT):
+        """Decoding: write this chunk's keys/values at their positions (slot = position), then attend
+        from each query to every cached slot at or before its position. The cache ('cache' collection:
+        cached_key/cached_value [B, V, S, K], heads-major so both products read it as it lies) is made
+        by model/decode.init_cache; at init it takes the input's length. Same math as the training
+        path (q pre-scaled, operands in `dtype`, float32 scores and softmax): a cached key cast to
+        `dtype` is the value the full forward casts too."""
+        b, t, h, k = q_BxTxHxK.shape
+        kv = k_BxTxVxK.shape[2]
+        dtype = jnp.dtype(self.dtype)
+        key = self.variable("cache", "cached_key", jnp.zeros, (b, kv, t, k), cache_dtype(dtype))
+        value = self.variable("cache", "cached_value", jnp.zeros, (b, kv, t, k), cache_dtype(dtype))
+        names = (axes.BATCH, axes.KV_HEADS, axes.LENGTH, axes.HEAD_DIM)
+
+        def write(cache_BxVxSxK, new_BxTxVxK):
+            put = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0)))
+            new_BxVxTxK = jnp.swapaxes(new_BxTxVxK, 1, 2).astype(dtype).astype(cache_BxVxSxK.dtype)
+            return nn.with_logical_constraint(put(cache_BxVxSxK, new_BxVxTxK, positions_BxT[:, 0]), names)
+
+        key.value = write(key.value, k_BxTxVxK)
+        value.value = write(value.value, v_BxTxVxK)
+        slots = key.value.shape[2]
+        g = h // kv
+        # [B, V, G*T, K]: each key/value head's query group and positions, one batched product per head.
+        q_BxVxGTxK = jnp.swapaxes(q_BxTxHxK.reshape(b, t, kv, g, k), 1, 2).transpose(0, 1, 3, 2, 4).reshape(
+            b, kv, g * t, k)
+        # Operands rounded to `dtype`, multiplied in the cache's dtype (no per-token cast of the cache).
+        stored = key.value.dtype
+        scores_BxVxGTxS = _bmm(q_BxVxGTxK.astype(dtype).astype(stored), key.value, stored, rhs_transposed=True)
+        visible_BxTxS = jnp.arange(slots)[None, None, :] <= positions_BxT[:, :, None]
+        visible_Bx1xGTxS = jnp.tile(visible_BxTxS, (1, g, 1))[:, None]
+        probs_BxVxGTxS = jax.nn.softmax(jnp.where(visible_Bx1xGTxS, scores_BxVxGTxS, NEG_INF), axis=-1)
+        out_BxVxGTxK = _bmm(probs_BxVxGTxS.astype(dtype).astype(stored), value.value, stored)
+        out_BxTxHK = out_BxVxGTxK.reshape(b, kv, g, t, k).transpose(0, 3, 1, 2, 4).reshape(b, t, h * k)
+        return nn.with_logical_constraint(out_BxTxHK, (axes.BATCH, axes.LENGTH, axes.HEADS))

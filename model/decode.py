@@ -1,64 +1,403 @@
-"""Batched greedy decoding in one compiled loop (full-window forward per token; no KV cache yet).
+"""THE decoder: a KV cache, prefill, one compiled decode loop, sampling and per-token log-probs.
 
-    generate = make_greedy(model, width=256, max_new_tokens=32, stop_id=end_id)
-    out_BxT = generate(params, prompts_BxW, lengths_B)   # T = max_new_tokens; after a stop: stop_id
+    dec = Decoder(model, batch=4, cache_len=256)       # a Transformer, or a LoraModel (adapters unmerged)
+    outs = dec.generate(params, [ids_a, ids_b], max_new_tokens=64, sampling=Sampling(temperature=0.8),
+                        seeds=[0, 1], stop_ids=[end_id], stop_strings=["\\n\\n"], detokenize=tok.decode)
+    outs[0].tokens, outs[0].logprobs, outs[0].finish_reason, outs[0].text
 
-Prompts sit left-aligned in a [B, width] buffer (anything after a row's length is ignored: the
-model is causal, so position i only sees positions <= i). Each step runs the model over the
-buffer, takes the argmax at every row's last position and appends it. A row stops after emitting
-`stop_id` or when its buffer is full; its remaining outputs are `stop_id`.
+Every caller that generates goes through this file: scripts/generate.py, the SFT exact-match eval,
+the server's decode slots (scripts/serve.py via serving.py), the export, RL rollouts.
+
+The pieces, each a pure function the Decoder compiles once:
+- `prepare`: the params decoding runs on: a LoRA run's adapters applied exactly as its training
+  forward applies them, and dense kernels cast to the matmul dtype once (not at every token).
+- `prefill`: new prompts (right-padded [N, T], any lengths) run through the model in decode mode
+  (`Transformer(decode=True)`: the same params plus a 'cache' collection, slot = position, so the
+  padding after a prompt is never attended and is overwritten as the row grows); their cache rows
+  are written into decode slots of the batch state, and each row's first token is chosen from the
+  logits at its last real token.
+- `decode_steps`: a `lax.while_loop` of one-token steps over every slot, ending when every row is
+  done or after `n` steps; it returns each step's tokens, their log-probs (float32 log-softmax of the
+  raw logits: what a training forward pass gives) and, with `n_top`, the most likely alternatives.
+A row finishes with 'stop' (a stop id, or a stop string found by the host) or 'length'
+(max_new_tokens, or no cache slot left). Random draws use key(seed) folded with the token's index
+in its completion, so a request's text depends on its seed only, never on its batch or slot.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import functools
+from typing import Callable, Sequence
 
+import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import lora as lora_lib
+from model import sampling
+from model.sampling import Sampling
+from model.transformer import Transformer
 
-def make_greedy(model, *, width: int, max_new_tokens: int, stop_id: int) -> Callable:
-    """jit((params, prompts_BxW int32, lengths_B int32) -> generated ids [B, max_new_tokens])."""
-
-    def run(params, buf_BxW, lengths_B):
-        b = buf_BxW.shape[0]
-        pos_BxW = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
-        seg_BxW = jnp.ones((b, width), jnp.int32)
-        rows_B = jnp.arange(b)
-
-        def step(t, carry):
-            buf_BxW, len_B, done_B, out_BxT = carry
-            logits_BxWxV = model.apply({"params": params}, buf_BxW, pos_BxW, seg_BxW)
-            next_B = jnp.argmax(logits_BxWxV[rows_B, len_B - 1], axis=-1).astype(jnp.int32)
-            done_B = done_B | (len_B >= width)
-            next_B = jnp.where(done_B, stop_id, next_B)
-            out_BxT = out_BxT.at[:, t].set(next_B)
-            write_B = jnp.minimum(len_B, width - 1)
-            buf_BxW = buf_BxW.at[rows_B, write_B].set(jnp.where(done_B, buf_BxW[rows_B, write_B], next_B))
-            len_B = jnp.where(done_B, len_B, len_B + 1)
-            return buf_BxW, len_B, done_B | (next_B == stop_id), out_BxT
-
-        out_BxT = jnp.full((b, max_new_tokens), stop_id, jnp.int32)
-        init = (buf_BxW, lengths_B, jnp.zeros((b,), bool), out_BxT)
-        return jax.lax.fori_loop(0, max_new_tokens, step, init)[3]
-
-    return jax.jit(run)
+FINISH = {1: "stop", 2: "length"}
+MAX_STOP_IDS = 8
 
 
-def left_align(prompts: list[np.ndarray], width: int, rows: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts -> ([rows, width] buffer, lengths). A prompt longer than `width - 1` keeps its last
-    width - 1 tokens (room for one new token); missing rows are one pad token long."""
-    buf = np.full((rows, width), pad_id, np.int32)
-    lengths = np.ones((rows,), np.int32)
-    for i, p in enumerate(prompts):
-        p = np.asarray(p, np.int32)[-(width - 1):]
-        buf[i, :len(p)] = p
-        lengths[i] = max(len(p), 1)
-    return buf, lengths
+@flax.struct.dataclass
+class State:
+    """Everything a decode slot holds between steps ([B] per field unless named otherwise)."""
+    cache: dict  # per layer: cached_key/cached_value [B, V, S, K] (with scan_layers: [n_layers, B, V, S, K])
+    token_B: jax.Array  # the next input token (the last one chosen)
+    position_B: jax.Array  # its cache slot
+    generated_B: jax.Array  # tokens chosen so far
+    max_new_B: jax.Array
+    done_B: jax.Array
+    finish_B: jax.Array  # 0 running / free, 1 stop, 2 length
+    seed_B: jax.Array
+    stop_BxS: jax.Array  # stop ids, -1 = none
+    counts_BxV: jax.Array  # output token counts (presence / frequency penalties)
+    prompt_BxV: jax.Array  # tokens in the prompt (repetition penalty)
+    rows: sampling.Rows
 
 
-def until_stop(ids, stop_id: int) -> list[int]:
-    """Generated ids up to (not including) the first stop id."""
-    ids = [int(i) for i in ids]
-    return ids[:ids.index(stop_id)] if stop_id in ids else ids
+@dataclasses.dataclass
+class Completion:
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str  # 'stop' | 'length'
+    prompt_tokens: int
+    text: str | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+def unwrap(model) -> tuple[nn.Module, Callable]:
+    """(the plain Transformer, params -> its params): a LoraModel's adapters applied as in training."""
+    if isinstance(model, lora_lib.LoraModel):
+        return model.inner, model.effective_params
+    if not isinstance(model, Transformer):
+        raise TypeError(f"the decoder needs a causal Transformer (or a LoRA-wrapped one), got {type(model).__name__}")
+    return model, lambda params: params
+
+
+def prepare(model, params):
+    """Params for decoding: adapters applied, dense kernels in the matmul dtype (cast once)."""
+    inner, effective = unwrap(model)
+    dtype = inner.cfg.compute_dtype
+
+    def cast(path, x):
+        return x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x
+    return jax.tree_util.tree_map_with_path(cast, effective(params))
+
+
+def init_cache(dec_model: Transformer, batch: int, cache_len: int) -> dict:
+    shapes = jax.eval_shape(lambda: dec_model.init(jax.random.key(0), jnp.zeros((batch, cache_len), jnp.int32),
+                                                   method="encode"))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def empty_state(dec_model: Transformer, batch: int, cache_len: int) -> State:
+    """A batch of free slots (all done)."""
+    zeros = jnp.zeros((batch,), jnp.int32)
+    v = dec_model.cfg.vocab_size
+    return State(cache=init_cache(dec_model, batch, cache_len), token_B=zeros, position_B=zeros, generated_B=zeros,
+                 max_new_B=zeros, done_B=jnp.ones((batch,), bool), finish_B=zeros, seed_B=zeros.astype(jnp.uint32),
+                 stop_BxS=jnp.full((batch, MAX_STOP_IDS), -1, jnp.int32),
+                 counts_BxV=jnp.zeros((batch, v), jnp.int32), prompt_BxV=jnp.zeros((batch, v), bool),
+                 rows=jax.tree.map(jnp.asarray, sampling.stack([], batch)))
+
+
+def _forward(dec_model, params, cache, tokens_BxT, positions_BxT, last_B):
+    """Logits [B, V] at position last_B of each row, and the cache with this chunk written in."""
+    h_BxTxD, mutated = dec_model.apply({"params": params, "cache": cache}, tokens_BxT, positions_BxT,
+                                       method="encode", mutable=["cache"])
+    h_Bx1xD = h_BxTxD[jnp.arange(h_BxTxD.shape[0]), last_B][:, None]
+    return dec_model.apply({"params": params}, h_Bx1xD, method="logits")[:, 0], mutated["cache"]
+
+
+def _pick(logits_BxV, rows, seed_B, index_B, counts_BxV, prompt_BxV, n_top: int):
+    keys = lambda: jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed_B, index_B)  # noqa: E731
+    token_B = sampling.choose(logits_BxV, rows, keys, counts_BxV, prompt_BxV)
+    logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    logp_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+    top = jax.lax.top_k(logp_BxV, n_top) if n_top else None  # (log-probs [B, K], ids [B, K])
+    return token_B, logp_B, top
+
+
+def _finish(token_B, generated_B, position_B, max_new_B, stop_BxS, cache_len: int):
+    """0 = keep going, 1 = stop id, 2 = length (max_new_tokens reached, or no slot to feed the token)."""
+    stopped_B = jnp.any(stop_BxS == token_B[:, None], axis=-1)
+    full_B = (generated_B >= max_new_B) | (position_B >= cache_len)
+    return jnp.where(stopped_B, 1, jnp.where(full_B, 2, 0)).astype(jnp.int32)
+
+
+def _batch_axis(dec_model) -> int:
+    return 1 if dec_model.cfg.scan_layers else 0
+
+
+def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_NxT, lengths_N, slots_N, rows,
+            seed_N, max_new_N, stop_NxS):
+    """Prompts -> their cache rows and first tokens, written into slots_N of `state` (a slot index
+    >= B is a padding row: computed, then dropped). Returns (state, token_N, logp_N, top, finish_N)."""
+    n, t = tokens_NxT.shape
+    fresh = init_cache(dec_model, n, cache_len)
+    positions_NxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    logits_NxV, cache_n = _forward(dec_model, params, fresh, tokens_NxT, positions_NxT, lengths_N - 1)
+    v = logits_NxV.shape[-1]
+    real_NxT = jnp.arange(t)[None, :] < lengths_N[:, None]
+    prompt_NxV = jnp.zeros((n, v), bool).at[jnp.arange(n)[:, None], tokens_NxT].max(real_NxT)
+    counts_NxV = jnp.zeros((n, v), jnp.int32)
+    token_N, logp_N, top = _pick(logits_NxV, rows, seed_N, jnp.zeros((n,), jnp.int32), counts_NxV, prompt_NxV, n_top)
+    generated_N = jnp.ones((n,), jnp.int32)
+    finish_N = _finish(token_N, generated_N, lengths_N, max_new_N, stop_NxS, cache_len)
+    counts_NxV = counts_NxV.at[jnp.arange(n), token_N].add(1)
+
+    axis = _batch_axis(dec_model)
+    put = lambda big, new: big.at[slots_N].set(new, mode="drop")  # noqa: E731
+    put_cache = lambda big, new: (big.at[slots_N] if axis == 0 else big.at[:, slots_N]).set(new, mode="drop")  # noqa
+    state = State(
+        cache=jax.tree.map(put_cache, state.cache, cache_n), token_B=put(state.token_B, token_N),
+        position_B=put(state.position_B, lengths_N), generated_B=put(state.generated_B, generated_N),
+        max_new_B=put(state.max_new_B, max_new_N), done_B=put(state.done_B, finish_N > 0),
+        finish_B=put(state.finish_B, finish_N), seed_B=put(state.seed_B, seed_N), stop_BxS=put(state.stop_BxS, stop_NxS),
+        counts_BxV=put(state.counts_BxV, counts_NxV), prompt_BxV=put(state.prompt_BxV, prompt_NxV),
+        rows=jax.tree.map(put, state.rows, rows))
+    return state, token_N, logp_N, top, finish_N
+
+
+def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, params, state: State, n):
+    """Up to min(n, chunk) one-token steps for every running row, in one lax.while_loop that ends early
+    when every row is done. Returns (state, tokens [B, chunk] (-1 where a row produced nothing),
+    log-probs [B, chunk], top (log-probs, ids) [B, chunk, n_top] or None)."""
+    b = state.token_B.shape[0]
+    rows_B = jnp.arange(b)
+    bufs = (jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk), jnp.float32))
+    if n_top:
+        bufs += (jnp.zeros((b, chunk, n_top), jnp.float32), jnp.zeros((b, chunk, n_top), jnp.int32))
+
+    def cond(carry):
+        i, st, _ = carry
+        return (i < jnp.minimum(n, chunk)) & ~jnp.all(st.done_B)
+
+    def body(carry):
+        i, st, bufs = carry
+        running_B = ~st.done_B
+        position_B = jnp.minimum(st.position_B, cache_len - 1)
+        logits_BxV, cache = _forward(dec_model, params, st.cache, st.token_B[:, None], position_B[:, None],
+                                     jnp.zeros((b,), jnp.int32))
+        token_B, logp_B, top = _pick(logits_BxV, st.rows, st.seed_B, st.generated_B, st.counts_BxV, st.prompt_BxV,
+                                     n_top)
+        generated_B = st.generated_B + running_B
+        next_position_B = st.position_B + running_B
+        finish_B = _finish(token_B, generated_B, next_position_B, st.max_new_B, st.stop_BxS, cache_len)
+        st = st.replace(
+            cache=cache, token_B=jnp.where(running_B, token_B, st.token_B), position_B=next_position_B,
+            generated_B=generated_B, done_B=st.done_B | (running_B & (finish_B > 0)),
+            finish_B=jnp.where(running_B, finish_B, st.finish_B),
+            counts_BxV=st.counts_BxV.at[rows_B, token_B].add(running_B.astype(jnp.int32)))
+        new = (jnp.where(running_B, token_B, -1), logp_B) + (top if n_top else ())
+        bufs = tuple(buf.at[:, i].set(x) for buf, x in zip(bufs, new))
+        return i + 1, st, bufs
+
+    _, state, bufs = jax.lax.while_loop(cond, body, (jnp.int32(0), state, bufs))
+    return state, bufs[0], bufs[1], (bufs[2], bufs[3]) if n_top else None
+
+
+def _bucket(n: int, lo: int, hi: int) -> int:
+    """The next power of two >= n, at least lo, at most hi (fewer shapes to compile)."""
+    return min(max(lo, 1 << max(0, n - 1).bit_length()), hi)
+
+
+class Decoder:
+    """Compiled prefill / decode functions for one model, batch size (decode slots) and cache length.
+
+    `mesh` (+ logical `rules`): calls run under it, the batch over the data axes and heads over
+    `tensor` as the model's logical names say; params should already be placed on it.
+    """
+
+    def __init__(self, model, *, batch: int, cache_len: int, n_top: int = 0, chunk: int = 16, mesh=None, rules=()):
+        inner, _ = unwrap(model)
+        cfg = inner.cfg
+        if cfg.pos == "learned" and cache_len > cfg.max_len:
+            raise ValueError(f"cache_len={cache_len} exceeds model.max_len={cfg.max_len} (learned positions)")
+        if not cfg.causal:
+            raise ValueError("the decoder needs a causal model (model.causal=True)")
+        if batch <= 0 or cache_len <= 1:
+            raise ValueError(f"Decoder batch={batch} and cache_len={cache_len} must be >= 1 and >= 2")
+        self.model, self.batch, self.cache_len, self.n_top, self.chunk = model, batch, cache_len, n_top, chunk
+        self.dec_model = Transformer(cfg, decode=True)
+        self.vocab_size = cfg.vocab_size
+        self.mesh, self.rules = mesh, tuple(rules)
+        self._prepare = jax.jit(functools.partial(prepare, model))
+        self._prefill = jax.jit(functools.partial(prefill, self.dec_model, cache_len, n_top), donate_argnums=(1,))
+        self._steps = {}
+        self._empty = jax.jit(functools.partial(empty_state, self.dec_model, batch, cache_len))
+
+    def _context(self):
+        import contextlib
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def prepare(self, params):
+        with self._context():
+            return self._prepare(params)
+
+    def empty(self) -> State:
+        with self._context():
+            return self._empty()
+
+    def check_prompt(self, prompt, max_new_tokens: int) -> None:
+        n = len(prompt)
+        if n == 0:
+            raise ValueError("an empty prompt: give at least one token (e.g. <eos> to start from nothing)")
+        if n >= self.cache_len:
+            raise ValueError(f"prompt of {n} tokens leaves no room in a context of {self.cache_len} tokens")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+
+    def prefill(self, dparams, state: State, prompts: Sequence, slots: Sequence[int], settings: Sequence[Sampling],
+                seeds: Sequence[int], max_new: Sequence[int], stop_ids: Sequence[Sequence[int]]):
+        """Start len(prompts) requests in `slots`; returns (state, first tokens, their log-probs, top, finish),
+        host numpy arrays for the given prompts."""
+        k = len(prompts)
+        for p, m in zip(prompts, max_new):
+            self.check_prompt(p, m)
+        n = _bucket(k, 1, self.batch)
+        t = _bucket(max(len(p) for p in prompts), 8, self.cache_len)
+        tokens = np.zeros((n, t), np.int32)
+        lengths = np.ones((n,), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+            lengths[i] = len(p)
+        stops = np.full((n, MAX_STOP_IDS), -1, np.int32)
+        for i, ids in enumerate(stop_ids):
+            ids = list(dict.fromkeys(int(x) for x in ids))
+            if len(ids) > MAX_STOP_IDS:
+                raise ValueError(f"{len(ids)} stop token ids; at most {MAX_STOP_IDS}")
+            stops[i, :len(ids)] = ids
+        pad = lambda xs, fill, dtype: np.array(list(xs) + [fill] * (n - k), dtype)  # noqa: E731
+        with self._context():
+            state, token, logp, top, finish = self._prefill(
+                dparams, state, tokens, lengths, pad(slots, self.batch, np.int32),
+                jax.tree.map(jnp.asarray, sampling.stack(list(settings), n)), pad(seeds, 0, np.uint32),
+                pad(max_new, 1, np.int32), stops)
+        out = jax.device_get((token, logp, top, finish))
+        return (state,) + tuple(None if x is None else jax.tree.map(lambda a: a[:k], x) for x in out)
+
+    def steps(self, dparams, state: State, n: int, chunk: int | None = None):
+        """Up to n decode steps (at most `chunk`); returns (state, tokens [B, chunk], logprobs, top), on host."""
+        chunk = chunk or self.chunk
+        if chunk not in self._steps:
+            self._steps[chunk] = jax.jit(functools.partial(decode_steps, self.dec_model, self.cache_len, self.n_top,
+                                                           chunk), donate_argnums=(1,))
+        with self._context():
+            state, tokens, logp, top = self._steps[chunk](dparams, state, jnp.int32(n))
+        return (state,) + tuple(jax.device_get((tokens, logp, top)))
+
+    def generate(self, params, prompts: Sequence, *, max_new_tokens: int, sampling: Sampling | Sequence[Sampling] = None,
+                 seeds: Sequence[int] | int = 0, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                 detokenize: Callable[[list[int]], str] | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Completion]:
+        """Complete every prompt (a list of token-id sequences), `batch` at a time. `on_tokens(i, ids)` is
+        called with each prompt's new tokens as they come (streaming). Stop strings need `detokenize`:
+        the text is cut just before the first one, the tokens end with the one that completed it."""
+        if stop_strings and detokenize is None:
+            raise ValueError("stop_strings need detokenize (ids -> text)")
+        settings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling or Sampling()] * len(prompts)
+        seeds = list(seeds) if isinstance(seeds, (list, tuple)) else [int(seeds) + i for i in range(len(prompts))]
+        if len(settings) != len(prompts) or len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(settings)} sampling settings and {len(seeds)} seeds")
+        dparams = self.prepare(params)
+        out = []
+        for lo in range(0, len(prompts), self.batch):
+            out += self._generate_group(dparams, prompts[lo:lo + self.batch], settings[lo:lo + self.batch],
+                                        seeds[lo:lo + self.batch], max_new_tokens, stop_ids, stop_strings,
+                                        detokenize, on_tokens, lo)
+        return out
+
+    def _generate_group(self, dparams, prompts, settings, seeds, max_new_tokens, stop_ids, stop_strings,
+                        detokenize, on_tokens, offset):
+        k = len(prompts)
+        state, token, logp, top, finish = self.prefill(
+            dparams, self.empty(), prompts, list(range(k)), settings, seeds, [max_new_tokens] * k, [stop_ids] * k)
+        rows = [_Row(len(p)) for p in prompts]
+        for i, r in enumerate(rows):
+            r.add(int(token[i]), float(logp[i]), _tops(top, i, None))
+            r.finish = int(finish[i])
+        streaming = on_tokens is not None or bool(stop_strings)
+        chunk = self.chunk if streaming else _bucket(max_new_tokens - 1, 8, 1 << 16)
+        done = np.array([r.finish > 0 for r in rows] + [True] * (self.batch - k))
+        self._after_chunk(rows, [1] * k, stop_strings, detokenize, on_tokens, offset)
+        while not all(r.finish for r in rows):
+            stopped = [i for i, r in enumerate(rows) if r.finish and not done[i]]
+            if stopped:  # a stop string ended these rows on the host
+                done[stopped] = True
+                state = state.replace(done_B=jnp.asarray(done))
+            state, tokens, logps, tops = self.steps(dparams, state, max_new_tokens, chunk)
+            fin = np.asarray(jax.device_get(state.finish_B))
+            new = []
+            for i, r in enumerate(rows):
+                before = len(r.tokens)
+                if not r.finish:
+                    for j in np.nonzero(tokens[i] >= 0)[0]:
+                        r.add(int(tokens[i, j]), float(logps[i, j]), _tops(tops, i, j))
+                    r.finish = int(fin[i])
+                new.append(len(r.tokens) - before)
+            done[:k] = done[:k] | (fin[:k] > 0)
+            self._after_chunk(rows, new, stop_strings, detokenize, on_tokens, offset)
+        return [r.completion(detokenize, self.n_top > 0) for r in rows]
+
+    @staticmethod
+    def _after_chunk(rows, new, stop_strings, detokenize, on_tokens, offset):
+        for i, (r, m) in enumerate(zip(rows, new)):
+            if m and stop_strings and not r.cut:
+                r.apply_stop_strings(stop_strings, detokenize, len(r.tokens) - m)
+            if on_tokens is not None and len(r.tokens) > r.sent:
+                on_tokens(offset + i, r.tokens[r.sent:])
+                r.sent = len(r.tokens)
+
+
+def _tops(top, i, j):
+    if top is None:
+        return None
+    lp, ids = top
+    lp, ids = (lp[i], ids[i]) if j is None else (lp[i, j], ids[i, j])
+    return [(int(a), float(b)) for a, b in zip(ids, lp)]
+
+
+class _Row:
+    """One completion being assembled on the host."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens, self.tokens, self.logprobs, self.top = prompt_tokens, [], [], []
+        self.finish, self.sent, self.cut = 0, 0, None
+
+    def add(self, token, logp, top):
+        self.tokens.append(token)
+        self.logprobs.append(logp)
+        self.top.append(top)
+
+    def apply_stop_strings(self, stop_strings, detokenize, first_new: int):
+        """Find the first stop string completed by a token at index >= first_new; cut there."""
+        for m in range(max(first_new, 0) + 1, len(self.tokens) + 1):
+            text = detokenize(self.tokens[:m])
+            hits = [text.find(s) for s in stop_strings if s and s in text]
+            if hits:
+                self.cut = min(hits)
+                del self.tokens[m:], self.logprobs[m:], self.top[m:]
+                self.finish = 1
+                return
+
+    def completion(self, detokenize, with_top: bool) -> Completion:
+        text = None
+        if detokenize is not None:
+            text = detokenize(self.tokens)
+            if self.cut is not None:
+                text = text[:self.cut]
+        return Completion(tokens=self.tokens, logprobs=self.logprobs, finish_reason=FINISH[self.finish],
+                          prompt_tokens=self.prompt_tokens, text=text, top_logprobs=self.top if with_top else None)

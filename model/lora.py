@@ -126,10 +126,14 @@ class LoraModel:
             lora[ROWS] = jnp.zeros((self.new_rows, self.cfg.d_model), jnp.float32)
         return {"params": {"base": base, "lora": lora}}
 
+    def effective_params(self, params):
+        """{'base', 'lora'} -> the inner module's params, exactly as `apply` computes them (the decoder
+        runs the inner module on these, so its log-probs are the training forward's)."""
+        merged = apply_lora(jax.lax.stop_gradient(params["base"]), params["lora"], alpha=self.alpha, rank=self.rank)
+        return add_rows(merged, params["lora"])
+
     def apply(self, variables, *args, **kwargs):
-        p = variables["params"]
-        params = apply_lora(jax.lax.stop_gradient(p["base"]), p["lora"], alpha=self.alpha, rank=self.rank)
-        return self.inner.apply({"params": add_rows(params, p["lora"])}, *args, **kwargs)
+        return self.inner.apply({"params": self.effective_params(variables["params"])}, *args, **kwargs)
 
 
 ROWS = "embed_rows"  # lora-tree key of the trainable delta on the embedding's last rows

@@ -89,6 +89,7 @@ class ModelConfig:
 
 class Block(nn.Module):
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic):
@@ -99,7 +100,7 @@ class Block(nn.Module):
             n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.kv_head_dim, causal=cfg.causal,
             use_rope=cfg.pos == "rope", rope_theta=cfg.rope_theta, dtype=cfg.compute_dtype,
             init_std=cfg.init_std, out_init_std=out_std, use_bias=cfg.use_bias, dropout=cfg.dropout,
-            name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
+            decode=self.decode, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
         x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic)
         h_BxLxD = make_norm(cfg.norm, cfg.norm_eps, name="mlp_norm")(x_BxLxD)
         h_BxLxD = Mlp(cfg.d_model, cfg.d_ff, kind=cfg.mlp, dtype=cfg.compute_dtype, init_std=cfg.init_std,
@@ -111,14 +112,16 @@ class Block(nn.Module):
 class _ScanBlock(nn.Module):
     """Block with the (carry, xs) -> (carry, ys) signature nn.scan wants."""
     cfg: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic):
-        return Block(self.cfg, name="block")(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic), None
+        return Block(self.cfg, self.decode, name="block")(x_BxLxD, positions_BxL, segment_ids_BxL, deterministic), None
 
 
 class Transformer(nn.Module):
     cfg: ModelConfig
+    decode: bool = False  # KV-cache decoding (model/decode.py): same params, a 'cache' collection
 
     def setup(self):
         cfg = self.cfg
@@ -132,12 +135,12 @@ class Transformer(nn.Module):
             if cfg.remat != "none":
                 block = nn.remat(block, policy=policy, static_argnums=(4,))
             self.layers = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
-                metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name="layers")
+                metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, self.decode, name="layers")
         else:
             block = Block if cfg.remat == "none" else nn.remat(Block, policy=policy, static_argnums=(4,))
-            self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
+            self.layers = [block(cfg, self.decode, name=f"layer_{i}") for i in range(cfg.n_layers)]
         if cfg.type_vocab_size > 0:
             self.type_embed = Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
                                     init_std=cfg.init_std, table_axes=(None, axes.EMBED))
