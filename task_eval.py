@@ -2,8 +2,8 @@
 `Inputs.extra_eval` callables train.py and scripts/evaluate.py call with (model, params), and
 the per-item predictions behind them (scripts/evaluate.py --out_predictions).
 
-- `exact_match_eval` (mode sft): answers every problem greedily (model/decode, stopping at
-  <|end|>), compares the decoded text with the reference (data/tasks.exact_match: surrounding
+- `exact_match_eval` (mode sft): answers every problem greedily (model/decode's KV-cache decoder,
+  stopping at <|end|>), compares the decoded text with the reference (data/tasks.exact_match: surrounding
   whitespace ignored) and reports the share correct, overall and per problem kind.
 - `span_qa_eval` (mode qa): start/end logits for every validation window, the best legal span per
   question over its windows (data/qa_eval), SQuAD exact match and F1 in percent.
@@ -25,7 +25,7 @@ import numpy as np
 from data import chat, classify as classify_data, pipeline, qa as qa_data, qa_eval, tasks
 from data.sft import Problem
 from data.tokenizer import Tokenizer
-from model import decode
+from model import decode, sampling
 
 
 def per_model(build: Callable) -> Callable:
@@ -57,16 +57,14 @@ class _LastResult:
         return out
 
 
-def answer(generate, params, problems: list[Problem], tok: Tokenizer, *, width: int, batch_size: int) -> list[str]:
-    """Greedy answers (decoded text up to <|end|>) for `problems`, `batch_size` at a time."""
+def answer(decoder: decode.Decoder, params, problems: list[Problem], tok: Tokenizer, *, width: int,
+           max_new_tokens: int) -> list[str]:
+    """Greedy answers (decoded text up to <|end|>) for `problems`, the decoder's batch at a time. A prompt
+    longer than width - 1 keeps its last width - 1 tokens (room for one new token)."""
     end = tok.special_id(chat.END_TOKEN)
-    out = []
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        buf, lengths = decode.left_align([p.prompt for p in chunk], width, batch_size, tok.pad_id)
-        ids = np.asarray(generate(params, buf, lengths))
-        out += [tok.decode(decode.until_stop(row, end)) for row in ids[:len(chunk)]]
-    return out
+    prompts = [np.asarray(p.prompt, np.int32)[-(width - 1):] for p in problems]
+    outs = decoder.generate(params, prompts, max_new_tokens=max_new_tokens, sampling=sampling.GREEDY, stop_ids=[end])
+    return [tok.decode([t for t in o.tokens if t != end]) for o in outs]
 
 
 class ExactMatchEval:
@@ -74,14 +72,14 @@ class ExactMatchEval:
 
     def __init__(self, problems: list[Problem], tok: Tokenizer, *, width: int, max_new_tokens: int,
                  batch_size: int):
-        self.problems, self.tok, self.width, self.batch_size = problems, tok, width, batch_size
-        self._generate = per_model(lambda model: decode.make_greedy(
-            model, width=width, max_new_tokens=max_new_tokens, stop_id=tok.special_id(chat.END_TOKEN)))
+        self.problems, self.tok, self.width, self.max_new_tokens = problems, tok, width, max_new_tokens
+        self._decoder = per_model(lambda model: decode.Decoder(model, batch=batch_size, cache_len=width))
         self._last = _LastResult()
 
     def _answers(self, model, params, keep: bool) -> list[str]:
-        return self._last.get(model, params, lambda: answer(self._generate(model), params, self.problems, self.tok,
-                                                            width=self.width, batch_size=self.batch_size), keep=keep)
+        return self._last.get(model, params, lambda: answer(self._decoder(model), params, self.problems, self.tok,
+                                                            width=self.width, max_new_tokens=self.max_new_tokens),
+                              keep=keep)
 
     def predictions(self, model, params) -> list[dict]:
         """One dict per problem: prompt messages, generated answer, reference, kind, correct."""

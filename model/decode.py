@@ -196,7 +196,7 @@ def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, params, stat
             generated_B=generated_B, done_B=st.done_B | (running_B & (finish_B > 0)),
             finish_B=jnp.where(running_B, finish_B, st.finish_B),
             counts_BxV=st.counts_BxV.at[rows_B, token_B].add(running_B.astype(jnp.int32)))
-        new = (jnp.where(running_B, token_B, -1), logp_B) + (top if n_top else ())
+        new = (jnp.where(running_B, token_B, -1), logp_B) + (tuple(top) if n_top else ())
         bufs = tuple(buf.at[:, i].set(x) for buf, x in zip(bufs, new))
         return i + 1, st, bufs
 

@@ -1,60 +1,90 @@
-"""scripts/generate.py: sampling from a trained checkpoint produces the learned pattern."""
+"""scripts/generate.py: a trained run's text streams out of the KV-cache decoder, from an argument or stdin."""
 
+import io
 import os
 import sys
 
-import flax.linen as nn
-import jax
-import ml_collections
-import numpy as np
+from absl import flags
+import pytest
 from conftest import tiny_config
 
-import checkpoint
 import train
-from model import build
 from data import tokenizer as tokenizer_lib
+from model import decode, sampling
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import generate  # noqa: E402
 
 
-def test_greedy_sampling_continues_a_memorised_pattern(tmp_path):
-    corpus = tmp_path / "abc.txt"
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gen")
+    corpus = tmp / "abc.txt"
     corpus.write_text("abcdefgh" * 400)
     config = tiny_config(str(corpus), data__tokenizer="char", data__split="tail", train__steps=60,
                          optim__lr=1e-2, train__eval_every=60, train__checkpoint_every=60)
-    train.train_and_evaluate(config, str(tmp_path / "run"))
-    saved, params, step = checkpoint.load_for_inference(str(tmp_path / "run"))
+    train.train_and_evaluate(config, str(tmp / "run"))
+    return str(tmp / "run")
+
+
+def test_greedy_decoding_continues_a_memorised_pattern(run):
+    config, model, params, tok, step = generate.load(run)
     assert step == 60
-    tok = tokenizer_lib.load_tokenizer(str(tmp_path / "run" / "tokenizer.json"))
-    model = build.transformer(ml_collections.ConfigDict(saved), tok.vocab_size)
-    out = generate.sample(model, params, tok.encode("cdef"), window=saved["data"]["seq_len"], max_new_tokens=40,
-                          temperature=0.0, top_k=0, seed=0)
-    assert tok.decode(out) == ("ghabcdef" * 5)
-    # sampling with temperature is seeded: same seed, same text
-    a = generate.sample(model, params, tok.encode("ab"), window=32, max_new_tokens=10, temperature=1.0, top_k=3, seed=1)
-    b = generate.sample(model, params, tok.encode("ab"), window=32, max_new_tokens=10, temperature=1.0, top_k=3, seed=1)
-    assert a == b and len(a) == 10 and np.all(np.asarray(a) < tok.vocab_size)
+    out = decode.Decoder(model, batch=1, cache_len=64).generate(params, [tok.encode("cdef")], max_new_tokens=40,
+                                                               sampling=sampling.GREEDY, detokenize=tok.decode)[0]
+    assert out.text == "ghabcdef" * 5 and out.finish_reason == "length"
 
 
-class _CountingLM(nn.Module):
-    """A tiny LM that records every trace of its forward (Python side effects run only while tracing)."""
-    vocab: int = 16
-
-    @nn.compact
-    def __call__(self, ids_BxL, positions_BxL=None, segment_ids_BxL=None):
-        TRACES.append(ids_BxL.shape)
-        return nn.Dense(self.vocab)(nn.Embed(self.vocab, 8)(ids_BxL))
-
-
-TRACES = []
+def _main(run, capsys, monkeypatch, stdin=None, **flag_values):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    fv = flags.FlagValues()
+    generate.define_flags(fv)
+    fv(["generate.py", f"--workdir={run}"] + [f"--{k}={v}" for k, v in flag_values.items()])
+    monkeypatch.setattr(generate, "FLAGS", fv)
+    generate.main([])
+    return capsys.readouterr()
 
 
-def test_samples_share_one_compiled_step():
-    model = _CountingLM()
-    params = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
-    TRACES.clear()
-    outs = [generate.sample(model, params, np.array([1, 2, 3]), window=8, max_new_tokens=4, temperature=1.0,
-                            top_k=0, seed=seed) for seed in (0, 1)]
-    assert len(TRACES) == 1, f"{len(TRACES)} traces for two samples"
-    assert [len(o) for o in outs] == [4, 4]
+def test_the_script_streams_the_text_and_honours_stop_strings(run, capsys, monkeypatch):
+    printed = []
+    original = generate.Printer._show
+
+    def spy(self, text):
+        printed.append(text[self.shown:])
+        original(self, text)
+    monkeypatch.setattr(generate.Printer, "_show", spy)
+    out = _main(run, capsys, monkeypatch, prompt="cdef", temperature=0, max_new_tokens=40)
+    assert out.out == "cdef" + "ghabcdef" * 5 + "\n"
+    assert len([p for p in printed if p]) > 1, "the text came out in one piece, not streamed"
+    assert "finish: length" in out.err
+    cut = _main(run, capsys, monkeypatch, prompt="-", stdin="cdef", temperature=0, max_new_tokens=40, stop="bcd")
+    assert cut.out == "cdef" + "gha" + "\n"  # the stop string and what follows are never printed
+
+
+def test_same_seed_same_sample(run, capsys, monkeypatch):
+    a = _main(run, capsys, monkeypatch, prompt="ab", temperature=1.5, top_k=0, seed=3, max_new_tokens=30).out
+    b = _main(run, capsys, monkeypatch, prompt="ab", temperature=1.5, top_k=0, seed=3, max_new_tokens=30).out
+    c = _main(run, capsys, monkeypatch, prompt="ab", temperature=1.5, top_k=0, seed=4, max_new_tokens=30).out
+    assert a == b and a != c and a.startswith("ab")
+
+
+def test_bad_flags_are_named(run, capsys, monkeypatch):
+    from absl import app
+    with pytest.raises(app.UsageError, match="top_p=1.5"):
+        _main(run, capsys, monkeypatch, prompt="ab", top_p=1.5)
+    with pytest.raises(app.UsageError, match="chat_template.json not found"):
+        _main(run, capsys, monkeypatch, prompt="ab", chat=True)
+    with pytest.raises(app.UsageError, match="no such directory"):
+        _main(run + "-missing", capsys, monkeypatch, prompt="ab")
+
+
+def test_tokenizer_round_trip_is_what_the_printer_shows():
+    tok = tokenizer_lib.ByteTokenizer()
+    buf = io.StringIO()
+    printer = generate.Printer(tok, [tok.eos_id], out=buf)
+    ids = list(tok.encode("héllo"))
+    for i in ids:  # 'é' is two byte tokens: nothing half-printed
+        printer(0, [i])
+        assert "\ufffd" not in buf.getvalue()
+    assert buf.getvalue() == "héllo"
