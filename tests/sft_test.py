@@ -23,7 +23,7 @@ import warmstart
 from configs import sft as sft_config
 from data import chat, sft as sft_data
 from data.tokenizer import ByteTokenizer
-from model import build, lora
+from model import build, decode, lora
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import merge_lora  # noqa: E402
@@ -77,11 +77,13 @@ def test_generation_problems_and_exact_match_scoring():
     assert [p.reference for p in problems] == [" 42 ", "x"] and [p.kind for p in problems] == ["add", ""]
     np.testing.assert_array_equal(problems[0].prompt, chat.render_prompt([{"role": "user", "content": "q"}], tok))
 
-    class Echo:  # a fake generator: answers "42" then <|end|> for every row
-        def __call__(self, params, buf, lengths):
-            ids = list(tok.encode("42")) + [tok.special_id("<|end|>")] * 3
-            return np.tile(np.asarray(ids[:4]), (buf.shape[0], 1))
-    answers = task_eval.answer(Echo(), None, problems, tok, width=16, batch_size=4)
+    class Echo:  # a fake decoder: answers "42" then <|end|> for every prompt
+        def generate(self, params, prompts, **kw):
+            assert kw["stop_ids"] == [tok.special_id("<|end|>")] and kw["sampling"].temperature == 0
+            ids = list(tok.encode("42")) + [tok.special_id("<|end|>")]
+            return [decode.Completion(tokens=ids, logprobs=[0.0] * 3, finish_reason="stop", prompt_tokens=len(p))
+                    for p in prompts]
+    answers = task_eval.answer(Echo(), None, problems, tok, width=16, max_new_tokens=4)
     assert answers == ["42", "42"]
 
 
