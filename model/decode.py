@@ -88,7 +88,7 @@ def prepare(model, params):
 
     def cast(path, x):
         return x.astype(dtype) if getattr(path[-1], "key", None) == "kernel" else x
-    return jax.tree_util.tree_map_with_path(cast, effective(params))
+    return jax.tree_util.tree_map_with_path(cast, effective(nn.meta.unbox(params)))
 
 
 def init_cache(dec_model: Transformer, batch: int, cache_len: int) -> dict:
@@ -166,11 +166,18 @@ def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_
     return state, token_N, logp_N, top, finish_N
 
 
-def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, params, state: State, n):
+def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, window: int, params, state: State, n):
     """Up to min(n, chunk) one-token steps for every running row, in one lax.while_loop that ends early
     when every row is done. Returns (state, tokens [B, chunk] (-1 where a row produced nothing),
-    log-probs [B, chunk], top (log-probs, ids) [B, chunk, n_top] or None)."""
+    log-probs [B, chunk], top (log-probs, ids) [B, chunk, n_top] or None).
+
+    The loop attends over the cache's first `window` slots only (sliced before, written back after):
+    the caller picks a window past every row's last position, so short sequences in a long context
+    do not pay for the empty slots."""
     b = state.token_B.shape[0]
+    slot_axis = _batch_axis(dec_model) + 2  # cache leaves [(layers,) B, V, S, K]
+    full_cache = state.cache
+    state = state.replace(cache=jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, window, axis=slot_axis), full_cache))
     rows_B = jnp.arange(b)
     bufs = (jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk), jnp.float32))
     if n_top:
@@ -183,7 +190,7 @@ def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, params, stat
     def body(carry):
         i, st, bufs = carry
         running_B = ~st.done_B
-        position_B = jnp.minimum(st.position_B, cache_len - 1)
+        position_B = jnp.minimum(st.position_B, window - 1)
         logits_BxV, cache = _forward(dec_model, params, st.cache, st.token_B[:, None], position_B[:, None],
                                      jnp.zeros((b,), jnp.int32))
         token_B, logp_B, top = _pick(logits_BxV, st.rows, st.seed_B, st.generated_B, st.counts_BxV, st.prompt_BxV,
@@ -201,6 +208,8 @@ def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, params, stat
         return i + 1, st, bufs
 
     _, state, bufs = jax.lax.while_loop(cond, body, (jnp.int32(0), state, bufs))
+    state = state.replace(cache=jax.tree.map(lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, slot_axis),
+                                             full_cache, state.cache))
     return state, bufs[0], bufs[1], (bufs[2], bufs[3]) if n_top else None
 
 
@@ -290,13 +299,18 @@ class Decoder:
         return (state,) + tuple(None if x is None else jax.tree.map(lambda a: a[:k], x) for x in out)
 
     def steps(self, dparams, state: State, n: int, chunk: int | None = None):
-        """Up to n decode steps (at most `chunk`); returns (state, tokens [B, chunk], logprobs, top), on host."""
+        """Up to n decode steps (at most `chunk`); returns (state, tokens [B, chunk], logprobs, top), on host.
+        Attends over a window of the cache (a power of two, at least 64) past every running row's reach:
+        one compiled loop per (chunk, window)."""
         chunk = chunk or self.chunk
-        if chunk not in self._steps:
-            self._steps[chunk] = jax.jit(functools.partial(decode_steps, self.dec_model, self.cache_len, self.n_top,
-                                                           chunk), donate_argnums=(1,))
+        reach = int(np.max(np.where(np.asarray(state.done_B), 0, np.asarray(state.position_B)))) + min(n, chunk) + 1
+        window = _bucket(reach, 64, self.cache_len)
+        key = (chunk, window)
+        if key not in self._steps:
+            self._steps[key] = jax.jit(functools.partial(decode_steps, self.dec_model, self.cache_len, self.n_top,
+                                                         chunk, window), donate_argnums=(1,))
         with self._context():
-            state, tokens, logp, top = self._steps[chunk](dparams, state, jnp.int32(n))
+            state, tokens, logp, top = self._steps[key](dparams, state, jnp.int32(n))
         return (state,) + tuple(jax.device_get((tokens, logp, top)))
 
     def generate(self, params, prompts: Sequence, *, max_new_tokens: int, sampling: Sampling | Sequence[Sampling] = None,

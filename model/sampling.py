@@ -93,7 +93,7 @@ def support(logits_BxV, rows: Rows):
     keep_BxV = rank_V[None, :] < k_Bx1
     probs_BxV = jax.nn.softmax(jnp.where(keep_BxV, sorted_BxV, -jnp.inf), axis=-1)  # renormalised over top-k
     before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of the more likely tokens
-    keep_BxV = keep_BxV & (before_BxV < rows.top_p_B[:, None])
+    keep_BxV = keep_BxV & ((before_BxV < rows.top_p_B[:, None]) | (rows.top_p_B[:, None] >= 1))  # no rounding loss
     keep_BxV = keep_BxV & (probs_BxV >= rows.min_p_B[:, None] * probs_BxV[:, :1])
     keep_BxV = keep_BxV.at[:, 0].set(True)
     rows_B1 = jnp.arange(b)[:, None]

@@ -123,7 +123,7 @@ def export_decoder(model, params, *, cache_len: int, chunk: int = 16, n_top: int
     if chunk < 1 or n_top < 0:
         raise ValueError(f"chunk={chunk} must be >= 1 and n_top={n_top} >= 0")
     dec_model = Transformer(cfg, decode=True)
-    params = nn.meta.unbox(params)  # model.init's nn.Partitioned boxes: decode.prepare casts only bare kernels
+    params = nn.meta.unbox(params)
     dparams = jax.jit(functools.partial(decode.prepare, model))(params)
     param_names, param_leaves, param_def = flatten_named(dparams)
     n_params = len(param_leaves)
@@ -144,8 +144,8 @@ def export_decoder(model, params, *, cache_len: int, chunk: int = 16, n_top: int
     def step_flat(*args):
         params = param_def.unflatten(args[:n_params])
         state = state_def.unflatten(args[n_params:n_params + n_state])
-        state, tokens_BxC, logp_BxC, top = decode.decode_steps(dec_model, cache_len, n_top, chunk, params, state,
-                                                               args[-1])
+        state, tokens_BxC, logp_BxC, top = decode.decode_steps(  # window = the whole context
+            dec_model, cache_len, n_top, chunk, cache_len, params, state, args[-1])
         return tuple(jax.tree.leaves(state)) + (tokens_BxC, logp_BxC) + (tuple(top) if n_top else ())
 
     b, t = export.symbolic_shape("b, t", constraints=[f"t <= {cache_len}"])
