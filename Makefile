@@ -7,10 +7,10 @@ WORKDIR ?= runs/default
 
 .PHONY: train test setup clean bench
 
-$(BIN)/.installed: requirements.txt
+$(BIN)/.installed: requirements.txt requirements-test.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-test.txt
 	touch $@
 
 setup: $(BIN)/.installed
