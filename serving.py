@@ -119,7 +119,7 @@ def settled(text: str) -> str:
 @dataclasses.dataclass
 class _Live:
     request: Request
-    row: decode._Row  # tokens, log-probs, finish, stop-string cut (model/decode.py)
+    row: decode.Row  # tokens, log-probs, finish, stop-string cut (model/decode.py)
     text: str = ""  # text delivered so far
 
 
@@ -220,8 +220,7 @@ class Engine:
         if not any(self._live):
             return
         if self._device_stale:  # slots the host freed (stop string, client gone) stop on the device too
-            done_B = jax.device_put(np.array([live is None for live in self._live]), self._device)
-            self._state = self._state.replace(done_B=done_B)
+            self._state = self.dec.set_done(self._state, [live is None for live in self._live])
             self._device_stale = False
         self._state, tokens, logps, tops = self.dec.steps(self._dparams, self._state, self.chunk, self.chunk)
         finish_B = np.asarray(jax.device_get(self._state.finish_B))
@@ -230,7 +229,7 @@ class Engine:
                 continue
             new = 0
             for j in np.nonzero(tokens[slot] >= 0)[0]:
-                live.row.add(int(tokens[slot, j]), float(logps[slot, j]), decode._tops(tops, slot, j))
+                live.row.add(int(tokens[slot, j]), float(logps[slot, j]), decode.tops_at(tops, slot, j))
                 new += 1
             live.row.finish = int(finish_B[slot])
             self._publish(slot, new, device_done=finish_B[slot] > 0)
@@ -238,8 +237,8 @@ class Engine:
     def _admit(self, slot: int, r: Request) -> None:
         self._state, token, logp, top, finish = self.dec.prefill(
             self._dparams, self._state, [r.prompt], [slot], [r.sampling], [r.seed], [r.max_new], [r.stop_ids])
-        row = decode._Row(len(r.prompt))
-        row.add(int(token[0]), float(logp[0]), decode._tops(top, 0, None))
+        row = decode.Row(len(r.prompt))
+        row.add(int(token[0]), float(logp[0]), decode.tops_at(top, 0, None))
         row.finish = int(finish[0])
         with self._cond:
             self._live[slot] = _Live(r, row)

@@ -257,8 +257,18 @@ class Decoder:
             return self._prepare(params)
 
     def empty(self) -> State:
+        """A batch of free slots, committed to their devices (so every later prefill and step call sees
+        the same argument placement and compiles once)."""
         with self._context():
-            return self._empty()
+            state = self._empty()
+            if self.mesh is None:
+                state = jax.device_put(state, jax.devices()[0])
+            return state
+
+    def set_done(self, state: State, done_B) -> State:
+        """`state` with these slots marked done (freed, or ended by a stop string found on the host)."""
+        sharding = state.done_B.sharding
+        return state.replace(done_B=jax.device_put(np.asarray(done_B, bool), sharding))
 
     def check_prompt(self, prompt, max_new_tokens: int) -> None:
         n = len(prompt)
@@ -339,9 +349,9 @@ class Decoder:
         k = len(prompts)
         state, token, logp, top, finish = self.prefill(
             dparams, self.empty(), prompts, list(range(k)), settings, seeds, [max_new_tokens] * k, [stop_ids] * k)
-        rows = [_Row(len(p)) for p in prompts]
+        rows = [Row(len(p)) for p in prompts]
         for i, r in enumerate(rows):
-            r.add(int(token[i]), float(logp[i]), _tops(top, i, None))
+            r.add(int(token[i]), float(logp[i]), tops_at(top, i, None))
             r.finish = int(finish[i])
         streaming = on_tokens is not None or bool(stop_strings)
         chunk = self.chunk if streaming else _bucket(max_new_tokens - 1, 8, 1 << 16)
@@ -351,7 +361,7 @@ class Decoder:
             stopped = [i for i, r in enumerate(rows) if r.finish and not done[i]]
             if stopped:  # a stop string ended these rows on the host
                 done[stopped] = True
-                state = state.replace(done_B=jnp.asarray(done))
+                state = self.set_done(state, done)
             state, tokens, logps, tops = self.steps(dparams, state, max_new_tokens, chunk)
             fin = np.asarray(jax.device_get(state.finish_B))
             new = []
@@ -359,7 +369,7 @@ class Decoder:
                 before = len(r.tokens)
                 if not r.finish:
                     for j in np.nonzero(tokens[i] >= 0)[0]:
-                        r.add(int(tokens[i, j]), float(logps[i, j]), _tops(tops, i, j))
+                        r.add(int(tokens[i, j]), float(logps[i, j]), tops_at(tops, i, j))
                     r.finish = int(fin[i])
                 new.append(len(r.tokens) - before)
             done[:k] = done[:k] | (fin[:k] > 0)
@@ -376,7 +386,8 @@ class Decoder:
                 r.sent = len(r.tokens)
 
 
-def _tops(top, i, j):
+def tops_at(top, i, j):
+    """Row i's (step j's) top alternatives as [(id, log-prob)], or None without n_top."""
     if top is None:
         return None
     lp, ids = top
@@ -384,8 +395,8 @@ def _tops(top, i, j):
     return [(int(a), float(b)) for a, b in zip(ids, lp)]
 
 
-class _Row:
-    """One completion being assembled on the host."""
+class Row:
+    """One completion being assembled on the host (the server's slots use it too)."""
 
     def __init__(self, prompt_tokens: int):
         self.prompt_tokens, self.tokens, self.logprobs, self.top = prompt_tokens, [], [], []
