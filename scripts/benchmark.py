@@ -4,7 +4,8 @@
     python scripts/benchmark.py --config=configs/shakespeare_char.py --vs-torch # interleaved
     python scripts/benchmark.py --measure-peak                                  # matmul peaks
     python scripts/benchmark.py --config=configs/pretrain_mini.py --vs-peak     # MFU, interleaved
-    python scripts/benchmark.py --config=... --what=eval|data|decode             # other paths
+    python scripts/benchmark.py --config=... --what=eval|data                    # other paths
+    python scripts/benchmark.py --config=... --what=decode [--vs-hf]             # KV decoding (bench_decode.py)
     python scripts/benchmark.py --config=... --what=compile [--layers=24]        # scan / remat
 
 Prints JSON: tokens_per_s, step_ms, model_flops_per_token, achieved_gflops, mfu (against
@@ -33,6 +34,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import bench_decode  # noqa: E402  (scripts/: --what=decode)
 import hostenv  # noqa: E402
 import objectives  # noqa: E402
 import optim  # noqa: E402
@@ -44,19 +46,21 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "Config to benchmark.", lock_config=True)
 flags.DEFINE_integer("steps", 30, "Timed steps (per round with --vs-torch).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
-flags.DEFINE_integer("rounds", 8, "--vs-torch: alternating rounds.")
+flags.DEFINE_integer("rounds", 8, "--vs-torch, --vs-peak, --what=decode|compile: alternating rounds.")
 flags.DEFINE_integer("num_tokens", 0, "Vocabulary size; 0 = the tokenizer's (byte 267, char 76 for Shakespeare).")
 flags.DEFINE_bool("vs_torch", False, "Interleave with a PyTorch + HF GPT-2 of the same size.")
-flags.DEFINE_bool("torch_bf16", False, "--vs-torch: run PyTorch under bf16 autocast too.")
+flags.DEFINE_bool("torch_bf16", False, "--vs-torch / --vs-hf: run PyTorch under bf16 autocast.")
 flags.DEFINE_bool("gpt2", False, "Use a GPT-2 shaped model (exact parameter parity with HF GPT-2).")
 flags.DEFINE_bool("measure_peak", False, "Measure bf16->f32 and f32 matmul peak GFLOP/s and exit.")
 flags.DEFINE_bool("vs_peak", False, "Alternate train-step blocks with 2048^3 bf16 matmuls; MFU = median per-round "
                   "ratio of the step's model GFLOP/s to the peak measured in the same round.")
 flags.DEFINE_float("peak_gflops", 0.0, "Peak for MFU; 0 = config.train.peak_flops.")
 flags.DEFINE_enum("what", "train", ["train", "eval", "data", "decode", "compile"],
-                  "train step | eval step | the grain input pipeline alone (real corpus) | sampling tokens/s | "
+                  "train step | eval step | the grain input pipeline alone (real corpus) | "
+                  "KV-cache decoding against the old recompute loop or HF generate (bench_decode.py) | "
                   "compile time, temporary memory and step time for layer loop / nn.scan x remat policies")
 flags.DEFINE_integer("layers", 0, "--what=compile: model.n_layers to compare at; 0 = the config's.")
+bench_decode.define_flags()
 
 # --what=compile: (model.scan_layers, model.remat) pairs, the layer loop without remat first.
 COMPILE_VARIANTS = ((False, "none"), (True, "none"), (False, "full"), (True, "full"), (True, "dots"))
@@ -208,22 +212,6 @@ def bench_data(config) -> dict:
             "read_s": t1 - t0, "tokenize_mb_per_s": sum(map(len, texts)) / 1e6 / (t2 - t1), "tokens": len(stream)}
 
 
-def bench_decode(config, num_tokens: int) -> dict:
-    """Sampling tokens/s with scripts/generate.py's window-recompute decoder (no KV cache yet)."""
-    import generate
-    mesh = sharding.make_mesh(config.mesh)
-    model = build.transformer(config, num_tokens)
-    tx, _ = optim.make_optimizer(config.optim, config.train.steps)
-    state, _ = steps.init_state(model, tx, mesh, sharding.logical_rules(config.sharding), 0, config.data.seq_len)
-    kw = dict(window=config.data.seq_len, temperature=1.0, top_k=40, seed=0)
-    generate.sample(model, state.params, np.array([1], np.int32), max_new_tokens=2, **kw)  # compile
-    n = max(FLAGS.steps, 50)
-    t = time.perf_counter()
-    generate.sample(model, state.params, np.array([1], np.int32), max_new_tokens=n, **kw)
-    dt = time.perf_counter() - t
-    return {"what": "decode", "tokens_per_s": n / dt, "ms_per_token": 1000 * dt / n, "batch": 1}
-
-
 def timed(run, n: int) -> float:
     """Seconds per call: n calls back to back, one wait at the end.
 
@@ -246,7 +234,7 @@ def main(argv):
         print(json.dumps(measure_peak()))
         return
     config = FLAGS.config
-    if FLAGS.gpt2 or FLAGS.vs_torch:
+    if FLAGS.gpt2 or FLAGS.vs_torch or (FLAGS.what == "decode" and FLAGS.vs_hf):
         gpt2_shape(config)
     num_tokens = FLAGS.num_tokens or default_num_tokens(config)
     if FLAGS.what == "data":
@@ -256,8 +244,7 @@ def main(argv):
         print(json.dumps(bench_compile(config, num_tokens, FLAGS.layers, FLAGS.steps, FLAGS.rounds)))
         return
     if FLAGS.what == "decode":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        print(json.dumps(bench_decode(config, num_tokens)))
+        print(json.dumps(bench_decode.main(config, num_tokens)))
         return
     run, tokens, n_params, fpt = make_jax_step(config, num_tokens, eval_only=FLAGS.what == "eval")
     for _ in range(FLAGS.warmup + 1):
