@@ -256,19 +256,23 @@ class Decoder:
         with self._context():
             return self._prepare(params)
 
-    def empty(self) -> State:
-        """A batch of free slots, committed to their devices (so every later prefill and step call sees
-        the same argument placement and compiles once)."""
+    def empty(self, like=None) -> State:
+        """A batch of free slots. Without a mesh, committed to the one device `like` (the prepared params)
+        lives on, so every later prefill and step call sees the same placement and compiles once;
+        params spread over several devices leave it to follow them."""
         with self._context():
             state = self._empty()
-            if self.mesh is None:
-                state = jax.device_put(state, jax.devices()[0])
+            devices = {d for x in jax.tree.leaves(like) for d in x.devices()} if like is not None else set()
+            if self.mesh is None and len(devices) == 1:
+                state = jax.device_put(state, devices.pop())
             return state
 
     def set_done(self, state: State, done_B) -> State:
         """`state` with these slots marked done (freed, or ended by a stop string found on the host)."""
-        sharding = state.done_B.sharding
-        return state.replace(done_B=jax.device_put(np.asarray(done_B, bool), sharding))
+        done_B = np.asarray(done_B, bool)
+        if getattr(state.done_B, "committed", True):
+            done_B = jax.device_put(done_B, state.done_B.sharding)
+        return state.replace(done_B=done_B)
 
     def check_prompt(self, prompt, max_new_tokens: int) -> None:
         n = len(prompt)
@@ -348,7 +352,8 @@ class Decoder:
                         detokenize, on_tokens, offset):
         k = len(prompts)
         state, token, logp, top, finish = self.prefill(
-            dparams, self.empty(), prompts, list(range(k)), settings, seeds, [max_new_tokens] * k, [stop_ids] * k)
+            dparams, self.empty(dparams), prompts, list(range(k)), settings, seeds, [max_new_tokens] * k,
+            [stop_ids] * k)
         rows = [Row(len(p)) for p in prompts]
         for i, r in enumerate(rows):
             r.add(int(token[i]), float(logp[i]), tops_at(top, i, None))
