@@ -183,7 +183,7 @@ class JaxSide:
         dec, n = self.decoders[b], self.new_tokens
         dparams = dec.prepare(self.params)
         jax.block_until_ready(dparams)
-        return lambda: dec.prefill(dparams, dec.empty(), self.prompts[b], list(range(b)), [sampling.GREEDY] * b,
+        return lambda: dec.prefill(dparams, dec.empty(dparams), self.prompts[b], list(range(b)), [sampling.GREEDY] * b,
                                    [0] * b, [n] * b, [()] * b)
 
     def round(self, b: int) -> dict:
