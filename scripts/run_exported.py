@@ -39,7 +39,8 @@ FORMAT = "lmstack-decoder-export/1"
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """One request's sampling settings: the prefill inputs '<field>_B' (model/sampling.Sampling's meaning)."""
+    """One request's sampling settings: the prefill inputs '<field>_B' (model/sampling.Sampling's meaning,
+    restated here on purpose: this runner must not import lmstack's model code)."""
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = all tokens
     top_p: float = 1.0
