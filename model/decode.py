@@ -26,6 +26,7 @@ in its completion, so a request's text depends on its seed only, never on its ba
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable, Sequence
@@ -244,7 +245,7 @@ class Decoder:
         self._empty = jax.jit(functools.partial(empty_state, self.dec_model, batch, cache_len))
 
     def _context(self):
-        import contextlib
+        """The mesh and logical rules (sharding.activate's two lines: model/ cannot import sharding.py)."""
         if self.mesh is None:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
