@@ -69,11 +69,19 @@ def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Checkp
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, config_dict: dict, force: bool = False) -> bool:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iter),
-                              config=ocp.args.JsonSave(config_dict))
-    return mngr.save(step, args=args, force=force)
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, config_dict: dict, force: bool = False,
+         extra: dict | None = None) -> bool:
+    """`extra`: a loop's own small JSON state (an RL run's KL coefficient); floats round-trip exactly."""
+    items = dict(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+                 config=ocp.args.JsonSave(config_dict))
+    if extra is not None:
+        items["extra"] = ocp.args.JsonSave(extra)
+    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore_extra(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The `extra` JSON saved with `step` (an error naming the step if it has none)."""
+    return mngr.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
 
 
 def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:

@@ -161,7 +161,7 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "", data
             rows = mode.predictions(config, inputs, model, params, workdir=workdir, data=os.path.expanduser(data))
         write_jsonl(rows, out_predictions)
         result.update(predictions=len(rows), out_predictions=out_predictions)
-    eval_step = steps.make_eval_step(model=model, objective=mode.objective, mesh=mesh,
+    eval_step = steps.make_eval_step(model=model, objective=mode.loss(config), mesh=mesh,
                                      rules=rules, state_shardings=types.SimpleNamespace(params=param_sh))
     scalars = run_eval(eval_step, params, inputs, mode=config.mode, model=model, mesh=mesh, rules=rules,
                        batch_sharding=sharding.batch_sharding(mesh))

@@ -106,11 +106,13 @@ class Run:
         return scalars
 
     # ---- Checkpoints ------------------------------------------------------------------------------
-    def save(self, step: int, force: bool = False) -> None:
-        """A checkpoint of the state and the train iterator's position at `step` (asynchronous by default)."""
+    def save(self, step: int, force: bool = False, extra: dict | None = None) -> None:
+        """A checkpoint of the state and the train iterator's position at `step` (asynchronous by default),
+        plus a loop's own JSON `extra` state."""
         self.saved_step = step
         with checkpoint.write_errors(self.mngr, step):
-            checkpoint.save(self.mngr, step, self.state, self.inputs.train_iter, self.config_dict, force=force)
+            checkpoint.save(self.mngr, step, self.state, self.inputs.train_iter, self.config_dict, force=force,
+                            extra=extra)
 
     def rollback(self, step: int) -> int | None:
         """The non-finite policy's rollback: the last complete checkpoint's state (the data iterator keeps
@@ -175,8 +177,8 @@ def _resume_step(workdir: str, config_dict: dict, mode: modes.Mode) -> int | Non
 @contextlib.contextmanager
 def open_run(config, workdir: str, process_t0: float | None = None):
     """Set up a run (resumed from `workdir` when it holds a checkpoint) and yield its `Run`."""
-    total_steps = int(config.train.steps)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    total_steps = int(config.train.steps)  # RL modes: iterations, each of mode.updates_per_step optimizer updates
+    tx, schedule = optim.make_optimizer(config.optim, total_steps * modes.get(config).updates_per_step(config))
     mode, k, micro_batch = _checked_config(config)
     frozen = modes.frozen_params(config)  # refuses lora.rank in a mode without adapters
     if frozen:

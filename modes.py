@@ -12,6 +12,7 @@ table keyed by mode name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable
 
@@ -19,6 +20,7 @@ import checkpoint
 import inputs as inputs_lib
 import objectives
 import predictions
+from rl import objectives as rl_objectives
 from data import sources
 from inputs import Inputs
 from model import build
@@ -28,7 +30,7 @@ from model import build
 class Mode:
     inputs: Callable[..., Inputs]  # (config, workdir, micro_batch) -> Inputs
     model: Callable  # (config, Inputs) -> the Flax module
-    objective: Callable  # (params, batch, rng, *, model) -> (loss, metrics)
+    objective: Callable  # (params, batch, rng, *, model, **options) -> (loss, metrics)
     summary: Callable[[dict], dict]  # eval metric sums over all eval batches -> eval scalars
     other_eval_data: Callable[..., Inputs]  # (config, workdir, micro_batch, path, split) -> Inputs evaluating `path`
     headline: tuple[str, ...] = ()  # eval scalars the console line shows beside the loss
@@ -40,6 +42,13 @@ class Mode:
     text_corpus: bool = False  # data.path is text (files or a prepared dataset) split by data.split, not records
     example_unit: str = "windows"  # what an eval example is (scripts/evaluate.py reports their count)
     predictions: Callable | None = None  # per-item predictions for error analysis (predictions.py); None: none
+    options: Callable[..., dict] = lambda config: {}  # config -> the objective's keyword options (dpo.beta, ...)
+    on_policy: bool = False  # runs rl/loop.iterate (rollouts, then updates) instead of the supervised loop
+    updates_per_step: Callable[..., int] = lambda config: 1  # optimizer updates per step (RL: per iteration)
+
+    def loss(self, config) -> Callable:
+        """The objective with this run's options bound: (params, batch, rng, *, model) -> (loss, metrics)."""
+        return functools.partial(self.objective, **self.options(config))
 
     def all_must_match(self) -> tuple[str, ...]:
         return checkpoint.MUST_MATCH + self.must_match
@@ -95,6 +104,60 @@ MODES = {
                         "sft.pack": True, "sft.fit": "first"},
         lora=True, paths=("data.path", "sft.val_path"), example_unit="conversations", predictions=predictions.sft),
 }
+
+
+def _dpo_options(config) -> dict:
+    d = config.dpo
+    return {"loss": d.loss, "beta": float(d.beta), "label_smoothing": float(d.label_smoothing),
+            "simpo_gamma": float(d.simpo_gamma)}
+
+
+_PREF_DEFAULTS = {"pref.val_path": "", "pref.too_long": "truncate", "pref.strict": True}
+MODES.update({
+    "reward": Mode(
+        inputs=inputs_lib.reward_inputs,
+        model=lambda config, inputs: build.reward_model(config, inputs.tokenizer.vocab_size),
+        objective=objectives.reward, options=lambda config: {"center_coef": float(config.reward.center_coef)},
+        summary=objectives.reward_summary, other_eval_data=inputs_lib.as_val_path("pref", inputs_lib.reward_inputs),
+        headline=("eval/accuracy", "eval/margin"), must_match=("pref.val_path", "pref.too_long"),
+        added_defaults=_PREF_DEFAULTS, paths=("data.path", "pref.val_path"), example_unit="pairs"),
+    "dpo": Mode(
+        inputs=inputs_lib.dpo_inputs, model=_causal_model, objective=objectives.dpo, options=_dpo_options,
+        summary=objectives.dpo_summary, other_eval_data=inputs_lib.as_val_path("pref", inputs_lib.dpo_inputs),
+        headline=("eval/accuracy", "eval/margin", "eval/exact_match"),
+        must_match=("pref.val_path", "pref.too_long", "dpo.loss"), added_defaults=_PREF_DEFAULTS,
+        lora=True, paths=("data.path", "pref.val_path"), example_unit="pairs"),
+})
+
+
+def _rl_clip(config) -> dict:
+    r = config.rl
+    return {"eps_low": float(r.eps_low), "eps_high": float(r.eps_high), "dual_clip": float(r.dual_clip),
+            "aggregation": r.aggregation, "max_len": int(r.max_new_tokens)}
+
+
+def _rl_updates(config) -> int:
+    rows = int(config.data.batch_size) * int(config.rl.group_size)
+    return int(config.rl.epochs) * (rows // (int(config.rl.minibatch) or rows))
+
+
+_RL_COMMON = dict(
+    inputs=inputs_lib.rl_inputs, summary=objectives.no_summary,
+    other_eval_data=inputs_lib.as_val_path("rl", inputs_lib.rl_inputs),
+    headline=("rl/reward_mean", "rl/kl", "eval/exact_match"),
+    must_match=("rl.group_size", "rl.max_prompt_len", "rl.max_new_tokens", "rl.minibatch", "rl.epochs", "rl.val_path"),
+    paths=("data.path", "rl.val_path", "rl.reward_model"), example_unit="prompts", on_policy=True,
+    updates_per_step=_rl_updates)
+MODES.update({
+    "grpo": Mode(model=_causal_model, objective=rl_objectives.grpo, lora=True,
+                 options=lambda config: dict(_rl_clip(config), beta=float(config.rl.kl_coef),
+                                             kl_estimator=config.rl.kl_estimator), **_RL_COMMON),
+    "ppo": Mode(model=lambda config, inputs: build.policy_value(config, inputs.tokenizer.vocab_size),
+                objective=rl_objectives.ppo,
+                options=lambda config: dict(_rl_clip(config), value_clip=float(config.rl.value_clip),
+                                            vf_coef=float(config.rl.vf_coef),
+                                            entropy_coef=float(config.rl.entropy_coef)), **_RL_COMMON),
+})
 
 
 def get(config) -> Mode:

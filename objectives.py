@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import math
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rl import losses as rl_losses
+
+log = logging.getLogger("lmstack")
+PAIR_ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 
 
 def token_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
@@ -107,6 +114,70 @@ def qa(params, batch, rng, *, model):
                   "end_correct_sum": jnp.sum((jnp.argmax(end_BxL, -1) == batch["end"]) * w_B)}
 
 
+def _both_sides(batch) -> dict:
+    """A preference batch's chosen rows then its rejected rows, [2B, L] per key: one forward for both."""
+    return {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0) for k in PAIR_ROW_KEYS}
+
+
+def reward(params, batch, rng, *, model, center_coef: float = 0.0):
+    """Bradley-Terry loss of a scalar reward model on (chosen, rejected) pairs, with the pair's margin
+    (Llama 2) and an optional reward-centering term center_coef * (r_c + r_r)^2 (Eisenstein et al. 2023)."""
+    rows = _both_sides(batch)
+    rngs = None if rng is None else {"dropout": rng}
+    r_2B = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"],
+                       deterministic=rng is None, rngs=rngs)
+    b = batch["weight"].shape[0]
+    rc_B, rr_B = r_2B[:b], r_2B[b:]
+    w_B = batch["weight"].astype(jnp.float32)
+    pairs = jnp.sum(w_B)
+    bt_sum = jnp.sum(rl_losses.bradley_terry_loss(rc_B, rr_B, batch["margin"]) * w_B)
+    center_sum = jnp.sum((rc_B + rr_B) ** 2 * w_B)
+    bt_loss = bt_sum / jnp.maximum(pairs, 1.0)
+    loss = bt_loss + center_coef * center_sum / jnp.maximum(pairs, 1.0)
+    return loss, {"loss": loss, "bt_loss": bt_loss, "loss_sum": bt_sum, "pairs": pairs,
+                  "correct_sum": jnp.sum((rc_B > rr_B) * w_B), "margin_sum": jnp.sum((rc_B - rr_B) * w_B),
+                  "reward_sum": jnp.sum((rc_B + rr_B) * w_B), "reward_sq_sum": jnp.sum((rc_B ** 2 + rr_B ** 2) * w_B)}
+
+
+def _sequence_logps(logits_NxLxV, targets_NxL, weights_NxL):
+    w_NxL = weights_NxL.astype(jnp.float32)
+    return -jnp.sum(token_nll(logits_NxLxV, targets_NxL) * w_NxL, axis=-1), jnp.sum(w_NxL, axis=-1)
+
+
+def dpo(params, batch, rng, *, model, loss: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.0):
+    """Direct preference optimisation and its variants (rl/losses.preference_loss) on a policy; the
+    reference's sequence log-probs come with the batch (rl/reference.py computed them once). SimPO
+    uses length-normalised policy log-probs and no reference. Implicit rewards: beta * (policy - ref)."""
+    rows = _both_sides(batch)
+    rngs = None if rng is None else {"dropout": rng}
+    logits_2BxLxV = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"],
+                                deterministic=rng is None, rngs=rngs)
+    logp_2B, n_2B = _sequence_logps(logits_2BxLxV, rows["targets"], rows["weights"])
+    b = batch["weight"].shape[0]
+    pc_B, pr_B, nc_B, nr_B = logp_2B[:b], logp_2B[b:], n_2B[:b], n_2B[b:]
+    refc_B, refr_B = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
+    if loss == "simpo":
+        ac_B, ar_B = pc_B / jnp.maximum(nc_B, 1.0), pr_B / jnp.maximum(nr_B, 1.0)
+        loss_B = rl_losses.preference_loss("simpo", ac_B, ar_B, None, None, beta=beta, simpo_gamma=simpo_gamma)
+        reward_c_B, reward_r_B = beta * ac_B, beta * ar_B
+    else:
+        loss_B = rl_losses.preference_loss(loss, pc_B, pr_B, refc_B, refr_B, beta=beta,
+                                           label_smoothing=label_smoothing)
+        reward_c_B, reward_r_B = beta * (pc_B - refc_B), beta * (pr_B - refr_B)
+    w_B = batch["weight"].astype(jnp.float32)
+    pairs = jnp.sum(w_B)
+    loss_sum = jnp.sum(loss_B * w_B)
+    mean = loss_sum / jnp.maximum(pairs, 1.0)
+    ref_w_B = w_B * batch["ref_known"].astype(jnp.float32)
+    return mean, {"loss": mean, "loss_sum": loss_sum, "pairs": pairs,
+                  "correct_sum": jnp.sum((reward_c_B > reward_r_B) * w_B),
+                  "reward_chosen_sum": jnp.sum(reward_c_B * w_B), "reward_rejected_sum": jnp.sum(reward_r_B * w_B),
+                  "chosen_logp_sum": jnp.sum(pc_B * w_B), "rejected_logp_sum": jnp.sum(pr_B * w_B),
+                  "chosen_tokens": jnp.sum(nc_B * w_B),
+                  "chosen_logp_change_sum": jnp.sum((pc_B - refc_B) * ref_w_B), "ref_pairs": jnp.sum(ref_w_B)}
+
+
 def _ratio(totals, num: str, den: str) -> float:
     return float(totals[num]) / max(float(totals[den]), 1.0)
 
@@ -156,3 +227,44 @@ def sum_metrics(outputs) -> dict:
         for k, v in out.items():
             totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
     return totals
+
+
+def reward_summary(totals: dict) -> dict:
+    """Pairwise accuracy (r_chosen > r_rejected), mean margin, and the rewards' mean and std."""
+    n = max(float(totals["pairs"]), 1.0)
+    mean = float(totals["reward_sum"]) / (2 * n)
+    var = max(float(totals["reward_sq_sum"]) / (2 * n) - mean ** 2, 0.0)
+    return {"eval/loss": _ratio(totals, "loss_sum", "pairs"), "eval/accuracy": _ratio(totals, "correct_sum", "pairs"),
+            "eval/margin": _ratio(totals, "margin_sum", "pairs"), "eval/reward_mean": mean,
+            "eval/reward_std": math.sqrt(var)}
+
+
+DPO_CHOSEN_DROP_WARN = 1.0  # nats per chosen response: a larger mean fall below the reference is warned about
+
+
+def dpo_summary(totals: dict) -> dict:
+    """Loss, preference accuracy (implicit reward of chosen > rejected), implicit rewards and margin, and
+    the chosen responses' log-prob: per response, per token, and its change from the reference. DPO can
+    raise the margin while BOTH log-probs fall (the chosen answer gets less likely): that is warned about."""
+    out = {"eval/loss": _ratio(totals, "loss_sum", "pairs"), "eval/accuracy": _ratio(totals, "correct_sum", "pairs"),
+           "eval/reward_chosen": _ratio(totals, "reward_chosen_sum", "pairs"),
+           "eval/reward_rejected": _ratio(totals, "reward_rejected_sum", "pairs"),
+           "eval/chosen_logp": _ratio(totals, "chosen_logp_sum", "pairs"),
+           "eval/rejected_logp": _ratio(totals, "rejected_logp_sum", "pairs"),
+           "eval/chosen_logp_per_token": _ratio(totals, "chosen_logp_sum", "chosen_tokens")}
+    out["eval/margin"] = out["eval/reward_chosen"] - out["eval/reward_rejected"]
+    if float(totals.get("ref_pairs", 0.0)) > 0:
+        change = _ratio(totals, "chosen_logp_change_sum", "ref_pairs")
+        out["eval/chosen_logp_change"] = change
+        if change < -DPO_CHOSEN_DROP_WARN:
+            log.warning("dpo: the chosen responses' log-prob fell %.2f nats below the reference's on average "
+                        "(log-prob %.2f): the margin grows by pushing both responses down, the known DPO failure; "
+                        "consider a lower optim.lr, a larger dpo.beta, fewer steps, or dpo.loss='ipo'",
+                        -change, out["eval/chosen_logp"])
+    return out
+
+
+def no_summary(totals: dict) -> dict:
+    """Modes whose evaluation is all decoded (RL: exact match of greedy answers): no summed eval batches."""
+    del totals
+    return {}

@@ -26,6 +26,7 @@ import hostenv  # noqa: E402
 import resilience  # noqa: E402
 import sharding  # noqa: E402
 import steps  # noqa: E402
+from rl import guardrails, loop as rl_loop  # noqa: E402
 
 log = logging.getLogger("lmstack")
 
@@ -36,45 +37,52 @@ def quiet_logs() -> None:
     log.setLevel(logging.INFO)
 
 
+def supervised(run, config) -> int:
+    """The supervised loop (every mode but the on-policy ones): steps, logs, evals, checkpoints; returns
+    the last step."""
+    t = config.train
+    train_step = steps.make_train_step(model=run.model, tx=run.tx, objective=run.mode.loss(config),
+                                       schedule=run.schedule, accum=run.accum, mesh=run.mesh, rules=run.rules,
+                                       state_shardings=run.state_sh)
+    eval_step = steps.make_eval_step(model=run.model, objective=run.mode.loss(config), mesh=run.mesh,
+                                     rules=run.rules, state_shardings=run.state_sh)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    step, stop_at = run.start_step, min(t.steps, int(t.stop_after) or t.steps)
+    pending = None  # a log step's metrics, fetched after the next step is dispatched (no sync)
+    while step < stop_at:
+        for _ in range(run.accum):
+            batch = sharding.put_batch(next(run.inputs.train_iter), run.batch_sharding)
+            run.state, step_metrics = train_step(run.state, batch)
+        step += 1
+        if step == run.start_step + 1:  # the first step compiled: measure throughput from here
+            run.start_clock(step)
+        actions = [run.log_train(*pending, tokens_per_step)] if pending else []
+        pending = None
+        is_eval = step % t.eval_every == 0 or step == stop_at
+        if step % t.log_every == 0 or step == stop_at:
+            if is_eval:  # evaluation syncs anyway: log this step now
+                actions.append(run.log_train(step, step_metrics, tokens_per_step))
+            else:
+                pending = (step, step_metrics)
+        if "rollback" in actions and (back := run.rollback(step)) is not None:
+            step, pending = back, None  # the data iterator keeps going forward
+            continue
+        if is_eval:
+            run.evaluate(step, eval_step)
+        if run.guard.received:
+            run.save(step, force=True)
+            break
+        if step % t.checkpoint_every == 0 or step == stop_at:
+            run.save(step, force=step == stop_at)
+    if pending:
+        run.log_train(*pending, tokens_per_step)
+    return step
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics (+ 'step', and 'preempted' if so)."""
     with harness.open_run(config, workdir, process_t0=_PROCESS_T0) as run:
-        t = config.train
-        train_step = steps.make_train_step(model=run.model, tx=run.tx, objective=run.mode.objective,
-                                           schedule=run.schedule, accum=run.accum, mesh=run.mesh, rules=run.rules,
-                                           state_shardings=run.state_sh)
-        eval_step = steps.make_eval_step(model=run.model, objective=run.mode.objective, mesh=run.mesh,
-                                         rules=run.rules, state_shardings=run.state_sh)
-        tokens_per_step = config.data.batch_size * config.data.seq_len
-        step, stop_at = run.start_step, min(t.steps, int(t.stop_after) or t.steps)
-        pending = None  # a log step's metrics, fetched after the next step is dispatched (no sync)
-        while step < stop_at:
-            for _ in range(run.accum):
-                batch = sharding.put_batch(next(run.inputs.train_iter), run.batch_sharding)
-                run.state, step_metrics = train_step(run.state, batch)
-            step += 1
-            if step == run.start_step + 1:  # the first step compiled: measure throughput from here
-                run.start_clock(step)
-            actions = [run.log_train(*pending, tokens_per_step)] if pending else []
-            pending = None
-            is_eval = step % t.eval_every == 0 or step == stop_at
-            if step % t.log_every == 0 or step == stop_at:
-                if is_eval:  # evaluation syncs anyway: log this step now
-                    actions.append(run.log_train(step, step_metrics, tokens_per_step))
-                else:
-                    pending = (step, step_metrics)
-            if "rollback" in actions and (back := run.rollback(step)) is not None:
-                step, pending = back, None  # the data iterator keeps going forward
-                continue
-            if is_eval:
-                run.evaluate(step, eval_step)
-            if run.guard.received:
-                run.save(step, force=True)
-                break
-            if step % t.checkpoint_every == 0 or step == stop_at:
-                run.save(step, force=step == stop_at)
-        if pending:
-            run.log_train(*pending, tokens_per_step)
+        step = rl_loop.iterate(run) if run.mode.on_policy else supervised(run, config)
     log.info("%s", run.summary_line(step))
     out = dict(run.last, step=step)
     if run.guard.received:
@@ -98,7 +106,7 @@ def main(argv):
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, resilience.WorkdirError, resilience.NonFiniteLossError,
-            checkpoint.CheckpointWriteError) as e:
+            checkpoint.CheckpointWriteError, guardrails.RLAnomalyError) as e:
         if os.environ.get("LMSTACK_TRACEBACK"):
             raise
         # bad config values, inputs, workdirs, non-finite halts: the message names what to change

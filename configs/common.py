@@ -26,7 +26,8 @@ def model_size(cfg: ml_collections.ConfigDict, name: str) -> None:
 
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "causal"  # the training mode (a record in modes.MODES): 'causal' | 'mlm' | 'classify' | 'qa' | 'sft'
+    c.mode = "causal"  # the training mode (a record in modes.MODES): 'causal' | 'mlm' | 'classify' | 'qa' | 'sft' |
+    #                    'reward' | 'dpo' | 'grpo' | 'ppo'
     c.init_from = ""  # a run's workdir: warm start the backbone from its latest checkpoint (new runs only)
     c.seed = 0  # parameter init, dropout and data order
 
@@ -88,7 +89,63 @@ def base() -> ml_collections.ConfigDict:
     f.eval_generate = 64  # validation problems answered greedily at each eval for exact match; 0 = off
     f.max_new_tokens = 32  # generation length limit for that exact-match evaluation
 
-    c.lora = r = ml_collections.ConfigDict()  # low-rank adapters (model/lora.py); modes 'causal' and 'sft'
+    c.pref = p = ml_collections.ConfigDict()  # modes 'reward' and 'dpo': {"prompt","chosen","rejected"} JSONL
+    p.val_path = ""  # validation pairs; '' = hold out data.val_fraction of data.path by content hash
+    p.too_long = "truncate"  # a side over seq_len + 1 tokens: 'truncate' (its tail; counted) | 'drop' the pair (counted)
+    p.strict = True  # a bad record raises naming file:line; False: count it under its reason and skip
+    p.eval_generate = 0  # dpo: validation prompts answered greedily at each eval (exact match vs "answer"); 0 = off
+    p.max_new_tokens = 16  # dpo: generation length limit of that evaluation
+
+    c.reward = w = ml_collections.ConfigDict()  # mode 'reward' (objectives.reward)
+    w.center_coef = 0.0  # reward-centering term coef * (r_chosen + r_rejected)^2 (Eisenstein et al. 2023); 0 = off
+
+    c.dpo = o = ml_collections.ConfigDict()  # mode 'dpo' (objectives.dpo, rl/losses.preference_loss)
+    o.loss = "sigmoid"  # 'sigmoid' (DPO) | 'ipo' | 'robust' (label-flip robust) | 'simpo' (reference-free)
+    o.beta = 0.1  # inverse temperature of the implicit reward (simpo: its beta, ~2)
+    o.label_smoothing = 0.0  # 'sigmoid' (cDPO) / 'robust': assumed rate of flipped labels, in [0, 0.5)
+    o.simpo_gamma = 0.5  # 'simpo': target reward margin
+
+    c.rl = l = ml_collections.ConfigDict()  # modes 'grpo' and 'ppo' (rl/loop.py); data.path = prompts (data/prompts.py)
+    l.val_path = ""  # held-out prompts for exact match; '' = hold out data.val_fraction of data.path by content hash
+    l.strict = False  # a bad prompt record raises naming file:line; False: count it under its reason and skip
+    l.group_size = 4  # completions sampled per prompt (GRPO's G); data.batch_size = prompts per iteration
+    l.max_prompt_len = 96  # longer prompts are skipped (counted); rows are max_prompt_len + max_new_tokens wide
+    l.max_new_tokens = 16  # completion length limit (finish 'length' = truncated)
+    l.temperature = 1.0  # rollout sampling temperature (> 0)
+    l.top_p = 1.0  # rollout nucleus sampling
+    l.epochs = 1  # passes over each iteration's rollouts
+    l.minibatch = 0  # rows per optimizer update (divides batch_size x group_size); 0 = all rows in one update
+    l.rewards = ("exact_match",)  # programmatic rewards added up (rl/rewards.PROGRAMMATIC): 'exact_match', 'format'
+    l.reward_model = ""  # a mode 'reward' run's workdir: its score is the reward (instead of rl.rewards)
+    l.length_penalty = 0.0  # reward -= coef * max(0, completion tokens - length_target)
+    l.length_target = 0  # tokens a completion may use before the length penalty starts
+    l.kl_coef = 0.04  # KL-to-reference coefficient (GRPO: beta in the loss; PPO: per-token reward penalty); 0 = no reference
+    l.kl_estimator = "k3"  # 'k1' | 'k2' | 'k3' (Schulman's estimators of KL(policy || reference))
+    l.kl_target = 0.0  # PPO: adapt kl_coef toward this KL per token (Ziegler et al. 2019); 0 = fixed coefficient
+    l.kl_horizon = 10000.0  # PPO adaptive KL: horizon in rollout rows
+    l.eps_low = 0.2  # clip range below 1 of the importance ratio
+    l.eps_high = 0.2  # clip range above 1 (DAPO's clip-higher: 0.28)
+    l.dual_clip = 0.0  # > 1: cap the loss of negative-advantage tokens at dual_clip * |A| (Ye et al. 2020); 0 = off
+    l.aggregation = "sequence_mean"  # 'sequence_mean' (GRPO) | 'token_mean' (DAPO) | 'constant_norm' (Dr. GRPO)
+    l.scale_rewards = "group"  # GRPO advantages divided by the 'group' | 'batch' reward std, or 'none' (Dr. GRPO)
+    l.baseline = "mean"  # GRPO baseline: the group 'mean' | 'rloo' (leave-one-out mean)
+    l.mask_truncated = False  # completions that hit max_new_tokens get no loss (DAPO's overlong filtering)
+    l.critic = "shared"  # PPO critic: 'shared' = a value head on the policy's trunk
+    l.gamma = 1.0  # PPO discount
+    l.lam = 0.95  # PPO GAE lambda
+    l.whiten_advantages = True  # PPO: advantages normalised over the iteration's completion tokens
+    l.value_clip = 0.2  # PPO value-loss clip around the rollout's values; 0 = unclipped
+    l.vf_coef = 0.1  # PPO value-loss weight
+    l.entropy_coef = 0.0  # PPO entropy bonus weight
+    l.eval_generate = 200  # held-out prompts answered greedily at each eval (exact match); 0 = off
+    l.on_anomaly = "warn"  # guardrails (rl/guardrails.py): 'warn' | 'halt'
+    l.kl_max = 10.0  # guardrail: KL per token above this
+    l.min_length = 1.0  # guardrail: mean completion tokens below this
+    l.entropy_floor = 1e-3  # guardrail: mean policy entropy below this
+    l.value_loss_max = 1e3  # guardrail: PPO value loss above this
+    l.logp_diff_warn = 0.05  # guardrail: sampler vs trainer log-prob gap above this
+
+    c.lora = r = ml_collections.ConfigDict()  # low-rank adapters (model/lora.py); modes 'causal', 'sft', 'dpo', 'grpo'
     r.rank = 0  # adapter rank; 0 = off (train every weight)
     r.alpha = 16.0  # adapter scale alpha / rank
     r.targets = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down")  # kernels

@@ -56,3 +56,22 @@ def classifier(config, num_tokens: int, num_classes: int) -> heads.Classifier:
 
 def span_qa(config, num_tokens: int) -> heads.SpanQA:
     return heads.SpanQA(model_config(config, num_tokens))
+
+
+def reward_model(config, num_tokens: int) -> heads.RewardModel:
+    """The transformer + a scalar reward head at the last real token (mode 'reward')."""
+    if not config.model.causal:
+        raise ValueError("mode='reward' reads the last real token: it needs model.causal=True")
+    return heads.RewardModel(model_config(config, num_tokens))
+
+
+def policy_value(config, num_tokens: int) -> heads.PolicyValue:
+    """The language model + a value head on its trunk (mode 'ppo' with rl.critic='shared')."""
+    return heads.PolicyValue(model_config(config, num_tokens))
+
+
+def language_model(model, params):
+    """(the causal LM, its params) inside a model: a PolicyValue's backbone; any other model as it is."""
+    if isinstance(model, heads.PolicyValue):
+        return Transformer(model.cfg), params["backbone"]
+    return model, params

@@ -141,3 +141,49 @@ class SpanQA(nn.Module):
         if segment_ids_BxL is not None:
             logits_BxLx2 = jnp.where((segment_ids_BxL != 0)[..., None], logits_BxLx2, -1e9)
         return logits_BxLx2[..., 0], logits_BxLx2[..., 1]
+
+
+class ScalarHead(nn.Module):
+    """[..., D] hidden states -> [...] float32 scalars (a reward, or a critic's value): one Dense(1) in
+    float32, initialised at zero so a warm-started model starts from scores of 0."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_xD):
+        out = Dense(1, (axes.EMBED, None), dtype=jnp.float32, use_bias=True, kernel_init=nn.initializers.zeros,
+                    name="out")(h_xD.astype(jnp.float32))
+        return out[..., 0]
+
+
+class RewardModel(nn.Module):
+    """Backbone + a scalar head read at each row's last real token (a response's closing <|end|>):
+    one reward per sequence [B], float32 (Bradley-Terry reward model, Ouyang et al. 2022)."""
+    cfg: ModelConfig
+
+    def setup(self):
+        self.backbone = Transformer(self.cfg)
+        self.reward_head = ScalarHead(self.cfg)
+
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, token_types_BxL=None,
+                 deterministic: bool = True):
+        """-> rewards [B] (float32)."""
+        h_BxLxD = self.backbone.encode(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic, token_types_BxL)
+        if segment_ids_BxL is None:
+            segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
+        return self.reward_head(pool(h_BxLxD, segment_ids_BxL, "last"))
+
+
+class PolicyValue(nn.Module):
+    """A policy with a critic on its trunk (PPO): backbone + the LM logits + a per-token value head.
+    The value at input position t estimates the return from choosing target t onward. The policy alone is
+    `Transformer(cfg)` on `params['backbone']` (what the decoder samples with)."""
+    cfg: ModelConfig
+
+    def setup(self):
+        self.backbone = Transformer(self.cfg)
+        self.value_head = ScalarHead(self.cfg)
+
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True):
+        """-> (logits [B, L, V] float32, values [B, L] float32)."""
+        h_BxLxD = self.backbone.encode(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic)
+        return self.backbone.logits(h_BxLxD), self.value_head(h_BxLxD)

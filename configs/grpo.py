@@ -1,0 +1,52 @@
+"""GRPO on the verifiable tasks: G sampled answers per prompt, rewarded by exact match, from the SFT model.
+
+Each iteration samples rl.group_size completions for data.batch_size prompts with THE decoder, rewards
+them (rl.rewards, or rl.reward_model), normalises rewards within each prompt's group, and takes
+rl.epochs x (rows / rl.minibatch) clipped-surrogate updates with a KL penalty (beta = rl.kl_coef) to
+the SFT model. Eval: exact match of greedy answers to held-out prompts.
+
+Command:   python scripts/make_tasks.py --out=datasets/tasks
+           python train.py --config=configs/sft.py --workdir=runs/sft
+           python train.py --config=configs/grpo.py --workdir=runs/grpo --config.init_from=runs/sft
+           (`:tiny` gives a seconds-long smoke run)
+Runtime:   RUNTIME
+Result:    RESULT
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    c = common.base()
+    c.mode = "grpo"
+    common.model_size(c, "small")  # as configs/sft.py
+    c.init_from = "runs/sft"
+    c.data.path = "datasets/tasks/train.jsonl"
+    c.rl.val_path = "datasets/tasks/val.jsonl"
+    c.data.batch_size = 16  # prompts per iteration
+    c.rl.group_size = 8
+    c.rl.max_prompt_len = 96
+    c.rl.max_new_tokens = 16
+    c.rl.minibatch = 64
+    c.rl.kl_coef = 0.04
+    c.train.steps = 60  # iterations
+    c.train.log_every = 1
+    c.train.eval_every = 20
+    c.train.checkpoint_every = 20
+    c.optim.lr = 1e-5
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 0.0
+    common.apply_arg(c, arg)
+    if arg == "tiny":
+        c.init_from = ""
+        c.data.batch_size = 4
+        c.rl.group_size = 4
+        c.rl.minibatch = 8
+        c.rl.max_new_tokens = 8
+        c.rl.eval_generate = 4
+        c.train.steps = 4
+        c.train.log_every = 1
+        c.train.eval_every = 2
+        c.train.checkpoint_every = 2
+    return c

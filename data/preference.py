@@ -1,0 +1,106 @@
+"""Preference pairs for reward modeling and DPO: {"prompt", "chosen", "rejected"} -> paired rows.
+
+Each side is the two-turn chat `user: prompt -> assistant: response` rendered with the SFT
+template (data/chat.py), so a reward model or DPO policy warm-started from an SFT run reads
+exactly what it was trained on: `<|user|> prompt <|end|> <|assistant|> response <|end|>`.
+
+An example holds, for side in ('chosen', 'rejected'), the keys of data/pipeline.pack_window
+prefixed `chosen_` / `rejected_` (inputs, targets, positions, segment_ids, weights): one
+conversation per row, right-padded (segment id 0), weights = 1 on the response tokens and their
+closing <|end|> as targets (the tokens whose log-probs DPO sums). Plus `margin` (the record's
+optional numeric "margin" field, else 0; Llama 2's reward-model margin) and `weight` (1; eval
+padding rows get 0). The last real token of a row (the response's closing <|end|>) is where a
+reward head reads.
+
+Too long (a side over seq_len + 1 tokens): `too_long='drop'` skips the pair; 'truncate' keeps the
+first seq_len + 1 tokens of each side (the response's tail is lost), and drops the pair if either
+side has no response token left. Both are counted under their reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data import chat
+from data.pipeline import pack_window
+from data.sources import ReadStats
+from data.tokenizer import Tokenizer
+
+SIDES = ("chosen", "rejected")
+TOO_LONG = ("truncate", "drop")
+
+
+def conversation(record: dict, side: str) -> dict:
+    """The chat record of one side of a preference record (extra fields dropped)."""
+    return {"prompt": record["prompt"], "response": record[side]}
+
+
+def prompt_ids(record: dict, tok: Tokenizer) -> np.ndarray:
+    """The prompt as a generation prompt (ends with <|assistant|>): what a policy continues."""
+    return chat.render_prompt([{"role": "user", "content": record["prompt"]}], tok)
+
+
+def _side_row(ids: np.ndarray, mask: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    width = seq_len + 1
+    n = len(ids)
+    tokens = np.concatenate([ids, np.full(width - n, pad_id, np.int32)]).astype(np.int32)
+    segs = np.concatenate([np.ones(n, np.int32), np.zeros(width - n, np.int32)])
+    row = pack_window(tokens, segs)
+    row["weights"] = row["weights"] * np.concatenate([mask, np.zeros(width - n, np.float32)])[1:]
+    return row
+
+
+def margin_of(record: dict) -> float:
+    m = record.get("margin", 0.0)
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not np.isfinite(m):
+        raise ValueError(f"margin={m!r}: expected a finite number")
+    return float(m)
+
+
+def render_pair(record: dict, tok: Tokenizer, *, seq_len: int, too_long: str) -> tuple[dict | None, str]:
+    """One preference record -> (example, 'rendered' | 'truncated') or (None, the reason it was dropped)."""
+    if too_long not in TOO_LONG:
+        raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG}")
+    example, status = {}, "rendered"
+    for side in SIDES:
+        ids, mask = chat.render(conversation(record, side), tok)
+        if len(ids) > seq_len + 1:
+            if too_long == "drop":
+                return None, "too long"
+            ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+            status = "truncated"
+            if not mask[1:].any():
+                return None, "no response tokens after truncation"
+        for k, v in _side_row(ids, mask, seq_len, tok.pad_id).items():
+            example[f"{side}_{k}"] = v
+    example["margin"] = np.float32(margin_of(record))
+    example["weight"] = np.float32(1.0)
+    return example, status
+
+
+def render_split(records: list[tuple[str, dict]], tok: Tokenizer, stats: ReadStats, *, seq_len: int,
+                 too_long: str) -> list[dict]:
+    """Examples of (where, record) pairs; truncations and drops are counted in `stats.skipped`
+    ('truncated' pairs are kept, the others skipped). A bad margin raises naming the record."""
+    out = []
+    for where, record in records:
+        try:
+            example, status = render_pair(record, tok, seq_len=seq_len, too_long=too_long)
+        except (ValueError, chat.ChatError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        if status != "rendered":
+            stats.skipped[status] = stats.skipped.get(status, 0) + 1
+        if example is not None:
+            out.append(example)
+    return out
+
+
+def as_chat_record(record: dict) -> dict:
+    """A preference record as an SFT chat record (user prompt, assistant chosen) keeping "answer" and
+    "kind": the exact-match evaluation's problems (data/sft.generation_problems) come from these."""
+    out = {"messages": [{"role": "user", "content": record["prompt"]},
+                        {"role": "assistant", "content": record["chosen"]}]}
+    for key in ("answer", "kind"):
+        if key in record:
+            out[key] = record[key]
+    return out

@@ -1,0 +1,221 @@
+"""The on-policy iteration loop of modes 'grpo' and 'ppo', run inside the shared harness (harness.Run).
+
+One iteration (= one `step` of the run: checkpoints, logs, evals and train.steps count these):
+1. rollout: the next `data.batch_size` prompts of the checkpointed prompt iterator, `rl.group_size`
+   completions each from THE decoder (rl/rollout.py) with per-token sampler log-probs;
+2. rewards (rl/rewards.py: programmatic, or a reward model) on each completion's last token;
+3. the trainer's log-probs of the rollout (`old_logp`, and the critic's values for PPO) and the
+   reference's; their gap to the sampler's is logged (`rl/logp_diff_max`, `_mean`): before any update
+   they are the same policy, so it must be ~0;
+4. advantages: GRPO's group-normalised ones; PPO's GAE over per-token rewards (the sequence reward on
+   the last token minus kl_coef * KL per token), whitened;
+5. `rl.epochs` passes of shuffled minibatches of `rl.minibatch` rows through the jitted train step
+   (steps.make_train_step with the mode's loss: rl/objectives.py);
+6. metrics (JSONL + TensorBoard), guardrails (rl/guardrails.py), PPO's adaptive KL coefficient
+   (Ziegler et al. 2019), evaluation and checkpoints (with the KL coefficient as JSON `extra`).
+Everything random derives from (seed, iteration), so N iterations + resume + N more = 2N straight.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import checkpoint
+import sharding
+import steps
+import warmstart
+from data import chat, tasks
+from model import build, decode
+from model import lora as lora_lib
+from model.sampling import Sampling
+from rl import advantages as adv_lib
+from rl import guardrails, losses, rewards as rewards_lib, rollout as rollout_lib
+from rl import objectives as rl_objectives
+
+log = logging.getLogger("lmstack")
+
+
+def _forward(model, mesh, rules):
+    """(params, batch) -> (token log-probs [N, L], values or None), jitted, under the mesh."""
+    fn = jax.jit(functools.partial(rl_objectives.token_logps, model))
+
+    def run(params, batch):
+        with sharding.activate(mesh, rules):
+            return fn(params, batch)
+    return run
+
+
+def _in_minibatches(fn, params, rows: dict, size: int, batch_sharding) -> tuple[np.ndarray, np.ndarray | None]:
+    n = len(rows["inputs"])
+    logps, values = [], []
+    for lo in range(0, n, size):
+        mb = {k: v[lo:lo + size] for k, v in rows.items()}
+        lp, v = jax.device_get(fn(params, sharding.put_batch(mb, batch_sharding)))
+        logps.append(lp)
+        values.append(v)
+    return np.concatenate(logps), (None if values[0] is None else np.concatenate(values))
+
+
+def initial_params(run):
+    """The policy's params before any RL update (the fresh init + init_from's weights): a new run's
+    starting point, recomputed identically on resume for the frozen reference."""
+    config = run.config
+    state, _ = steps.init_state(run.model, run.tx, run.mesh, run.rules, config.seed, config.data.seq_len)
+    if config.init_from:
+        state = warmstart.warm_start(state, run.state_sh, config.init_from)
+    return state.params
+
+
+def reference(run):
+    """(reference model, its params) or None when the loss needs no reference (kl_coef 0, no target).
+    A LoRA policy's reference is its LoRA-disabled base (no copy); otherwise the initial policy."""
+    r = run.config.rl
+    if float(r.kl_coef) <= 0 and float(r.kl_target) <= 0:
+        return None
+    if isinstance(run.model, lora_lib.LoraModel):
+        base = jax.tree.map(lambda x: x.astype(jnp.float32), run.state.params["base"])
+        return run.model.inner, base
+    return build.language_model(run.model, initial_params(run))
+
+
+def iterate(run) -> int:
+    """Runs the RL iterations from run.start_step to train.steps (or stop_after); returns the last step."""
+    config, r = run.config, run.config.rl
+    tok, problems = run.inputs.tokenizer, run.inputs.prompts
+    end_id = tok.special_id(chat.END_TOKEN)
+    group, n_prompts = int(r.group_size), int(config.data.batch_size)
+    n_rows = n_prompts * group
+    minibatch = int(r.minibatch) or n_rows
+    width = int(r.max_prompt_len) + int(r.max_new_tokens) - 1
+    is_ppo = config.mode == "ppo"
+    policy_model, _ = build.language_model(run.model, run.state.params)
+    decoder = decode.Decoder(policy_model, batch=n_rows, cache_len=width + 1, mesh=run.mesh, rules=run.rules)
+    sampling = Sampling(temperature=float(r.temperature), top_p=float(r.top_p))
+    scorer = rewards_lib.RewardModelScorer(r.reward_model, tok) if r.reward_model else None
+    train_step = steps.make_train_step(model=run.model, tx=run.tx, objective=run.mode.loss(config),
+                                       schedule=run.schedule, accum=run.accum, mesh=run.mesh, rules=run.rules,
+                                       state_shardings=run.state_sh)
+    forward = _forward(run.model, run.mesh, run.rules)
+    ref = reference(run)
+    ref_forward = _forward(ref[0], run.mesh, run.rules) if ref else None
+    kl_coef = float(r.kl_coef)
+    if run.start_step:
+        kl_coef = float(checkpoint.restore_extra(run.mngr, run.start_step)["kl_coef"])
+    step, stop_at = run.start_step, min(config.train.steps, int(config.train.stop_after) or config.train.steps)
+    while step < stop_at:
+        step += 1
+        t0 = time.time()
+        # ---- 1. rollout ----------------------------------------------------------------------------
+        batch_problems = [problems[int(i)] for i in next(run.inputs.train_iter)["index"]]
+        policy_params = build.language_model(run.model, run.state.params)[1]
+        outs = rollout_lib.sample(decoder, policy_params, batch_problems, group=group, sampling=sampling,
+                                  seeds=rollout_lib.seeds_for(config.seed, step, n_rows),
+                                  max_new_tokens=int(r.max_new_tokens), stop_ids=[end_id])
+        ro = rollout_lib.to_rows(batch_problems, outs, group=group, width=width, pad_id=tok.pad_id,
+                                 stop_ids=[end_id], detokenize=tok.decode, mask_truncated=bool(r.mask_truncated))
+        t_rollout = time.time() - t0
+        # ---- 2. rewards ----------------------------------------------------------------------------
+        answers = [p.reference for p in ro.problem]
+        finishes = ro.finishes
+        if scorer is not None:
+            ids = np.concatenate([ro.rows["inputs"], ro.rows["targets"][:, -1:]], axis=1)
+            seg = np.concatenate([ro.rows["segment_ids"], ro.rows["segment_ids"][:, -1:]], axis=1)
+            last = ro.rows["segment_ids"].sum(axis=1)  # the last real token's index in ids
+            ids[np.arange(n_rows), last] = ro.rows["targets"][np.arange(n_rows), last - 1]
+            seg[np.arange(n_rows), last] = 1
+            rewards_N = scorer(ids, seg)
+        else:
+            rewards_N = rewards_lib.programmatic(r.rewards, ro.texts, answers, finishes, ro.lengths,
+                                                 length_penalty=float(r.length_penalty),
+                                                 length_target=int(r.length_target))
+        if scorer is not None and float(r.length_penalty):
+            rewards_N = rewards_N - float(r.length_penalty) * np.maximum(0, ro.lengths - int(r.length_target))
+        # ---- 3. the trainer's and the reference's log-probs ------------------------------------------
+        rows = {k: ro.rows[k] for k in ("inputs", "targets", "positions", "segment_ids", "mask")}
+        old_logp, old_values = _in_minibatches(forward, run.state.params, rows, minibatch, run.batch_sharding)
+        comp = ro.rows["completion"]
+        gap = np.abs(old_logp - ro.rows["sampler_logp"])[comp > 0]
+        batch = dict(rows, old_logp=old_logp.astype(np.float32))
+        scalars = {}
+        if ref_forward is not None:
+            ref_logp, _ = _in_minibatches(ref_forward, ref[1], rows, minibatch, run.batch_sharding)
+            batch["ref_logp"] = ref_logp.astype(np.float32)
+            kl_tok = np.asarray(losses.kl_estimate(old_logp, ref_logp, r.kl_estimator))
+            scalars["rl/kl"] = float((kl_tok * comp).sum() / max(comp.sum(), 1))
+        # ---- 4. advantages ---------------------------------------------------------------------------
+        if is_ppo:
+            token_rewards = rewards_lib.place_on_last_token(rewards_N, comp)
+            if ref_forward is not None:
+                token_rewards = token_rewards - kl_coef * kl_tok * comp
+            adv, returns = adv_lib.gae(token_rewards, old_values * comp, comp, float(r.gamma), float(r.lam))
+            if r.whiten_advantages:
+                adv = adv_lib.whiten(adv, batch["mask"])
+            batch.update(advantages=np.asarray(adv, np.float32), returns=np.asarray(returns, np.float32),
+                         old_values=(old_values * comp).astype(np.float32))
+            resid = (np.asarray(returns) - old_values)[comp > 0]
+            var_r = float(np.var(np.asarray(returns)[comp > 0])) if comp.any() else 0.0
+            scalars["rl/explained_variance"] = 1.0 - float(np.var(resid)) / var_r if var_r > 0 else 0.0
+            scalars["rl/value_mean"] = float(old_values[comp > 0].mean()) if comp.any() else 0.0
+        else:
+            batch["advantages"] = np.asarray(adv_lib.group_advantages(rewards_N, group, r.scale_rewards, r.baseline),
+                                             np.float32)
+            scalars["rl/zero_variance_groups"] = float(adv_lib.zero_variance_groups(rewards_N, group))
+        # ---- 5. epochs of minibatch updates ---------------------------------------------------------
+        t1 = time.time()
+        collected = []
+        for epoch in range(int(r.epochs)):
+            order = np.random.default_rng([int(config.seed), step, epoch]).permutation(n_rows)
+            for lo in range(0, n_rows, minibatch):
+                idx = order[lo:lo + minibatch]
+                mb = sharding.put_batch({k: v[idx] for k, v in batch.items()}, run.batch_sharding)
+                run.state, m = train_step(run.state, mb)
+                collected.append(m)
+        collected = jax.device_get(collected)
+        t_update = time.time() - t1
+        # ---- 6. metrics, guardrails, KL controller, eval, checkpoint ----------------------------------
+        mean = lambda key: float(np.mean([c[key] for c in collected]))  # noqa: E731
+        right = [tasks.exact_match(t, a) for t, a in zip(ro.texts, answers)]
+        scalars.update({
+            "train/loss": mean("loss"), "train/grad_norm": mean("grad_norm"), "train/lr": float(collected[-1]["lr"]),
+            "rl/pg_loss": mean("pg_loss"), "rl/entropy": mean("entropy"), "rl/clip_low": mean("clip_low"),
+            "rl/clip_high": mean("clip_high"), "rl/approx_kl": mean("approx_kl"), "rl/kl_coef": kl_coef,
+            "rl/reward_mean": float(np.mean(rewards_N)), "rl/reward_std": float(np.std(rewards_N)),
+            "rl/accuracy": float(np.mean(right)), "rl/length_mean": float(ro.lengths.mean()),
+            "rl/length_min": float(ro.lengths.min()), "rl/length_max": float(ro.lengths.max()),
+            "rl/truncated": float(np.mean([f == "length" for f in finishes])),
+            "rl/logp_diff_max": float(gap.max()) if gap.size else 0.0,
+            "rl/logp_diff_mean": float(gap.mean()) if gap.size else 0.0,
+            "perf/rollout_tokens_per_s": float(ro.lengths.sum()) / max(t_rollout, 1e-9),
+            "perf/update_tokens_per_s": int(r.epochs) * float(comp.sum()) / max(t_update, 1e-9),
+            "perf/iteration_s": time.time() - t0})
+        if is_ppo:
+            scalars["rl/value_loss"] = mean("value_loss")
+        action = run.nonfinite.check(step, int(collected[-1]["dropped"]), int(collected[-1]["last_dropped"]))
+        run.write(step, scalars)
+        guardrails.apply(guardrails.check(step, scalars, r), r.on_anomaly)
+        if is_ppo and float(r.kl_target) > 0 and "rl/kl" in scalars:
+            kl_coef = adaptive_kl(kl_coef, scalars["rl/kl"], float(r.kl_target), float(r.kl_horizon), n_rows)
+        if action == "rollback" and (back := run.rollback(step)) is not None:
+            step = back
+            kl_coef = float(checkpoint.restore_extra(run.mngr, back)["kl_coef"])
+            continue
+        if step % config.train.eval_every == 0 or step == stop_at:
+            run.evaluate(step, None)
+        if run.guard.received:
+            run.save(step, force=True, extra={"kl_coef": kl_coef})
+            break
+        if step % config.train.checkpoint_every == 0 or step == stop_at:
+            run.save(step, force=step == stop_at, extra={"kl_coef": kl_coef})
+    return step
+
+
+def adaptive_kl(coef: float, kl: float, target: float, horizon: float, n: int) -> float:
+    """Ziegler et al. (2019): coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n / horizon)

@@ -1,0 +1,80 @@
+"""The RL train-step losses (pure, jitted by steps.make_train_step): GRPO's and PPO's.
+
+Both read a batch of rollout rows (rl/rollout.py): `inputs/targets/positions/segment_ids` [N, L],
+`mask` [N, L] (1 on the completion tokens that get a loss), `old_logp` [N, L] (the policy's log-probs
+of those tokens before this iteration's updates: the importance-ratio denominator), plus
+- GRPO: `advantages` [N] (one per completion, rl/advantages.group_advantages) and, with beta > 0,
+  `ref_logp` [N, L] (the reference policy's): loss = aggregate(clipped surrogate + beta * KL);
+- PPO: `advantages`, `returns`, `old_values` [N, L] (GAE over per-token rewards that already hold the
+  KL penalty): loss = aggregate(clipped surrogate) + vf_coef * aggregate(clipped value loss)
+  - entropy_coef * aggregate(entropy).
+Metrics are means over the masked tokens (a minibatch's); the loop averages them over minibatches.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from objectives import token_nll
+from rl import losses
+
+
+def _apply(model, params, batch, rng):
+    rngs = None if rng is None else {"dropout": rng}
+    return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                       deterministic=rng is None, rngs=rngs)
+
+
+def _policy_metrics(logits_NxLxV, logp_NxL, batch, clip_low_NxL, clip_high_NxL) -> dict:
+    mask_NxL = batch["mask"]
+    log_ratio_NxL = logp_NxL - batch["old_logp"]
+    return {"entropy": losses.masked_mean(losses.entropy(logits_NxLxV), mask_NxL),
+            "clip_low": losses.masked_mean(clip_low_NxL, mask_NxL),
+            "clip_high": losses.masked_mean(clip_high_NxL, mask_NxL),
+            "approx_kl": losses.masked_mean(0.5 * log_ratio_NxL ** 2, mask_NxL),
+            "tokens": jnp.sum(mask_NxL.astype(jnp.float32))}
+
+
+def grpo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip: float, beta: float,
+         kl_estimator: str, aggregation: str, max_len: int):
+    """GRPO (Shao et al. 2024) with clip-higher (DAPO) and the aggregation of `aggregation`."""
+    logits_NxLxV = _apply(model, params, batch, rng)
+    logp_NxL = -token_nll(logits_NxLxV, batch["targets"])
+    adv_NxL = jnp.broadcast_to(batch["advantages"][:, None], logp_NxL.shape)
+    pg_NxL, low_NxL, high_NxL = losses.clipped_surrogate(logp_NxL, batch["old_logp"], adv_NxL, eps_low, eps_high,
+                                                         dual_clip)
+    metrics = _policy_metrics(logits_NxLxV, logp_NxL, batch, low_NxL, high_NxL)
+    per_token_NxL = pg_NxL
+    if beta > 0:
+        kl_NxL = losses.kl_estimate(logp_NxL, batch["ref_logp"], kl_estimator)
+        per_token_NxL = per_token_NxL + beta * kl_NxL
+        metrics["kl"] = losses.masked_mean(kl_NxL, batch["mask"])
+    loss = losses.aggregate(per_token_NxL, batch["mask"], aggregation, max_len)
+    metrics.update(loss=loss, pg_loss=losses.aggregate(pg_NxL, batch["mask"], aggregation, max_len))
+    return loss, metrics
+
+
+def ppo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip: float, value_clip: float,
+        vf_coef: float, entropy_coef: float, aggregation: str, max_len: int):
+    """PPO (Schulman et al. 2017) with a value head on the policy's trunk (rl/ppo's critic)."""
+    logits_NxLxV, values_NxL = _apply(model, params, batch, rng)
+    logp_NxL = -token_nll(logits_NxLxV, batch["targets"])
+    mask_NxL = batch["mask"]
+    pg_NxL, low_NxL, high_NxL = losses.clipped_surrogate(logp_NxL, batch["old_logp"], batch["advantages"], eps_low,
+                                                         eps_high, dual_clip)
+    vf_NxL = losses.value_loss(values_NxL, batch["old_values"], batch["returns"], value_clip)
+    metrics = _policy_metrics(logits_NxLxV, logp_NxL, batch, low_NxL, high_NxL)
+    pg = losses.aggregate(pg_NxL, mask_NxL, aggregation, max_len)
+    vf = losses.aggregate(vf_NxL, mask_NxL, aggregation, max_len)
+    loss = pg + vf_coef * vf
+    if entropy_coef:
+        loss = loss - entropy_coef * losses.aggregate(losses.entropy(logits_NxLxV), mask_NxL, aggregation, max_len)
+    metrics.update(loss=loss, pg_loss=pg, value_loss=vf)
+    return loss, metrics
+
+
+def token_logps(model, params, batch):
+    """(log-probs of the targets [N, L] float32, values [N, L] or None): the trainer's view of a rollout."""
+    out = _apply(model, params, batch, None)
+    logits_NxLxV, values_NxL = out if isinstance(out, tuple) else (out, None)
+    return -token_nll(logits_NxLxV, batch["targets"]), values_NxL

@@ -1,0 +1,104 @@
+"""Rewards of RL completions: named programmatic rewards, and a trained reward model's scores.
+
+A programmatic reward is a pure function `(completion text, reference answer, finish reason,
+completion length in tokens) -> float`. `PROGRAMMATIC` names them (the config's `rl.rewards`
+lists which to add up):
+- 'exact_match': 1 when the text (up to the stop token) equals the answer ignoring surrounding
+  whitespace (data/tasks.exact_match), else 0.
+- 'format': 1 when the completion ended on its own (finish 'stop': it produced the end token) and
+  is not empty, else 0.
+`rl.length_penalty` subtracts coef * max(0, tokens - rl.length_target) on top.
+
+A reward-model run (`rl.reward_model=RUNDIR`, mode 'reward') scores the rendered conversation
+`<|user|> prompt <|end|> <|assistant|> completion` at its last token (the completion's <|end|>
+when it stopped), exactly as it was trained (data/preference.py). The scorer refuses a run whose
+tokenizer differs from the policy's (its ids would be read as other tokens).
+
+Every reward lands on the completion's LAST REAL token (the one that ended it), never on padding:
+`place_on_last_token`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import checkpoint
+from data import tasks
+from data import tokenizer as tokenizer_lib
+from model import build
+
+
+def exact_match(text: str, answer: str, finish: str, n_tokens: int) -> float:
+    del finish, n_tokens
+    return 1.0 if tasks.exact_match(text, answer) else 0.0
+
+
+def well_formed(text: str, answer: str, finish: str, n_tokens: int) -> float:
+    del answer, n_tokens
+    return 1.0 if finish == "stop" and text.strip() else 0.0
+
+
+PROGRAMMATIC = {"exact_match": exact_match, "format": well_formed}
+
+
+def check_names(names) -> None:
+    for name in names:
+        if name not in PROGRAMMATIC:
+            raise ValueError(f"rl.rewards: {name!r} is not a programmatic reward; expected some of {sorted(PROGRAMMATIC)}")
+
+
+def programmatic(names, texts, answers, finishes, lengths, *, length_penalty: float = 0.0,
+                 length_target: int = 0) -> np.ndarray:
+    """The sum of the named rewards (minus the length penalty) per completion, float32 [N]."""
+    out = np.zeros(len(texts), np.float32)
+    for i, (text, answer, finish, n) in enumerate(zip(texts, answers, finishes, lengths)):
+        out[i] = sum(PROGRAMMATIC[name](text, answer, finish, n) for name in names)
+        out[i] -= length_penalty * max(0, n - length_target)
+    return out
+
+
+def place_on_last_token(rewards_N: np.ndarray, mask_NxL: np.ndarray) -> np.ndarray:
+    """[N] sequence rewards -> [N, L] per-token rewards: all of it on each row's last masked (real
+    completion) token, 0 elsewhere; a row without a completion token gets nothing."""
+    mask = np.asarray(mask_NxL) > 0
+    out = np.zeros(mask.shape, np.float32)
+    has = mask.any(axis=1)
+    last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)
+    out[np.nonzero(has)[0], last[has]] = np.asarray(rewards_N, np.float32)[has]
+    return out
+
+
+class RewardModelScorer:
+    """A trained reward model (mode 'reward' run) scoring token rows; compiled once per row shape."""
+
+    def __init__(self, workdir: str, policy_tok: tokenizer_lib.Tokenizer):
+        saved, params, step = checkpoint.load_for_inference(workdir)
+        if saved.get("mode") != "reward":
+            raise ValueError(f"rl.reward_model={workdir!r} is a mode={saved.get('mode')!r} run, not a reward model")
+        tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
+        if tok.to_json() != policy_tok.to_json():
+            raise ValueError(f"rl.reward_model={workdir!r} has a {tok.kind!r} tokenizer of {tok.vocab_size} ids that "
+                             f"differs from the policy's ({policy_tok.kind!r}, {policy_tok.vocab_size} ids)")
+        self.workdir, self.step = workdir, step
+        self.model = build.reward_model(ml_collections.ConfigDict(saved), tok.vocab_size)
+        self.params = jax.device_put(params, jax.devices()[0])
+        self._score = jax.jit(functools.partial(_score, self.model))
+
+    def __call__(self, tokens_NxL: np.ndarray, segment_ids_NxL: np.ndarray) -> np.ndarray:
+        """Rewards [N] of right-padded rows (segment id 1 on real tokens, 0 on padding)."""
+        positions = np.broadcast_to(np.arange(tokens_NxL.shape[1], dtype=np.int32), tokens_NxL.shape)
+        return np.asarray(self._score(self.params, tokens_NxL, positions, segment_ids_NxL))
+
+    def describe(self) -> str:
+        return json.dumps({"reward_model": self.workdir, "step": int(self.step)})
+
+
+def _score(model, params, tokens_NxL, positions_NxL, segment_ids_NxL):
+    return model.apply({"params": params}, jnp.asarray(tokens_NxL), positions_NxL, segment_ids_NxL)
