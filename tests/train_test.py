@@ -13,7 +13,7 @@ from conftest import tiny_config
 import checkpoint
 import resilience
 import train
-from configs import finetune_classify, finetune_qa, pretrain_causal, pretrain_mlm, sft
+from configs import dpo, finetune_classify, finetune_qa, pretrain_causal, pretrain_mlm, reward, sft
 from metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +57,16 @@ def _chat_jsonl(path, n, seed):
     return str(path)
 
 
+def _pref_jsonl(path, n, seed):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            w = "".join(rng.choice(list("abcdefgh"), int(rng.integers(2, 9)), replace=False))
+            good = "".join(sorted(w))
+            f.write(json.dumps({"prompt": f"sort {w}", "chosen": good, "rejected": good[::-1]}) + "\n")
+    return str(path)
+
+
 def _qa_jsonl(path, n, seed):
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
@@ -67,10 +77,10 @@ def _qa_jsonl(path, n, seed):
     return str(path)
 
 
-@pytest.mark.parametrize("mode", ["causal", "mlm", "classify", "qa", "sft", "sft_lora"])
+@pytest.mark.parametrize("mode", ["causal", "mlm", "classify", "qa", "sft", "sft_lora", "reward", "dpo"])
 def test_resume_is_exact(corpus_dir, tmp_path, mode):
     module = {"causal": pretrain_causal, "mlm": pretrain_mlm, "classify": finetune_classify, "qa": finetune_qa,
-              "sft": sft, "sft_lora": sft}[mode]
+              "sft": sft, "sft_lora": sft, "reward": reward, "dpo": dpo}[mode]
     straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
     kw = dict(train__steps=6, train__log_every=1, train__eval_every=100, train__checkpoint_every=100,
               model__dropout=0.1)
@@ -85,6 +95,9 @@ def test_resume_is_exact(corpus_dir, tmp_path, mode):
         kw.update(sft__val_path=_chat_jsonl(tmp_path / "val.jsonl", 16, 1), sft__eval_generate=4)
         if mode == "sft_lora":
             kw.update(lora__rank=2)
+    if mode in ("reward", "dpo"):  # their :tiny configs: no init_from (dpo: SimPO, reference-free)
+        corpus_dir = _pref_jsonl(tmp_path / "train.jsonl", 64, 0)
+        kw["pref__val_path"] = _pref_jsonl(tmp_path / "val.jsonl", 16, 1)
     train.train_and_evaluate(tiny_config(corpus_dir, module, **kw), straight)
     train.train_and_evaluate(tiny_config(corpus_dir, module, train__stop_after=3, **kw), stopped)
     assert sorted(os.listdir(os.path.join(stopped, "checkpoints"))) == ["3"]

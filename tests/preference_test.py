@@ -1,0 +1,389 @@
+"""Modes 'reward' and 'dpo': pair rendering, the Bradley-Terry and DPO-family objectives on hand-built
+batches, the cached reference log-probs, end-to-end runs warm-started from a tiny SFT run, config errors,
+and scripts/score.py on the trained reward model."""
+
+import functools
+import glob
+import json
+import logging
+import math
+import os
+import random
+import re
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from absl import flags
+from conftest import tiny_config
+
+import checkpoint
+import inputs as inputs_lib
+import objectives
+import train
+from configs import dpo as dpo_config, reward as reward_config, sft as sft_config
+from data import chat, preference, tasks
+from data.sources import ReadStats
+from data.tokenizer import ByteTokenizer
+from metrics import read_jsonl
+from model import build
+from rl import reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import score  # noqa: E402
+
+SEQ_LEN = 64
+TOK = ByteTokenizer()
+END = TOK.special_id(chat.END_TOKEN)
+
+
+def _write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+# ---- Rendering ------------------------------------------------------------------------------------
+
+def _check_side(example, side, record):
+    """Weights are 1 exactly on the response tokens and the closing <|end|> as targets; the last real
+    input token is that <|end|>."""
+    prompt_len = len(TOK.encode(record["prompt"]))
+    n = prompt_len + len(TOK.encode(record[side])) + 4  # <|user|> prompt <|end|> <|assistant|> response <|end|>
+    target_index = np.arange(1, SEQ_LEN + 1)  # weights[j] belongs to token j + 1 of the conversation
+    want = ((target_index >= prompt_len + 3) & (target_index <= n - 1)).astype(np.float32)
+    np.testing.assert_array_equal(example[f"{side}_weights"], want)
+    weighted = example[f"{side}_targets"][want > 0]
+    assert TOK.decode(weighted[:-1].tolist()) == record[side] and weighted[-1] == END
+    seg = example[f"{side}_segment_ids"]
+    last = int(np.max(np.nonzero(seg)[0]))
+    assert last == n - 1 and example[f"{side}_inputs"][last] == END and (seg[:n] == 1).all()
+    assert example[f"{side}_inputs"][0] == TOK.special_id("<|user|>")
+
+
+def test_render_pair_weights_and_last_token():
+    record = {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "six", "margin": 2}
+    example, status = preference.render_pair(record, TOK, seq_len=SEQ_LEN, too_long="truncate")
+    assert status == "rendered" and example["margin"] == 2.0 and example["weight"] == 1.0
+    for side in preference.SIDES:
+        _check_side(example, side, record)
+        assert example[f"{side}_inputs"].shape == (SEQ_LEN,) and example[f"{side}_inputs"].dtype == np.int32
+    assert preference.render_pair({k: v for k, v in record.items() if k != "margin"}, TOK, seq_len=SEQ_LEN,
+                                  too_long="drop")[0]["margin"] == 0.0
+
+
+def test_truncation_drops_and_bad_margins_are_counted_or_named():
+    short = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    long_ = {"prompt": "p", "chosen": "c" * 80, "rejected": "b"}  # 85 tokens > seq_len + 1
+    cut = {"prompt": "q" * 80, "chosen": "a", "rejected": "b"}  # no response token survives
+    records = [("f.jsonl:1", short), ("f.jsonl:2", long_), ("f.jsonl:3", cut)]
+    stats = ReadStats()
+    examples = preference.render_split(records, TOK, stats, seq_len=SEQ_LEN, too_long="truncate")
+    assert len(examples) == 2
+    assert stats.skipped == {"truncated": 1, "no response tokens after truncation": 1}
+    full, _ = chat.render(preference.conversation(long_, "chosen"), TOK)
+    ex = examples[1]
+    kept = np.concatenate([ex["chosen_inputs"], ex["chosen_targets"][-1:]])  # the seq_len + 1 tokens kept
+    np.testing.assert_array_equal(kept, full[:SEQ_LEN + 1])
+    assert ex["chosen_segment_ids"].all() and ex["chosen_weights"][-1] == 1.0  # the row is full, the tail trained
+    _check_side(ex, "rejected", long_)  # the short side is whole
+    stats = ReadStats()
+    assert len(preference.render_split(records, TOK, stats, seq_len=SEQ_LEN, too_long="drop")) == 1
+    assert stats.skipped == {"too long": 2}
+    for bad in ("x", True, float("inf")):
+        with pytest.raises(ValueError, match=re.escape(f"f.jsonl:7: margin={bad!r}")):
+            preference.render_split([("f.jsonl:7", {**short, "margin": bad})], TOK, ReadStats(),
+                                    seq_len=SEQ_LEN, too_long="truncate")
+
+
+@pytest.mark.xfail(strict=True, reason="a side of exactly seq_len + 1 tokens fits, but its closing <|end|> is "
+                   "only a target: the reward head reads the response's last character (see report)")
+def test_a_side_of_seq_len_plus_one_tokens_still_ends_on_end_token():
+    record = {"prompt": "ab", "chosen": "xyz", "rejected": "q"}
+    n = len(chat.render(preference.conversation(record, "chosen"), TOK)[0])
+    example, status = preference.render_pair(record, TOK, seq_len=n - 1, too_long="truncate")
+    last = int(np.max(np.nonzero(example["chosen_segment_ids"])[0]))
+    assert example["chosen_inputs"][last] == END or status != "rendered"
+
+
+# ---- Objectives on hand-built batches -------------------------------------------------------------
+
+class FixedRewards:
+    """A stub reward model: the rewards [2B] (chosen rows, then rejected rows) are its params."""
+
+    def apply(self, variables, tokens_BxL, positions_BxL, segment_ids_BxL, deterministic=True, rngs=None):
+        assert tokens_BxL.shape[0] == variables["params"]["r"].shape[0]
+        return variables["params"]["r"]
+
+
+def _pref_batch(records, seq_len=SEQ_LEN, weights=None):
+    examples = [preference.render_pair(r, TOK, seq_len=seq_len, too_long="truncate")[0] for r in records]
+    batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+    if weights is not None:
+        batch["weight"] = np.asarray(weights, np.float32)
+    return batch
+
+
+RECORDS = [{"prompt": "What is 12 + 30?", "chosen": "42", "rejected": "52", "margin": 0.5},
+           {"prompt": "Reverse 'abc'.", "chosen": "cba", "rejected": "bca"},
+           {"prompt": "Sort 'dcab'.", "chosen": "abcd", "rejected": "abdc", "margin": 1.0},
+           {"prompt": "Count 'a' in 'aab'.", "chosen": "2", "rejected": "3"}]
+
+
+def test_bradley_terry_loss_margin_weights_gradient_and_centering():
+    batch = _pref_batch(RECORDS, weights=[1, 1, 1, 0])  # the last pair is padding
+    rc, rr = np.array([1.0, -0.5, 2.0, 50.0], np.float32), np.array([0.0, 0.5, 1.5, -50.0], np.float32)
+    params = {"r": jnp.asarray(np.concatenate([rc, rr]))}
+    margin = np.array([0.5, 0.0, 1.0, 0.0])
+    want = np.mean([-math.log(1 / (1 + math.exp(-(c - r - m)))) for c, r, m in zip(rc[:3], rr[:3], margin[:3])])
+    loss, metrics = objectives.reward(params, batch, None, model=FixedRewards())
+    assert float(loss) == pytest.approx(want, rel=1e-6) and float(metrics["pairs"]) == 3
+    assert float(metrics["correct_sum"]) == 2 and float(metrics["margin_sum"]) == pytest.approx(1.0 - 1.0 + 0.5)
+    grad = np.asarray(jax.grad(lambda p: objectives.reward(p, batch, None, model=FixedRewards())[0])(params)["r"])
+    assert (grad[:3] < 0).all() and (grad[4:7] > 0).all()  # chosen pushed up, rejected down
+    assert grad[3] == 0 and grad[7] == 0  # the zero-weight pair is ignored
+    centered, m2 = objectives.reward(params, batch, None, model=FixedRewards(), center_coef=0.1)
+    assert float(centered) == pytest.approx(want + 0.1 * np.mean((rc[:3] + rr[:3]) ** 2), rel=1e-6)
+    assert float(m2["bt_loss"]) == pytest.approx(want, rel=1e-6)
+
+
+SIMPO_BETA, SIMPO_GAMMA = 2.0, 0.5
+
+
+@pytest.fixture(scope="module")
+def at_reference():
+    """A tiny random causal LM whose batch carries its own reference log-probs (rl/reference.sequence_logps on
+    the same params): the batch, dpo's sigmoid / ipo / simpo (loss, metrics), and each side's logits. One
+    compiled program (compiles dominate the time of these tests)."""
+    cfg = tiny_config("unused", sft_config, data__seq_len=SEQ_LEN)
+    model = build.causal_lm(cfg, TOK.vocab_size, TOK.base_size)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, SEQ_LEN), jnp.int32))["params"])
+    batch = _pref_batch(RECORDS, weights=[1, 1, 1, 0])
+
+    @jax.jit
+    def run(params, batch):
+        batch = dict(batch, ref_known=jnp.ones_like(batch["weight"]))
+        logits = {}
+        for side in preference.SIDES:
+            rows = {k: batch[f"{side}_{k}"] for k in reference.ROW_KEYS}
+            batch[f"ref_{side}_logp"] = reference.sequence_logps(model, params, rows)[0]
+            logits[side] = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"])
+        dpo = functools.partial(objectives.dpo, params, batch, None, model=model)
+        simpo_batch = {**batch, "ref_chosen_logp": jnp.full(4, 123.0)}  # ignored by simpo
+        return {"sigmoid": dpo(loss="sigmoid", beta=0.1), "ipo": dpo(loss="ipo", beta=0.1),
+                "simpo": objectives.dpo(params, simpo_batch, None, model=model, loss="simpo", beta=SIMPO_BETA,
+                                        simpo_gamma=SIMPO_GAMMA), "logits": logits}
+    return batch, jax.device_get(run(params, batch))
+
+
+def test_dpo_at_the_reference_and_simpo_by_hand(at_reference):
+    batch, out = at_reference
+    loss, metrics = out["sigmoid"]
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-5) and float(metrics["pairs"]) == 3
+    assert float(metrics["chosen_logp_change_sum"]) == pytest.approx(0.0, abs=1e-4)
+    assert float(out["ipo"][0]) == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-5)
+    # SimPO: -log sigmoid(beta (mean chosen log-prob - mean rejected log-prob) - gamma), no reference
+    lp, n = {}, {}
+    for side in preference.SIDES:
+        logits = out["logits"][side].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        tok_lp = np.take_along_axis(logp, batch[f"{side}_targets"][..., None], -1)[..., 0]
+        lp[side], n[side] = (tok_lp * batch[f"{side}_weights"]).sum(-1), batch[f"{side}_weights"].sum(-1)
+    z = SIMPO_BETA * (lp["chosen"] / n["chosen"] - lp["rejected"] / n["rejected"]) - SIMPO_GAMMA
+    want = np.mean(np.log1p(np.exp(-z[:3])))  # the zero-weight pair left out
+    assert float(out["simpo"][0]) == pytest.approx(want, rel=1e-5)
+    assert abs(want - math.log1p(math.exp(SIMPO_GAMMA))) > 1e-3  # the normalised log-probs mattered
+
+
+@pytest.mark.xfail(strict=True, reason="rl/reference.sequence_logps computes log_softmax + gather, objectives.dpo "
+                   "logsumexp - logit: at policy == reference the implicit rewards differ by float noise (~1e-7) "
+                   "and some pairs count as correct (see report)")
+def test_dpo_accuracy_counts_no_pair_correct_at_the_reference(at_reference):
+    _, out = at_reference
+    assert float(out["sigmoid"][1]["correct_sum"]) == 0
+
+
+# ---- End to end: SFT -> reward / DPO ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    splits = tasks.make_splits(0, {"train": 64, "val": 16}, kinds=("add", "reverse"))  # (nearly) all fit SEQ_LEN
+    rng = random.Random(0)
+    files = {}
+    for name, problems in splits.items():
+        files[f"{name}_sft"] = _write_jsonl(d / f"{name}_sft.jsonl", [tasks.sft_record(p) for p in problems])
+        files[f"{name}_pref"] = _write_jsonl(d / f"{name}_pref.jsonl",
+                                             [tasks.preference_record(p, rng) for p in problems])
+    return files
+
+
+@pytest.fixture(scope="module")
+def sft_run(task_files, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("sft") / "run")
+    train.train_and_evaluate(tiny_config(task_files["train_sft"], sft_config, sft__val_path=task_files["val_sft"],
+                                         data__seq_len=SEQ_LEN, train__steps=2, optim__warmup_steps=1,
+                                         sft__eval_generate=0), run)
+    return run
+
+
+def _pref_cfg(module, task_files, **kw):
+    base = dict(pref__val_path=task_files["val_pref"], data__seq_len=SEQ_LEN)
+    return tiny_config(task_files["train_pref"], module, **{**base, **kw})
+
+
+def _dpo_cfg(task_files, sft_run, **kw):
+    return _pref_cfg(dpo_config, task_files, **{**_DPO_KW, "init_from": sft_run, **kw})
+
+
+_DPO_KW = dict(dpo__loss="sigmoid", pref__eval_generate=0)
+
+
+def test_dpo_starts_at_its_cached_reference(task_files, sft_run, tmp_path, monkeypatch, caplog):
+    run = str(tmp_path / "dpo")
+    cfg = _dpo_cfg(task_files, sft_run, train__steps=2, train__log_every=1, train__eval_every=2, optim__warmup_steps=1)
+    out = train.train_and_evaluate(cfg, run)
+    first = read_jsonl(os.path.join(run, "metrics.jsonl"))[0]
+    assert first["step"] == 1 and first["train/loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+    assert out["step"] == 2 and "eval/chosen_logp_change" in out
+    caches = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run, "reference_logps_*.npz")))
+    assert [c.split("_")[2] for c in caches] == ["train", "val"]
+    # a second read of the same pairs takes the cache: nothing is computed
+    def no_compute(*a, **k):
+        raise AssertionError("reference log-probs recomputed despite the cache")
+    with monkeypatch.context() as m:
+        m.setattr(reference, "sequence_logps", no_compute)
+        with caplog.at_level(logging.INFO, logger="lmstack"):
+            again = inputs_lib.dpo_inputs(cfg, run, cfg.data.batch_size)
+    assert caplog.text.count("cached in") == 2
+    z = np.load(os.path.join(run, caches[1]))
+    np.testing.assert_array_equal(np.concatenate([b["ref_chosen_logp"] for b in again.eval_batches])[:len(z["chosen"])],
+                                  z["chosen"])
+    # one changed training record: a new training cache beside the old one; validation's is reused
+    records = [json.loads(line) for line in open(task_files["train_pref"])]
+    records[5]["rejected"] += "9"
+    changed = _write_jsonl(tmp_path / "changed.jsonl", records)
+    inputs_lib.dpo_inputs(tiny_config(changed, dpo_config, pref__val_path=task_files["val_pref"], data__seq_len=SEQ_LEN,
+                                      init_from=sft_run, **_DPO_KW), run, 8)
+    after = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run, "reference_logps_*.npz")))
+    assert len(after) == 3 and set(caches) < set(after) and [c.split("_")[2] for c in after].count("train") == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(dpo__loss="bogus"), "dpo.loss='bogus'"),
+    (dict(dpo__beta=0.0), "dpo.beta=0.0"),
+    (dict(dpo__label_smoothing=0.5), "dpo.label_smoothing=0.5"),
+    (dict(init_from=""), "dpo.loss='sigmoid' compares the policy with a reference model"),
+])
+def test_dpo_config_errors_name_the_value_before_writing(task_files, sft_run, tmp_path, override, message):
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.train_and_evaluate(_dpo_cfg(task_files, sft_run, **override), str(run))
+    assert not (run / "checkpoints").exists() and not glob.glob(str(run / "reference_logps_*"))
+
+
+@pytest.mark.xfail(strict=True, reason="inputs.check_dpo lets dpo.loss='ipo' with label_smoothing > 0 through: "
+                   "rl/losses refuses it only when the train step is traced, after the reference log-probs and the "
+                   "checkpoints directory were written (see report)")
+def test_ipo_with_label_smoothing_is_refused_by_check_dpo(task_files):
+    with pytest.raises(ValueError, match=re.escape("dpo.label_smoothing=0.1")):
+        inputs_lib.check_dpo(_dpo_cfg(task_files, "unused", dpo__loss="ipo", dpo__label_smoothing=0.1))
+
+
+@pytest.fixture(scope="module")
+def reward_run(task_files, sft_run, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("rm") / "run")
+    out = train.train_and_evaluate(_pref_cfg(reward_config, task_files, init_from=sft_run, train__steps=4,
+                                             optim__lr=1e-3), run)
+    return run, out
+
+
+def test_reward_run_warm_starts_trains_and_reports(reward_run, sft_run):
+    run, out = reward_run
+    assert out["step"] == 4
+    evals = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if "eval/accuracy" in r]
+    assert evals and evals[-1]["step"] == 4
+    for key in ("eval/loss", "eval/accuracy", "eval/margin", "eval/reward_mean", "eval/reward_std"):
+        assert np.isfinite(evals[-1][key]), key
+    assert 0 <= evals[-1]["eval/accuracy"] <= 1 and evals[-1]["eval/reward_std"] > 0
+    _, sft_params, _ = checkpoint.load_for_inference(sft_run)
+    _, params, _ = checkpoint.load_for_inference(run)
+    assert set(params) == {"backbone", "reward_head"}
+    # 4 Adam steps at lr <= 1e-3 move a weight by < 5e-3: the backbone is the SFT model's, not a fresh init
+    flat_sft = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(sft_params)[0]}
+    flat_rm = jax.tree_util.tree_flatten_with_path(params["backbone"])[0]
+    assert len(flat_rm) == len(flat_sft)
+    for k, v in flat_rm:
+        np.testing.assert_allclose(np.asarray(v), np.asarray(flat_sft[jax.tree_util.keystr(k)]), atol=5e-3)
+    assert np.abs(np.asarray(params["reward_head"]["out"]["kernel"])).max() > 0  # the zero-init head moved
+
+
+# ---- scripts/score.py -----------------------------------------------------------------------------
+
+def _score(monkeypatch, capsys, **flag_values):
+    fv = flags.FlagValues()
+    score.define_flags(fv)
+    fv(["score.py"] + [f"--{k}={v}" for k, v in flag_values.items()])
+    monkeypatch.setattr(score, "FLAGS", fv)
+    rc = score.main([])
+    return rc, capsys.readouterr()
+
+
+def test_score_matches_the_training_objective(reward_run, task_files, tmp_path, monkeypatch, capsys):
+    run, _ = reward_run
+    pairs = [r for r in map(json.loads, open(task_files["val_pref"])) if r["kind"] == "add"][:5]  # none cut
+    pairs.append({"prompt": "p" * 30, "chosen": "c" * 60, "rejected": "r"})  # truncated: 95 tokens > 65
+    singles = [{"prompt": r["prompt"], "response": r["chosen"], "id": i} for i, r in enumerate(pairs)]
+    data = _write_jsonl(tmp_path / "mixed.jsonl", pairs + singles)
+    out = tmp_path / "scored.jsonl"
+    rc, cap = _score(monkeypatch, capsys, workdir=run, data=data, out=out, batch_size=4)
+    assert rc == 0 and cap.out == ""
+    rows = [json.loads(line) for line in open(out)]
+    assert len(rows) == 12 and rows[6]["id"] == 0 and rows[0]["kind"] == pairs[0]["kind"]  # order and fields kept
+    # the training objective's rewards for the same pairs
+    config, params, _ = checkpoint.load_for_inference(run)
+    model = build.reward_model(ml_collections.ConfigDict(config), TOK.vocab_size)
+    batch = _pref_batch(pairs)
+
+    @jax.jit
+    def training_rewards(params, batch):  # the rewards objectives.reward computes, and its metrics
+        rows = objectives._both_sides(batch)
+        r = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"])
+        return r, objectives.reward(params, batch, None, model=model)[1]
+    r, metrics = jax.device_get(training_rewards(params, batch))
+    got_c = np.array([row["reward_chosen"] for row in rows[:6]])
+    got_r = np.array([row["reward_rejected"] for row in rows[:6]])
+    np.testing.assert_allclose(got_c, r[:6], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_r, r[6:], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([row["reward"] for row in rows[6:]], got_c, rtol=1e-5, atol=1e-6)
+    summary = json.loads(cap.err.strip().splitlines()[-1])
+    assert summary["records"] == 12 and summary["pairs"] == 6 and summary["truncated"] == 2
+    assert summary["accuracy"] == pytest.approx(float(metrics["correct_sum"]) / 6)
+    every = np.concatenate([got_c, got_r, got_c])
+    assert summary["mean"] == pytest.approx(every.mean(), rel=1e-4, abs=1e-6)
+    assert summary["std"] == pytest.approx(every.std(), rel=1e-3, abs=1e-6)
+    # stdout when no --out
+    rc, cap = _score(monkeypatch, capsys, workdir=run, data=data, batch_size=4)
+    assert rc == 0 and [json.loads(line) for line in cap.out.splitlines()] == rows
+
+
+def test_score_errors_exit_1_and_write_nothing(reward_run, sft_run, task_files, tmp_path, monkeypatch, capsys):
+    run, _ = reward_run
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "response": "b"}])
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "text": "c"}])
+    out = tmp_path / "out.jsonl"
+    cases = [(dict(workdir=tmp_path / "missing", data=good), "missing"),
+             (dict(workdir=run, data=tmp_path / "nope.jsonl"), "nope.jsonl"),
+             (dict(workdir=run, data=bad), r"bad\.jsonl:2"),
+             (dict(workdir=sft_run, data=good), "mode 'sft'")]
+    for flag_values, message in cases:
+        rc, cap = _score(monkeypatch, capsys, out=out, **flag_values)
+        assert rc == 1 and cap.out == "", flag_values
+        assert "score.py: error:" in cap.err and re.search(message, cap.err), cap.err
+        assert not out.exists() and not glob.glob(str(tmp_path / "*.tmp*"))
