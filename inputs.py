@@ -315,6 +315,8 @@ def check_dpo(config) -> None:
         raise ValueError(f"dpo.beta={d.beta!r} must be > 0")
     if not 0.0 <= float(d.label_smoothing) < 0.5:
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} must be in [0, 0.5)")
+    if d.loss == "ipo" and float(d.label_smoothing):
+        raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} does not apply to dpo.loss='ipo' (set it to 0)")
     if not config.init_from and d.loss != "simpo":
         raise ValueError(f"dpo.loss={d.loss!r} compares the policy with a reference model: set init_from=<an SFT run> "
                          f"(its model is the reference and the policy's start), or use dpo.loss='simpo' (reference-free)")

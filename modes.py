@@ -45,6 +45,8 @@ class Mode:
     options: Callable[..., dict] = lambda config: {}  # config -> the objective's keyword options (dpo.beta, ...)
     on_policy: bool = False  # runs rl/loop.iterate (rollouts, then updates) instead of the supervised loop
     updates_per_step: Callable[..., int] = lambda config: 1  # optimizer updates per step (RL: per iteration)
+    # (rows of one device batch, what sets it): the size split over the data-parallel devices; None: the micro-batch
+    device_batch: Callable[..., tuple[int, str]] | None = None
 
     def loss(self, config) -> Callable:
         """The objective with this run's options bound: (params, batch, rng, *, model) -> (loss, metrics)."""
@@ -136,6 +138,12 @@ def _rl_clip(config) -> dict:
             "aggregation": r.aggregation, "max_len": int(r.max_new_tokens)}
 
 
+def _rl_rows(config) -> tuple[int, str]:
+    if int(config.rl.minibatch):
+        return int(config.rl.minibatch), "rl.minibatch"
+    return int(config.data.batch_size) * int(config.rl.group_size), "data.batch_size x rl.group_size (rl.minibatch=0)"
+
+
 def _rl_updates(config) -> int:
     rows = int(config.data.batch_size) * int(config.rl.group_size)
     return int(config.rl.epochs) * (rows // (int(config.rl.minibatch) or rows))
@@ -147,7 +155,7 @@ _RL_COMMON = dict(
     headline=("rl/reward_mean", "rl/kl", "eval/exact_match"),
     must_match=("rl.group_size", "rl.max_prompt_len", "rl.max_new_tokens", "rl.minibatch", "rl.epochs", "rl.val_path"),
     paths=("data.path", "rl.val_path", "rl.reward_model"), example_unit="prompts", on_policy=True,
-    updates_per_step=_rl_updates)
+    updates_per_step=_rl_updates, device_batch=_rl_rows)
 MODES.update({
     "grpo": Mode(model=_causal_model, objective=rl_objectives.grpo, lora=True,
                  options=lambda config: dict(_rl_clip(config), beta=float(config.rl.kl_coef),

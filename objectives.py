@@ -139,7 +139,8 @@ def reward(params, batch, rng, *, model, center_coef: float = 0.0):
                   "reward_sum": jnp.sum((rc_B + rr_B) * w_B), "reward_sq_sum": jnp.sum((rc_B ** 2 + rr_B ** 2) * w_B)}
 
 
-def _sequence_logps(logits_NxLxV, targets_NxL, weights_NxL):
+def sequence_logps(logits_NxLxV, targets_NxL, weights_NxL):
+    """(sum of the weighted targets' log-probs [N], their weight sum [N]) in float32."""
     w_NxL = weights_NxL.astype(jnp.float32)
     return -jnp.sum(token_nll(logits_NxLxV, targets_NxL) * w_NxL, axis=-1), jnp.sum(w_NxL, axis=-1)
 
@@ -153,7 +154,7 @@ def dpo(params, batch, rng, *, model, loss: str = "sigmoid", beta: float = 0.1, 
     rngs = None if rng is None else {"dropout": rng}
     logits_2BxLxV = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"],
                                 deterministic=rng is None, rngs=rngs)
-    logp_2B, n_2B = _sequence_logps(logits_2BxLxV, rows["targets"], rows["weights"])
+    logp_2B, n_2B = sequence_logps(logits_2BxLxV, rows["targets"], rows["weights"])
     b = batch["weight"].shape[0]
     pc_B, pr_B, nc_B, nr_B = logp_2B[:b], logp_2B[b:], n_2B[:b], n_2B[b:]
     refc_B, refr_B = batch["ref_chosen_logp"], batch["ref_rejected_logp"]

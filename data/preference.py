@@ -12,9 +12,10 @@ optional numeric "margin" field, else 0; Llama 2's reward-model margin) and `wei
 padding rows get 0). The last real token of a row (the response's closing <|end|>) is where a
 reward head reads.
 
-Too long (a side over seq_len + 1 tokens): `too_long='drop'` skips the pair; 'truncate' keeps the
-first seq_len + 1 tokens of each side (the response's tail is lost), and drops the pair if either
-side has no response token left. Both are counted under their reason.
+Too long (a side over seq_len tokens): `too_long='drop'` skips the pair; 'truncate' keeps the first
+seq_len tokens of each side (the response's tail is lost), and drops the pair if either side has no
+response token left. Both are counted under their reason. seq_len, not seq_len + 1: a row's last
+real INPUT must be the side's last token (its <|end|> when whole), where the reward head reads.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ def render_pair(record: dict, tok: Tokenizer, *, seq_len: int, too_long: str) ->
     example, status = {}, "rendered"
     for side in SIDES:
         ids, mask = chat.render(conversation(record, side), tok)
-        if len(ids) > seq_len + 1:
+        if len(ids) > seq_len:
             if too_long == "drop":
                 return None, "too long"
-            ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
+            ids, mask = ids[:seq_len], mask[:seq_len]
             status = "truncated"
             if not mask[1:].any():
                 return None, "no response tokens after truncation"

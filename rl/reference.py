@@ -21,11 +21,11 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 import checkpoint
+import objectives
 from data.preference import SIDES
 from model import build
 
@@ -34,13 +34,11 @@ ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 
 
 def sequence_logps(model, params, rows: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum of the weighted targets' log-probs [N], their count [N]) of one model over rows [N, L]:
-    float32 log-softmax of the model's logits, as every objective computes it."""
+    """(sum of the weighted targets' log-probs [N], their count [N]) of one model over rows [N, L], by the
+    same float32 formula objectives.dpo uses (policy == reference gives implicit rewards of exactly 0)."""
     logits_NxLxV = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"],
-                               deterministic=True).astype(jnp.float32)
-    logp_NxL = jnp.take_along_axis(jax.nn.log_softmax(logits_NxLxV, -1), rows["targets"][..., None], -1)[..., 0]
-    w_NxL = rows["weights"].astype(jnp.float32)
-    return jnp.sum(logp_NxL * w_NxL, axis=-1), jnp.sum(w_NxL, axis=-1)
+                               deterministic=True)
+    return objectives.sequence_logps(logits_NxLxV, rows["targets"], rows["weights"])
 
 
 def _digest_params(params) -> str:

@@ -88,9 +88,10 @@ def test_truncation_drops_and_bad_margins_are_counted_or_named():
     assert stats.skipped == {"truncated": 1, "no response tokens after truncation": 1}
     full, _ = chat.render(preference.conversation(long_, "chosen"), TOK)
     ex = examples[1]
-    kept = np.concatenate([ex["chosen_inputs"], ex["chosen_targets"][-1:]])  # the seq_len + 1 tokens kept
-    np.testing.assert_array_equal(kept, full[:SEQ_LEN + 1])
-    assert ex["chosen_segment_ids"].all() and ex["chosen_weights"][-1] == 1.0  # the row is full, the tail trained
+    np.testing.assert_array_equal(ex["chosen_inputs"], full[:SEQ_LEN])  # the seq_len tokens kept, all inputs
+    # so the last kept token is the row's last real INPUT (where a reward head reads); the tail is trained
+    assert ex["chosen_segment_ids"].all()
+    assert ex["chosen_weights"][-2] == 1.0 and ex["chosen_weights"][-1] == 0.0  # no target after the last token
     _check_side(ex, "rejected", long_)  # the short side is whole
     stats = ReadStats()
     assert len(preference.render_split(records, TOK, stats, seq_len=SEQ_LEN, too_long="drop")) == 1
@@ -101,8 +102,6 @@ def test_truncation_drops_and_bad_margins_are_counted_or_named():
                                     seq_len=SEQ_LEN, too_long="truncate")
 
 
-@pytest.mark.xfail(strict=True, reason="a side of exactly seq_len + 1 tokens fits, but its closing <|end|> is "
-                   "only a target: the reward head reads the response's last character (see report)")
 def test_a_side_of_seq_len_plus_one_tokens_still_ends_on_end_token():
     record = {"prompt": "ab", "chosen": "xyz", "rejected": "q"}
     n = len(chat.render(preference.conversation(record, "chosen"), TOK)[0])
@@ -201,9 +200,6 @@ def test_dpo_at_the_reference_and_simpo_by_hand(at_reference):
     assert abs(want - math.log1p(math.exp(SIMPO_GAMMA))) > 1e-3  # the normalised log-probs mattered
 
 
-@pytest.mark.xfail(strict=True, reason="rl/reference.sequence_logps computes log_softmax + gather, objectives.dpo "
-                   "logsumexp - logit: at policy == reference the implicit rewards differ by float noise (~1e-7) "
-                   "and some pairs count as correct (see report)")
 def test_dpo_accuracy_counts_no_pair_correct_at_the_reference(at_reference):
     _, out = at_reference
     assert float(out["sigmoid"][1]["correct_sum"]) == 0
@@ -288,9 +284,6 @@ def test_dpo_config_errors_name_the_value_before_writing(task_files, sft_run, tm
     assert not (run / "checkpoints").exists() and not glob.glob(str(run / "reference_logps_*"))
 
 
-@pytest.mark.xfail(strict=True, reason="inputs.check_dpo lets dpo.loss='ipo' with label_smoothing > 0 through: "
-                   "rl/losses refuses it only when the train step is traced, after the reference log-probs and the "
-                   "checkpoints directory were written (see report)")
 def test_ipo_with_label_smoothing_is_refused_by_check_dpo(task_files):
     with pytest.raises(ValueError, match=re.escape("dpo.label_smoothing=0.1")):
         inputs_lib.check_dpo(_dpo_cfg(task_files, "unused", dpo__loss="ipo", dpo__label_smoothing=0.1))

@@ -1,0 +1,159 @@
+"""Modes 'grpo' and 'ppo': rows and rewards of rollouts, sampler/trainer consistency, learning a trivial
+reward, guardrails, the adaptive KL controller, bad config values, and exact resume."""
+
+import json
+import os
+import types
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import train
+from metrics import read_jsonl
+from configs import grpo as grpo_config, ppo as ppo_config
+from data import chat
+from data.sft import Problem
+from data.tokenizer import ByteTokenizer
+from model import decode
+from rl import guardrails, loop, rewards, rollout
+
+
+def _prompts(path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            word = "".join(rng.choice(list("abcdef"), 3))
+            f.write(json.dumps({"prompt": f"say x {word}", "answer": "x", "kind": "say"}) + "\n")
+    return str(path)
+
+
+def _say_x(text, answer, finish, n_tokens):
+    """A trivial reward dense enough for a random tiny model ('say letters'): the share of lowercase ASCII
+    letters among the completion's characters (about 0.1 at init, 1 for a policy that only says letters)."""
+    del answer, finish, n_tokens
+    return sum("a" <= c <= "z" for c in text) / max(len(text), 1)
+
+
+@pytest.fixture
+def say_x(monkeypatch):
+    monkeypatch.setitem(rewards.PROGRAMMATIC, "say_x", _say_x)
+
+
+def _cfg(tmp_path, module, **kw):
+    train_path = _prompts(tmp_path / "prompts.jsonl", 64)
+    val_path = _prompts(tmp_path / "val.jsonl", 8, seed=1)
+    base = dict(rl__val_path=val_path, rl__rewards=("say_x",), rl__eval_generate=4, rl__max_prompt_len=24,
+                rl__max_new_tokens=8, data__batch_size=4, rl__group_size=4, rl__minibatch=8,
+                optim__lr=3e-2, optim__schedule="constant", train__log_every=1)
+    return tiny_config(train_path, module, **{**base, **kw})
+
+
+def test_rows_put_the_completion_mask_logps_and_reward_on_the_right_tokens():
+    tok = ByteTokenizer()
+    end = tok.special_id(chat.END_TOKEN)
+    probs = [Problem(np.array([5, 6, 7], np.int32), "ab", "k"), Problem(np.array([9], np.int32), "c", "k")]
+    outs = [decode.Completion(tokens=[97, 98, end], logprobs=[-1.0, -2.0, -3.0], finish_reason="stop", prompt_tokens=3),
+            decode.Completion(tokens=[99, 99, 99, 99], logprobs=[-.5] * 4, finish_reason="length", prompt_tokens=1)]
+    ro = rollout.to_rows(probs, outs, group=1, width=8, pad_id=0, stop_ids=[end], detokenize=tok.decode,
+                         mask_truncated=True)
+    np.testing.assert_array_equal(ro.rows["inputs"][0], [5, 6, 7, 97, 98, 0, 0, 0])
+    np.testing.assert_array_equal(ro.rows["targets"][0], [6, 7, 97, 98, end, 0, 0, 0])
+    np.testing.assert_array_equal(ro.rows["completion"][0], [0, 0, 1, 1, 1, 0, 0, 0])  # targets 97, 98, <|end|>
+    np.testing.assert_array_equal(ro.rows["sampler_logp"][0], [0, 0, -1, -2, -3, 0, 0, 0])
+    np.testing.assert_array_equal(ro.rows["segment_ids"][0], [1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(ro.rows["completion"][1], [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(ro.rows["mask"][1], np.zeros(8))  # truncated: no loss under mask_truncated
+    assert ro.texts == ["ab", "cccc"] and ro.finishes == ["stop", "length"] and list(ro.lengths) == [3, 4]
+    token_rewards = rewards.place_on_last_token(np.array([1.0, 0.5]), ro.rows["completion"])
+    assert token_rewards[0, 4] == 1.0 and token_rewards[0].sum() == 1.0  # on <|end|>, the stopping token
+    assert token_rewards[1, 3] == 0.5 and token_rewards[1].sum() == 0.5  # on the last token of a truncated one
+    assert rewards.place_on_last_token(np.array([2.0]), np.zeros((1, 4))).sum() == 0  # no completion: nothing
+
+
+def test_programmatic_rewards_and_bad_names():
+    got = rewards.programmatic(["exact_match", "format"], [" 42 ", "41", ""], ["42", "42", "42"],
+                               ["stop", "stop", "stop"], [3, 3, 1], length_penalty=0.5, length_target=2)
+    np.testing.assert_allclose(got, [2 - 0.5, 1 - 0.5, 0.0])
+    with pytest.raises(ValueError, match="'bogus' is not a programmatic reward"):
+        rewards.check_names(["bogus"])
+
+
+def test_guardrails_each_fire_on_a_constructed_failure(caplog):
+    cfg = types.SimpleNamespace(kl_estimator="k3", kl_max=1.0, min_length=2.0, max_new_tokens=8, entropy_floor=0.01,
+                                value_loss_max=10.0, logp_diff_warn=0.05)
+    healthy = {"rl/reward_mean": 0.5, "rl/kl": 0.1, "rl/length_mean": 5.0, "rl/truncated": 0.1, "rl/entropy": 1.0,
+               "rl/zero_variance_groups": 0.5, "rl/value_loss": 1.0, "rl/logp_diff_max": 0.001, "rl/value_mean": 0.0}
+    assert guardrails.check(7, healthy, cfg) == []
+    failures = {"rl/reward_mean": float("nan"), "rl/value_mean": float("inf"), "rl/kl": -0.5, "rl/length_mean": 1.0,
+                "rl/truncated": 1.0, "rl/entropy": 0.0, "rl/zero_variance_groups": 1.0, "rl/value_loss": 1e6,
+                "rl/logp_diff_max": 0.5}
+    for key, value in failures.items():
+        msgs = guardrails.check(7, dict(healthy, **{key: value}), cfg)
+        assert len(msgs) == 1 and msgs[0].startswith("iteration 7:"), (key, msgs)
+    assert "exceeds rl.kl_max=1.0" in guardrails.check(3, dict(healthy, **{"rl/kl": 5.0}), cfg)[0]
+    with pytest.raises(guardrails.RLAnomalyError, match="iteration 7: policy entropy 0 fell below"):
+        guardrails.apply(guardrails.check(7, dict(healthy, **{"rl/entropy": 0.0}), cfg), "halt")
+    guardrails.apply(["iteration 1: something"], "warn")
+    assert "rl guardrail: iteration 1: something" in caplog.text
+
+
+def test_adaptive_kl_moves_toward_the_target():
+    assert loop.adaptive_kl(0.1, kl=0.2, target=0.1, horizon=100, n=10) == pytest.approx(0.1 * 1.02)  # clipped +0.2
+    assert loop.adaptive_kl(0.1, kl=0.05, target=0.1, horizon=100, n=10) == pytest.approx(0.1 * 0.98)  # -0.2
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rl__kl_estimator", "k9", "rl.kl_estimator='k9'"), ("rl__aggregation", "sum", "rl.aggregation='sum'"),
+    ("rl__minibatch", 5, "rl.minibatch=5"), ("rl__rewards", ("bogus",), "'bogus' is not"),
+    ("rl__temperature", 0.0, "rl.temperature=0.0"), ("rl__on_anomaly", "panic", "rl.on_anomaly='panic'")])
+def test_bad_rl_values_name_the_field_and_write_nothing(tmp_path, say_x, field, value, message):
+    work = tmp_path / "run"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.train_and_evaluate(_cfg(tmp_path, grpo_config, **{field: value}), str(work))
+    assert not (work / "checkpoints").exists()
+
+
+def test_grpo_learns_a_trivial_reward_with_sampler_trainer_agreement(tmp_path, say_x):
+    work = str(tmp_path / "grpo")
+    train.train_and_evaluate(_cfg(tmp_path, grpo_config, train__steps=8, train__eval_every=8,
+                                  train__checkpoint_every=8, rl__kl_coef=0.01), work)
+    rows = [r for r in read_jsonl(os.path.join(work, "metrics.jsonl")) if "rl/reward_mean" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    # before any update the trainer's log-probs of the sampled tokens are the sampler's
+    assert rows[0]["rl/logp_diff_max"] < 2e-2 and rows[0]["rl/logp_diff_mean"] < 2e-3
+    assert abs(rows[0]["rl/kl"]) < 1e-3  # policy == reference at the first iteration
+    for key in ("rl/reward_std", "rl/entropy", "rl/clip_low", "rl/clip_high", "rl/approx_kl", "rl/kl_coef",
+                "rl/length_mean", "rl/length_min", "rl/length_max", "rl/truncated", "rl/zero_variance_groups",
+                "perf/rollout_tokens_per_s", "perf/update_tokens_per_s", "train/grad_norm"):
+        assert key in rows[-1], key
+    first, last = np.mean([r["rl/reward_mean"] for r in rows[:2]]), np.mean([r["rl/reward_mean"] for r in rows[-2:]])
+    assert last > first + 0.1, [r["rl/reward_mean"] for r in rows]
+
+
+def test_ppo_learns_a_trivial_reward(tmp_path, say_x):
+    work = str(tmp_path / "ppo")
+    train.train_and_evaluate(_cfg(tmp_path, ppo_config, train__steps=8, train__eval_every=8,
+                                  train__checkpoint_every=8, rl__kl_coef=0.01, rl__epochs=2), work)
+    rows = [r for r in read_jsonl(os.path.join(work, "metrics.jsonl")) if "rl/reward_mean" in r]
+    assert rows[0]["rl/logp_diff_max"] < 2e-2
+    assert "rl/value_loss" in rows[-1] and "rl/explained_variance" in rows[-1]
+    first, last = np.mean([r["rl/reward_mean"] for r in rows[:2]]), np.mean([r["rl/reward_mean"] for r in rows[-2:]])
+    assert last > first + 0.1, [r["rl/reward_mean"] for r in rows]
+
+
+@pytest.mark.parametrize("module", [grpo_config, ppo_config], ids=["grpo", "ppo"])
+def test_resume_is_exact(tmp_path, say_x, module):
+    kw = dict(train__steps=4, train__eval_every=100, train__checkpoint_every=100, rl__kl_target=0.01)
+    straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
+    train.train_and_evaluate(_cfg(tmp_path, module, **kw), straight)
+    train.train_and_evaluate(_cfg(tmp_path, module, train__stop_after=2, **kw), stopped)
+    train.train_and_evaluate(_cfg(tmp_path, module, **kw), stopped)  # resumes at 2
+    for key in ("rl/reward_mean", "train/loss", "rl/kl_coef", "rl/length_mean"):
+        a = [r[key] for r in read_jsonl(os.path.join(straight, "metrics.jsonl")) if key in r]
+        b = [r[key] for r in read_jsonl(os.path.join(stopped, "metrics.jsonl")) if key in r]
+        assert a == b and len(a) == 4, key
+    pa, pb = (jax.tree.leaves(loop.checkpoint.load_for_inference(w)[1]) for w in (straight, stopped))
+    for x, y in zip(pa, pb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
