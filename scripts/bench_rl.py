@@ -26,9 +26,12 @@ is gradient_checkpointing=True, which would slow it), no checkpoint saving, metr
 GRPO: --prompts prompts x --group completions of exactly --new-tokens tokens on TRL's side (min_new_tokens);
 lmstack's decoder stops a completion at <|end|> (rare with random weights: counted, see lengths), sampled at
 temperature 1, KL to the reference (beta = --kl-coef; the reference runs each iteration on both sides),
-exact-match reward against the task's answer, GRPO's sequence-mean loss. lmstack also runs the trainer's
-forward for the old log-probs (it checks them against the sampler's); TRL skips that when on-policy (one
-update per generation), its default. DPO: the same --pairs pairs every step, sigmoid loss, beta --beta;
+exact-match reward against the task's answer (0 for every completion of a random model, so advantages are 0
+and the policy does not move: neither framework skips any work for that), GRPO's sequence-mean loss. lmstack
+also runs the trainer's forward for the old log-probs (it checks them against the sampler's); TRL skips that
+when on-policy (one update per generation), its default. TRL's fused LM head projects only the positions
+whose label is scored (completion tokens), lmstack's objectives every position of its rows; lmstack's rows
+are rl.max_prompt_len + new tokens wide (DPO: data.seq_len), TRL pads to the batch's longest. DPO: the same --pairs pairs every step, sigmoid loss, beta --beta;
 lmstack caches the reference log-probs before training (its only way), TRL precomputes them with
 --trl-ref=precomputed (default: the same work) or runs its reference model every step with --trl-ref=live
 (TRL's default). lmstack's DPO reference is a 1-step SFT run of the same shape (init_from, made first).
