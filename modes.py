@@ -159,7 +159,8 @@ _RL_COMMON = dict(
 MODES.update({
     "grpo": Mode(model=_causal_model, objective=rl_objectives.grpo, lora=True,
                  options=lambda config: dict(_rl_clip(config), beta=float(config.rl.kl_coef),
-                                             kl_estimator=config.rl.kl_estimator), **_RL_COMMON),
+                                             kl_estimator=config.rl.kl_estimator,
+                                             single_update=_rl_updates(config) == 1), **_RL_COMMON),
     "ppo": Mode(model=lambda config, inputs: build.policy_value(config, inputs.tokenizer.vocab_size),
                 objective=rl_objectives.ppo,
                 options=lambda config: dict(_rl_clip(config), value_clip=float(config.rl.value_clip),

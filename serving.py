@@ -40,7 +40,7 @@ from model import build, decode
 from model.sampling import Sampling
 
 
-LM_MODES = ("causal", "sft")  # the modes (modes.MODES) whose model is a causal language model
+LM_MODES = ("causal", "sft", "dpo", "grpo", "ppo")  # modes (modes.MODES) whose model is (or holds) a causal LM
 
 
 @dataclasses.dataclass
@@ -70,6 +70,8 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     if config.mode not in LM_MODES:
         raise ValueError(f"{workdir!r} is a mode={config.mode!r} run: only language models ({', '.join(LM_MODES)}) "
                          f"generate text")
+    if config.mode == "ppo":  # a policy with a value head on its trunk: the policy is the backbone
+        params = params["backbone"]
     tok = tokenizer_lib.load_tokenizer(tok_path)
     template = os.path.join(workdir, "chat_template.json")
     has_chat = os.path.exists(template)

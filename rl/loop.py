@@ -94,6 +94,7 @@ def iterate(run) -> int:
     minibatch = int(r.minibatch) or n_rows
     width = int(r.max_prompt_len) + int(r.max_new_tokens) - 1
     is_ppo = config.mode == "ppo"
+    single = not is_ppo and run.mode.updates_per_step(config) == 1  # GRPO, one update: no separate old-logp pass
     policy_model, _ = build.language_model(run.model, run.state.params)
     decoder = decode.Decoder(policy_model, batch=n_rows, cache_len=width + 1, mesh=run.mesh, rules=run.rules)
     sampling = Sampling(temperature=float(r.temperature), top_p=float(r.top_p))
@@ -137,17 +138,25 @@ def iterate(run) -> int:
         if scorer is not None and float(r.length_penalty):
             rewards_N = rewards_N - float(r.length_penalty) * np.maximum(0, ro.lengths - int(r.length_target))
         # ---- 3. the trainer's and the reference's log-probs ------------------------------------------
-        rows = {k: ro.rows[k] for k in ("inputs", "targets", "positions", "segment_ids", "mask")}
-        old_logp, old_values = _in_minibatches(forward, run.state.params, rows, minibatch, run.batch_sharding)
-        comp = ro.rows["completion"]
-        gap = np.abs(old_logp - ro.rows["sampler_logp"])[comp > 0]
-        batch = dict(rows, old_logp=old_logp.astype(np.float32))
+        keep = _trimmed_width(ro.rows["segment_ids"], width)  # rows cut to the longest real one, in steps of 32
+        rows = {k: ro.rows[k][:, :keep] for k in ("inputs", "targets", "positions", "segment_ids", "mask",
+                                                  "completion", "sampler_logp")}
+        comp = rows["completion"]
+        batch = dict(rows)
         scalars = {}
+        if not single:  # the ratios' denominators, and (PPO) the critic's values, before any update
+            old_logp, old_values = _in_minibatches(forward, run.state.params, rows, minibatch, run.batch_sharding)
+            gap = np.abs(old_logp - rows["sampler_logp"])[comp > 0]
+            scalars.update({"rl/logp_diff_max": float(gap.max()) if gap.size else 0.0,
+                            "rl/logp_diff_mean": float(gap.mean()) if gap.size else 0.0})
+            batch["old_logp"] = old_logp.astype(np.float32)
         if ref_forward is not None:
             ref_logp, _ = _in_minibatches(ref_forward, ref[1], rows, minibatch, run.batch_sharding)
             batch["ref_logp"] = ref_logp.astype(np.float32)
-            kl_tok = np.asarray(losses.kl_estimate(old_logp, ref_logp, r.kl_estimator))
-            scalars["rl/kl"] = float((kl_tok * comp).sum() / max(comp.sum(), 1))
+            if not single:  # the penalty's estimator; the logged KL is k3's (non-negative: negative = a bug)
+                kl_tok = np.asarray(losses.kl_estimate(old_logp, ref_logp, r.kl_estimator))
+                k3_tok = np.asarray(losses.kl_estimate(old_logp, ref_logp, "k3"))
+                scalars["rl/kl"] = float((k3_tok * comp).sum() / max(comp.sum(), 1))
         # ---- 4. advantages ---------------------------------------------------------------------------
         if is_ppo:
             token_rewards = rewards_lib.place_on_last_token(rewards_N, comp)
@@ -180,6 +189,12 @@ def iterate(run) -> int:
         t_update = time.time() - t1
         # ---- 6. metrics, guardrails, KL controller, eval, checkpoint ----------------------------------
         mean = lambda key: float(np.mean([c[key] for c in collected]))  # noqa: E731
+        if single:  # one update: its own forward ran on the sampling params (the check before any update)
+            first = collected[0]
+            scalars.update({"rl/logp_diff_max": float(first["logp_gap_max"]),
+                            "rl/logp_diff_mean": float(first["logp_gap_sum"]) / max(float(first["completion_tokens"]), 1.0)})
+            if "kl" in first:
+                scalars["rl/kl"] = float(first["kl"])
         right = [tasks.exact_match(t, a) for t, a in zip(ro.texts, answers)]
         scalars.update({
             "train/loss": mean("loss"), "train/grad_norm": mean("grad_norm"), "train/lr": float(collected[-1]["lr"]),
@@ -189,8 +204,6 @@ def iterate(run) -> int:
             "rl/accuracy": float(np.mean(right)), "rl/length_mean": float(ro.lengths.mean()),
             "rl/length_min": float(ro.lengths.min()), "rl/length_max": float(ro.lengths.max()),
             "rl/truncated": float(np.mean([f == "length" for f in finishes])),
-            "rl/logp_diff_max": float(gap.max()) if gap.size else 0.0,
-            "rl/logp_diff_mean": float(gap.mean()) if gap.size else 0.0,
             "perf/rollout_tokens_per_s": float(ro.lengths.sum()) / max(t_rollout, 1e-9),
             "perf/update_tokens_per_s": int(r.epochs) * float(comp.sum()) / max(t_update, 1e-9),
             "perf/iteration_s": time.time() - t0})
@@ -213,6 +226,13 @@ def iterate(run) -> int:
         if step % config.train.checkpoint_every == 0 or step == stop_at:
             run.save(step, force=step == stop_at, extra={"kl_coef": kl_coef})
     return step
+
+
+def _trimmed_width(segment_ids_NxL: np.ndarray, width: int) -> int:
+    """The rows' longest real length rounded up to a multiple of 32 (at most `width`): padding nobody reads
+    is not computed, and few distinct widths are compiled."""
+    longest = int(np.max(np.sum(segment_ids_NxL > 0, axis=1)))
+    return min(width, -(-longest // 32) * 32)
 
 
 def adaptive_kl(coef: float, kl: float, target: float, horizon: float, n: int) -> float:

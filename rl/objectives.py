@@ -4,15 +4,21 @@ Both read a batch of rollout rows (rl/rollout.py): `inputs/targets/positions/seg
 `mask` [N, L] (1 on the completion tokens that get a loss), `old_logp` [N, L] (the policy's log-probs
 of those tokens before this iteration's updates: the importance-ratio denominator), plus
 - GRPO: `advantages` [N] (one per completion, rl/advantages.group_advantages) and, with beta > 0,
-  `ref_logp` [N, L] (the reference policy's): loss = aggregate(clipped surrogate + beta * KL);
+  `ref_logp` [N, L] (the reference policy's): loss = aggregate(clipped surrogate + beta * KL). With
+  one update per iteration (`single_update`), the params ARE the sampling policy's, so `old_logp` is
+  the step's own log-probs under stop_gradient (ratio exactly 1) and the loop skips a forward pass;
 - PPO: `advantages`, `returns`, `old_values` [N, L] (GAE over per-token rewards that already hold the
   KL penalty): loss = aggregate(clipped surrogate) + vf_coef * aggregate(clipped value loss)
   - entropy_coef * aggregate(entropy).
 Metrics are means over the masked tokens (a minibatch's); the loop averages them over minibatches.
+Both also report the gap between these log-probs and the sampler's (`sampler_logp`, over every
+completion token): at an iteration's first minibatch the params are the ones that sampled, so it
+is the sampler/trainer consistency check.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from objectives import token_nll
@@ -25,10 +31,14 @@ def _apply(model, params, batch, rng):
                        deterministic=rng is None, rngs=rngs)
 
 
-def _policy_metrics(logits_NxLxV, logp_NxL, batch, clip_low_NxL, clip_high_NxL) -> dict:
+def _policy_metrics(logits_NxLxV, logp_NxL, old_NxL, batch, clip_low_NxL, clip_high_NxL) -> dict:
     mask_NxL = batch["mask"]
-    log_ratio_NxL = logp_NxL - batch["old_logp"]
+    log_ratio_NxL = logp_NxL - old_NxL
+    comp_NxL = batch["completion"] > 0
+    gap_NxL = jnp.where(comp_NxL, jnp.abs(logp_NxL - batch["sampler_logp"]), 0.0)
     return {"entropy": losses.masked_mean(losses.entropy(logits_NxLxV), mask_NxL),
+            "logp_gap_max": jnp.max(gap_NxL), "logp_gap_sum": jnp.sum(gap_NxL),
+            "completion_tokens": jnp.sum(comp_NxL.astype(jnp.float32)),
             "clip_low": losses.masked_mean(clip_low_NxL, mask_NxL),
             "clip_high": losses.masked_mean(clip_high_NxL, mask_NxL),
             "approx_kl": losses.masked_mean(0.5 * log_ratio_NxL ** 2, mask_NxL),
@@ -36,19 +46,20 @@ def _policy_metrics(logits_NxLxV, logp_NxL, batch, clip_low_NxL, clip_high_NxL) 
 
 
 def grpo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip: float, beta: float,
-         kl_estimator: str, aggregation: str, max_len: int):
+         kl_estimator: str, aggregation: str, max_len: int, single_update: bool = False):
     """GRPO (Shao et al. 2024) with clip-higher (DAPO) and the aggregation of `aggregation`."""
     logits_NxLxV = _apply(model, params, batch, rng)
     logp_NxL = -token_nll(logits_NxLxV, batch["targets"])
+    old_NxL = jax.lax.stop_gradient(logp_NxL) if single_update else batch["old_logp"]
     adv_NxL = jnp.broadcast_to(batch["advantages"][:, None], logp_NxL.shape)
-    pg_NxL, low_NxL, high_NxL = losses.clipped_surrogate(logp_NxL, batch["old_logp"], adv_NxL, eps_low, eps_high,
-                                                         dual_clip)
-    metrics = _policy_metrics(logits_NxLxV, logp_NxL, batch, low_NxL, high_NxL)
+    pg_NxL, low_NxL, high_NxL = losses.clipped_surrogate(logp_NxL, old_NxL, adv_NxL, eps_low, eps_high, dual_clip)
+    metrics = _policy_metrics(logits_NxLxV, logp_NxL, old_NxL, batch, low_NxL, high_NxL)
     per_token_NxL = pg_NxL
     if beta > 0:
         kl_NxL = losses.kl_estimate(logp_NxL, batch["ref_logp"], kl_estimator)
         per_token_NxL = per_token_NxL + beta * kl_NxL
-        metrics["kl"] = losses.masked_mean(kl_NxL, batch["mask"])
+        # logged with k3 whatever the penalty's estimator: non-negative, so a negative value means a bug
+        metrics["kl"] = losses.masked_mean(losses.kl_estimate(logp_NxL, batch["ref_logp"], "k3"), batch["mask"])
     loss = losses.aggregate(per_token_NxL, batch["mask"], aggregation, max_len)
     metrics.update(loss=loss, pg_loss=losses.aggregate(pg_NxL, batch["mask"], aggregation, max_len))
     return loss, metrics
@@ -63,7 +74,7 @@ def ppo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip
     pg_NxL, low_NxL, high_NxL = losses.clipped_surrogate(logp_NxL, batch["old_logp"], batch["advantages"], eps_low,
                                                          eps_high, dual_clip)
     vf_NxL = losses.value_loss(values_NxL, batch["old_values"], batch["returns"], value_clip)
-    metrics = _policy_metrics(logits_NxLxV, logp_NxL, batch, low_NxL, high_NxL)
+    metrics = _policy_metrics(logits_NxLxV, logp_NxL, batch["old_logp"], batch, low_NxL, high_NxL)
     pg = losses.aggregate(pg_NxL, mask_NxL, aggregation, max_len)
     vf = losses.aggregate(vf_NxL, mask_NxL, aggregation, max_len)
     loss = pg + vf_coef * vf

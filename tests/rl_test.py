@@ -3,6 +3,7 @@ reward, guardrails, the adaptive KL controller, bad config values, and exact res
 
 import json
 import os
+import sys
 import types
 
 import jax
@@ -18,6 +19,9 @@ from data.sft import Problem
 from data.tokenizer import ByteTokenizer
 from model import decode
 from rl import guardrails, loop, rewards, rollout
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import policy_kl  # noqa: E402
 
 
 def _prompts(path, n, seed=0):
@@ -117,8 +121,9 @@ def test_bad_rl_values_name_the_field_and_write_nothing(tmp_path, say_x, field, 
 
 def test_grpo_learns_a_trivial_reward_with_sampler_trainer_agreement(tmp_path, say_x):
     work = str(tmp_path / "grpo")
+    # one update per iteration (rl.minibatch=0): the loss reuses its own forward's log-probs as the old ones
     train.train_and_evaluate(_cfg(tmp_path, grpo_config, train__steps=8, train__eval_every=8,
-                                  train__checkpoint_every=8, rl__kl_coef=0.01), work)
+                                  train__checkpoint_every=8, rl__kl_coef=0.01, rl__minibatch=0), work)
     rows = [r for r in read_jsonl(os.path.join(work, "metrics.jsonl")) if "rl/reward_mean" in r]
     assert [r["step"] for r in rows] == list(range(1, 9))
     # before any update the trainer's log-probs of the sampled tokens are the sampler's
@@ -130,6 +135,10 @@ def test_grpo_learns_a_trivial_reward_with_sampler_trainer_agreement(tmp_path, s
         assert key in rows[-1], key
     first, last = np.mean([r["rl/reward_mean"] for r in rows[:2]]), np.mean([r["rl/reward_mean"] for r in rows[-2:]])
     assert last > first + 0.1, [r["rl/reward_mean"] for r in rows]
+    # scripts/policy_kl.py: a run against itself is at KL 0 exactly (same params, same forward)
+    out = policy_kl.policy_kl(work, work, str(tmp_path / "val.jsonl"), n=4, samples=2, max_new_tokens=8,
+                              max_prompt_len=24, batch_size=8)
+    assert out["completions"] == 8 and out["tokens"] > 0 and out["kl_per_token"] == 0.0
 
 
 def test_ppo_learns_a_trivial_reward(tmp_path, say_x):
