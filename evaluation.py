@@ -45,7 +45,8 @@ def count_examples(batches: list[dict], *, per_segment: bool = False) -> int:
     `per_segment`, the segments in them (packed SFT rows number their conversations 1..k)."""
     if per_segment:
         return sum(int(b["segment_ids"].max(axis=-1).sum()) for b in batches)
-    return sum(int((b["segment_ids"] != 0).any(axis=-1).sum()) for b in batches)
+    key = lambda b: "segment_ids" if "segment_ids" in b else "chosen_segment_ids"  # noqa: E731 (pairs: one row each)
+    return sum(int((b[key(b)] != 0).any(axis=-1).sum()) for b in batches)
 
 
 def scored_data(config, data: str) -> dict:

@@ -91,7 +91,7 @@ def base() -> ml_collections.ConfigDict:
 
     c.pref = p = ml_collections.ConfigDict()  # modes 'reward' and 'dpo': {"prompt","chosen","rejected"} JSONL
     p.val_path = ""  # validation pairs; '' = hold out data.val_fraction of data.path by content hash
-    p.too_long = "truncate"  # a side over seq_len + 1 tokens: 'truncate' (its tail; counted) | 'drop' the pair (counted)
+    p.too_long = "truncate"  # a side over seq_len tokens: 'truncate' (its tail; counted) | 'drop' the pair (counted)
     p.strict = True  # a bad record raises naming file:line; False: count it under its reason and skip
     p.eval_generate = 0  # dpo: validation prompts answered greedily at each eval (exact match vs "answer"); 0 = off
     p.max_new_tokens = 16  # dpo: generation length limit of that evaluation
@@ -143,7 +143,7 @@ def base() -> ml_collections.ConfigDict:
     l.min_length = 1.0  # guardrail: mean completion tokens below this
     l.entropy_floor = 1e-3  # guardrail: mean policy entropy below this
     l.value_loss_max = 1e3  # guardrail: PPO value loss above this
-    l.logp_diff_warn = 0.05  # guardrail: sampler vs trainer log-prob gap above this
+    l.logp_diff_warn = 0.01  # guardrail: mean sampler vs trainer log-prob gap above this (bf16 rounding: ~1e-3)
 
     c.lora = r = ml_collections.ConfigDict()  # low-rank adapters (model/lora.py); modes 'causal', 'sft', 'dpo', 'grpo'
     r.rank = 0  # adapter rank; 0 = off (train every weight)

@@ -86,13 +86,14 @@ def test_programmatic_rewards_and_bad_names():
 
 def test_guardrails_each_fire_on_a_constructed_failure(caplog):
     cfg = types.SimpleNamespace(kl_estimator="k3", kl_max=1.0, min_length=2.0, max_new_tokens=8, entropy_floor=0.01,
-                                value_loss_max=10.0, logp_diff_warn=0.05)
+                                value_loss_max=10.0, logp_diff_warn=0.01)
     healthy = {"rl/reward_mean": 0.5, "rl/kl": 0.1, "rl/length_mean": 5.0, "rl/truncated": 0.1, "rl/entropy": 1.0,
-               "rl/zero_variance_groups": 0.5, "rl/value_loss": 1.0, "rl/logp_diff_max": 0.001, "rl/value_mean": 0.0}
+               "rl/zero_variance_groups": 0.5, "rl/value_loss": 1.0, "rl/logp_diff_mean": 0.001,
+               "rl/logp_diff_max": 0.06, "rl/value_mean": 0.0}
     assert guardrails.check(7, healthy, cfg) == []
     failures = {"rl/reward_mean": float("nan"), "rl/value_mean": float("inf"), "rl/kl": -0.5, "rl/length_mean": 1.0,
                 "rl/truncated": 1.0, "rl/entropy": 0.0, "rl/zero_variance_groups": 1.0, "rl/value_loss": 1e6,
-                "rl/logp_diff_max": 0.5}
+                "rl/logp_diff_mean": 0.5}
     for key, value in failures.items():
         msgs = guardrails.check(7, dict(healthy, **{key: value}), cfg)
         assert len(msgs) == 1 and msgs[0].startswith("iteration 7:"), (key, msgs)
