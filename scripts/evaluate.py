@@ -20,7 +20,8 @@ error analysis (classify: text, predicted and gold label; qa: question, predicte
 answers, exact match, F1; sft: prompt messages, generated answer, reference, kind, correct);
 causal/mlm have no per-item predictions and exit 1 saying so.
 `--config.x.y=v` overrides the saved config (e.g. the mesh or batch size). Nothing in the run's
-workdir is written. Errors (workdir, checkpoint, step, data, override) exit 1 with the reason.
+workdir is written, except that a dpo run evaluated on other pairs caches their reference log-probs
+there (rl/reference.py). Errors (workdir, checkpoint, step, data, override) exit 1 with the reason.
 """
 
 from __future__ import annotations
