@@ -231,3 +231,18 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 4
     c.optim.warmup_steps = 2
     return c
+
+
+def rl_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `:tiny` RL run (grpo, ppo): a few seconds-long iterations of 4 prompts x 4 samples, from scratch."""
+    c.init_from = ""
+    c.data.batch_size = 4
+    c.rl.group_size = 4
+    c.rl.minibatch = 8
+    c.rl.max_new_tokens = 8
+    c.rl.eval_generate = 4
+    c.train.steps = 4
+    c.train.log_every = 1
+    c.train.eval_every = 2
+    c.train.checkpoint_every = 2
+    return c

@@ -48,15 +48,7 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.0
     common.apply_arg(c, arg)
     if arg == "tiny":
-        c.init_from = ""
+        common.rl_tiny(c)
         c.rl.reward_model = ""
         c.rl.rewards = ("exact_match", "format")
-        c.data.batch_size = 4
-        c.rl.minibatch = 8
-        c.rl.max_new_tokens = 8
-        c.rl.eval_generate = 4
-        c.train.steps = 4
-        c.train.log_every = 1
-        c.train.eval_every = 2
-        c.train.checkpoint_every = 2
     return c
