@@ -21,7 +21,7 @@ import inputs as inputs_lib
 import objectives
 import predictions
 from rl import objectives as rl_objectives
-from data import sources
+from data import preference as preference_data, sources
 from inputs import Inputs
 from model import build
 
@@ -45,6 +45,7 @@ class Mode:
     options: Callable[..., dict] = lambda config: {}  # config -> the objective's keyword options (dpo.beta, ...)
     on_policy: bool = False  # runs rl/loop.iterate (rollouts, then updates) instead of the supervised loop
     updates_per_step: Callable[..., int] = lambda config: 1  # optimizer updates per step (RL: per iteration)
+    trim: Callable[[dict], dict] | None = None  # a train batch -> the same batch without its all-padding columns
     # (rows of one device batch, what sets it): the size split over the data-parallel devices; None: the micro-batch
     device_batch: Callable[..., tuple[int, str]] | None = None
 
@@ -122,13 +123,14 @@ MODES.update({
         objective=objectives.reward, options=lambda config: {"center_coef": float(config.reward.center_coef)},
         summary=objectives.reward_summary, other_eval_data=inputs_lib.as_val_path("pref", inputs_lib.reward_inputs),
         headline=("eval/accuracy", "eval/margin"), must_match=("pref.val_path", "pref.too_long"),
-        added_defaults=_PREF_DEFAULTS, paths=("data.path", "pref.val_path"), example_unit="pairs"),
+        added_defaults=_PREF_DEFAULTS, paths=("data.path", "pref.val_path"), example_unit="pairs",
+        trim=preference_data.trim_pairs),
     "dpo": Mode(
         inputs=inputs_lib.dpo_inputs, model=_causal_model, objective=objectives.dpo, options=_dpo_options,
         summary=objectives.dpo_summary, other_eval_data=inputs_lib.as_val_path("pref", inputs_lib.dpo_inputs),
         headline=("eval/accuracy", "eval/margin", "eval/exact_match"),
         must_match=("pref.val_path", "pref.too_long", "dpo.loss"), added_defaults=_PREF_DEFAULTS,
-        lora=True, paths=("data.path", "pref.val_path"), example_unit="pairs"),
+        lora=True, paths=("data.path", "pref.val_path"), example_unit="pairs", trim=preference_data.trim_pairs),
 })
 
 

@@ -51,7 +51,10 @@ def supervised(run, config) -> int:
     pending = None  # a log step's metrics, fetched after the next step is dispatched (no sync)
     while step < stop_at:
         for _ in range(run.accum):
-            batch = sharding.put_batch(next(run.inputs.train_iter), run.batch_sharding)
+            batch = next(run.inputs.train_iter)
+            if run.mode.trim is not None:  # pairs: columns that are padding in every row are not computed
+                batch = run.mode.trim(batch)
+            batch = sharding.put_batch(batch, run.batch_sharding)
             run.state, step_metrics = train_step(run.state, batch)
         step += 1
         if step == run.start_step + 1:  # the first step compiled: measure throughput from here

@@ -105,3 +105,15 @@ def as_chat_record(record: dict) -> dict:
         if key in record:
             out[key] = record[key]
     return out
+
+
+def trim_pairs(batch: dict, multiple: int = 32) -> dict:
+    """A batch of pairs with the padding columns every row has cut off: width = the longest real side
+    rounded up to `multiple` (at most the full width). Trailing padding is never attended nor scored, so
+    the loss is the same; the step computes fewer positions, and only a few widths are ever compiled."""
+    width = batch["chosen_inputs"].shape[1]
+    longest = max(int(np.max(np.sum(batch[f"{side}_segment_ids"] != 0, axis=1))) for side in SIDES)
+    keep = min(width, -(-max(longest, 1) // multiple) * multiple)
+    if keep == width:
+        return batch
+    return {k: (v[:, :keep] if k.split("_", 1)[0] in SIDES and np.ndim(v) == 2 else v) for k, v in batch.items()}

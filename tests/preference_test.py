@@ -380,3 +380,24 @@ def test_score_errors_exit_1_and_write_nothing(reward_run, sft_run, task_files, 
         assert rc == 1 and cap.out == "", flag_values
         assert "score.py: error:" in cap.err and re.search(message, cap.err), cap.err
         assert not out.exists() and not glob.glob(str(tmp_path / "*.tmp*"))
+
+
+def test_trimmed_pair_batches_give_the_same_log_probs_and_rewards():
+    """The supervised loop cuts pair batches to their longest real side (modes' `trim`): the padding cut off
+    is never attended nor scored, so log-probs and rewards are those of the full-width batch."""
+    batch = _pref_batch(RECORDS)
+    cut = preference.trim_pairs(batch)
+    assert cut["chosen_inputs"].shape == (4, 32) and batch["chosen_inputs"].shape == (4, SEQ_LEN)
+    assert cut["margin"] is batch["margin"] and preference.trim_pairs(cut)["chosen_inputs"].shape == (4, 32)
+    cfg = tiny_config("unused", sft_config, data__seq_len=SEQ_LEN)
+    lm, rm = build.causal_lm(cfg, TOK.vocab_size, TOK.base_size), build.reward_model(cfg, TOK.vocab_size)
+    dummy = jnp.zeros((1, SEQ_LEN), jnp.int32)
+    lm_params = nn.meta.unbox(lm.init(jax.random.PRNGKey(0), dummy)["params"])
+    rm_params = nn.meta.unbox(rm.init(jax.random.PRNGKey(1), dummy)["params"])
+    rm_params["reward_head"]["out"]["kernel"] = jnp.ones_like(rm_params["reward_head"]["out"]["kernel"])  # not 0
+    for side in preference.SIDES:
+        full, short = ({k: b[f"{side}_{k}"] for k in reference.ROW_KEYS} for b in (batch, cut))
+        np.testing.assert_allclose(reference.sequence_logps(lm, lm_params, short)[0],
+                                   reference.sequence_logps(lm, lm_params, full)[0], rtol=1e-5, atol=1e-5)
+        rewards = [rm.apply({"params": rm_params}, r["inputs"], r["positions"], r["segment_ids"]) for r in (full, short)]
+        np.testing.assert_allclose(rewards[1], rewards[0], rtol=1e-5, atol=1e-5)
