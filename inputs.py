@@ -349,7 +349,7 @@ def check_rl(config) -> None:
     r = config.rl
     choices = {"kl_estimator": rl_losses.KL_ESTIMATORS, "aggregation": rl_losses.AGGREGATIONS,
                "scale_rewards": rl_advantages.SCALE_REWARDS, "baseline": rl_advantages.BASELINES,
-               "on_anomaly": guardrails.ON_ANOMALY, "critic": ("shared",)}
+               "on_anomaly": guardrails.ON_ANOMALY, "critic": ("shared", "separate")}
     for name, allowed in choices.items():
         if r[name] not in allowed:
             raise ValueError(f"rl.{name}={r[name]!r}: expected one of {tuple(allowed)}")

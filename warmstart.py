@@ -64,17 +64,8 @@ def unused_params(loaded: dict, source_where: str | None, unmatched: set[str]) -
     return out
 
 
-def warm_start(state, state_sh, init_from: str):
-    """Pretrained weights from `init_from`'s latest checkpoint (a wrapper's 'backbone', or a causal
-    run's whole tree) into this model's backbone / LoRA base / whole tree; everything else keeps its
-    fresh init. A token table with fewer rows is extended (old rows kept); other shape mismatches
-    raise naming the params. The log names what was loaded, extended and re-initialised."""
-    _, loaded, at = checkpoint.load_for_inference(init_from)
-    source_where, source_tree = _subtree(loaded)
-    where, target_tree = _subtree(state.params)
-    _, target_sh = _subtree(state_sh.params)
-    prefix = f"{where}/" if where else ""
-    source = flax.traverse_util.flatten_dict(dict(source_tree), sep="/")
+def _fill(source: dict, target_tree, target_sh, init_from: str):
+    """(target_tree with every source param of the same name loaded, loaded names, extended descriptions)."""
     target = flax.traverse_util.flatten_dict(dict(target_tree), sep="/")
     fitted = {k: _fit_loaded(k, np.asarray(source[k]), tuple(v.shape)) for k, v in target.items() if k in source}
     bad = [f"{k}: checkpoint {tuple(source[k].shape)} vs model {tuple(target[k].shape)}"
@@ -87,12 +78,30 @@ def warm_start(state, state_sh, init_from: str):
               for k, v in target.items()}
     extended = [f"{k} {tuple(source[k].shape)} -> {tuple(target[k].shape)}" for k in sorted(fitted)
                 if tuple(source[k].shape) != tuple(target[k].shape)]
-    fresh = sorted(prefix + k for k in target if k not in source)
-    fresh += sorted(k for k in state.params if where and k != where)
-    log.info("warm start from %s (step %d): loaded %d params into %s; extended: %s; re-initialised: %s; "
-             "unused: %s", init_from, at, len(fitted), where or "the model",
-             ", ".join(extended) or "none", ", ".join(fresh) or "none",
-             ", ".join(unused_params(loaded, source_where, set(source) - set(target))) or "none")
-    tree = flax.traverse_util.unflatten_dict(merged, sep="/")
+    return flax.traverse_util.unflatten_dict(merged, sep="/"), set(fitted), extended, set(target)
+
+
+def warm_start(state, state_sh, init_from: str):
+    """Pretrained weights from `init_from`'s latest checkpoint (a wrapper's 'backbone', or a causal
+    run's whole tree) into this model's backbone / LoRA base / whole tree, and into a PPO policy's
+    separate 'critic' too (a critic starts from the policy's weights); everything else keeps its
+    fresh init. A token table with fewer rows is extended (old rows kept); other shape mismatches
+    raise naming the params. The log names what was loaded, extended and re-initialised."""
+    _, loaded, at = checkpoint.load_for_inference(init_from)
+    source_where, source_tree = _subtree(loaded)
+    where, target_tree = _subtree(state.params)
+    _, target_sh = _subtree(state_sh.params)
+    prefix = f"{where}/" if where else ""
+    source = flax.traverse_util.flatten_dict(dict(source_tree), sep="/")
+    tree, fitted, extended, target = _fill(source, target_tree, target_sh, init_from)
     params = dict(state.params, **{where: tree}) if where else tree
+    also = [name for name in ("critic",) if where == "backbone" and name in state.params]
+    for name in also:
+        params[name] = _fill(source, state.params[name], state_sh.params[name], init_from)[0]
+    fresh = sorted(prefix + k for k in target if k not in source)
+    fresh += sorted(k for k in state.params if where and k not in (where, *also))
+    log.info("warm start from %s (step %d): loaded %d params into %s; extended: %s; re-initialised: %s; "
+             "unused: %s", init_from, at, len(fitted), " and ".join([where or "the model"] + also),
+             ", ".join(extended) or "none", ", ".join(fresh) or "none",
+             ", ".join(unused_params(loaded, source_where, set(source) - target)) or "none")
     return state.replace(params=params)

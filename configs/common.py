@@ -130,7 +130,7 @@ def base() -> ml_collections.ConfigDict:
     l.scale_rewards = "group"  # GRPO advantages divided by the 'group' | 'batch' reward std, or 'none' (Dr. GRPO)
     l.baseline = "mean"  # GRPO baseline: the group 'mean' | 'rloo' (leave-one-out mean)
     l.mask_truncated = False  # completions that hit max_new_tokens get no loss (DAPO's overlong filtering)
-    l.critic = "shared"  # PPO critic: 'shared' = a value head on the policy's trunk
+    l.critic = "shared"  # PPO critic: 'shared' (a value head on the policy's trunk) | 'separate' (its own transformer)
     l.gamma = 1.0  # PPO discount
     l.lam = 0.95  # PPO GAE lambda
     l.whiten_advantages = True  # PPO: advantages normalised over the iteration's completion tokens

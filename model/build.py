@@ -66,8 +66,9 @@ def reward_model(config, num_tokens: int) -> heads.RewardModel:
 
 
 def policy_value(config, num_tokens: int) -> heads.PolicyValue:
-    """The language model + a value head on its trunk (mode 'ppo' with rl.critic='shared')."""
-    return heads.PolicyValue(model_config(config, num_tokens))
+    """The language model + a value head on its trunk (rl.critic='shared') or on a critic transformer of
+    the same shape (rl.critic='separate'): mode 'ppo'."""
+    return heads.PolicyValue(model_config(config, num_tokens), separate_critic=config.rl.critic == "separate")
 
 
 def language_model(model, params):

@@ -174,16 +174,24 @@ class RewardModel(nn.Module):
 
 
 class PolicyValue(nn.Module):
-    """A policy with a critic on its trunk (PPO): backbone + the LM logits + a per-token value head.
-    The value at input position t estimates the return from choosing target t onward. The policy alone is
-    `Transformer(cfg)` on `params['backbone']` (what the decoder samples with)."""
+    """A policy and its critic (PPO): backbone + the LM logits + a per-token value head, read from the
+    policy's own trunk (`separate_critic=False`: one forward, shared features) or from a second
+    transformer `critic` (True: the value loss never touches the policy's weights). The value at input
+    position t estimates the return from choosing target t onward. The policy alone is `Transformer(cfg)`
+    on `params['backbone']` (what the decoder samples with)."""
     cfg: ModelConfig
+    separate_critic: bool = False
 
     def setup(self):
         self.backbone = Transformer(self.cfg)
+        if self.separate_critic:
+            self.critic = Transformer(self.cfg)
         self.value_head = ScalarHead(self.cfg)
 
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True):
         """-> (logits [B, L, V] float32, values [B, L] float32)."""
         h_BxLxD = self.backbone.encode(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic)
-        return self.backbone.logits(h_BxLxD), self.value_head(h_BxLxD)
+        v_BxLxD = h_BxLxD
+        if self.separate_critic:
+            v_BxLxD = self.critic.encode(tokens_BxL, positions_BxL, segment_ids_BxL, deterministic)
+        return self.backbone.logits(h_BxLxD), self.value_head(v_BxLxD)

@@ -6,18 +6,25 @@ import os
 import sys
 import types
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import tiny_config
 
+import checkpoint
+import sharding
+import steps
 import train
+import warmstart
 from metrics import read_jsonl
 from configs import grpo as grpo_config, ppo as ppo_config
 from data import chat
 from data.sft import Problem
 from data.tokenizer import ByteTokenizer
-from model import decode
+from model import build, decode
 from rl import guardrails, loop, rewards, rollout
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -153,9 +160,29 @@ def test_ppo_learns_a_trivial_reward(tmp_path, say_x):
     assert last > first + 0.1, [r["rl/reward_mean"] for r in rows]
 
 
-@pytest.mark.parametrize("module", [grpo_config, ppo_config], ids=["grpo", "ppo"])
+def test_a_separate_critic_starts_from_the_policy_weights(tmp_path):
+    cfg = _cfg(tmp_path, ppo_config, rl__critic="separate")
+    source = build.transformer(cfg, ByteTokenizer().vocab_size)
+    src_params = nn.meta.unbox(source.init(jax.random.key(7), jnp.zeros((1, 8), jnp.int32))["params"])
+    checkpoint.save_params(str(tmp_path / "src"), 3, src_params, json.loads(cfg.to_json()))
+    model = build.policy_value(cfg, ByteTokenizer().vocab_size)
+    tx = optax.sgd(0.1)
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.sharding)
+    state, state_sh = steps.init_state(model, tx, mesh, rules, 0, 8)
+    assert set(state.params) == {"backbone", "critic", "value_head"}
+    warm = warmstart.warm_start(state, state_sh, str(tmp_path / "src"))
+    for name in ("backbone", "critic"):  # both transformers hold the source's weights
+        for a, b in zip(jax.tree.leaves(warm.params[name]), jax.tree.leaves(src_params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(warm.params["value_head"]), jax.tree.leaves(state.params["value_head"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the head keeps its init
+
+
+@pytest.mark.parametrize("module", [grpo_config, ppo_config], ids=["grpo", "ppo_separate_critic"])
 def test_resume_is_exact(tmp_path, say_x, module):
     kw = dict(train__steps=4, train__eval_every=100, train__checkpoint_every=100, rl__kl_target=0.01)
+    if module is ppo_config:
+        kw["rl__critic"] = "separate"
     straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
     train.train_and_evaluate(_cfg(tmp_path, module, **kw), straight)
     train.train_and_evaluate(_cfg(tmp_path, module, train__stop_after=2, **kw), stopped)
@@ -164,6 +191,6 @@ def test_resume_is_exact(tmp_path, say_x, module):
         a = [r[key] for r in read_jsonl(os.path.join(straight, "metrics.jsonl")) if key in r]
         b = [r[key] for r in read_jsonl(os.path.join(stopped, "metrics.jsonl")) if key in r]
         assert a == b and len(a) == 4, key
-    pa, pb = (jax.tree.leaves(loop.checkpoint.load_for_inference(w)[1]) for w in (straight, stopped))
+    pa, pb = (jax.tree.leaves(checkpoint.load_for_inference(w)[1]) for w in (straight, stopped))
     for x, y in zip(pa, pb):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
