@@ -6,7 +6,6 @@ import tempfile
 
 import hypothesis.strategies as st
 import ml_collections
-import pytest
 from hypothesis import HealthCheck, given, settings
 
 import optim

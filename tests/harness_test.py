@@ -20,7 +20,7 @@ import optim
 import train
 from configs import common, finetune_classify, pretrain_mlm, sft
 from data import sources
-from data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, save_tokenizer
+from data.tokenizer import CharTokenizer, load_tokenizer, save_tokenizer
 from metrics import Progress, read_jsonl
 from resilience_test import _Poison, _state
 
