@@ -13,7 +13,7 @@ full (data.val_fraction does not apply), or a prepared dataset's --split. --spli
 
 The JSON object names what was scored: "data" is the file read ("held_out" says how the
 validation share was cut from data.path when there is no validation file), "examples" counts
-the eval loss's items in "example_unit" (windows, records, conversations), and decoded metrics
+the eval loss's items in "example_unit" (windows, records, conversations, pairs; RL runs: none), and decoded metrics
 (SFT/QA exact match) add "exact_match_scored" of "exact_match_of" items (SFT scores only the
 first sft.eval_generate problems). --out_predictions=FILE writes one JSON line per item for
 error analysis (classify: text, predicted and gold label; qa: question, predicted and gold

@@ -139,11 +139,12 @@ def test_every_mode_record_names_real_config_fields():
             assert field in fields or (field.endswith(".") and any(f.startswith(field) for f in fields)), (name, field)
         for field in mode.all_added_defaults():
             assert field in fields, (name, field)
-        for key in mode.headline:
-            assert key.startswith("eval/"), (name, key)
-        assert mode.example_unit in ("windows", "records", "conversations"), name
-    with pytest.raises(ValueError, match=r"mode='dpo': expected one of \['causal', 'classify', 'mlm', 'qa', 'sft'\]"):
-        modes.get(ml_collections.ConfigDict({"mode": "dpo"}))
+        for key in mode.headline:  # eval scalars, or (on-policy modes) the per-iteration rl/ scalars
+            assert key.startswith("eval/") or (mode.on_policy and key.startswith("rl/")), (name, key)
+        assert mode.example_unit in ("windows", "records", "conversations", "pairs", "prompts"), name
+    with pytest.raises(ValueError, match=r"mode='kto': expected one of \['causal', 'classify', 'dpo', 'grpo', 'mlm', "
+                                         r"'ppo', 'qa', 'reward', 'sft'\]"):
+        modes.get(ml_collections.ConfigDict({"mode": "kto"}))
 
 
 def test_console_shows_the_modes_headline_metrics(corpus_dir, tmp_path, caplog, capsys):
