@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import weakref
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -117,12 +118,19 @@ def _forward(dec_model, params, cache, tokens_BxT, positions_BxT, last_B):
     return dec_model.apply({"params": params}, h_Bx1xD, method="logits")[:, 0], mutated["cache"]
 
 
-def _pick(logits_BxV, rows, seed_B, index_B, counts_BxV, prompt_BxV, n_top: int):
+def _pick(logits_BxV, rows, seed_B, index_B, counts_BxV, prompt_BxV, n_top: int, want_top=True):
+    """(tokens, their log-probs, the n_top most likely (log-probs [B, K], ids [B, K]) or None); with
+    `want_top` False (traced) the alternatives are zeros and cost nothing (a vocabulary top-k per step
+    is ~0.5 ms at batch 32)."""
     keys = lambda: jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed_B, index_B)  # noqa: E731
     token_B = sampling.choose(logits_BxV, rows, keys, counts_BxV, prompt_BxV)
     logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     logp_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
-    top = jax.lax.top_k(logp_BxV, n_top) if n_top else None  # (log-probs [B, K], ids [B, K])
+    top = None
+    if n_top:
+        b = logp_BxV.shape[0]
+        top = jax.lax.cond(want_top, lambda: tuple(jax.lax.top_k(logp_BxV, n_top)),
+                           lambda: (jnp.zeros((b, n_top), jnp.float32), jnp.zeros((b, n_top), jnp.int32)))
     return token_B, logp_B, top
 
 
@@ -142,9 +150,14 @@ def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_
     """Prompts -> their cache rows and first tokens, written into slots_N of `state` (a slot index
     >= B is a padding row: computed, then dropped). Returns (state, token_N, logp_N, top, finish_N)."""
     n, t = tokens_NxT.shape
-    fresh = init_cache(dec_model, n, cache_len)
+    axis = _batch_axis(dec_model)
+    # The prompts attend within a cache of their own length (prompt x prompt, not prompt x context);
+    # their rows are then padded out to the context.
     positions_NxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    logits_NxV, cache_n = _forward(dec_model, params, fresh, tokens_NxT, positions_NxT, lengths_N - 1)
+    logits_NxV, cache_n = _forward(dec_model, params, init_cache(dec_model, n, t), tokens_NxT, positions_NxT,
+                                   lengths_N - 1)
+    widths = lambda c: [(0, cache_len - t if i == axis + 2 else 0) for i in range(c.ndim)]  # noqa: E731
+    cache_n = jax.tree.map(lambda c: jnp.pad(c, widths(c)), cache_n)
     v = logits_NxV.shape[-1]
     real_NxT = jnp.arange(t)[None, :] < lengths_N[:, None]
     prompt_NxV = jnp.zeros((n, v), bool).at[jnp.arange(n)[:, None], tokens_NxT].max(real_NxT)
@@ -154,7 +167,6 @@ def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_
     finish_N = _finish(token_N, generated_N, lengths_N, max_new_N, stop_NxS, cache_len)
     counts_NxV = counts_NxV.at[jnp.arange(n), token_N].add(1)
 
-    axis = _batch_axis(dec_model)
     put = lambda big, new: big.at[slots_N].set(new, mode="drop")  # noqa: E731
     put_cache = lambda big, new: (big.at[slots_N] if axis == 0 else big.at[:, slots_N]).set(new, mode="drop")  # noqa
     state = State(
@@ -167,18 +179,51 @@ def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_
     return state, token_N, logp_N, top, finish_N
 
 
-def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, window: int, params, state: State, n):
+def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, window: int, params, state: State, n,
+                 want_top=True):
     """Up to min(n, chunk) one-token steps for every running row, in one lax.while_loop that ends early
     when every row is done. Returns (state, tokens [B, chunk] (-1 where a row produced nothing),
-    log-probs [B, chunk], top (log-probs, ids) [B, chunk, n_top] or None).
+    log-probs [B, chunk], top (log-probs, ids) [B, chunk, n_top] or None; zeros unless `want_top`).
 
     The loop attends over the cache's first `window` slots only (sliced before, written back after):
     the caller picks a window past every row's last position, so short sequences in a long context
     do not pay for the empty slots."""
-    b = state.token_B.shape[0]
     slot_axis = _batch_axis(dec_model) + 2  # cache leaves [(layers,) B, V, S, K]
     full_cache = state.cache
     state = state.replace(cache=jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, window, axis=slot_axis), full_cache))
+    state, bufs = _loop(dec_model, cache_len, n_top, chunk, window, params, state, n, want_top)
+    state = state.replace(cache=jax.tree.map(lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, slot_axis),
+                                             full_cache, state.cache))
+    return (state,) + _unpack(bufs, n_top)
+
+
+def decode_rows(dec_model, cache_len: int, n_top: int, chunk: int, window: int, params, state: State, n, want_top,
+                rows_K):
+    """decode_steps over the slots rows_K only (an index >= B pads: it runs as a done row and is
+    dropped): a batch with few busy slots computes only those. Same returns, [B, ...] buffers."""
+    b = state.token_B.shape[0]
+    axis = _batch_axis(dec_model)
+    at = (slice(None),) * axis + (jnp.minimum(rows_K, b - 1), slice(None), slice(0, window))
+    pad_K = rows_K >= b
+    sub = jax.tree.map(lambda x: x[jnp.minimum(rows_K, b - 1)], state.replace(cache=None))
+    sub = sub.replace(cache=jax.tree.map(lambda c: c[at], state.cache), done_B=sub.done_B | pad_K)
+    sub, bufs = _loop(dec_model, cache_len, n_top, chunk, window, params, sub, n, want_top)
+    back = (slice(None),) * axis + (rows_K, slice(None), slice(0, window))
+    put = lambda full, part: full.at[rows_K].set(part, mode="drop")  # noqa: E731
+    state = jax.tree.map(put, state.replace(cache=None), sub.replace(cache=None)).replace(
+        cache=jax.tree.map(lambda full, part: full.at[back].set(part, mode="drop"), state.cache, sub.cache))
+    fill = (-1, 0.0, 0.0, 0)
+    bufs = tuple(put(jnp.full((b,) + x.shape[1:], f, x.dtype), x) for x, f in zip(bufs, fill))
+    return (state,) + _unpack(bufs, n_top)
+
+
+def _unpack(bufs, n_top):
+    return bufs[0], bufs[1], (bufs[2], bufs[3]) if n_top else None
+
+
+def _loop(dec_model, cache_len: int, n_top: int, chunk: int, window: int, params, state: State, n, want_top):
+    """The while loop of decode_steps over a state whose cache holds the first `window` slots."""
+    b = state.token_B.shape[0]
     rows_B = jnp.arange(b)
     bufs = (jnp.full((b, chunk), -1, jnp.int32), jnp.zeros((b, chunk), jnp.float32))
     if n_top:
@@ -195,7 +240,7 @@ def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, window: int,
         logits_BxV, cache = _forward(dec_model, params, st.cache, st.token_B[:, None], position_B[:, None],
                                      jnp.zeros((b,), jnp.int32))
         token_B, logp_B, top = _pick(logits_BxV, st.rows, st.seed_B, st.generated_B, st.counts_BxV, st.prompt_BxV,
-                                     n_top)
+                                     n_top, want_top)
         generated_B = st.generated_B + running_B
         next_position_B = st.position_B + running_B
         finish_B = _finish(token_B, generated_B, next_position_B, st.max_new_B, st.stop_BxS, cache_len)
@@ -209,14 +254,40 @@ def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, window: int,
         return i + 1, st, bufs
 
     _, state, bufs = jax.lax.while_loop(cond, body, (jnp.int32(0), state, bufs))
-    state = state.replace(cache=jax.tree.map(lambda f, w: jax.lax.dynamic_update_slice_in_dim(f, w, 0, slot_axis),
-                                             full_cache, state.cache))
-    return state, bufs[0], bufs[1], (bufs[2], bufs[3]) if n_top else None
+    return state, bufs
 
 
 def _bucket(n: int, lo: int, hi: int) -> int:
     """The next power of two >= n, at least lo, at most hi (fewer shapes to compile)."""
     return min(max(lo, 1 << max(0, n - 1).bit_length()), hi)
+
+
+def _window(reach: int, cache_len: int) -> int:
+    """The attention window for a chunk reaching slot `reach`: rounded up to a quarter of its power of
+    two (at least 64): at most 4 compiled windows per octave, at most 1/4 of it unused."""
+    p = 1 << max(0, reach - 1).bit_length()
+    step = max(64, p // 4)
+    return min(-(-reach // step) * step, cache_len)
+
+
+def _has_bf16_hardware() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.lru_cache(maxsize=None)
+def loop_compiler_options(dtype) -> tuple:
+    """XLA options for the decode loop. On CPU its dense products are skinny ([batch, D] @ [D, N]):
+    XLA:CPU's Eigen dots ran them faster than its YNNPACK fusions (f32, AMD Zen 2: 1.19x decode
+    tokens/s at batch 16, 1.00x at batch 1; bf16 emulated there: 1.09x). Kept where bf16 matmuls
+    have hardware (AVX512-BF16, AMX: not measured), and on other backends."""
+    if jax.default_backend() != "cpu" or (jnp.dtype(dtype) != jnp.float32 and _has_bf16_hardware()):
+        return ()
+    return (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
 class Decoder:
@@ -240,8 +311,10 @@ class Decoder:
         self.vocab_size = cfg.vocab_size
         self.mesh, self.rules = mesh, tuple(rules)
         self._prepare = jax.jit(functools.partial(prepare, model))
+        self._prepared = None  # ([weakrefs to the params' leaves], prepared params) of the last prepare
         self._prefill = jax.jit(functools.partial(prefill, self.dec_model, cache_len, n_top), donate_argnums=(1,))
         self._steps = {}
+        self._loop_options = loop_compiler_options(cfg.compute_dtype)
         self._empty = jax.jit(functools.partial(empty_state, self.dec_model, batch, cache_len))
 
     def _context(self):
@@ -254,8 +327,19 @@ class Decoder:
         return stack
 
     def prepare(self, params):
+        """`prepare(model, params)`, compiled; the last result is reused while `params` holds the very same
+        arrays (weakly referenced: jax arrays never change in place, so the same arrays give the same
+        result), so repeated generate calls on one checkpoint cast its weights once."""
+        leaves = jax.tree.leaves(params)
+        last = self._prepared
+        if last is not None and len(last[0]) == len(leaves) and all(r() is x for r, x in zip(last[0], leaves)):
+            return last[1]
         with self._context():
-            return self._prepare(params)
+            out = self._prepare(params)
+        # numpy leaves can change in place: reuse only for jax arrays
+        reusable = all(isinstance(x, jax.Array) for x in leaves)
+        self._prepared = ([weakref.ref(x) for x in leaves], out) if reusable else None
+        return out
 
     def empty(self, like=None) -> State:
         """A batch of free slots. Without a mesh, committed to the one device `like` (the prepared params)
@@ -274,6 +358,13 @@ class Decoder:
         if getattr(state.done_B, "committed", True):
             done_B = jax.device_put(done_B, state.done_B.sharding)
         return state.replace(done_B=done_B)
+
+    def check_request(self, prompt, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> None:
+        """The ValueError prefill would raise for this request, before anything runs."""
+        self.check_prompt(prompt, max_new_tokens)
+        n = len(set(int(x) for x in stop_ids))
+        if n > MAX_STOP_IDS:
+            raise ValueError(f"{n} stop token ids; at most {MAX_STOP_IDS}")
 
     def check_prompt(self, prompt, max_new_tokens: int) -> None:
         n = len(prompt)
@@ -313,19 +404,61 @@ class Decoder:
         out = jax.device_get((token, logp, top, finish))
         return (state,) + tuple(None if x is None else jax.tree.map(lambda a: a[:k], x) for x in out)
 
-    def steps(self, dparams, state: State, n: int, chunk: int | None = None):
-        """Up to n decode steps (at most `chunk`); returns (state, tokens [B, chunk], logprobs, top), on host.
-        Attends over a window of the cache (a power of two, at least 64) past every running row's reach:
-        one compiled loop per (chunk, window)."""
+    def loop_variants(self, chunk: int | None = None) -> list[tuple[int, int, int]]:
+        """Every (chunk, window, rows) decode loop `steps` may compile for this chunk."""
         chunk = chunk or self.chunk
-        reach = int(np.max(np.where(np.asarray(state.done_B), 0, np.asarray(state.position_B)))) + min(n, chunk) + 1
-        window = _bucket(reach, 64, self.cache_len)
-        key = (chunk, window)
+        windows = sorted({_window(r, self.cache_len) for r in range(2, self.cache_len + 1)})
+        rows = [self.batch] if self.mesh is not None else sorted({_bucket(k, 1, self.batch)
+                                                                   for k in range(1, self.batch + 1)})
+        return [(chunk, w, k) for w in windows for k in rows]
+
+    def warm_up(self, dparams, state: State, chunk: int | None = None, prompt_lengths: Sequence[int] = (),
+                group_sizes: Sequence[int] = (1,)) -> State:
+        """Compile, before any request, every decode loop `steps` may need for `chunk` (and prefills of
+        `group_sizes` prompts at these lengths' buckets), so no request waits on a compile. Each runs
+        once on no rows (state unchanged: prefills write to slots past the batch, loops run zero
+        steps). A server with S slots and context C compiles about 4 log2(C/64) x (log2(S) + 1) loops."""
+        chunk = chunk or self.chunk
+        for n in sorted(set(group_sizes)):
+            for t in sorted({_bucket(m, 8, self.cache_len) for m in prompt_lengths}):
+                prompt = np.zeros(min(t, self.cache_len - 1), np.int32)
+                state, *_ = self.prefill(dparams, state, [prompt] * n, [self.batch] * n, [sampling.GREEDY] * n,
+                                         [0] * n, [1] * n, [()] * n)
+        done = jax.device_put(np.ones(self.batch, bool), state.done_B.sharding)
+        saved, state = state.done_B, state.replace(done_B=done)
+        for key in self.loop_variants(chunk):
+            if key not in self._steps:
+                self._steps[key] = self._compile_loop(*key)
+            args = () if key[2] == self.batch else (np.full(key[2], self.batch, np.int32),)
+            with self._context():
+                state = self._steps[key](dparams, state, jnp.int32(0), jnp.bool_(True), *args)[0]
+        return state.replace(done_B=saved)
+
+    def _compile_loop(self, chunk: int, window: int, k: int):
+        fn = decode_steps if k == self.batch else decode_rows
+        return jax.jit(functools.partial(fn, self.dec_model, self.cache_len, self.n_top, chunk, window),
+                       donate_argnums=(1,), compiler_options=dict(self._loop_options) or None)
+
+    def steps(self, dparams, state: State, n: int, chunk: int | None = None, want_top: bool = True):
+        """Up to n decode steps (at most `chunk`); returns (state, tokens [B, chunk], logprobs, top), on host.
+        Attends over a window of the cache past every running row's reach (`_window`) and, without a
+        mesh, runs only the busy slots when they are at most half the batch (`decode_rows`, a power of
+        two of them): one compiled loop per (chunk, window, rows)."""
+        chunk = chunk or self.chunk
+        done, position = jax.device_get((state.done_B, state.position_B))
+        reach = int(np.max(np.where(done, 0, position))) + min(n, chunk) + 1
+        window = _window(reach, self.cache_len)
+        busy = np.nonzero(~done)[0]
+        k = _bucket(len(busy), 1, self.batch)
+        if self.mesh is not None or k == self.batch:
+            k, args = self.batch, ()
+        else:  # few busy slots: compute only those (a power of two of them; pads index past the batch)
+            args = (np.concatenate([busy, np.full(k - len(busy), self.batch)]).astype(np.int32),)
+        key = (chunk, window, k)
         if key not in self._steps:
-            self._steps[key] = jax.jit(functools.partial(decode_steps, self.dec_model, self.cache_len, self.n_top,
-                                                         chunk, window), donate_argnums=(1,))
+            self._steps[key] = self._compile_loop(chunk, window, k)
         with self._context():
-            state, tokens, logp, top = self._steps[key](dparams, state, jnp.int32(n))
+            state, tokens, logp, top = self._steps[key](dparams, state, jnp.int32(n), jnp.bool_(want_top), *args)
         return (state,) + tuple(jax.device_get((tokens, logp, top)))
 
     def generate(self, params, prompts: Sequence, *, max_new_tokens: int, sampling: Sampling | Sequence[Sampling] = None,
@@ -360,7 +493,11 @@ class Decoder:
             r.add(int(token[i]), float(logp[i]), tops_at(top, i, None))
             r.finish = int(finish[i])
         streaming = on_tokens is not None or bool(stop_strings)
-        chunk = self.chunk if streaming else _bucket(max_new_tokens - 1, 8, 1 << 16)
+        # Without streaming, big batches still go in chunks of 32 steps: each chunk's attention window
+        # then ends near the rows' reach (1.08x at batch 16 over one loop for 192 tokens, Zen 2), where
+        # at batch 1 a chunk's host round trip costs more than the window saves (0.89x).
+        whole = _bucket(max_new_tokens - 1, 8, 1 << 16)
+        chunk = self.chunk if streaming else (min(whole, 32) if self.batch >= 8 else whole)
         done = np.array([r.finish > 0 for r in rows] + [True] * (self.batch - k))
         self._after_chunk(rows, [1] * k, stop_strings, detokenize, on_tokens, offset)
         while not all(r.finish for r in rows):

@@ -55,7 +55,7 @@ def test_cached_decoding_gives_the_full_forward_distribution(variant):
     params = _params(model)
     dec = decode.Decoder(model, batch=4, cache_len=32, n_top=V)
     outs = dec.generate(params, PROMPTS, max_new_tokens=12, sampling=sampling.GREEDY)
-    tol = 1e-5 if variant.get("dtype") == "float32" else 2e-3
+    tol = 3e-5 if variant.get("dtype") == "float32" else 2e-3  # f32: other kernels, other summation order
     for p, o in zip(PROMPTS, outs):
         assert len(o.tokens) == 12 and o.finish_reason == "length" and o.prompt_tokens == len(p)
         # greedy: each token is the argmax of the top-V list, i.e. of the full forward's row (checked below)
@@ -146,6 +146,81 @@ def test_a_seed_gives_the_same_text_in_any_batch_and_other_seeds_differ():
     again = dec4.generate(params, [PROMPTS[0]] * 4, max_new_tokens=16, sampling=s, seeds=[7, 8, 9, 10])
     assert again[0].tokens == alone.tokens
     assert len({tuple(o.tokens) for o in again}) == 4  # other seeds, other texts
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_only_busy_slots_are_computed_and_they_decode_as_in_a_full_batch(scan):
+    model = _model(scan_layers=scan)
+    params = _params(model)
+    s = Sampling(temperature=1.0)
+    full = decode.Decoder(model, batch=3, cache_len=32).generate(params, PROMPTS[:3], max_new_tokens=10, sampling=s,
+                                                                 seeds=[1, 2, 3])
+    dec = decode.Decoder(model, batch=8, cache_len=32)
+    dparams = dec.prepare(params)
+    state, *_ = dec.prefill(dparams, dec.empty(dparams), [PROMPTS[3]], [0], [sampling.GREEDY], [0], [1], [()])
+    axis = decode._batch_axis(dec.dec_model)
+    row0 = lambda st: [np.take(np.asarray(c), 0, axis=axis) for c in jax.tree.leaves(st.cache)]  # noqa: E731
+    finished = row0(state)  # slot 0 holds a finished request: nothing may touch it
+    slots = [2, 5, 7]
+    state, token, logp, _, _ = dec.prefill(dparams, state, PROMPTS[:3], slots, [s] * 3, [1, 2, 3], [10] * 3,
+                                           [()] * 3)
+    got = {j: ([int(token[i])], [float(logp[i])]) for i, j in enumerate(slots)}
+    while not np.all(np.asarray(state.finish_B)[slots] > 0):
+        state, tokens, logps, _ = dec.steps(dparams, state, 10, 4)
+        for j in slots:
+            keep = tokens[j] >= 0
+            got[j][0].extend(tokens[j][keep].tolist())
+            got[j][1].extend(logps[j][keep].tolist())
+    assert {k for _, _, k in dec._steps} == {4}  # 3 busy slots of 8: a 4-row loop, never the full batch
+    assert [got[j][0] for j in slots] == [o.tokens for o in full]
+    np.testing.assert_allclose([got[j][1] for j in slots], [o.logprobs for o in full], atol=1e-5)
+    for a, b in zip(finished, row0(state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prepared_weights_are_reused_only_for_the_same_arrays():
+    model = _model()
+    params = _params(model)
+    dec = decode.Decoder(model, batch=1, cache_len=16)
+    first = dec.prepare(params)
+    assert dec.prepare(params) is first  # the same arrays: cast once
+    assert dec.prepare(jax.tree.map(lambda x: x, params)) is first  # a new tree of the same arrays
+    other = jax.tree.map(lambda x: x + 1, params)
+    assert dec.prepare(other) is not first
+    host = jax.tree.map(np.array, params)  # numpy leaves may change in place: never reused
+    assert dec.prepare(host) is not dec.prepare(host)
+
+
+def test_warm_up_compiles_every_loop_and_prefill_a_server_needs_and_changes_no_slot():
+    model = _model()
+    params = _params(model)
+    dec = decode.Decoder(model, batch=4, cache_len=32, chunk=2)
+    dparams = dec.prepare(params)
+    state = dec.warm_up(dparams, dec.empty(dparams), prompt_lengths=range(1, 32))
+    assert set(dec._steps) == set(dec.loop_variants()) == {(2, 32, k) for k in (1, 2, 4)}
+    assert np.all(np.asarray(state.done_B)) and not np.any(np.asarray(state.generated_B))
+    assert all(not np.any(np.asarray(c)) for c in jax.tree.leaves(state.cache))  # no slot written
+    compiled = dec._prefill._cache_size()
+    state, *_ = dec.prefill(dparams, state, [PROMPTS[2]], [1], [sampling.GREEDY], [0], [6], [()])
+    while not np.asarray(state.finish_B)[1]:
+        state, *_ = dec.steps(dparams, state, 6, 2)
+    assert dec._prefill._cache_size() == compiled and set(dec._steps) == set(dec.loop_variants())
+
+
+def test_alternatives_are_computed_only_when_wanted_and_change_nothing_else():
+    model = _model()
+    params = _params(model)
+    dec = decode.Decoder(model, batch=2, cache_len=32, n_top=5)
+    dparams = dec.prepare(params)
+    runs = {}
+    for want in (True, False):
+        state, *_ = dec.prefill(dparams, dec.empty(dparams), PROMPTS[:2], [0, 1], [Sampling(temperature=1.0)] * 2,
+                                [3, 4], [9, 9], [()] * 2)
+        runs[want] = dec.steps(dparams, state, 8, 8, want_top=want)[1:]
+    (tok_a, lp_a, top_a), (tok_b, lp_b, top_b) = runs[True], runs[False]
+    np.testing.assert_array_equal(tok_a, tok_b)
+    np.testing.assert_array_equal(lp_a, lp_b)
+    assert np.all(top_a[0] < 0) and np.all(top_b[0] == 0) and np.all(top_b[1] == 0)
 
 
 def test_stop_ids_and_stop_strings_end_a_row_exactly():
