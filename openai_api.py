@@ -255,7 +255,7 @@ class _Api:
             prompts.append(ids)
         return prompts
 
-    def _requests(self, body, prompts, max_new, stop_ids) -> tuple[list[serving.Request], dict]:
+    def _requests(self, body, prompts, max_new, stop_ids, top: int) -> tuple[list[serving.Request], dict]:
         """One serving.Request per (prompt, choice): seeds seed, seed + 1, ... for the n choices."""
         _refuse_unsupported(body)
         n = _in_range("n", _field(body, "n", int, 1), 1)
@@ -266,7 +266,7 @@ class _Api:
         seed = secrets.randbelow(1 << 32) if seed is None else _in_range("seed", seed, 0, (1 << 32) - 1)
         sampling, stops = _sampling(body), _stop_strings(body)
         reqs = [serving.Request(prompt=p, max_new=max_new, sampling=sampling, seed=(seed + j) % (1 << 32),
-                                stop_ids=stop_ids, stop_strings=stops, index=i * n + j)
+                                stop_ids=stop_ids, stop_strings=stops, index=i * n + j, top_logprobs=top > 0)
                 for i, p in enumerate(prompts) for j in range(n)]
         options = _field(body, "stream_options", dict, {})
         return reqs, {"stream": _field(body, "stream", bool, False),
@@ -285,7 +285,7 @@ class _Api:
         logprobs = _field(body, "logprobs", int, None)
         if logprobs is not None:
             _in_range("logprobs", logprobs, 0, self.n_top)
-        reqs, opts = self._requests(body, prompts, max_new, (self.tok.eos_id,))
+        reqs, opts = self._requests(body, prompts, max_new, (self.tok.eos_id,), logprobs or 0)
         view = shapes.TextView(self.model_name, self.tok, logprobs)
         return await self._answer(request, reqs, view, **opts)
 
@@ -318,7 +318,7 @@ class _Api:
             if not logprobs:
                 raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         stop_ids = (self.tok.special_id(chat_template.END_TOKEN), self.tok.eos_id)
-        reqs, opts = self._requests(body, [prompt], limit, stop_ids)
+        reqs, opts = self._requests(body, [prompt], limit, stop_ids, (top or 0) if logprobs else 0)
         view = shapes.ChatView(self.model_name, self.tok, (top or 0) if logprobs else None)
         return await self._answer(request, reqs, view, **opts)
 

@@ -9,7 +9,7 @@
 
 One background thread owns the Decoder and its State, and loops:
 1. drops requests whose client went away (`cancel`) from the queue and from their slots;
-2. admits waiting requests into free slots, one prefill each (the request's first token); a request
+2. admits waiting requests into free slots, one prefill per group of them (their first tokens); a request
    admitted here joins the running batch at the next decode step;
 3. runs `chunk` one-token steps for every busy slot (a small chunk keeps admission latency low);
 4. hands each request its new tokens and text, cuts at a stop string (found on the host text, the
@@ -39,6 +39,10 @@ from data import tokenizer as tokenizer_lib
 from model import build, decode
 from model.sampling import Sampling
 
+
+# Requests admitted together share one prefill, in groups of these sizes (no padded rows; a few compiled
+# prefill shapes): a burst of 32 arrivals is two prefills, not 32.
+ADMIT_GROUPS = (16, 4, 1)
 
 LM_MODES = ("causal", "sft", "dpo", "grpo", "ppo")  # modes (modes.MODES) whose model is (or holds) a causal LM
 
@@ -93,6 +97,7 @@ class Request:
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     index: int = 0  # carried by its updates (the choice index)
+    top_logprobs: bool = False  # wants the most likely alternatives (the engine computes them only then)
     cancelled: bool = False
     deliver: Callable[["Update"], None] | None = None  # set by Engine.submit
 
@@ -135,6 +140,7 @@ class Engine:
         self.dec, self.detokenize, self.max_queue = decoder, detokenize, max_queue
         self.chunk = chunk or decoder.chunk
         self.slots = decoder.batch
+        self.group_sizes = tuple(n for n in ADMIT_GROUPS if n <= self.slots)
         self._dparams = decoder.prepare(params)
         # committed to the params' device like every state the decoder returns: one compiled prefill, not two
         self._device = jax.sharding.SingleDeviceSharding(next(iter(jax.tree.leaves(self._dparams)[0].devices())))
@@ -146,6 +152,15 @@ class Engine:
         self._device_stale = False  # a slot freed on the host is still running on the device
         self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
         self.served = self.generated = 0
+
+    def warm_up(self) -> "Engine":
+        """Compile every prefill and decode loop the engine may run (before start(): the first requests
+        then never wait on XLA). Returns self."""
+        if self._thread.is_alive():
+            raise RuntimeError("warm_up() runs before start()")
+        self._state = self.dec.warm_up(self._dparams, self._state, self.chunk, range(1, self.dec.cache_len),
+                                       self.group_sizes)
+        return self
 
     # ---- called from any thread -------------------------------------------------------------
     def start(self) -> "Engine":
@@ -212,19 +227,25 @@ class Engine:
         for slot, live in enumerate(self._live):
             if live is not None and live.request.cancelled:
                 self._free(slot, device_done=False)
+        ok = []
         for slot, r in admissions:
             if r.cancelled:
                 continue
             try:
-                self._admit(slot, r)
+                self.dec.check_request(r.prompt, r.max_new, r.stop_ids)
+                ok.append((slot, r))
             except ValueError as e:  # the decoder's own checks, before anything runs: this request only
                 _send(r, Update(r.index, [], [], None, "", error=str(e)))
+        for group in admission_groups(ok, self.group_sizes):
+            self._admit(group)
         if not any(self._live):
             return
         if self._device_stale:  # slots the host freed (stop string, client gone) stop on the device too
             self._state = self.dec.set_done(self._state, [live is None for live in self._live])
             self._device_stale = False
-        self._state, tokens, logps, tops = self.dec.steps(self._dparams, self._state, self.chunk, self.chunk)
+        want_top = any(live is not None and live.request.top_logprobs for live in self._live)
+        self._state, tokens, logps, tops = self.dec.steps(self._dparams, self._state, self.chunk, self.chunk,
+                                                          want_top)
         finish_B = np.asarray(jax.device_get(self._state.finish_B))
         for slot, live in enumerate(self._live):
             if live is None:
@@ -236,15 +257,19 @@ class Engine:
             live.row.finish = int(finish_B[slot])
             self._publish(slot, new, device_done=finish_B[slot] > 0)
 
-    def _admit(self, slot: int, r: Request) -> None:
+    def _admit(self, group: list[tuple[int, Request]]) -> None:
+        """One prefill for a group of requests (their first tokens); each joins the batch in its slot."""
+        slots, rs = [s for s, _ in group], [r for _, r in group]
         self._state, token, logp, top, finish = self.dec.prefill(
-            self._dparams, self._state, [r.prompt], [slot], [r.sampling], [r.seed], [r.max_new], [r.stop_ids])
-        row = decode.Row(len(r.prompt))
-        row.add(int(token[0]), float(logp[0]), decode.tops_at(top, 0, None))
-        row.finish = int(finish[0])
-        with self._cond:
-            self._live[slot] = _Live(r, row)
-        self._publish(slot, 1, device_done=finish[0] > 0)
+            self._dparams, self._state, [r.prompt for r in rs], slots, [r.sampling for r in rs], [r.seed for r in rs],
+            [r.max_new for r in rs], [r.stop_ids for r in rs])
+        for i, (slot, r) in enumerate(group):
+            row = decode.Row(len(r.prompt))
+            row.add(int(token[i]), float(logp[i]), decode.tops_at(top, i, None))
+            row.finish = int(finish[i])
+            with self._cond:
+                self._live[slot] = _Live(r, row)
+            self._publish(slot, 1, device_done=finish[i] > 0)
 
     def _publish(self, slot: int, new: int, *, device_done: bool) -> None:
         """Stop strings, then the request's update; frees the slot when the request is over."""
@@ -286,6 +311,18 @@ class Engine:
             self._live = [None] * self.slots
         self._device_stale = False
         self._state = jax.device_put(self.dec.empty(), self._device)
+
+
+def admission_groups(items: list, sizes: Sequence[int]) -> list[list]:
+    """`items` (requests with their slots) in groups of the given sizes, largest first, shortest prompts
+    together (a group's prompts are padded to its longest): 37 with sizes (16, 4, 1) -> 16, 16, 4, 1."""
+    items = sorted(items, key=lambda item: len(item[1].prompt))
+    groups, i = [], 0
+    for n in sorted(sizes, reverse=True):
+        while len(items) - i >= n:
+            groups.append(items[i:i + n])
+            i += n
+    return groups
 
 
 def _send(r: Request, update: Update) -> None:

@@ -37,6 +37,7 @@ flags.DEFINE_integer("max_tokens", 64, "New tokens per request.")
 flags.DEFINE_integer("slots", 32, "Server decode slots.")
 flags.DEFINE_integer("rounds", 3, "Alternating (sequential, concurrent) rounds.")
 flags.DEFINE_integer("context", 256, "Server context (prompt + new tokens).")
+flags.DEFINE_integer("chunk", 0, "Server --chunk (decode steps between admissions); 0 = the server's default.")
 FLAGS = flags.FLAGS
 
 
@@ -68,7 +69,8 @@ def free_port() -> int:
 
 def start_server(workdir: str, port: int) -> subprocess.Popen:
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "serve.py"), f"--workdir={workdir}", f"--port={port}",
-           f"--slots={FLAGS.slots}", f"--context={FLAGS.context}", f"--max_queue={4 * FLAGS.requests}"]
+           f"--slots={FLAGS.slots}", f"--context={FLAGS.context}", f"--max_queue={4 * FLAGS.requests}", "--warmup"]
+    cmd += [f"--chunk={FLAGS.chunk}"] if FLAGS.chunk else []
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:

@@ -2,7 +2,7 @@
 
     python scripts/serve.py --workdir=runs/sft [--step=-1] [--host=127.0.0.1] [--port=8000] [--slots=8] \\
         [--context=<data.seq_len>] [--max_queue=64] [--api_key=KEY] [--insecure] [--model_name=NAME] \
-        [--max_body_bytes=1048576] [--chunk=4]
+        [--max_body_bytes=1048576] [--chunk=4] [--warmup] [--compile_cache=DIR]
 
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "sft", "prompt": "def ", "max_tokens": 32, "temperature": 0}'
@@ -21,17 +21,18 @@ slot at once. GET /health shows slots in use and the queue. It listens on 127.0.
 --host says otherwise, and then it needs --api_key (or LMSTACK_API_KEY; clients send
 `Authorization: Bearer KEY`) or --insecure.
 
-Speed: the first request of each prompt-length bucket (powers of two, 8 and up) compiles its prefill
-(seconds), and the first step compiles the decode loop. Then, measured on a 2-core CPU shared with other
-jobs (so the ranges), the default configs/pretrain_causal.py model (3.5M parameters, context 256)
-decodes 13-25 tokens/s for one request and 120-250 tokens/s in all with 8 slots busy: a batched step
-costs about what a single one does, which is what the slots buy. Not yet measured on a GPU.
+Speed: without --warmup, the first use of each prefill shape (prompt-length bucket x group size) and
+decode loop (attention window x busy-slot bucket) compiles it (seconds); --warmup compiles them all
+before /health answers. Measured (README, Inference speed; 2-core AMD Zen 2, default
+configs/pretrain_causal.py model, random weights, 32 slots, context 256): one request at a time
+about 700 tokens/s, 32 concurrent requests about 2,600 tokens/s in all. Not yet measured on a GPU.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -56,6 +57,11 @@ def define_flags() -> None:
     flags.DEFINE_string("model_name", None, "Model id clients ask for; default: the workdir's name.")
     flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body; larger gets HTTP 413.")
     flags.DEFINE_integer("chunk", 4, "Decode steps between admissions (1-4 keeps a new request's wait short).")
+    flags.DEFINE_bool("warmup", False, "Compile every prefill and decode loop before answering /health (about "
+                      "70 s for 32 slots, context 256, 2 CPU cores); without it each compiles on first use (a few "
+                      "seconds' stall for the request that needs it).")
+    flags.DEFINE_string("compile_cache", "", "JAX persistent compilation cache directory: a restart loads the "
+                        "compiled programs instead of compiling them again ('' = off).")
 
 
 def main(argv):
@@ -74,8 +80,10 @@ def main(argv):
 
     import uvicorn
 
+    import hostenv
     import serving
     from model import decode
+    hostenv.compile_cache(FLAGS.compile_cache)
     try:
         run = serving.load_run(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
     except (FileNotFoundError, ValueError) as e:
@@ -85,7 +93,13 @@ def main(argv):
         decoder = decode.Decoder(run.model, batch=FLAGS.slots, cache_len=context, n_top=20, chunk=FLAGS.chunk)
     except ValueError as e:  # e.g. --context beyond a learned-position table
         raise app.UsageError(f"{FLAGS.workdir}: {e}") from None
-    engine = serving.Engine(decoder, run.params, detokenize=run.tokenizer.decode, max_queue=FLAGS.max_queue).start()
+    engine = serving.Engine(decoder, run.params, detokenize=run.tokenizer.decode, max_queue=FLAGS.max_queue)
+    if FLAGS.warmup:
+        start = time.perf_counter()
+        engine.warm_up()
+        print(f"# compiled {len(decoder.loop_variants(engine.chunk))} decode loops and the prefills in "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
+    engine.start()
     name = FLAGS.model_name or run.name
     api = openai_api.make_app(engine, run.tokenizer, model_name=name, chat=run.chat, api_key=FLAGS.api_key,
                               max_body_bytes=FLAGS.max_body_bytes)
