@@ -32,10 +32,8 @@ JSON on stdout (with the 1-minute load average before and after), one line per r
 from __future__ import annotations
 
 import functools
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -46,6 +44,7 @@ import numpy as np
 from absl import flags
 
 from model import build, decode, sampling
+from peer_process import PeerProcess
 
 FLAGS = flags.FLAGS
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_decode_worker.py")
@@ -195,44 +194,6 @@ class JaxSide:
         return {"generate_s": gen, "ttft_s": ttft, "prefill_s": prefill_s}
 
 
-class TorchWorker:
-    """scripts/torch_decode_worker.py in its own process, one JSON line per round over pipes. It starts
-    (imports, builds, warms up) while the caller goes on; `wait_ready` returns its ready line."""
-
-    def __init__(self, args: list[str], omp_wait: str = ""):
-        env = dict(os.environ)
-        env.pop("OMP_WAIT_POLICY", None)
-        if omp_wait:
-            env["OMP_WAIT_POLICY"] = omp_wait.upper()
-        self.proc = subprocess.Popen([sys.executable, WORKER, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1, env=env)
-        self.info = None
-
-    def wait_ready(self) -> dict:
-        if self.info is None:
-            self.info = self._read()
-        return self.info
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{WORKER} exited (code {self.proc.wait()}) without answering")
-        return json.loads(line)
-
-    def round(self, b: int) -> dict:
-        self.wait_ready()
-        self.proc.stdin.write(json.dumps({"batch": b}) + "\n")
-        return self._read()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def _rates(t: dict, b: int, prompt_len: int, n: int) -> dict:
     """Seconds -> rates: generate (prompt to n tokens), prefill tokens/s, TTFT ms, and the decode phase's
     tokens/s: the n - 1 tokens after the first over generate_s - ttft_s (None where that is not > 0)."""
@@ -267,11 +228,12 @@ def vs_hf(config, num_tokens: int, *, batches, prompt_len: int, new_tokens: int,
     m = config.model
     m.max_len = max(m.max_len, prompt_len + new_tokens)  # learned positions: the table must hold the context
     model, params = model_and_params(config, num_tokens)
-    torch_side = TorchWorker([f"--layers={m.n_layers}", f"--heads={m.n_heads}", f"--dim={m.d_model}",
-                              f"--positions={m.max_len}", f"--vocab={model.cfg.vocab_size}",
-                              f"--prompt-len={prompt_len}", f"--new-tokens={new_tokens}",
-                              f"--batches={','.join(map(str, batches))}", f"--threads={threads}"]
-                             + (["--bf16"] if bf16 else []), omp_wait)  # starts and warms up meanwhile
+    torch_side = PeerProcess("PyTorch", [sys.executable, WORKER, f"--layers={m.n_layers}", f"--heads={m.n_heads}",
+                                         f"--dim={m.d_model}", f"--positions={m.max_len}",
+                                         f"--vocab={model.cfg.vocab_size}", f"--prompt-len={prompt_len}",
+                                         f"--new-tokens={new_tokens}", f"--batches={','.join(map(str, batches))}",
+                                         f"--threads={threads}"] + (["--bf16"] if bf16 else []),
+                             omp_wait=omp_wait)  # starts and warms up meanwhile
     rows = {b: {"jax": [], "torch": []} for b in batches}
     try:
         jax_side = JaxSide(model, params, batches, prompt_len, new_tokens, num_tokens)
@@ -282,9 +244,9 @@ def vs_hf(config, num_tokens: int, *, batches, prompt_len: int, new_tokens: int,
         load_start = os.getloadavg()
         for r in range(rounds):
             for b in batches:
-                for side, runner in (("jax", jax_side), ("torch", torch_side)):
+                for side, runner in (("jax", jax_side.round), ("torch", lambda b: torch_side.ask({"batch": b}))):
                     time.sleep(gap_s)
-                    rows[b][side].append(_rates(runner.round(b), b, prompt_len, new_tokens))
+                    rows[b][side].append(_rates(runner(b), b, prompt_len, new_tokens))
                 j, t = rows[b]["jax"][-1], rows[b]["torch"][-1]
                 jg, tg = j["generate_tokens_per_s"], t["generate_tokens_per_s"]
                 print(f"round {r} batch {b}: jax {jg:,.0f} tok/s (ttft {j['ttft_ms']:.1f} ms), "

@@ -47,7 +47,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +55,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+from peer_process import PeerProcess  # noqa: E402
+
 TRL_WORKER = os.path.join(HERE, "trl_worker.py")
 BIG = 10 ** 9  # train.steps, eval_every, checkpoint_every of the lmstack runs: never reached
 SIZES = {"tiny": (32, 2, 2), "nano": (128, 4, 4), "small": (256, 4, 4)}  # GPT-2: d_model, layers, heads; d_ff = 4 d
@@ -275,48 +276,6 @@ def lmstack_worker(a) -> None:
 
 # ---- the parent: two workers, rounds ---------------------------------------------------------------
 
-class Worker:
-    """A persistent child answering one JSON line per command; stderr to a log file. It starts (imports, builds,
-    warms up) while the caller goes on; `wait_ready` returns its ready line."""
-
-    def __init__(self, name: str, cmd: list[str], log_path: str, env: dict):
-        self.name, self.log_path = name, log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     bufsize=1, env=env, cwd=ROOT)
-        self.info = None
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            code = self.proc.wait()
-            self.log.flush()
-            with open(self.log_path) as f:
-                tail = f.read()[-3000:]
-            raise RuntimeError(f"the {self.name} worker exited (code {code}) without answering; its log "
-                               f"({self.log_path}) ends:\n{tail}")
-        return json.loads(line)
-
-    def wait_ready(self) -> dict:
-        if self.info is None:
-            self.info = self._read()
-        return self.info
-
-    def run(self, steps: int) -> dict:
-        self.wait_ready()
-        self.proc.stdin.write(json.dumps({"steps": steps}) + "\n")
-        return self._read()
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=120)
-        except (subprocess.TimeoutExpired, BrokenPipeError):
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
@@ -332,17 +291,13 @@ def run_bench(a, log=sys.stderr) -> dict:
     grpo = a.what == "grpo"
     rows = a.prompts * a.group if grpo else 2 * a.pairs
     trl_steps_per_iter = rows // (a.minibatch or rows) if grpo else 1
-    env = dict(os.environ)
-    torch_env = dict(env)
-    torch_env.pop("OMP_WAIT_POLICY", None)
-    if a.torch_omp_wait:
-        torch_env["OMP_WAIT_POLICY"] = a.torch_omp_wait.upper()
     max_steps = (a.warmup + a.rounds * a.iters + 2) * trl_steps_per_iter
-    ours = Worker("lmstack", [sys.executable, os.path.abspath(__file__), "--role=lmstack", f"--spec={spec_path}",
-                              f"--warmup={a.warmup}"], os.path.join(workdir, "lmstack.log"), env)
-    theirs = Worker("TRL", [sys.executable, TRL_WORKER, f"--spec={spec_path}", f"--threads={a.threads}",
-                            f"--warmup={a.warmup * trl_steps_per_iter}", f"--max-steps={max_steps}"],
-                    os.path.join(workdir, "trl.log"), torch_env)
+    ours = PeerProcess("lmstack", [sys.executable, os.path.abspath(__file__), "--role=lmstack", f"--spec={spec_path}",
+                                   f"--warmup={a.warmup}"], log_path=os.path.join(workdir, "lmstack.log"), cwd=ROOT,
+                       omp_wait=os.environ.get("OMP_WAIT_POLICY", ""))
+    theirs = PeerProcess("TRL", [sys.executable, TRL_WORKER, f"--spec={spec_path}", f"--threads={a.threads}",
+                                 f"--warmup={a.warmup * trl_steps_per_iter}", f"--max-steps={max_steps}"],
+                         log_path=os.path.join(workdir, "trl.log"), cwd=ROOT, omp_wait=a.torch_omp_wait)
     rounds = []
     try:
         ours.wait_ready()
@@ -350,9 +305,9 @@ def run_bench(a, log=sys.stderr) -> dict:
         load_start = os.getloadavg()
         for r in range(a.rounds):
             time.sleep(a.gap_s)
-            o = ours.run(a.iters)
+            o = ours.ask({"steps": a.iters})
             time.sleep(a.gap_s)
-            t = theirs.run(a.iters * trl_steps_per_iter)
+            t = theirs.ask({"steps": a.iters * trl_steps_per_iter})
             if grpo:
                 o_tokens = a.iters * spec["prompt_tokens_per_iteration"] + o["completion_tokens"]
                 o_gen = o["completion_tokens"]

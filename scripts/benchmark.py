@@ -1,7 +1,8 @@
 """Training throughput of a config on this machine, optionally side by side with PyTorch.
 
     python scripts/benchmark.py --config=configs/shakespeare_char.py            # JSON line
-    python scripts/benchmark.py --config=configs/shakespeare_char.py --vs-torch # interleaved
+    python scripts/benchmark.py --config=configs/shakespeare_char.py --vs-torch \
+        [--torch-variants=f32,bf16,bf16_compile] [--torch-arch=gpt2|llama]       # bench_torch.py
     python scripts/benchmark.py --measure-peak                                  # matmul peaks
     python scripts/benchmark.py --config=configs/pretrain_mini.py --vs-peak     # MFU, interleaved
     python scripts/benchmark.py --config=... --what=eval|data                    # other paths
@@ -11,11 +12,13 @@
 Prints JSON: tokens_per_s, step_ms, model_flops_per_token, achieved_gflops, mfu (against
 --peak_gflops, default config.train.peak_flops). Timing: compile once, warm up, then
 timed blocks of steps run back to back (see `timed`). These 2-core machines switch between
-fast and slow states every few seconds, so --vs-torch alternates short blocks of JAX and
-PyTorch steps in one process and reports the median of per-round ratios (torch extras: requirements-dev.txt).
+fast and slow states every few seconds, so --vs-torch alternates short blocks of our steps (here)
+and PyTorch's (its own persistent process per variant) and reports the median of per-round ratios
+(torch extras: requirements-dev.txt).
 
 --gpt2 makes our model GPT-2 shaped (GELU MLP with d_ff = 4 d, LayerNorm, learned positions,
-biases) so a comparison is at exactly the same parameter count; --vs-torch implies it.
+biases) so a comparison is at exactly the same parameter count; --vs-torch implies it unless
+--torch-arch=llama (then the config's own RoPE/RMSNorm/SwiGLU model against HF Llama).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import bench_decode  # noqa: E402  (scripts/: --what=decode)
+import bench_torch  # noqa: E402  (scripts/: --vs-torch)
 import hostenv  # noqa: E402
 import objectives  # noqa: E402
 import optim  # noqa: E402
@@ -48,7 +52,8 @@ flags.DEFINE_integer("steps", 30, "Timed steps (per round with --vs-torch).")
 flags.DEFINE_integer("warmup", 5, "Untimed steps after compilation.")
 flags.DEFINE_integer("rounds", 8, "--vs-torch, --vs-peak, --what=decode|compile: alternating rounds.")
 flags.DEFINE_integer("num_tokens", 0, "Vocabulary size; 0 = the tokenizer's (byte 267, char 76 for Shakespeare).")
-flags.DEFINE_bool("vs_torch", False, "Interleave with a PyTorch + HF GPT-2 of the same size.")
+flags.DEFINE_bool("vs_torch", False, "Alternate with PyTorch + HF GPT-2 (or Llama) of the same size, each in its "
+                  "own process (bench_torch.py).")
 flags.DEFINE_bool("torch_bf16", False, "--vs-torch / --vs-hf: run PyTorch under bf16 autocast.")
 flags.DEFINE_bool("gpt2", False, "Use a GPT-2 shaped model (exact parameter parity with HF GPT-2).")
 flags.DEFINE_bool("measure_peak", False, "Measure bf16->f32 and f32 matmul peak GFLOP/s and exit.")
@@ -61,6 +66,7 @@ flags.DEFINE_enum("what", "train", ["train", "eval", "data", "decode", "compile"
                   "compile time, temporary memory and step time for layer loop / nn.scan x remat policies")
 flags.DEFINE_integer("layers", 0, "--what=compile: model.n_layers to compare at; 0 = the config's.")
 bench_decode.define_flags()
+bench_torch.define_flags()
 
 # --what=compile: (model.scan_layers, model.remat) pairs, the layer loop without remat first.
 COMPILE_VARIANTS = ((False, "none"), (True, "none"), (False, "full"), (True, "full"), (True, "dots"))
@@ -234,7 +240,7 @@ def main(argv):
         print(json.dumps(measure_peak()))
         return
     config = FLAGS.config
-    if FLAGS.gpt2 or FLAGS.vs_torch or (FLAGS.what == "decode" and FLAGS.vs_hf):
+    if FLAGS.gpt2 or (FLAGS.vs_torch and FLAGS.torch_arch == "gpt2") or (FLAGS.what == "decode" and FLAGS.vs_hf):
         gpt2_shape(config)
     num_tokens = FLAGS.num_tokens or default_num_tokens(config)
     if FLAGS.what == "data":
@@ -259,28 +265,12 @@ def main(argv):
                           "model_flops_per_token": fpt, "achieved_gflops": fpt * tokens / s / 1e9,
                           "mfu": fpt * tokens / s / peak}))
         return
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import torch_gpt2
-    m = config.model
-    torch_run, _, torch_params = torch_gpt2.make_train_step(
-        n_layer=m.n_layers, n_head=m.n_heads, n_embd=m.d_model, block_size=config.data.seq_len,
-        vocab_size=num_tokens, batch_size=config.data.batch_size, bf16=FLAGS.torch_bf16)
-    for _ in range(FLAGS.warmup):
-        torch_run()
-    jax_s, torch_s, ratios = [], [], []
-    for r in range(FLAGS.rounds):
-        a = timed(run, FLAGS.steps)
-        b = timed(torch_run, FLAGS.steps)
-        jax_s.append(a)
-        torch_s.append(b)
-        ratios.append(b / a)
-        print(f"round {r}: jax {tokens / a:,.0f} tok/s, torch {tokens / b:,.0f} tok/s, ratio {b / a:.2f}",
-              file=sys.stderr)
-    print(json.dumps({"jax_tokens_per_s": tokens / statistics.median(jax_s),
-                      "torch_tokens_per_s": tokens / statistics.median(torch_s),
-                      "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
-                      "ratio_max": max(ratios), "jax_params": n_params, "torch_params": torch_params,
-                      "torch_bf16": FLAGS.torch_bf16, "jax_mfu": fpt * tokens / statistics.median(jax_s) / peak}))
+    variants = ["bf16"] if FLAGS.torch_bf16 and FLAGS.torch_variants == ["f32"] else FLAGS.torch_variants
+    model_cfg = build.transformer(config, num_tokens).cfg
+    print(json.dumps(bench_torch.vs_torch(
+        config, model_cfg, run, tokens, n_params, variants=variants, arch=FLAGS.torch_arch, rounds=FLAGS.rounds,
+        steps=FLAGS.steps, threads=FLAGS.torch_threads, gap_s=FLAGS.gap_s, omp_wait=FLAGS.torch_omp_wait,
+        timed=timed)))
 
 
 if __name__ == "__main__":

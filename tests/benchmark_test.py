@@ -51,3 +51,33 @@ def test_benchmark_compile_variants():
     assert all(x["compile_s"] > 0 and x["temp_mb"] > 0 and x["step_ms"] > 0 for x in rows.values())
     # scanned layers with full remat keep only each layer's input for the backward pass
     assert rows[(True, "full")]["temp_mb"] < rows[(False, "none")]["temp_mb"]
+
+
+def _benchmark_fails(*args):
+    out = subprocess.run([sys.executable, "scripts/benchmark.py", *args], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
+    assert out.returncode != 0
+    return out.stderr
+
+
+@pytest.mark.parametrize("arch,variants", [("gpt2", "f32,bf16"), ("llama", "f32")])
+def test_vs_torch_runs_each_variant_in_its_own_process_at_equal_parameter_count(arch, variants):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    row, stderr = _benchmark("--config=configs/pretrain_causal.py:tiny", "--vs-torch", f"--torch-arch={arch}",
+                             f"--torch-variants={variants}", "--rounds=2", "--steps=2", "--warmup=1", "--gap_s=0")
+    assert row["what"] == "train_vs_torch" and row["arch"] == arch and "family" in row["cpu"]
+    for v in variants.split(","):
+        r = row[v]
+        assert r["torch_params"] == row["jax_params"]  # the same model size on both sides, exactly
+        assert r["torch_tokens_per_s"] > 0 and 0 < r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+    assert stderr.count("round ") == 2
+
+
+def test_vs_torch_bad_settings_are_named():
+    err = _benchmark_fails("--config=configs/pretrain_causal.py:tiny", "--vs-torch", "--torch-variants=f16",
+                           "--rounds=1", "--steps=1", "--warmup=1")
+    assert "--torch-variants=f16" in err
+    err = _benchmark_fails("--config=configs/pretrain_causal.py:tiny", "--vs-torch", "--torch-arch=llama",
+                           "--config.model.mlp=gelu", "--rounds=1", "--steps=1", "--warmup=1")
+    assert "model.mlp='swiglu'" in err and "'gelu'" in err
