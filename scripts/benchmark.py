@@ -8,6 +8,7 @@
     python scripts/benchmark.py --config=... --what=eval|data                    # other paths
     python scripts/benchmark.py --config=... --what=decode [--vs-hf]             # KV decoding (bench_decode.py)
     python scripts/benchmark.py --config=... --what=compile [--layers=24]        # scan / remat
+    python scripts/benchmark.py --config=configs/pretrain_mlm.py --what=mode     # a mode vs causal (bench_modes.py)
 
 Prints JSON: tokens_per_s, step_ms, model_flops_per_token, achieved_gflops, mfu (against
 --peak_gflops, default config.train.peak_flops). Timing: compile once, warm up, then
@@ -60,10 +61,11 @@ flags.DEFINE_bool("measure_peak", False, "Measure bf16->f32 and f32 matmul peak 
 flags.DEFINE_bool("vs_peak", False, "Alternate train-step blocks with 2048^3 bf16 matmuls; MFU = median per-round "
                   "ratio of the step's model GFLOP/s to the peak measured in the same round.")
 flags.DEFINE_float("peak_gflops", 0.0, "Peak for MFU; 0 = config.train.peak_flops.")
-flags.DEFINE_enum("what", "train", ["train", "eval", "data", "decode", "compile"],
+flags.DEFINE_enum("what", "train", ["train", "eval", "data", "decode", "compile", "mode"],
                   "train step | eval step | the grain input pipeline alone (real corpus) | "
                   "KV-cache decoding against the old recompute loop or HF generate (bench_decode.py) | "
-                  "compile time, temporary memory and step time for layer loop / nn.scan x remat policies")
+                  "compile time, temporary memory and step time for layer loop / nn.scan x remat policies | "
+                  "the config's mode's real train step against the causal step of its model (bench_modes.py)")
 flags.DEFINE_integer("layers", 0, "--what=compile: model.n_layers to compare at; 0 = the config's.")
 bench_decode.define_flags()
 bench_torch.define_flags()
@@ -251,6 +253,11 @@ def main(argv):
         return
     if FLAGS.what == "decode":
         print(json.dumps(bench_decode.main(config, num_tokens)))
+        return
+    if FLAGS.what == "mode":
+        import bench_modes
+        print(json.dumps(bench_modes.bench_mode(config, rounds=FLAGS.rounds, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                                                timed=timed, make_causal_step=make_jax_step)))
         return
     run, tokens, n_params, fpt = make_jax_step(config, num_tokens, eval_only=FLAGS.what == "eval")
     for _ in range(FLAGS.warmup + 1):

@@ -81,3 +81,17 @@ def test_vs_torch_bad_settings_are_named():
     err = _benchmark_fails("--config=configs/pretrain_causal.py:tiny", "--vs-torch", "--torch-arch=llama",
                            "--config.model.mlp=gelu", "--rounds=1", "--steps=1", "--warmup=1")
     assert "model.mlp='swiglu'" in err and "'gelu'" in err
+
+
+def test_mode_step_is_timed_against_the_causal_step_of_its_model(tmp_path):
+    tasks = tmp_path / "tasks"
+    subprocess.run([sys.executable, "scripts/make_tasks.py", f"--out={tasks}", "--n_train=64", "--n_val=8",
+                    "--n_test=8"], cwd=ROOT, check=True, capture_output=True)
+    row, stderr = _benchmark("--what=mode", "--config=configs/sft.py:tiny", f"--config.data.path={tasks}/train.jsonl",
+                             f"--config.sft.val_path={tasks}/val.jsonl", "--config.data.seq_len=128", "--config.lora.rank=4", "--steps=2",
+                             "--rounds=2", "--warmup=1")
+    assert row["what"] == "mode" and row["mode"] == "sft" and row["lora_rank"] == 4
+    assert row["mode_tokens_per_s"] > 0 and row["causal_tokens_per_s"] > 0
+    assert 0 < row["ratio_min"] <= row["ratio_median"] <= row["ratio_max"] and stderr.count("round ") == 2
+    err = _benchmark_fails("--what=mode", "--config=configs/grpo.py:tiny", "--steps=1", "--rounds=1")
+    assert "mode='grpo' is on-policy" in err
