@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from model import axes
-from model.layers import Dense, row_major as _row_major
+from model.layers import Dense, lowp, row_major as _row_major
 
 NEG_INF = -1e30
 
@@ -78,7 +78,7 @@ def _bmm(a_XxMxK, b_XxKxN, dtype, rhs_transposed=False):
     batch = tuple(range(a_XxMxK.ndim - 2))
     contract = b_XxKxN.ndim - 1 if rhs_transposed else b_XxKxN.ndim - 2
     return _row_major(jax.lax.dot_general(
-        _row_major(a_XxMxK.astype(dtype)), _row_major(b_XxKxN.astype(dtype)),
+        _row_major(lowp(a_XxMxK, dtype)), _row_major(lowp(b_XxKxN, dtype)),
         (((a_XxMxK.ndim - 1,), (contract,)), (batch, batch)), preferred_element_type=jnp.float32))
 
 

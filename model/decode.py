@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model import layers
 from model import lora as lora_lib
 from model import sampling
 from model.sampling import Sampling
@@ -270,22 +271,13 @@ def _window(reach: int, cache_len: int) -> int:
     return min(-(-reach // step) * step, cache_len)
 
 
-def _has_bf16_hardware() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 @functools.lru_cache(maxsize=None)
 def loop_compiler_options(dtype) -> tuple:
     """XLA options for the decode loop. On CPU its dense products are skinny ([batch, D] @ [D, N]):
     XLA:CPU's Eigen dots ran them faster than its YNNPACK fusions (f32, AMD Zen 2: 1.19x decode
     tokens/s at batch 16, 1.00x at batch 1; bf16 emulated there: 1.09x). Kept where bf16 matmuls
     have hardware (AVX512-BF16, AMX: not measured), and on other backends."""
-    if jax.default_backend() != "cpu" or (jnp.dtype(dtype) != jnp.float32 and _has_bf16_hardware()):
+    if jax.default_backend() != "cpu" or (jnp.dtype(dtype) != jnp.float32 and layers.native_lowp_dots()):
         return ()
     return (("xla_cpu_experimental_ynn_fusion_type", ""),)
 

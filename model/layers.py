@@ -4,11 +4,13 @@ Parameters are float32 and carry logical axis names (model/axes.py). Matmul oper
 cast to `dtype` (bf16 by default) with float32 accumulation in the forward AND backward
 pass (`matmul` below); activations, norms, softmax and the loss stay float32. On CPUs with
 avx512_bf16 this is the fast path (see STACK-NOTES.md); on TPU/GPU it is the usual recipe.
+On CPUs without bf16 hardware the rounded operands go to float32 dots (`lowp`): same products.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -38,9 +40,37 @@ def row_major(x: jax.Array) -> jax.Array:
     return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
 
+@functools.lru_cache(maxsize=None)
+def native_lowp_dots() -> bool:
+    """Whether bf16 dots run as such: always off CPU; on CPUs only with AVX512-BF16 or AMX (elsewhere
+    XLA:CPU emulates them, ~2.5x slower than float32 dots: Performance in README). The environment
+    variable LMSTACK_BF16_DOTS=native|f32 overrides the CPU check (read once per process)."""
+    override = os.environ.get("LMSTACK_BF16_DOTS", "auto")
+    if override not in ("auto", "native", "f32"):
+        raise ValueError(f"LMSTACK_BF16_DOTS={override!r}: expected auto, native or f32")
+    if jax.default_backend() != "cpu" or override != "auto":
+        return jax.default_backend() != "cpu" or override == "native"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def lowp(x: jax.Array, dtype: Dtype) -> jax.Array:
+    """x rounded to the matmul dtype, as a dot operand. Where low-precision dots have no hardware it is
+    handed over as float32 holding the rounded values: the same products (a product of two bf16
+    numbers is exact in float32, and the sum is float32 either way), at float32 dot speed."""
+    x = x.astype(dtype)
+    if jnp.dtype(dtype) != jnp.float32 and not native_lowp_dots():
+        return x.astype(jnp.float32)
+    return x
+
+
 def _dot(x_NxK: jax.Array, w_KxM: jax.Array, dtype: Dtype) -> jax.Array:
     return jax.lax.dot_general(
-        x_NxK.astype(dtype), w_KxM.astype(dtype), (((x_NxK.ndim - 1,), (0,)), ((), ())),
+        lowp(x_NxK, dtype), lowp(w_KxM, dtype), (((x_NxK.ndim - 1,), (0,)), ((), ())),
         preferred_element_type=jnp.float32)
 
 

@@ -101,6 +101,27 @@ def test_bf16_matmul_gradients_match_f32():
     assert not np.allclose(gw16, gw32, atol=1e-7)  # really computed in bf16
 
 
+def test_bf16_dots_handed_over_as_f32_give_the_bf16_products(monkeypatch):
+    # without bf16 hardware the operands are rounded to bf16 and multiplied as f32: the same products
+    from model import attention, layers
+    x = jax.random.normal(jax.random.key(6), (4, 5, 32))
+    w = jax.random.normal(jax.random.key(7), (32, 16)) * 0.1
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 2, 9, 8)) for i in range(3))
+    mask = attention.attention_mask(jnp.ones((2, 9), jnp.int32), causal=True)
+
+    def run():
+        f = lambda x, w, q, k, v: (jnp.sum(jnp.tanh(matmul(x, w, jnp.bfloat16)))  # noqa: E731
+                                   + jnp.sum(jnp.sin(attention.dot_product_attention(q, k, v, mask, jnp.bfloat16))))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(x, w, q, k, v)
+
+    monkeypatch.setattr(layers, "native_lowp_dots", lambda: True)
+    native = run()
+    monkeypatch.setattr(layers, "native_lowp_dots", lambda: False)
+    emulated = run()
+    for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(emulated)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_swiglu_custom_backward_matches_autodiff():
     from model.layers import swiglu
     gate, up = (jax.random.normal(jax.random.key(i), (3, 7, 16)) * 3 for i in (8, 9))
@@ -188,8 +209,16 @@ def test_batch_slices_only_on_a_single_cpu_device():
     assert attention.batch_slices() == 1  # slicing a device-sharded batch would reshard it
 
 
+@pytest.fixture
+def native_bf16_dots(monkeypatch):
+    """Real bf16 dots even where the CPU lacks bf16 hardware (layers.lowp would hand them over as f32):
+    the layout tests below are about what XLA:CPU's bf16 dot library takes."""
+    from model import layers
+    monkeypatch.setattr(layers, "native_lowp_dots", lambda: True)
+
+
 @pytest.mark.parametrize("n_kv_heads,batch,length", [(1, 1, 16), (1, 3, 129), (2, 1, 16), (4, 2, 33)])
-def test_bf16_gradients_run_for_every_head_grouping(n_kv_heads, batch, length):
+def test_bf16_gradients_run_for_every_head_grouping(n_kv_heads, batch, length, native_bf16_dots):
     # XLA:CPU folded multi-query attention's head sum (batch 1) into the value projection's backward
     # dot as a transposed operand, which its bf16 dot library does not take: a run-time error
     # ("Unsupported element type for DotThunk") until layers.row_major constrained that operand
@@ -200,7 +229,7 @@ def test_bf16_gradients_run_for_every_head_grouping(n_kv_heads, batch, length):
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 5, 7), (1, 2, 130, 16)])
-def test_bf16_attention_odd_shapes_run_and_match_f32(shape):
+def test_bf16_attention_odd_shapes_run_and_match_f32(shape, native_bf16_dots):
     # XLA:CPU rejects some bf16 dot layouts at run time; every shape must compile and run
     from model.attention import attention_mask, dot_product_attention
     q, k, v = (jax.random.normal(jax.random.key(i), shape) for i in range(3))
