@@ -146,6 +146,16 @@ def _batch_axis(dec_model) -> int:
     return 1 if dec_model.cfg.scan_layers else 0
 
 
+def _native_dots(fn):
+    """Trace `fn` with bf16 dots kept as such (layers.native_dots: faster for decoding on every CPU measured)."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with layers.native_dots():
+            return fn(*args, **kwargs)
+    return traced
+
+
+@_native_dots
 def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_NxT, lengths_N, slots_N, rows,
             seed_N, max_new_N, stop_NxS):
     """Prompts -> their cache rows and first tokens, written into slots_N of `state` (a slot index
@@ -180,6 +190,7 @@ def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_
     return state, token_N, logp_N, top, finish_N
 
 
+@_native_dots
 def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, window: int, params, state: State, n,
                  want_top=True):
     """Up to min(n, chunk) one-token steps for every running row, in one lax.while_loop that ends early
@@ -198,6 +209,7 @@ def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, window: int,
     return (state,) + _unpack(bufs, n_top)
 
 
+@_native_dots
 def decode_rows(dec_model, cache_len: int, n_top: int, chunk: int, window: int, params, state: State, n, want_top,
                 rows_K):
     """decode_steps over the slots rows_K only (an index >= B pads: it runs as a done row and is

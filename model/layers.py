@@ -9,6 +9,7 @@ On CPUs without bf16 hardware the rounded operands go to float32 dots (`lowp`): 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Any, Callable
@@ -58,12 +59,28 @@ def native_lowp_dots() -> bool:
     return flags is None or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+_NATIVE_FORCED = [False]
+
+
+@contextlib.contextmanager
+def native_dots():
+    """While tracing inside it, bf16 dots stay bf16 dots whatever the CPU (`lowp` hands nothing over as
+    float32). The decoder traces under it: its loop reads bf16 weights that XLA:CPU upcasts once,
+    outside the loop, where float32 hand-over converted every weight at every token (a single
+    request served at 485 instead of 701 tokens/s, Zen 2)."""
+    before, _NATIVE_FORCED[0] = _NATIVE_FORCED[0], True
+    try:
+        yield
+    finally:
+        _NATIVE_FORCED[0] = before
+
+
 def lowp(x: jax.Array, dtype: Dtype) -> jax.Array:
     """x rounded to the matmul dtype, as a dot operand. Where low-precision dots have no hardware it is
     handed over as float32 holding the rounded values: the same products (a product of two bf16
     numbers is exact in float32, and the sum is float32 either way), at float32 dot speed."""
     x = x.astype(dtype)
-    if jnp.dtype(dtype) != jnp.float32 and not native_lowp_dots():
+    if jnp.dtype(dtype) != jnp.float32 and not _NATIVE_FORCED[0] and not native_lowp_dots():
         return x.astype(jnp.float32)
     return x
 
