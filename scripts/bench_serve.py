@@ -136,7 +136,8 @@ def main(argv):
         proc.terminate()
         proc.wait(timeout=30)
     med = lambda mode, key: statistics.median(r[mode][key] for r in rounds)  # noqa: E731
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    import bench_decode  # its cpu_model(): name, family/model and vector extensions (scripts/ is on the path)
+    cpu = bench_decode.cpu_model()
     print(json.dumps({"what": "serve", "requests": FLAGS.requests, "max_tokens": FLAGS.max_tokens,
                       "slots": FLAGS.slots, "ratio_median": statistics.median(r["ratio"] for r in rounds),
                       **{f"{m}_{k}": med(m, k) for m in ("sequential", "concurrent")
