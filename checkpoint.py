@@ -20,14 +20,16 @@ import orbax.checkpoint as ocp
 # meaning of the saved state (each mode adds its own: modes.Mode.must_match). A prefix ending in '.'
 # covers a whole sub-config.
 MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.tokenizer", "data.seq_len",
-              "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "init_from", "lora.")
+              "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "init_from", "lora.",
+              "quant.")
 
 # Common fields added after checkpoints existed: absent from a saved config means this value (each mode
 # adds its own section's: modes.Mode.added_defaults).
 ADDED_DEFAULTS = {"model.type_vocab_size": 0, "init_from": "", "lora.rank": 0, "lora.alpha": 16.0,
                   "lora.targets": ["attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down"],
                   "lora.base_dtype": "float32", "lora.train_new_rows": True,
-                  "train.compile_cache_dir": ""}
+                  "train.compile_cache_dir": "", "quant.bits": 0, "quant.group": 0, "quant.embed_bits": 8,
+                  "quant.stored": False, "quant.act_scale": False}
 
 
 class IncompatibleCheckpointError(ValueError):

@@ -152,6 +152,13 @@ def base() -> ml_collections.ConfigDict:
     r.base_dtype = "float32"  # frozen base weights stored as 'float32' | 'bfloat16'
     r.train_new_rows = True  # also train a delta on the special tokens' embedding rows (new to a pretrained model)
 
+    c.quant = z = ml_collections.ConfigDict()  # weight quantization (model/quantize.py); any mode but LoRA
+    z.bits = 0  # 0 = off; 8 | 4: the transformer's dense kernels fake-quantized in the forward (QAT, straight-through)
+    z.group = 0  # 0 = one scale per output channel; else one per `group` input rows (must divide every input dim)
+    z.embed_bits = 8  # embedding / tied LM head while bits > 0: 0 = kept float, 8 | 4 (groups of `group` along d_model)
+    z.stored = False  # int weights + scales ARE the params (written by scripts/quantize.py; inference only)
+    z.act_scale = False  # a per-input-channel scale per kernel (AWQ, set by scripts/quantize.py --method=awq)
+
     c.qa = a = ml_collections.ConfigDict()  # mode='qa' only (data/qa.py, data/qa_eval.py)
     a.val_path = ""  # validation JSONL; '' = hold out data.val_fraction of data.path by a hash of the context
     a.doc_stride = 64  # context tokens shared by consecutive windows over a long context (< the room per window)
