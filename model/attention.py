@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from model import axes
 from model.layers import Dense, lowp, row_major as _row_major
+from model.quantize import QuantSpec
 
 NEG_INF = -1e30
 
@@ -187,6 +188,7 @@ class Attention(nn.Module):
     use_bias: bool = False
     dropout: float = 0.0
     decode: bool = False  # read and extend the 'cache' collection (model/decode.py); training never sets it
+    quant: QuantSpec | None = None  # the projections' weight quantization (model/quantize.py)
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic: bool = True):
@@ -199,7 +201,7 @@ class Attention(nn.Module):
 
         def proj(n, name):
             return Dense(n * k, (axes.EMBED, axes.HEADS if n == h else axes.KV_HEADS), dtype=self.dtype,
-                         use_bias=self.use_bias, kernel_init=init, name=name)(x_BxLxD)
+                         use_bias=self.use_bias, kernel_init=init, quant=self.quant, name=name)(x_BxLxD)
 
         q_BxLxHxK = proj(h, "query").reshape(b, length, h, k)
         k_BxLxVxK = proj(kv, "key").reshape(b, length, kv, k)
@@ -212,7 +214,8 @@ class Attention(nn.Module):
         if self.decode:
             out_BxLxHK = self._cached_attention(q_BxLxHxK * (k ** -0.5), k_BxLxVxK, v_BxLxVxK, positions_BxL)
             return Dense(d, (axes.HEADS, axes.EMBED), dtype=self.dtype, use_bias=self.use_bias,
-                         kernel_init=nn.initializers.normal(self.out_init_std), name="out")(out_BxLxHK)
+                         kernel_init=nn.initializers.normal(self.out_init_std), quant=self.quant,
+                     name="out")(out_BxLxHK)
 
         # Heads-major layout; key/value heads repeated for their query-head groups (GQA).
         q_BxHxLxK = jnp.swapaxes(q_BxLxHxK * (k ** -0.5), 1, 2)
@@ -233,7 +236,8 @@ class Attention(nn.Module):
         out_BxLxHK = jnp.swapaxes(out_BxHxLxK, 1, 2).reshape(b, length, h * k)
         out_BxLxHK = nn.with_logical_constraint(out_BxLxHK, (axes.BATCH, axes.LENGTH, axes.HEADS))
         return Dense(d, (axes.HEADS, axes.EMBED), dtype=self.dtype, use_bias=self.use_bias,
-                     kernel_init=nn.initializers.normal(self.out_init_std), name="out")(out_BxLxHK)
+                     kernel_init=nn.initializers.normal(self.out_init_std), quant=self.quant,
+                     name="out")(out_BxLxHK)
 
     def _cached_attention(self, q_BxTxHxK, k_BxTxVxK, v_BxTxVxK, positions_BxT):
         """Decoding: write this chunk's keys/values at their positions (slot = position), then attend

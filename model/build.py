@@ -3,12 +3,12 @@ the mode's options) into a Flax module. Scripts that only generate, convert or e
 never the train-step module.
 
 `config` is the run's ConfigDict (or any object with the same fields); only `config.model`,
-`config.mlm.nsp`, `config.mlm.nsp_pool` and `config.lora` are read here.
+`config.mlm.nsp`, `config.mlm.nsp_pool`, `config.lora` and `config.quant` are read here.
 """
 
 from __future__ import annotations
 
-from model import heads, lora
+from model import heads, lora, quantize
 from model.transformer import ModelConfig, Transformer
 
 
@@ -17,7 +17,7 @@ def model_config(config, num_tokens: int) -> ModelConfig:
     fields = config.model.to_dict()
     multiple = int(fields.pop("vocab_multiple"))
     vocab = -(-num_tokens // multiple) * multiple
-    return ModelConfig(vocab_size=vocab, num_tokens=num_tokens, **fields)
+    return ModelConfig(vocab_size=vocab, num_tokens=num_tokens, quant=quantize.spec_from_config(config), **fields)
 
 
 def transformer(config, num_tokens: int) -> Transformer:
@@ -33,6 +33,9 @@ def causal_lm(config, num_tokens: int, base_size: int):
     r = config.lora
     if int(r.rank) <= 0:
         return model
+    if model.cfg.quant is not None:
+        raise ValueError(f"lora.rank={r.rank} with quant.bits={model.cfg.quant.bits}: LoRA on quantized weights "
+                         f"is not supported; set one of them to 0")
     new_rows = model.cfg.vocab_size - base_size if r.train_new_rows else 0
     return lora.LoraModel(model, rank=int(r.rank), alpha=float(r.alpha), targets=tuple(r.targets),
                           base_dtype=r.base_dtype, new_rows=new_rows)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from model import axes
+from model import axes, quantize
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -130,12 +130,34 @@ class Dense(nn.Module):
     dtype: Dtype = jnp.bfloat16
     use_bias: bool = False
     kernel_init: Initializer = nn.initializers.normal(0.02)
+    quant: quantize.QuantSpec | None = None  # None: a float kernel; else QAT or a quantized checkpoint's ints
+
+    def kernel(self, k: int) -> jax.Array:
+        """The kernel [K, M] as the matmul reads it: the float param, fake-quantized (QAT), or
+        dequantized from the stored ints and scales (and per-input AWQ scales)."""
+        spec, m = self.quant, self.features
+        if spec is None or spec.bits == 0:
+            return self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                              (k, m), jnp.float32)
+        g = quantize.check_group(k, spec.group, spec.bits, "/".join(self.path) or self.name or "Dense")
+        if not spec.stored:
+            kernel_KxM = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                                    (k, m), jnp.float32)
+            return quantize.fake_quant(kernel_KxM, spec.bits, spec.group)
+        values = self.param("kernel_q", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes),
+                            quantize.stored_shape(k, m, spec.bits), jnp.uint8 if spec.bits == 4 else jnp.int8)
+        scale_GxM = self.param("kernel_scale", nn.with_logical_partitioning(
+            nn.initializers.ones, (None, self.kernel_axes[1])), (k // g, m), jnp.float32)
+        kernel_KxM = quantize.dequantize(quantize.unstored(values, spec.bits), scale_GxM)
+        if spec.act_scale:
+            s_K = self.param("kernel_in_scale", nn.with_logical_partitioning(
+                nn.initializers.ones, (self.kernel_axes[0],)), (k,), jnp.float32)
+            kernel_KxM = kernel_KxM / s_K[:, None]
+        return kernel_KxM
 
     @nn.compact
     def __call__(self, x_NxK: jax.Array) -> jax.Array:
-        kernel_KxM = self.param(
-            "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-            (x_NxK.shape[-1], self.features), jnp.float32)
+        kernel_KxM = self.kernel(x_NxK.shape[-1])
         y_NxM = matmul(x_NxK, kernel_KxM, self.dtype)
         if self.use_bias:
             bias_M = self.param("bias", nn.with_logical_partitioning(
@@ -193,17 +215,38 @@ class Embed(nn.Module):
     dtype: Dtype = jnp.bfloat16
     init_std: float = 0.02
     table_axes: tuple[str | None, str | None] = (axes.VOCAB, axes.EMBED)
+    quant: quantize.QuantSpec | None = None  # its `bits` apply (the caller passes embed_bits there)
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.table_axes),
-            (self.num_embeddings, self.features), jnp.float32)
+        spec, v, d = self.quant, self.num_embeddings, self.features
+        if spec is None or spec.bits == 0 or not spec.stored:
+            self.embedding = self.param(
+                "embedding", nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.table_axes),
+                (v, d), jnp.float32)
+            return
+        # stored as the LM head's kernel [D, V] would be, transposed back to [V, D] (int4: [V, D/2])
+        g = quantize.check_group(d, spec.group, spec.bits, "embedding")
+        self.embedding_q = self.param(
+            "embedding_q", nn.with_logical_partitioning(nn.initializers.zeros, self.table_axes),
+            quantize.stored_shape(d, v, spec.bits)[::-1], jnp.uint8 if spec.bits == 4 else jnp.int8)
+        self.embedding_scale = self.param("embedding_scale", nn.with_logical_partitioning(
+            nn.initializers.ones, (self.table_axes[0], None)), (v, d // g), jnp.float32)
+
+    def table(self) -> jax.Array:
+        """The [V, D] table as used: float, fake-quantized (QAT) or dequantized."""
+        spec = self.quant
+        if spec is None or spec.bits == 0:
+            return self.embedding
+        if not spec.stored:
+            return quantize.fake_quant(self.embedding.T, spec.bits, spec.group).T
+        q_DxV = quantize.unstored(self.embedding_q.T, spec.bits)
+        return quantize.dequantize(q_DxV, self.embedding_scale.T).T
 
     def __call__(self, ids_BxL: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, ids_BxL, axis=0)
+        return jnp.take(self.table(), ids_BxL, axis=0)
 
     def attend(self, x_BxLxD: jax.Array) -> jax.Array:
-        return matmul(x_BxLxD, self.embedding.T, self.dtype)
+        return matmul(x_BxLxD, self.table().T, self.dtype)
 
 
 @jax.custom_vjp
@@ -236,10 +279,11 @@ class Mlp(nn.Module):
     init_std: float = 0.02
     out_init_std: float = 0.02
     use_bias: bool = False
+    quant: quantize.QuantSpec | None = None
 
     @nn.compact
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        dense = functools.partial(Dense, dtype=self.dtype, use_bias=self.use_bias,
+        dense = functools.partial(Dense, dtype=self.dtype, use_bias=self.use_bias, quant=self.quant,
                                   kernel_init=nn.initializers.normal(self.init_std))
         if self.kind == "swiglu":
             gate_BxLxF = dense(self.d_ff, (axes.EMBED, axes.MLP), name="gate")(x_BxLxD)
@@ -251,4 +295,4 @@ class Mlp(nn.Module):
             raise ValueError(f"model.mlp={self.kind!r}: expected 'swiglu' or 'gelu'")
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, (axes.BATCH, axes.LENGTH, axes.MLP))
         return Dense(self.d_model, (axes.MLP, axes.EMBED), dtype=self.dtype, use_bias=self.use_bias,
-                     kernel_init=nn.initializers.normal(self.out_init_std), name="down")(h_BxLxF)
+                     kernel_init=nn.initializers.normal(self.out_init_std), quant=self.quant, name="down")(h_BxLxF)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from model import axes
 from model.attention import Attention
 from model.layers import Dense, Embed, Mlp, make_norm
+from model.quantize import QuantSpec
 
 REMAT_POLICIES = {
     "none": None,
@@ -50,6 +51,7 @@ class ModelConfig:
     scan_layers: bool = False
     remat: str = "none"  # 'none' | 'full' | 'dots'
     init_std: float = 0.02
+    quant: QuantSpec | None = None  # weight quantization of the blocks' kernels and the embedding (config.quant)
 
     def __post_init__(self):
         for name in ("vocab_size", "num_tokens", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
@@ -71,6 +73,13 @@ class ModelConfig:
     @property
     def kv_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def embed_quant(self) -> QuantSpec | None:
+        """The token embedding's / LM head's quantization: quant with embed_bits as its bits."""
+        if self.quant is None or self.quant.embed_bits == 0:
+            return None
+        return dataclasses.replace(self.quant, bits=self.quant.embed_bits, act_scale=False)
 
     @property
     def compute_dtype(self):
@@ -100,11 +109,11 @@ class Block(nn.Module):
             n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.kv_head_dim, causal=cfg.causal,
             use_rope=cfg.pos == "rope", rope_theta=cfg.rope_theta, dtype=cfg.compute_dtype,
             init_std=cfg.init_std, out_init_std=out_std, use_bias=cfg.use_bias, dropout=cfg.dropout,
-            decode=self.decode, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
+            decode=self.decode, quant=cfg.quant, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
         x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic)
         h_BxLxD = make_norm(cfg.norm, cfg.norm_eps, name="mlp_norm")(x_BxLxD)
         h_BxLxD = Mlp(cfg.d_model, cfg.d_ff, kind=cfg.mlp, dtype=cfg.compute_dtype, init_std=cfg.init_std,
-                      out_init_std=out_std, use_bias=cfg.use_bias, name="mlp")(h_BxLxD)
+                      out_init_std=out_std, use_bias=cfg.use_bias, quant=cfg.quant, name="mlp")(h_BxLxD)
         x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic)
         return nn.with_logical_constraint(x_BxLxD, (axes.BATCH, axes.LENGTH, axes.EMBED))
 
@@ -125,7 +134,8 @@ class Transformer(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, init_std=cfg.init_std)
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, init_std=cfg.init_std,
+                           quant=cfg.embed_quant)
         if cfg.pos == "learned":
             self.pos_embed = Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype, init_std=cfg.init_std,
                                    table_axes=(None, axes.EMBED))
@@ -148,7 +158,7 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(cfg.dropout)
         if not cfg.tie_embeddings:
             self.lm_head = Dense(cfg.vocab_size, (axes.EMBED, axes.VOCAB), dtype=cfg.compute_dtype,
-                                 kernel_init=nn.initializers.normal(cfg.init_std))
+                                 kernel_init=nn.initializers.normal(cfg.init_std), quant=cfg.embed_quant)
 
     def encode(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, deterministic: bool = True,
                token_types_BxL=None):

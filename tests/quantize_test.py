@@ -1,0 +1,179 @@
+"""model/quantize.py, model/ptq.py and scripts/quantize.py: grids within their bounds, int4 packing,
+GPTQ/AWQ beating round-to-nearest on their calibration inputs, QAT == PTQ forward, and quantized runs
+that evaluate, generate and refuse bad input without writing anything."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import checkpoint
+import evaluation
+import serving
+import train
+from model import decode, quantize, ptq
+from model.transformer import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import quantize as quantize_script  # noqa: E402
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (4, 16), (8, 32)])
+def test_round_trip_error_within_half_a_step(bits, group):
+    w_KxM = np.random.default_rng(0).normal(size=(64, 24)).astype(np.float32)
+    q, scale_GxM = quantize.rtn(w_KxM, bits, group)
+    assert q.dtype == np.int8 and np.abs(q).max() <= quantize.qmax(bits)
+    assert scale_GxM.shape == ((64 // group) if group else 1, 24)
+    err_KxM = np.abs(quantize.dequantize(q, scale_GxM) - w_KxM)
+    bound_KxM = np.repeat(scale_GxM, 64 // scale_GxM.shape[0], axis=0) / 2
+    assert np.all(err_KxM <= bound_KxM * (1 + 1e-6))
+    # the group's largest weight is on the grid's end: exact
+    assert np.allclose(np.abs(quantize.dequantize(q, scale_GxM)).max(0), np.abs(w_KxM).max(0), rtol=1e-6)
+
+
+def test_int4_packing_round_trips():
+    q = np.random.default_rng(1).integers(-8, 8, size=(3, 10, 7)).astype(np.int8)
+    packed = quantize.pack_int4(q)
+    assert packed.dtype == np.uint8 and packed.shape == (3, 5, 7)
+    np.testing.assert_array_equal(quantize.unpack_int4(packed), q)
+    np.testing.assert_array_equal(np.asarray(quantize.unpack_int4(jnp.asarray(packed))), q)
+
+
+def _correlated_inputs(n=512, k=64, seed=0):
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(k, k)) * 0.3 + np.eye(k)
+    x_NxK = rng.normal(size=(n, k)) @ mix * np.exp(rng.normal(size=k))  # correlated, uneven channels
+    return x_NxK
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_beat_round_to_nearest(method):
+    x_NxK = _correlated_inputs()
+    w_KxM = np.random.default_rng(2).normal(size=(64, 32)) * 0.05
+    h_KxK = x_NxK.T @ x_NxK
+    q, scale = quantize.rtn(w_KxM, 4, 16)
+    rtn_err = quantize.output_error(w_KxM, quantize.dequantize(q, scale), h_KxK)
+    if method == "gptq":
+        q, scale = quantize.gptq(w_KxM, h_KxK, 4, 16)
+        w_hat = quantize.dequantize(q, scale)
+    else:
+        q, scale, s_K = quantize.awq(w_KxM, h_KxK, 4, 16)
+        w_hat = quantize.dequantize(q, scale) / s_K[:, None]
+    assert np.abs(q).max() <= 7
+    err = quantize.output_error(w_KxM, w_hat, h_KxK)
+    assert err < 0.8 * rtn_err, (err, rtn_err)
+    assert err == pytest.approx(np.sum((x_NxK @ (w_KxM - w_hat)) ** 2), rel=1e-6)  # what output_error means
+
+
+def test_bad_specs_are_named():
+    with pytest.raises(ValueError, match="quant.bits=3"):
+        quantize.QuantSpec(bits=3)
+    with pytest.raises(ValueError, match="quant.group=7"):
+        quantize.QuantSpec(bits=4, group=7)
+    cfg = ModelConfig(vocab_size=64, num_tokens=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=48,
+                      quant=quantize.QuantSpec(bits=4, group=32))
+    with pytest.raises(ValueError, match="group 32 does not divide its input dim 48"):
+        Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+
+
+def _tiny_cfg(scan):
+    return ModelConfig(vocab_size=64, num_tokens=60, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                       scan_layers=scan)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_qat_forward_equals_ptq_forward(scan):
+    """A QAT model (fake-quantized float kernels) and the checkpoint PTQ makes from the same weights give the
+    same logits: QAT trains exactly what will be deployed."""
+    cfg = _tiny_cfg(scan)
+    tokens_BxL = jnp.arange(24).reshape(2, 12) % 60
+    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), tokens_BxL)["params"])
+    spec = quantize.QuantSpec(bits=4, group=16, embed_bits=8)
+    fake = Transformer(dataclasses.replace(cfg, quant=spec))
+    stored = Transformer(dataclasses.replace(cfg, quant=dataclasses.replace(spec, stored=True)))
+    abstract = jax.eval_shape(stored.init, jax.random.key(0), tokens_BxL)["params"]
+    qparams, report = ptq.quantize_params(params, abstract, "rtn", group=16)
+    assert len(report) == (7 if scan else 2 * 7) + 1  # 7 kernels a layer (scan: one stacked node each) + embedding
+    logits_fake = fake.apply({"params": params}, tokens_BxL)
+    logits_ptq = stored.apply({"params": qparams}, tokens_BxL)
+    np.testing.assert_allclose(logits_fake, logits_ptq, atol=1e-5)
+    logits_float = Transformer(cfg).apply({"params": params}, tokens_BxL)
+    assert float(jnp.abs(logits_float - logits_ptq).max()) > 1e-4  # it did quantize
+    # straight-through: the QAT gradient reaches every float kernel
+    grads = jax.grad(lambda p: fake.apply({"params": p}, tokens_BxL)[..., :60].sum())(params)
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("float_run"))
+    config = tiny_config(corpus_dir, train__steps=40, train__eval_every=40, train__eval_batches=2,
+                         optim__lr=3e-3, model__d_model=64, model__d_ff=128)
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_quantized_runs_evaluate_and_generate(trained_run, tmp_path):
+    base = evaluation.evaluate_run(trained_run, max_batches=4)
+    losses, manifests = {}, {}
+    for name, kw in {"int8": dict(method="rtn", bits=8), "rtn4": dict(method="rtn", bits=4, group=16),
+                     "gptq4": dict(method="gptq", bits=4, group=16, calib=8),
+                     "awq4": dict(method="awq", bits=4, group=16, calib=8)}.items():
+        out = str(tmp_path / name)
+        manifests[name] = quantize_script.quantize_run(trained_run, out, embed_bits=8, **kw)
+        losses[name] = evaluation.evaluate_run(out, max_batches=4)["eval/loss"]
+        saved = json.load(open(os.path.join(out, "compression.json")))
+        assert saved["method"] == kw["method"] and saved["bits"] == kw["bits"]
+    assert abs(losses["int8"] - base["eval/loss"]) < 0.01 * base["eval/loss"]
+    assert manifests["int8"]["param_bytes_after"] < manifests["int8"]["param_bytes_before"] / 3.5
+    assert manifests["rtn4"]["param_bytes_after"] < manifests["int8"]["param_bytes_after"]
+    assert all(np.isfinite(v) for v in losses.values()), losses
+    # the calibrated int4 models stay closer to the float model's logits than round-to-nearest does
+    float_run = serving.load_run(trained_run)
+    tokens_BxL = jnp.asarray([float_run.tokenizer.encode(t)[:48] for t in (
+        "import json\nimport os\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n",
+        "class Message(object):\n    def __init__(self, policy=None):\n        self._headers = []\n")])
+    reference_BxLxV = float_run.model.apply({"params": float_run.params}, tokens_BxL)
+    gap = {}
+    for name in ("rtn4", "gptq4", "awq4"):
+        run = serving.load_run(str(tmp_path / name))
+        gap[name] = float(jnp.mean(jnp.square(run.model.apply({"params": run.params}, tokens_BxL) - reference_BxLxV)))
+    assert gap["gptq4"] < gap["rtn4"] and gap["awq4"] < gap["rtn4"], gap
+    # the decoder and the server's loader take the quantized run as it is
+    run = serving.load_run(str(tmp_path / "int8"))
+    assert any(x.dtype == jnp.int8 for x in jax.tree.leaves(run.params))
+    dec = decode.Decoder(run.model, batch=1, cache_len=32)
+    out = dec.generate(run.params, [run.tokenizer.encode("def ")], max_new_tokens=8)
+    assert len(out[0].tokens) == 8
+
+
+def test_bad_input_names_the_value_and_writes_nothing(trained_run, tmp_path):
+    out = tmp_path / "never"
+    cases = [(dict(method="smooth", bits=8), "--method='smooth'"), (dict(method="rtn", bits=3), "--bits=3"),
+             (dict(method="rtn", bits=4, group=24), "group 24 does not divide"),
+             (dict(method="rtn", bits=4, group=7), "quant.group=7"),
+             (dict(method="gptq", bits=4, calib=0), "--calib=0")]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            quantize_script.quantize_run(trained_run, str(out), **kw)
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".quantize_")]
+    done = str(tmp_path / "int8")
+    quantize_script.quantize_run(trained_run, done, method="rtn", bits=8)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_script.quantize_run(done, str(out), method="rtn", bits=4)
+    with pytest.raises(ValueError, match="not an empty directory"):
+        quantize_script.quantize_run(trained_run, done, method="rtn", bits=8)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "quantize.py"), f"--workdir={trained_run}",
+                        f"--out={out}", "--method=nope"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--method='nope'" in r.stderr and not out.exists()
+    assert checkpoint.load_for_inference(done)[2] == 40
