@@ -14,14 +14,17 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from model import prune
 
 # Config fields every mode's resume must match: they fix parameter shapes, the data order and the
 # meaning of the saved state (each mode adds its own: modes.Mode.must_match). A prefix ending in '.'
 # covers a whole sub-config.
 MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.tokenizer", "data.seq_len",
               "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "init_from", "lora.",
-              "quant.")
+              "quant.", "prune.")
 
 # Common fields added after checkpoints existed: absent from a saved config means this value (each mode
 # adds its own section's: modes.Mode.added_defaults).
@@ -29,7 +32,10 @@ ADDED_DEFAULTS = {"model.type_vocab_size": 0, "init_from": "", "lora.rank": 0, "
                   "lora.targets": ["attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down"],
                   "lora.base_dtype": "float32", "lora.train_new_rows": True,
                   "train.compile_cache_dir": "", "quant.bits": 0, "quant.group": 0, "quant.embed_bits": 8,
-                  "quant.stored": False, "quant.act_scale": False}
+                  "quant.stored": False, "quant.act_scale": False,
+                  "prune.method": "none", "prune.sparsity": 0.5, "prune.initial_sparsity": 0.0, "prune.start_step": 0,
+                  "prune.end_step": 0, "prune.frequency": 100, "prune.n": 2, "prune.m": 4, "prune.scope": "layer",
+                  "prune.include_embedding": False, "prune.include_heads": False}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -156,7 +162,7 @@ def load_for_inference(workdir: str, step: int | None = None) -> tuple[dict, dic
     finally:
         mngr.close()
     params = state["params"] if isinstance(state, dict) else state.params
-    return config, params, step
+    return config, prune.unpack_tree(params), step  # a compactly stored pruned checkpoint: dense again
 
 
 def save_params(workdir: str, step: int, params, config_dict: dict) -> str:
@@ -206,8 +212,26 @@ def _without_read_only_notice():
         absl_logger.removeFilter(_not_read_only_notice)
 
 
+def has_packed_params(mngr: ocp.CheckpointManager, step: int) -> bool:
+    """Whether `step` stores pruned tensors compactly (model/prune.pack: scripts/prune.py's output)."""
+    absl_logger = logging.getLogger("absl")  # its note that a params-only checkpoint has no step metadata file
+    no_note = lambda r: not r.getMessage().startswith("Metadata file does not exist")  # noqa: E731
+    absl_logger.addFilter(no_note)
+    try:
+        tree = ocp.StandardCheckpointer().metadata(os.path.join(str(mngr.directory), str(step), "state"))
+    finally:
+        absl_logger.removeFilter(no_note)
+    tree = getattr(tree, "item_metadata", tree)
+    return prune.has_packed(dict(tree.get("params", {})) if hasattr(tree, "get") else {})
+
+
 def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
-    """Only the params, onto the shardings in `abstract_params` (any mesh); the optimizer state is not read."""
+    """Only the params, onto the shardings in `abstract_params` (any mesh); the optimizer state is not read.
+    Compactly stored pruned tensors are read whole and made dense (a params-only checkpoint: nothing else)."""
+    if has_packed_params(mngr, step):
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        dense = prune.unpack_tree(jax.tree.map(np.asarray, state["params"]))
+        return jax.tree.map(lambda a, x: jax.device_put(np.asarray(x, a.dtype), a.sharding), abstract_params, dense)
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
     args = ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
                                   partial_restore=True)

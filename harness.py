@@ -33,6 +33,7 @@ import resilience
 import sharding
 import steps
 import warmstart
+from model import prune
 
 log = logging.getLogger("lmstack")
 
@@ -100,6 +101,8 @@ class Run:
         scalars = evaluation.run_eval(eval_step, self.state.params, self.inputs, mode=self.config.mode,
                                       model=self.model, mesh=self.mesh, rules=self.rules,
                                       batch_sharding=self.batch_sharding)
+        if self.config.prune.method != "none":  # the share of zeros in each pruned kernel and over all of them
+            scalars.update(prune_scalars(self.state.params, self.config.prune))
         scalars["perf/since_start_s"] = time.time() - self.process_t0  # wall time to this eval's result
         self.write(step, scalars)
         self.start_clock(step)
@@ -143,6 +146,13 @@ class Run:
         return " | ".join(parts)
 
 
+def prune_scalars(params, pcfg) -> dict:
+    """'prune/sparsity' (over every pruned kernel) and 'prune/sparsity/<param path>' per kernel."""
+    report = prune.sparsity_report(prune.prunable_tensors(params, bool(pcfg.include_embedding),
+                                                          bool(pcfg.include_heads)))
+    return {("prune/sparsity" if k == "global" else f"prune/sparsity/{k}"): v for k, v in report.items()}
+
+
 def _checked_config(config) -> tuple[modes.Mode, int, int]:
     """(mode, micro-batches per update, micro-batch) after every check that needs no file or device."""
     mode = modes.get(config)
@@ -178,7 +188,8 @@ def _resume_step(workdir: str, config_dict: dict, mode: modes.Mode) -> int | Non
 def open_run(config, workdir: str, process_t0: float | None = None):
     """Set up a run (resumed from `workdir` when it holds a checkpoint) and yield its `Run`."""
     total_steps = int(config.train.steps)  # RL modes: iterations, each of mode.updates_per_step optimizer updates
-    tx, schedule = optim.make_optimizer(config.optim, total_steps * modes.get(config).updates_per_step(config))
+    updates = total_steps * modes.get(config).updates_per_step(config)
+    tx, schedule = optim.make_optimizer(config.optim, updates, config.prune)
     mode, k, micro_batch = _checked_config(config)
     frozen = modes.frozen_params(config)  # refuses lora.rank in a mode without adapters
     if frozen:

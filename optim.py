@@ -1,9 +1,11 @@
-"""Optimizer from config: LR schedule, gradient clipping, AdamW with a decay mask, MultiSteps."""
+"""Optimizer from config: LR schedule, gradient clipping, AdamW with a decay mask, pruning masks, MultiSteps."""
 
 from __future__ import annotations
 
 import jax
 import optax
+
+from model import prune
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
@@ -46,8 +48,10 @@ def decay_mask(params, decay_embeddings: bool):
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (+ clip) with the schedule; wrapped in MultiSteps when grad_accum_steps > 1.
+def make_optimizer(ocfg, total_steps: int, pcfg=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ clip) with the schedule; then the `prune` block's masks (model/prune.masked; None or
+    method 'none': no pruning); wrapped in MultiSteps when grad_accum_steps > 1 (so the pruning schedule
+    counts real updates).
 
     `total_steps` counts optimizer updates; with accumulation each takes `grad_accum_steps`
     calls of the train step (micro-batches).
@@ -55,6 +59,7 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
     k = int(ocfg.grad_accum_steps)
     if k < 1:
         raise ValueError(f"optim.grad_accum_steps={k} must be >= 1")
+    pruning = prune.settings(pcfg, total_steps)
     schedule = make_schedule(ocfg, total_steps)
     parts = []
     if float(ocfg.clip_norm) > 0:
@@ -62,7 +67,7 @@ def make_optimizer(ocfg, total_steps: int) -> tuple[optax.GradientTransformation
     parts.append(optax.adamw(schedule, b1=float(ocfg.b1), b2=float(ocfg.b2), eps=float(ocfg.eps),
                              weight_decay=float(ocfg.weight_decay),
                              mask=lambda p: decay_mask(p, bool(ocfg.decay_embeddings))))
-    tx = optax.chain(*parts)
+    tx = prune.masked(optax.chain(*parts), pruning)
     if k > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
     return tx, schedule

@@ -12,6 +12,7 @@ import optax
 from flax import struct
 
 import sharding
+from model import prune
 
 
 class TrainState(struct.PyTreeNode):
@@ -58,6 +59,7 @@ def _train_step(state: TrainState, batch, *, model, tx, objective, schedule, acc
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
+    params = prune.apply_masks(params, opt_state)  # pruned weights stay exactly 0 under an LR scale < 1 too
     # A non-finite loss or gradient never reaches the parameters, the optimizer moments or the step count:
     # `step` counts applied micro-steps, as the optimizer's own counters do (LR schedule, MultiSteps windows).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -159,6 +159,20 @@ def base() -> ml_collections.ConfigDict:
     z.stored = False  # int weights + scales ARE the params (written by scripts/quantize.py; inference only)
     z.act_scale = False  # a per-input-channel scale per kernel (AWQ, set by scripts/quantize.py --method=awq)
 
+    c.prune = u = ml_collections.ConfigDict()  # gradual pruning while training, any mode (model/prune.py; one-shot:
+    #                                             scripts/prune.py). Steps count optimizer updates
+    u.method = "none"  # 'none' | 'magnitude' (unstructured, Zhu & Gupta 2017) | 'nm' (N:M structured, e.g. 2:4)
+    u.sparsity = 0.5  # 'magnitude': target share of zeros in the pruned kernels, in [0, 1) ('nm': always 1 - n/m)
+    u.initial_sparsity = 0.0  # sparsity at start_step; the cubic schedule ramps from it to the target
+    u.start_step = 0  # first update that prunes (masks all ones before it)
+    u.end_step = 0  # the update that reaches the target (masks fixed after it); 0 = the run's last update
+    u.frequency = 100  # masks recomputed every this many updates from start_step (and at end_step)
+    u.n = 2  # 'nm': weights kept in every group
+    u.m = 4  # 'nm': group size, consecutive entries along a kernel's input dim (must divide it)
+    u.scope = "layer"  # 'magnitude': the sparsity per 'layer' (each kernel) | 'global' (one threshold over all)
+    u.include_embedding = False  # also prune the token embedding (the tied LM head) / an untied LM head
+    u.include_heads = False  # also prune the output-side heads' kernels (MLM, classification, QA, reward, value)
+
     c.qa = a = ml_collections.ConfigDict()  # mode='qa' only (data/qa.py, data/qa_eval.py)
     a.val_path = ""  # validation JSONL; '' = hold out data.val_fraction of data.path by a hash of the context
     a.doc_stride = 64  # context tokens shared by consecutive windows over a long context (< the room per window)

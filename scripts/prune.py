@@ -1,0 +1,237 @@
+"""One-shot pruning of a run's checkpoint into a new, compactly stored run directory.
+
+    python scripts/prune.py --workdir=runs/mini --out=runs/mini_wanda50 --method=wanda --sparsity=0.5 \
+        [--nm=2:4] [--scope=layer|global] [--calib=64] [--step=N] [--include_embedding] [--include_heads]
+
+--method=magnitude drops the smallest |w| of each kernel (--scope=layer) or under one threshold over
+all pruned kernels (--scope=global). --method=wanda (Sun et al. 2023) drops, in every output column,
+the entries with the smallest |W_km| * ||x_k||_2, x the layer's inputs over --calib sequences of the
+run's own training data (rebuilt as training built it). --nm=N:M keeps the N largest scores of every
+M consecutive input entries instead (2:4: sparsity 1/2; --sparsity is then not read). Pruned: the
+Dense kernels of the transformer blocks (and with the flags the embedding / LM head, the heads).
+
+OUT gets checkpoints/<step>/ (params only: each pruned kernel stored as its non-zero values + a packed
+bit mask + its shape, model/prune.pack), the run's tokenizer.json / chat_template.json / labels.json,
+and compression.json: method, sparsity, per-layer and global sparsity, bytes on disk of the dense and
+the compact params checkpoint (and of the pruned tensors alone: Orbax's per-array files dominate a tiny model). checkpoint.load_for_inference and evaluation.evaluate_run make it dense
+again, so scripts/evaluate.py, generate.py, serve.py, score.py and init_from read it like any run.
+Bad input (method, sparsity, N:M, a workdir that is already compressed, an OUT that is not new or empty)
+exits 1 naming the value; OUT is built in a temporary directory beside it and moved into place last,
+so nothing is written to OUT on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+import checkpoint  # noqa: E402
+import evaluation  # noqa: E402
+import modes  # noqa: E402
+from model import calibrate, prune  # noqa: E402
+
+FLAGS = flags.FLAGS
+RUN_FILES = ("tokenizer.json", "chat_template.json", "labels.json")
+MANIFEST = "compression.json"
+
+
+def parse_nm(text: str) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        n, m = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--nm={text!r}: expected N:M, e.g. 2:4") from None
+    prune.check_nm(n, m)
+    return n, m
+
+
+def check_args(method: str, sparsity: float, nm: tuple[int, int] | None, scope: str) -> float:
+    """The sparsity the masks will have (N:M: 1 - N/M); errors name the bad value."""
+    if method not in ("magnitude", "wanda"):
+        raise ValueError(f"--method={method!r}: expected 'magnitude' or 'wanda'")
+    if scope not in prune.SCOPES:
+        raise ValueError(f"--scope={scope!r}: expected one of {prune.SCOPES}")
+    if scope == "global" and (method == "wanda" or nm is not None):
+        raise ValueError(f"--scope=global applies to unstructured magnitude pruning, not --method={method}"
+                         + (f" --nm={nm[0]}:{nm[1]}" if nm else ""))
+    if nm is not None:
+        return 1.0 - nm[0] / nm[1]
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"--sparsity={sparsity}: must be in [0, 1)")
+    return sparsity
+
+
+def check_source(workdir: str, config: dict) -> None:
+    """Refuse a run that is already compressed (pruned or quantized) or holds LoRA adapters."""
+    if os.path.exists(os.path.join(workdir, MANIFEST)):
+        raise ValueError(f"--workdir={workdir!r} is already a compressed run ({MANIFEST} is there): prune the "
+                         f"original run instead")
+    if config.get("quant", {}).get("stored", False):
+        raise ValueError(f"--workdir={workdir!r} holds quantized weights (quant.stored=True): prune before quantizing")
+    if int(config.get("lora", {}).get("rank", 0)) > 0:
+        raise ValueError(f"--workdir={workdir!r} is a LoRA run (lora.rank={config['lora']['rank']}): merge its "
+                         f"adapters first (scripts/merge_lora.py), then prune the merged run")
+    mngr = checkpoint.open_read_only(workdir)
+    try:
+        if checkpoint.has_packed_params(mngr, mngr.latest_step()):
+            raise ValueError(f"--workdir={workdir!r} stores pruned tensors compactly: it is already pruned")
+    finally:
+        mngr.close()
+
+
+def check_out(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        what = sorted(os.listdir(out)) if os.path.isdir(out) else "a file"
+        raise ValueError(f"--out={out!r} already exists and is not empty ({what}): give a new directory")
+
+
+def calibration_norms(workdir: str, config_dict: dict, params, n_sequences: int) -> dict:
+    """name -> ||x_k||_2 [.., K] over `n_sequences` rows of the run's own training batches."""
+    config = evaluation.config_from_saved(config_dict)
+    mode = modes.get(config)
+    scanned = bool(config.model.scan_layers)
+    config.model.scan_layers = False  # traced values cannot leave nn.scan: calibrate the unscanned twin
+    config.train.eval_batches = 1
+    micro = config.data.batch_size // config.optim.grad_accum_steps
+    inputs = mode.inputs(config, workdir, micro)
+    model = mode.model(config, inputs)
+    batches, rows = [], 0
+    while rows < n_sequences:
+        batch = next(inputs.train_iter)
+        take = min(n_sequences - rows, len(next(iter(batch.values()))))
+        batches.append({k: v[:take] for k, v in batch.items()})
+        rows += take
+    loss = mode.loss(config)
+    plain = calibrate.unstack_layers(params) if scanned else params
+    sums = calibrate.dense_input_sq_sums(lambda p, b: loss(p, b, None, model=model), plain, batches)
+    if scanned:
+        sums = calibrate.stack_layers(sums, int(config.model.n_layers))
+    return {k: v ** 0.5 for k, v in sums.items()}
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm: str = "", scope: str = "layer",
+              calib: int = 64, step: int | None = None, include_embedding: bool = False,
+              include_heads: bool = False) -> dict:
+    """Writes the pruned run to `out` (built beside it, moved into place last); returns the manifest."""
+    import jax
+    import numpy as np
+
+    nm_pair = parse_nm(nm)
+    target = check_args(method, sparsity, nm_pair, scope)
+    if method == "wanda" and calib < 1:
+        raise ValueError(f"--calib={calib}: wanda needs at least 1 calibration sequence")
+    out = os.path.abspath(out)
+    check_out(out)
+    config, params, at = checkpoint.load_for_inference(workdir, step)
+    check_source(workdir, config)
+    params = jax.tree.map(np.asarray, params)
+    weights = prune.prunable_tensors(params, include_embedding, include_heads)
+    if not weights:
+        raise ValueError(f"{workdir!r}: no prunable kernel found")
+    if nm_pair is not None:
+        for k, w in weights.items():
+            if w.shape[prune.input_axis(k)] % nm_pair[1]:
+                raise ValueError(f"--nm={nm}: {k} has input dim {w.shape[prune.input_axis(k)]} (shape {w.shape}), "
+                                 f"not divisible by M={nm_pair[1]}")
+    norms = calibration_norms(workdir, config, params, calib) if method == "wanda" else None
+    masks = prune.oneshot_masks(weights, method=method, sparsity=target, scope=scope, nm=nm_pair,
+                                norms=None if norms is None else {k: norms[k] for k in weights if k in norms})
+    pruned = {k: np.where(np.asarray(masks[k]), w, np.zeros_like(w)) for k, w in weights.items()}
+    report = prune.sparsity_report(pruned)
+    dense = _replace(params, pruned, pack=False)
+    compact = _replace(params, pruned, pack=True)
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        dense_dir = os.path.join(tmp, "dense")  # measured, then removed: the size the pruning is compared with
+        checkpoint.save_params(dense_dir, at, dense, config)
+        dense_bytes = _dir_bytes(os.path.join(dense_dir, "checkpoints"))
+        shutil.rmtree(dense_dir)
+        run_dir = os.path.join(tmp, "run")
+        checkpoint.save_params(run_dir, at, compact, config)
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(workdir, name)):
+                shutil.copy(os.path.join(workdir, name), os.path.join(run_dir, name))
+        compact_bytes = _dir_bytes(os.path.join(run_dir, "checkpoints"))
+        manifest = {"source": os.path.abspath(workdir), "step": at, "method": method,
+                    "nm": f"{nm_pair[0]}:{nm_pair[1]}" if nm_pair else None,
+                    "scope": scope if nm_pair is None and method == "magnitude" else "column" if method == "wanda"
+                    else "group", "target_sparsity": target, "calibration_sequences": calib if norms else 0,
+                    "sparsity": report["global"], "per_layer_sparsity": {k: v for k, v in report.items() if k != "global"},
+                    "storage": "pruned kernels as non-zero values + np.packbits mask + shape (model/prune.pack)",
+                    "params": int(sum(np.size(x) for x in jax.tree.leaves(dense))),
+                    "pruned_params": int(sum(np.size(w) for w in weights.values())),
+                    "bytes_dense_params_checkpoint": dense_bytes, "bytes_on_disk": compact_bytes,
+                    "bytes_ratio": dense_bytes / max(compact_bytes, 1),
+                    "pruned_tensor_bytes_dense": int(sum(w.nbytes for w in pruned.values())),
+                    "pruned_tensor_bytes_packed": int(sum(sum(np.asarray(a).nbytes for a in prune.pack(w).values())
+                                                          for w in pruned.values()))}
+        with open(os.path.join(run_dir, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        check_out(out)  # still new or empty
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(run_dir, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _replace(params, pruned: dict, pack: bool):
+    """params with the pruned tensors in place: dense, or packed (model/prune.pack)."""
+    import jax
+
+    def one(path, x):
+        name = prune.path_name(prune.key_names(path))
+        if name not in pruned:
+            return x
+        return prune.pack(pruned[name]) if pack else pruned[name]
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS.workdir or not FLAGS.out:
+        raise app.UsageError("--workdir and --out are required")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        manifest = prune_run(FLAGS.workdir, FLAGS.out, method=FLAGS.method, sparsity=FLAGS.sparsity, nm=FLAGS.nm,
+                             scope=FLAGS.scope, calib=FLAGS.calib, step=None if FLAGS.step < 0 else FLAGS.step,
+                             include_embedding=FLAGS.include_embedding, include_heads=FLAGS.include_heads)
+    except (ValueError, FileNotFoundError, checkpoint.IncompatibleCheckpointError) as e:
+        print(f"prune.py: error: {e}", file=sys.stderr)
+        return 1
+    brief = {k: v for k, v in manifest.items() if k != "per_layer_sparsity"}
+    print(json.dumps(brief, indent=1))
+    print(f"wrote {FLAGS.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "The run to prune (its latest checkpoint unless --step).")
+    flags.DEFINE_string("out", None, "New (or empty) directory for the pruned run.")
+    flags.DEFINE_string("method", "magnitude", "'magnitude' | 'wanda'.")
+    flags.DEFINE_float("sparsity", 0.5, "Share of zeros in the pruned kernels, in [0, 1) (not read with --nm).")
+    flags.DEFINE_string("nm", "", "N:M structured sparsity, e.g. 2:4 (N kept of every M input entries).")
+    flags.DEFINE_string("scope", "layer", "magnitude: 'layer' (each kernel) | 'global' (one threshold).")
+    flags.DEFINE_integer("calib", 64, "wanda: calibration sequences from the run's training data.")
+    flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.")
+    flags.DEFINE_bool("include_embedding", False, "Also prune the token embedding / an untied LM head.")
+    flags.DEFINE_bool("include_heads", False, "Also prune the output-side heads' kernels.")
+    app.run(main)
