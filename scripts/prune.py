@@ -12,9 +12,10 @@ Dense kernels of the transformer blocks (and with the flags the embedding / LM h
 
 OUT gets checkpoints/<step>/ (params only: each pruned kernel stored as its non-zero values + a packed
 bit mask + its shape, model/prune.pack), the run's tokenizer.json / chat_template.json / labels.json,
-and compression.json: method, sparsity, per-layer and global sparsity, bytes on disk of the dense and
-the compact params checkpoint (and of the pruned tensors alone: Orbax's per-array files dominate a tiny model). checkpoint.load_for_inference and evaluation.evaluate_run make it dense
-again, so scripts/evaluate.py, generate.py, serve.py, score.py and init_from read it like any run.
+and compression.json: method, sparsity, per-layer and global sparsity, bytes on disk of the unpruned
+params alone (an Orbax params checkpoint, written to a temporary directory and measured) and of OUT's
+checkpoint, and the pruned tensors' own bytes dense and packed (Orbax's per-array files dominate a tiny
+model). checkpoint.load_for_inference and evaluation.evaluate_run make it dense again, so scripts/evaluate.py, generate.py, serve.py, score.py and init_from read it like any run.
 Bad input (method, sparsity, N:M, a workdir that is already compressed, an OUT that is not new or empty)
 exits 1 naming the value; OUT is built in a temporary directory beside it and moved into place last,
 so nothing is written to OUT on failure.
@@ -151,15 +152,14 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
                                 norms=None if norms is None else {k: norms[k] for k in weights if k in norms})
     pruned = {k: np.where(np.asarray(masks[k]), w, np.zeros_like(w)) for k, w in weights.items()}
     report = prune.sparsity_report(pruned)
-    dense = _replace(params, pruned, pack=False)
-    compact = _replace(params, pruned, pack=True)
+    compact = _packed(params, pruned)
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
-        dense_dir = os.path.join(tmp, "dense")  # measured, then removed: the size the pruning is compared with
-        checkpoint.save_params(dense_dir, at, dense, config)
+        dense_dir = os.path.join(tmp, "dense")  # the unpruned params alone: measured, then removed
+        checkpoint.save_params(dense_dir, at, params, config)
         dense_bytes = _dir_bytes(os.path.join(dense_dir, "checkpoints"))
         shutil.rmtree(dense_dir)
         run_dir = os.path.join(tmp, "run")
@@ -174,9 +174,9 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
                     else "group", "target_sparsity": target, "calibration_sequences": calib if norms else 0,
                     "sparsity": report["global"], "per_layer_sparsity": {k: v for k, v in report.items() if k != "global"},
                     "storage": "pruned kernels as non-zero values + np.packbits mask + shape (model/prune.pack)",
-                    "params": int(sum(np.size(x) for x in jax.tree.leaves(dense))),
+                    "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
                     "pruned_params": int(sum(np.size(w) for w in weights.values())),
-                    "bytes_dense_params_checkpoint": dense_bytes, "bytes_on_disk": compact_bytes,
+                    "bytes_unpruned_params_checkpoint": dense_bytes, "bytes_on_disk": compact_bytes,
                     "bytes_ratio": dense_bytes / max(compact_bytes, 1),
                     "pruned_tensor_bytes_dense": int(sum(w.nbytes for w in pruned.values())),
                     "pruned_tensor_bytes_packed": int(sum(sum(np.asarray(a).nbytes for a in prune.pack(w).values())
@@ -192,15 +192,13 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
     return manifest
 
 
-def _replace(params, pruned: dict, pack: bool):
-    """params with the pruned tensors in place: dense, or packed (model/prune.pack)."""
+def _packed(params, pruned: dict):
+    """params with the pruned tensors in place, packed (model/prune.pack)."""
     import jax
 
     def one(path, x):
         name = prune.path_name(prune.key_names(path))
-        if name not in pruned:
-            return x
-        return prune.pack(pruned[name]) if pack else pruned[name]
+        return prune.pack(pruned[name]) if name in pruned else x
     return jax.tree_util.tree_map_with_path(one, params)
 
 
