@@ -177,3 +177,44 @@ def test_bad_input_names_the_value_and_writes_nothing(trained_run, tmp_path):
                         f"--out={out}", "--method=nope"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "--method='nope'" in r.stderr and not out.exists()
     assert checkpoint.load_for_inference(done)[2] == 40
+
+
+def test_qat_run_trains_and_deploys_as_it_trained(trained_run, corpus_dir, tmp_path):
+    """quant.bits in a training config: a warm-started QAT run trains (straight-through gradients) and the
+    checkpoint scripts/quantize.py makes of it at the same bits/group evaluates exactly as the run did."""
+    workdir = str(tmp_path / "qat")
+    config = tiny_config(corpus_dir, train__steps=6, train__eval_every=6, train__eval_batches=2, optim__lr=1e-3,
+                         model__d_model=64, model__d_ff=128, init_from=trained_run, quant__bits=4, quant__group=16)
+    last = train.train_and_evaluate(config, workdir)
+    out = str(tmp_path / "qat_int4")
+    quantize_script.quantize_run(workdir, out, method="rtn", bits=4, group=16, embed_bits=8)
+    deployed = evaluation.evaluate_run(out, max_batches=2)
+    assert deployed["eval/loss"] == pytest.approx(last["eval/loss"], abs=2e-5)
+    with pytest.raises(ValueError, match="LoRA on quantized weights"):
+        train.train_and_evaluate(tiny_config(corpus_dir, quant__bits=8, lora__rank=4), str(tmp_path / "lora"))
+
+
+def test_compress_report_table(trained_run, corpus_dir, tmp_path):
+    """scripts/compress_report.py on a fixture run: a row per variant (built under OUT), sizes that shrink
+    where they must, finite losses, decode speeds, and the markdown / JSON / PNG written."""
+    import compress_report
+    qat = str(tmp_path / "qat")
+    train.train_and_evaluate(tiny_config(corpus_dir, train__steps=3, train__eval_every=3, train__eval_batches=1,
+                                         model__d_model=64, model__d_ff=128, init_from=trained_run, quant__bits=4,
+                                         quant__group=16), qat)
+    out = str(tmp_path / "report")
+    rows = compress_report.report(trained_run, out, group=16, calib=4, trained={"qat_int4": qat}, max_batches=2,
+                                  decode_tokens=4, only=["bf16", "int8", "oneshot_50_wanda"])
+    by = {r["variant"]: r for r in rows}
+    assert list(by) == ["f32", "bf16", "int8", "oneshot_50_wanda", "qat_int4"]
+    assert by["int8"]["param_bytes"] < by["f32"]["param_bytes"] / 3.5
+    assert by["qat_int4"]["param_bytes"] < by["int8"]["param_bytes"]
+    assert by["bf16"]["disk_bytes"] < by["f32"]["disk_bytes"] and by["oneshot_50_wanda"]["disk_bytes"] < by["f32"]["disk_bytes"]
+    assert all(np.isfinite(r["val_loss"]) and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert by["f32"]["bits_per_byte"] == pytest.approx(by["f32"]["val_loss"] / np.log(2))
+    md = open(os.path.join(out, "report.md")).read()
+    assert md.count("\n") == 2 + len(rows) and "| qat_int4 |" in md
+    assert json.load(open(os.path.join(out, "report.json")))["rows"] == json.loads(json.dumps(rows))
+    assert open(os.path.join(out, "report.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="'int3'"):
+        compress_report.report(trained_run, out, only=["int3"])
