@@ -290,7 +290,8 @@ def settings(pcfg, total_steps: int) -> Settings:
     n, m = int(get("n", 2)), int(get("m", 4))
     sparsity = float(get("sparsity", 0.5))
     if method == "nm":
-        check_nm(n, m)
+        if not 0 < n < m:
+            raise ValueError(f"prune.n={n}, prune.m={m}: N:M sparsity needs 0 < n < m (n kept of every m)")
         sparsity = 1.0 - n / m
     initial = float(get("initial_sparsity", 0.0))
     for field, value in (("sparsity", sparsity), ("initial_sparsity", initial)):

@@ -189,7 +189,7 @@ def test_prune_config_errors():
     cases = [(dict(method="prune_all"), "prune.method='prune_all'"),
              (dict(method="magnitude", sparsity=1.0), "prune.sparsity=1.0"),
              (dict(method="magnitude", sparsity=-0.1), "prune.sparsity=-0.1"),
-             (dict(method="nm", n=4, m=4), "N:M sparsity 4:4"),
+             (dict(method="nm", n=4, m=4), "prune.n=4, prune.m=4"),
              (dict(method="magnitude", start_step=50, end_step=10), "prune.end_step=10"),
              (dict(method="magnitude", start_step=500), "prune.start_step=500"),
              (dict(method="magnitude", frequency=0), "prune.frequency=0"),
@@ -321,3 +321,18 @@ def test_prune_script_bad_input(trained_run, tmp_path):
     cli = subprocess.run([sys.executable, "scripts/prune.py", f"--workdir={trained_run}", f"--out={out}",
                           "--sparsity=1.5"], cwd=ROOT, capture_output=True, text=True)
     assert cli.returncode == 1 and "--sparsity=1.5" in cli.stderr and not os.path.exists(out)
+
+
+def test_apply_masks_guards_a_scaled_update():
+    """The train step multiplies updates by lr_scale (< 1 after a rollback): p + s * (-p) is not 0, so it
+    re-applies the state's masks (steps._train_step)."""
+    tx, _ = optim.make_optimizer(_ocfg(), 4, _pcfg(method="magnitude", sparsity=0.5, start_step=1, end_step=1))
+    params = _toy_params()
+    state = tx.init(params)
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    scaled = optax.apply_updates(params, jax.tree.map(lambda u: 0.5 * u, updates))
+    assert prune.sparsity_report(prune.prunable_tensors(scaled))["global"] == 0.0  # half of each pruned weight left
+    fixed = prune.apply_masks(scaled, state)
+    assert prune.sparsity_report(prune.prunable_tensors(fixed))["global"] == 0.5
+    np.testing.assert_array_equal(fixed["embed"]["embedding"], scaled["embed"]["embedding"])  # others untouched
+    assert prune.apply_masks(params, optax.adam(1e-3).init(params)) is params  # no masks: nothing to do
