@@ -218,3 +218,26 @@ def test_compress_report_table(trained_run, corpus_dir, tmp_path):
     assert open(os.path.join(out, "report.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="'int3'"):
         compress_report.report(trained_run, out, only=["int3"])
+
+
+def test_calibration_of_a_scanned_model_stacks_the_layers_grams():
+    """ptq.calibrate sums x x^T of every kernel's inputs; under nn.scan the layers' matrices come stacked,
+    equal to the unscanned twin's per layer."""
+    tokens_BxL = jnp.arange(40).reshape(2, 20) % 60
+    loop_cfg, scan_cfg = _tiny_cfg(False), _tiny_cfg(True)
+    scan_params = nn.meta.unbox(Transformer(scan_cfg).init(jax.random.key(3), tokens_BxL)["params"])
+    loop_params = {k: v for k, v in scan_params.items() if k != "layers"}
+    for i in range(2):
+        loop_params[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], scan_params["layers"]["block"])
+    scan_grams = ptq.calibrate(scan_cfg, scan_params, [tokens_BxL])[()]
+    loop_grams = ptq.calibrate(loop_cfg, loop_params, [tokens_BxL])[()]
+    for i in range(2):
+        for name in ("query", "key", "value", "out"):
+            np.testing.assert_allclose(scan_grams["layers"]["block"]["attn"][name]["gram"][i],
+                                       loop_grams[f"layer_{i}"]["attn"][name]["gram"], rtol=1e-5, atol=1e-4)
+    # GPTQ through the scanned tree: one stacked kernel node per projection, quantized layer by layer
+    stored = Transformer(dataclasses.replace(scan_cfg, quant=quantize.QuantSpec(bits=4, group=16, stored=True)))
+    abstract = jax.eval_shape(stored.init, jax.random.key(0), tokens_BxL)["params"]
+    qparams, report = ptq.quantize_params(scan_params, abstract, "gptq", {(): scan_grams}, group=16)
+    assert report["layers/block/mlp/down"]["method"] == "gptq" and qparams["layers"]["block"]["mlp"]["down"][
+        "kernel_q"].shape == (2, 32, 32)
