@@ -15,30 +15,14 @@ Result:    held-out exact match 0.56 val / 0.585 test from 0.48 / 0.53 (SFT, 526
            model 0.073 nats per answer (scripts/policy_kl.py)
 """
 
-from configs import common
+from configs import common, rl_common
 
 
 def get_config(arg=None):
-    c = common.base()
-    c.mode = "grpo"
-    common.model_size(c, "small")  # as configs/sft.py
-    c.init_from = "runs/sft"
-    c.data.path = "datasets/tasks/train.jsonl"
-    c.rl.val_path = "datasets/tasks/val.jsonl"
-    c.data.batch_size = 16  # prompts per iteration
+    c = rl_common.base("grpo")
     c.rl.group_size = 8
-    c.rl.max_prompt_len = 96
-    c.rl.max_new_tokens = 16
     c.rl.minibatch = 64
     c.rl.kl_coef = 0.04
-    c.train.steps = 60  # iterations
-    c.train.log_every = 1
-    c.train.eval_every = 20
-    c.train.checkpoint_every = 20
-    c.optim.lr = 1e-5
-    c.optim.schedule = "constant"
-    c.optim.warmup_steps = 0
-    c.optim.weight_decay = 0.0
     common.apply_arg(c, arg)
     if arg == "tiny":
         common.rl_tiny(c)

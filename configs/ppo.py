@@ -18,34 +18,18 @@ Result:    held-out exact match 0.51 val / 0.53 test from 0.48 / 0.53 (SFT, 526 
            accuracy reward model; KL to the SFT model 0.59 nats per answer (scripts/policy_kl.py)
 """
 
-from configs import common
+from configs import common, rl_common
 
 
 def get_config(arg=None):
-    c = common.base()
-    c.mode = "ppo"
-    common.model_size(c, "small")  # as configs/sft.py
-    c.init_from = "runs/sft"
-    c.data.path = "datasets/tasks/train.jsonl"
-    c.rl.val_path = "datasets/tasks/val.jsonl"
+    c = rl_common.base("ppo")
     c.rl.reward_model = "runs/rm"
     c.rl.rewards = ()
-    c.data.batch_size = 16  # prompts per iteration
     c.rl.group_size = 4
-    c.rl.max_prompt_len = 96
-    c.rl.max_new_tokens = 16
     c.rl.minibatch = 32
     c.rl.epochs = 2
     c.rl.kl_coef = 0.05
     c.rl.kl_estimator = "k1"
-    c.train.steps = 60  # iterations
-    c.train.log_every = 1
-    c.train.eval_every = 20
-    c.train.checkpoint_every = 20
-    c.optim.lr = 1e-5
-    c.optim.schedule = "constant"
-    c.optim.warmup_steps = 0
-    c.optim.weight_decay = 0.0
     common.apply_arg(c, arg)
     if arg == "tiny":
         common.rl_tiny(c)
