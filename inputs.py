@@ -21,8 +21,8 @@ import numpy as np
 
 import checkpoint
 import task_eval
-from model import build
 from rl import advantages as rl_advantages, guardrails, losses as rl_losses, reference, rewards as rl_rewards
+from rl import rollout as rl_rollout
 from data import chat, classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, qa as qa_data
 from data import preference as preference_data, prompts as prompts_data, sft as sft_data, sources
 from data import tokenizer as tokenizer_lib
@@ -406,16 +406,17 @@ def rl_inputs(config, workdir: str, micro_batch: int) -> Inputs:
 
 
 class _on_language_model:
-    """An (model, params) evaluation applied to the language model inside (a PPO policy-value's backbone)."""
+    """An (model, params) evaluation applied to the language model inside (a PPO policy-value's backbone, or
+    its LoRA trunk: rl/rollout.policy)."""
 
     def __init__(self, inner):
         self.inner = inner
 
     def __call__(self, model, params):
-        return self.inner(*build.language_model(model, params))
+        return self.inner(*rl_rollout.policy(model, params))
 
     def predictions(self, model, params):
-        return self.inner.predictions(*build.language_model(model, params))
+        return self.inner.predictions(*rl_rollout.policy(model, params))
 
     def coverage(self):
         return self.inner.coverage()

@@ -23,7 +23,7 @@ import predictions
 from rl import objectives as rl_objectives
 from data import preference as preference_data, sources
 from inputs import Inputs
-from model import build
+from model import build, lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +151,14 @@ def _rl_updates(config) -> int:
     return int(config.rl.epochs) * (rows // (int(config.rl.minibatch) or rows))
 
 
+def _ppo_model(config, inputs: Inputs):
+    """The policy + value head (build.policy_value); with lora.rank > 0 the policy's trunk is the LoRA model
+    (params 'base' frozen, 'lora' trained) and the value head (a separate critic too) is trained whole."""
+    policy_value = build.policy_value(config, inputs.tokenizer.vocab_size)
+    lm = _causal_model(config, inputs)
+    return lora.LoraTrunk(policy_value, lm) if isinstance(lm, lora.LoraModel) else policy_value
+
+
 _RL_COMMON = dict(
     inputs=inputs_lib.rl_inputs, summary=objectives.no_summary,
     other_eval_data=inputs_lib.as_val_path("rl", inputs_lib.rl_inputs),
@@ -163,8 +171,9 @@ MODES.update({
                  options=lambda config: dict(_rl_clip(config), beta=float(config.rl.kl_coef),
                                              kl_estimator=config.rl.kl_estimator,
                                              single_update=_rl_updates(config) == 1), **_RL_COMMON),
-    "ppo": Mode(model=lambda config, inputs: build.policy_value(config, inputs.tokenizer.vocab_size),
-                objective=rl_objectives.ppo,
+    # frozen: nothing; with lora.rank > 0 the policy trunk's 'base' (frozen_params), the value head and a separate
+    # critic still trained
+    "ppo": Mode(model=_ppo_model, objective=rl_objectives.ppo, lora=True,
                 options=lambda config: dict(_rl_clip(config), value_clip=float(config.rl.value_clip),
                                             vf_coef=float(config.rl.vf_coef),
                                             entropy_coef=float(config.rl.entropy_coef)), **_RL_COMMON),

@@ -74,8 +74,8 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     if config.mode not in LM_MODES:
         raise ValueError(f"{workdir!r} is a mode={config.mode!r} run: only language models ({', '.join(LM_MODES)}) "
                          f"generate text")
-    if config.mode == "ppo":  # a policy with a value head on its trunk: the policy is the backbone
-        params = params["backbone"]
+    if config.mode == "ppo":  # a policy with a value head on its trunk: the policy is the backbone (LoRA: base + lora)
+        params = {k: params[k] for k in ("base", "lora")} if "lora" in params else params["backbone"]
     tok = tokenizer_lib.load_tokenizer(tok_path)
     template = os.path.join(workdir, "chat_template.json")
     has_chat = os.path.exists(template)

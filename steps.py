@@ -31,8 +31,7 @@ def init_state(model, tx, mesh, rules, seed: int, seq_len: int):
 
     def init_fn(key):
         params_key, dropout_key = jax.random.split(key)
-        dummy_1xL = jnp.zeros((1, seq_len), jnp.int32)
-        params = model.init(params_key, dummy_1xL)["params"]
+        params = _fresh_params(model, params_key, seq_len)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(dropout_key), lr_scale=jnp.ones((), jnp.float32),
                           dropped=jnp.zeros((), jnp.int32), last_dropped=-jnp.ones((), jnp.int32))
@@ -43,6 +42,19 @@ def init_state(model, tx, mesh, rules, seed: int, seq_len: int):
         shardings = sharding.state_shardings(abstract, mesh, rules)
         state = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=shardings)(key)
     return state, shardings
+
+
+def _fresh_params(model, params_key, seq_len: int):
+    return model.init(params_key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+
+def init_params(model, mesh, rules, seed: int, seq_len: int, params_shardings):
+    """The params init_state starts from (the same key, the same values), alone: no optimizer state. For a
+    frozen copy of the initial model (the RL reference) beside the live state."""
+    params_key = jax.random.split(jax.random.key(seed))[0]
+    with sharding.activate(mesh, rules):
+        return jax.jit(lambda k: nn.meta.unbox(_fresh_params(model, k, seq_len)), out_shardings=params_shardings)(
+            params_key)
 
 
 def abstract_state(state_shardings, state) -> Any:

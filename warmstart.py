@@ -84,24 +84,29 @@ def _fill(source: dict, target_tree, target_sh, init_from: str):
 def warm_start(state, state_sh, init_from: str):
     """Pretrained weights from `init_from`'s latest checkpoint (a wrapper's 'backbone', or a causal
     run's whole tree) into this model's backbone / LoRA base / whole tree, and into a PPO policy's
-    separate 'critic' too (a critic starts from the policy's weights); everything else keeps its
-    fresh init. A token table with fewer rows is extended (old rows kept); other shape mismatches
-    raise naming the params. The log names what was loaded, extended and re-initialised."""
+    separate 'critic' too, LoRA policy or not (a critic starts from the policy's weights); everything
+    else keeps its fresh init. A token table with fewer rows is extended (old rows kept); other shape
+    mismatches raise naming the params. The log names what was loaded, extended and re-initialised."""
+    return state.replace(params=warm_start_params(state.params, state_sh.params, init_from))
+
+
+def warm_start_params(params, params_sh, init_from: str):
+    """warm_start on the params alone (their shardings `params_sh`): the new params."""
     _, loaded, at = checkpoint.load_for_inference(init_from)
     source_where, source_tree = _subtree(loaded)
-    where, target_tree = _subtree(state.params)
-    _, target_sh = _subtree(state_sh.params)
+    where, target_tree = _subtree(params)
+    _, target_sh = _subtree(params_sh)
     prefix = f"{where}/" if where else ""
     source = flax.traverse_util.flatten_dict(dict(source_tree), sep="/")
     tree, fitted, extended, target = _fill(source, target_tree, target_sh, init_from)
-    params = dict(state.params, **{where: tree}) if where else tree
-    also = [name for name in ("critic",) if where == "backbone" and name in state.params]
+    out = dict(params, **{where: tree}) if where else tree
+    also = [name for name in ("critic",) if where in ("backbone", "base") and name in params]
     for name in also:
-        params[name] = _fill(source, state.params[name], state_sh.params[name], init_from)[0]
+        out[name] = _fill(source, params[name], params_sh[name], init_from)[0]
     fresh = sorted(prefix + k for k in target if k not in source)
-    fresh += sorted(k for k in state.params if where and k not in (where, *also))
+    fresh += sorted(k for k in params if where and k not in (where, *also))
     log.info("warm start from %s (step %d): loaded %d params into %s; extended: %s; re-initialised: %s; "
              "unused: %s", init_from, at, len(fitted), " and ".join([where or "the model"] + also),
              ", ".join(extended) or "none", ", ".join(fresh) or "none",
              ", ".join(unused_params(loaded, source_where, set(source) - target)) or "none")
-    return state.replace(params=params)
+    return out

@@ -14,6 +14,9 @@ The lora tree mirrors the matched paths: {..., 'attn': {'query': {'lora_a': A [i
 'lora_b': B [r, out]}}}. A ~ N(0, 1/in) (Kaiming-normal for a linear map, as in the LoRA paper's
 random Gaussian A), B = 0, so at init apply_lora(base, lora) == base exactly.
 
+`LoraModel` wraps a language model this way (params {'base', 'lora'}); `LoraTrunk` wraps a model with
+heads around one (PPO's policy + value head: the heads and a separate critic stay trainable beside them).
+
 Freezing the base is the caller's choice: take `jax.grad` with respect to the lora tree only
 (base is then a constant of the loss), and, if base is also a traced argument of a jitted
 function, wrap it in `jax.lax.stop_gradient` to be explicit. Weight decay on adapters is an
@@ -117,14 +120,17 @@ class LoraModel:
 
     def init(self, key, *args, **kwargs):
         base_key, lora_key = jax.random.split(key)
-        base = self.inner.init(base_key, *args, **kwargs)["params"]
+        return {"params": self.adapt(self.inner.init(base_key, *args, **kwargs)["params"], lora_key)}
+
+    def adapt(self, base, key) -> dict:
+        """The inner module's params -> {'base': them in base_dtype, 'lora': fresh adapters (B = 0)}."""
         base = jax.tree.map(lambda x: x.astype(self.base_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                             base)
-        lora = init_lora(nn.meta.unbox(base), rank=self.rank, targets=self.targets, key=lora_key)
+        lora = init_lora(nn.meta.unbox(base), rank=self.rank, targets=self.targets, key=key)
         lora = jax.tree.map(lambda x: x.astype(jnp.float32), lora)
         if self.new_rows:
             lora[ROWS] = jnp.zeros((self.new_rows, self.cfg.d_model), jnp.float32)
-        return {"params": {"base": base, "lora": lora}}
+        return {"base": base, "lora": lora}
 
     def effective_params(self, params):
         """{'base', 'lora'} -> the inner module's params, exactly as `apply` computes them (the decoder
@@ -134,6 +140,43 @@ class LoraModel:
 
     def apply(self, variables, *args, **kwargs):
         return self.inner.apply({"params": self.effective_params(variables["params"])}, *args, **kwargs)
+
+
+class LoraTrunk:
+    """A model with heads whose trunk (the language model) is LoRA-adapted: PPO's policy + value head.
+
+    params: {'base': the trunk's weights (frozen, like a LoraModel's), 'lora': its adapters, and every
+    other subtree of the inner model as it is ('value_head'; rl.critic='separate': 'critic'), trained
+    whole}. `apply` runs the inner model with params[trunk] = lm.effective_params(base, lora), so the
+    trunk's forward is exactly the LoraModel `lm`'s; `language_model(params)` is that policy alone,
+    (lm, {'base', 'lora'}), what the decoder samples with; its LoRA-disabled base is the reference.
+    """
+
+    def __init__(self, inner, lm: LoraModel, trunk: str = "backbone"):
+        if lm.cfg != inner.cfg:
+            raise ValueError(f"LoraTrunk: the language model's config differs from {type(inner).__name__}'s")
+        self.inner, self.lm, self.trunk, self.cfg = inner, lm, trunk, inner.cfg
+
+    def init(self, key, *args, **kwargs):
+        inner_key, lora_key = jax.random.split(key)
+        params = dict(self.inner.init(inner_key, *args, **kwargs)["params"])
+        trunk = params.pop(self.trunk)
+        clash = sorted(set(params) & {"base", "lora"})
+        if clash:
+            raise ValueError(f"LoraTrunk: {type(self.inner).__name__} already has param subtrees {clash}")
+        return {"params": dict(params, **self.lm.adapt(trunk, lora_key))}
+
+    def effective_params(self, params):
+        """{'base', 'lora', heads...} -> the inner model's params (the trunk's adapters applied)."""
+        heads = {k: v for k, v in params.items() if k not in ("base", "lora")}
+        return dict(heads, **{self.trunk: self.lm.effective_params(params)})
+
+    def apply(self, variables, *args, **kwargs):
+        return self.inner.apply({"params": self.effective_params(variables["params"])}, *args, **kwargs)
+
+    def language_model(self, params):
+        """(the LoRA language model, its {'base', 'lora'} params): the policy without its heads."""
+        return self.lm, {"base": params["base"], "lora": params["lora"]}
 
 
 ROWS = "embed_rows"  # lora-tree key of the trainable delta on the embedding's last rows

@@ -23,7 +23,6 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import checkpoint
@@ -31,12 +30,13 @@ import sharding
 import steps
 import warmstart
 from data import chat, tasks
-from model import build, decode
+from model import decode
 from model import lora as lora_lib
 from model.sampling import Sampling
 from rl import advantages as adv_lib
 from rl import guardrails, losses, rewards as rewards_lib, rollout as rollout_lib
 from rl import objectives as rl_objectives
+from rl import reference as reference_lib
 
 log = logging.getLogger("lmstack")
 
@@ -51,37 +51,35 @@ def _forward(model, mesh, rules):
     return run
 
 
-def _in_minibatches(fn, params, rows: dict, size: int, batch_sharding) -> tuple[np.ndarray, np.ndarray | None]:
-    n = len(rows["inputs"])
-    logps, values = [], []
-    for lo in range(0, n, size):
-        mb = {k: v[lo:lo + size] for k, v in rows.items()}
-        lp, v = jax.device_get(fn(params, sharding.put_batch(mb, batch_sharding)))
-        logps.append(lp)
-        values.append(v)
-    return np.concatenate(logps), (None if values[0] is None else np.concatenate(values))
+def _scores(fn, params, rows: dict, size: int, batch_sharding) -> tuple[np.ndarray, np.ndarray | None]:
+    """fn(params, batch) over the rows in batches of `size`: (log-probs [N, L], values [N, L] or None)."""
+    return reference_lib.in_batches(lambda batch: fn(params, batch), rows, size,
+                                    put=lambda batch: sharding.put_batch(batch, batch_sharding))
 
 
 def initial_params(run):
     """The policy's params before any RL update (the fresh init + init_from's weights): a new run's
-    starting point, recomputed identically on resume for the frozen reference."""
+    starting point, recomputed identically on resume for the frozen reference (no optimizer state)."""
     config = run.config
-    state, _ = steps.init_state(run.model, run.tx, run.mesh, run.rules, config.seed, config.data.seq_len)
+    params = steps.init_params(run.model, run.mesh, run.rules, config.seed, config.data.seq_len, run.state_sh.params)
     if config.init_from:
-        state = warmstart.warm_start(state, run.state_sh, config.init_from)
-    return state.params
+        params = warmstart.warm_start_params(params, run.state_sh.params, config.init_from)
+    return params
 
 
 def reference(run):
-    """(reference model, its params) or None when the loss needs no reference (kl_coef 0, no target).
-    A LoRA policy's reference is its LoRA-disabled base (no copy); otherwise the initial policy."""
+    """(reference model, live params -> its params) or None when the loss needs no reference (kl_coef 0, no
+    target). A LoRA policy's reference is its LoRA-disabled base: the live state's frozen 'base' itself, read
+    at each use (the train step donates the state's buffers; no copy is kept, none is made). Otherwise the
+    initial policy's language model (params only, no optimizer state)."""
     r = run.config.rl
     if float(r.kl_coef) <= 0 and float(r.kl_target) <= 0:
         return None
-    if isinstance(run.model, lora_lib.LoraModel):
-        base = jax.tree.map(lambda x: x.astype(jnp.float32), run.state.params["base"])
-        return run.model.inner, base
-    return build.language_model(run.model, initial_params(run))
+    lm, _ = rollout_lib.policy(run.model, run.state.params)
+    if isinstance(lm, lora_lib.LoraModel):
+        return lm.inner, lambda params: rollout_lib.policy(run.model, params)[1]["base"]
+    model, ref_params = rollout_lib.policy(run.model, initial_params(run))
+    return model, lambda params: ref_params
 
 
 def iterate(run) -> int:
@@ -95,7 +93,7 @@ def iterate(run) -> int:
     width = int(r.max_prompt_len) + int(r.max_new_tokens) - 1
     is_ppo = config.mode == "ppo"
     single = not is_ppo and run.mode.updates_per_step(config) == 1  # GRPO, one update: no separate old-logp pass
-    policy_model, _ = build.language_model(run.model, run.state.params)
+    policy_model, _ = rollout_lib.policy(run.model, run.state.params)
     decoder = decode.Decoder(policy_model, batch=n_rows, cache_len=width + 1, mesh=run.mesh, rules=run.rules)
     sampling = Sampling(temperature=float(r.temperature), top_p=float(r.top_p))
     scorer = rewards_lib.RewardModelScorer(r.reward_model, tok) if r.reward_model else None
@@ -114,7 +112,7 @@ def iterate(run) -> int:
         t0 = time.time()
         # ---- 1. rollout ----------------------------------------------------------------------------
         batch_problems = [problems[int(i)] for i in next(run.inputs.train_iter)["index"]]
-        policy_params = build.language_model(run.model, run.state.params)[1]
+        policy_params = rollout_lib.policy(run.model, run.state.params)[1]
         outs = rollout_lib.sample(decoder, policy_params, batch_problems, group=group, sampling=sampling,
                                   seeds=rollout_lib.seeds_for(config.seed, step, n_rows),
                                   max_new_tokens=int(r.max_new_tokens), stop_ids=[end_id])
@@ -145,13 +143,13 @@ def iterate(run) -> int:
         batch = dict(rows)
         scalars = {}
         if not single:  # the ratios' denominators, and (PPO) the critic's values, before any update
-            old_logp, old_values = _in_minibatches(forward, run.state.params, rows, minibatch, run.batch_sharding)
+            old_logp, old_values = _scores(forward, run.state.params, rows, minibatch, run.batch_sharding)
             gap = np.abs(old_logp - rows["sampler_logp"])[comp > 0]
             scalars.update({"rl/logp_diff_max": float(gap.max()) if gap.size else 0.0,
                             "rl/logp_diff_mean": float(gap.mean()) if gap.size else 0.0})
             batch["old_logp"] = old_logp.astype(np.float32)
         if ref_forward is not None:
-            ref_logp, _ = _in_minibatches(ref_forward, ref[1], rows, minibatch, run.batch_sharding)
+            ref_logp, _ = _scores(ref_forward, ref[1](run.state.params), rows, minibatch, run.batch_sharding)
             batch["ref_logp"] = ref_logp.astype(np.float32)
             if not single:  # the penalty's estimator; the logged KL is k3's (non-negative: negative = a bug)
                 kl_tok = np.asarray(losses.kl_estimate(old_logp, ref_logp, r.kl_estimator))

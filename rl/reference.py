@@ -6,6 +6,9 @@ stored with the examples (`ref_chosen_logp`, `ref_rejected_logp`): a train step 
 not two. The reference is the `init_from` run's model (for a LoRA policy that is exactly its
 LoRA-disabled base: the adapters start at zero on those weights).
 
+`in_batches` is the one fixed-shape batching of rows through a scoring function: this module's reference
+pass, the RL loop's trainer and reference passes (rl/loop.py) and scripts/policy_kl.py use it.
+
 Cache: WORKDIR/reference_logps_<split>_<digest>.npz, named by a digest of its fingerprint: the reference
 checkpoint (path, step, a digest of every parameter), the model config and the examples' tokens.
 Anything else (another checkpoint, changed data, another seq_len) computes a new one beside it
@@ -41,6 +44,27 @@ def sequence_logps(model, params, rows: dict) -> tuple[jax.Array, jax.Array]:
     return objectives.sequence_logps(logits_NxLxV, rows["targets"], rows["weights"])
 
 
+def in_batches(fn, rows: dict, size: int, put=None):
+    """fn(batch) over `rows` (a dict of arrays with N rows each) in batches of `size` rows, the last one padded
+    with zero rows to `size` (one shape: one compile); `put` places each batch (e.g. sharding.put_batch).
+    fn returns an array or a tuple of them (None allowed); returns the same structure as numpy arrays of the
+    N real rows, in order."""
+    if size <= 0:
+        raise ValueError(f"in_batches: batch size {size} must be positive")
+    n = len(next(iter(rows.values())))
+    outs = []
+    for lo in range(0, n, size):
+        part = {k: np.asarray(v[lo:lo + size]) for k, v in rows.items()}
+        real = len(next(iter(part.values())))
+        if real < size:
+            part = {k: np.concatenate([v, np.zeros((size - real, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
+        out = fn(part if put is None else put(part))
+        outs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], jax.device_get(out)))
+    if not outs:
+        raise ValueError("in_batches: no rows")
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
 def _digest_params(params) -> str:
     h = hashlib.sha256()
     for path, x in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -64,6 +88,8 @@ def add_reference_logps(examples: list[dict], *, init_from: str, tok, workdir: s
                         batch_size: int) -> None:
     """Sets ex['ref_chosen_logp'], ex['ref_rejected_logp'] (float32) on every example, from the cache
     when its fingerprint matches, else computed with init_from's latest checkpoint (and cached)."""
+    if not examples:
+        return
     saved, params, step = checkpoint.load_for_inference(init_from)
     ref_config = ml_collections.ConfigDict(saved)
     model = build.causal_lm(ref_config, tok.vocab_size, tok.base_size)
@@ -82,15 +108,10 @@ def add_reference_logps(examples: list[dict], *, init_from: str, tok, workdir: s
                 return
     params = jax.device_put(params, jax.devices()[0])
     fn = jax.jit(functools.partial(sequence_logps, model))
-    out = {side: np.zeros(len(examples), np.float32) for side in SIDES}
-    for lo in range(0, len(examples), batch_size):
-        group = examples[lo:lo + batch_size]
-        pad = batch_size - len(group)  # a fixed shape: one compile
-        for side in SIDES:
-            rows = {k: np.stack([ex[f"{side}_{k}"] for ex in group] + [np.zeros_like(group[0][f"{side}_{k}"])] * pad)
-                    for k in ROW_KEYS}
-            logp_N, _ = fn(params, rows)
-            out[side][lo:lo + len(group)] = np.asarray(logp_N)[:len(group)]
+    out = {}
+    for side in SIDES:
+        rows = {k: np.stack([ex[f"{side}_{k}"] for ex in examples]) for k in ROW_KEYS}
+        out[side] = in_batches(lambda batch: fn(params, batch)[0], rows, batch_size).astype(np.float32)
     for i, ex in enumerate(examples):
         ex["ref_chosen_logp"], ex["ref_rejected_logp"] = out["chosen"][i], out["rejected"][i]
     if jax.process_index() == 0:

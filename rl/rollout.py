@@ -5,6 +5,9 @@ the end-of-turn stop id, and one seed per completion derived from (run seed, ite
 same iteration samples the same text after a resume. Each completion comes back with the float32
 log-prob of every chosen token (the sampler's view of the policy).
 
+`policy` is the causal LM inside a mode's model that the decoder samples with (a PPO policy's backbone,
+or its LoRA trunk).
+
 `to_rows` builds fixed-shape rows [N, L] (L = max prompt + max new tokens - 1: one compile):
 prompt + completion as pack_window lays out any sequence (inputs = ids[:-1], targets = ids[1:],
 positions from 0, segment id 1 on real tokens, 0 on padding). `mask` is 1 on the targets that are
@@ -20,8 +23,16 @@ import dataclasses
 
 import numpy as np
 
-from model import decode
+from model import build, decode, lora
 from model.sampling import Sampling
+
+
+def policy(model, params):
+    """(the policy's causal LM, its params) inside a mode's model: build.language_model, and a LoRA PPO
+    policy's LoraModel with its {'base', 'lora'} (model/build.py does not know lora.LoraTrunk)."""
+    if isinstance(model, lora.LoraTrunk):
+        return model.language_model(params)
+    return build.language_model(model, params)
 
 
 @dataclasses.dataclass

@@ -3,9 +3,9 @@
     python scripts/merge_lora.py --workdir=runs/sft_lora --out=runs/sft_lora_merged [--step=N]
 
 OUT gets checkpoints/<step>/ with params = base + alpha/rank * A @ B (float32) and the run's
-config with lora.rank=0, plus the run's tokenizer.json / chat_template.json / labels.json, so
-scripts/generate.py, scripts/evaluate.py and `--config.init_from=OUT` use it like any run.
-The merged model's logits equal the adapted model's (tests/sft_test.py).
+config with lora.rank=0 (a PPO run's value head and critic kept beside the merged 'backbone'), plus
+the run's tokenizer.json / chat_template.json / labels.json, so scripts/generate.py,
+scripts/evaluate.py and `--config.init_from=OUT` use it like any run. The merged model's logits equal the adapted model's (tests/sft_test.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ def merge_run(workdir: str, out: str, step: int | None = None) -> str:
     r = config.get("lora", {})
     if int(r.get("rank", 0)) <= 0 or "lora" not in params:
         raise ValueError(f"{workdir!r} (step {at}) is not a LoRA run: lora.rank={r.get('rank', 0)}")
-    merged = lora.merged_params(dict(params), alpha=float(r["alpha"]), rank=int(r["rank"]))
+    heads = {k: v for k, v in params.items() if k not in ("base", "lora")}
+    merged = lora.merged_params({k: params[k] for k in ("base", "lora")}, alpha=float(r["alpha"]), rank=int(r["rank"]))
+    if heads:  # a LoRA trunk under heads (PPO's policy + value head): the merged trunk is its backbone again
+        merged = dict(heads, backbone=merged)
     config = dict(config, lora=dict(r, rank=0, base_dtype="float32"), init_from="")
     path = checkpoint.save_params(out, at, merged, config)
     for name in RUN_FILES:

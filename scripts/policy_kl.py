@@ -32,6 +32,7 @@ from model import decode  # noqa: E402
 from model.sampling import Sampling  # noqa: E402
 from rl import losses, rollout  # noqa: E402
 from rl.objectives import token_logps  # noqa: E402
+from rl.reference import in_batches  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -69,14 +70,8 @@ def policy_kl(workdir: str, reference: str, data: str, *, n: int = 200, samples:
     score_ref = jax.jit(functools.partial(token_logps, ref.model))
     rows = {k: ro.rows[k] for k in ("inputs", "targets", "positions", "segment_ids")}
     m = len(rows["inputs"])
-    lp_pol, lp_ref = np.zeros((m, width), np.float32), np.zeros((m, width), np.float32)
-    for lo in range(0, m, batch_size):
-        chunk = {k: np.zeros((batch_size, width), v.dtype) for k, v in rows.items()}
-        part = {k: v[lo:lo + batch_size] for k, v in rows.items()}
-        for k, v in part.items():
-            chunk[k][:len(v)] = v
-        lp_pol[lo:lo + batch_size] = np.asarray(score_pol(pol.params, chunk)[0])[:len(part["inputs"])]
-        lp_ref[lo:lo + batch_size] = np.asarray(score_ref(ref.params, chunk)[0])[:len(part["inputs"])]
+    lp_pol = in_batches(lambda batch: score_pol(pol.params, batch)[0], rows, batch_size)
+    lp_ref = in_batches(lambda batch: score_ref(ref.params, batch)[0], rows, batch_size)
     comp = ro.rows["completion"] > 0
     k1 = np.where(comp, lp_pol - lp_ref, 0.0)
     k3 = np.where(comp, np.asarray(losses.kl_estimate(lp_pol, lp_ref, "k3")), 0.0)

@@ -1,4 +1,5 @@
-"""model/lora.py: zero-B identity, merge == apply, adapter-only training, trainable fraction."""
+"""model/lora.py: zero-B identity, merge == apply, adapter-only training, trainable fraction, a LoRA trunk
+under heads (PPO's policy + value head)."""
 
 import flax.linen as nn
 import jax
@@ -8,7 +9,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from model.lora import TARGETS, apply_lora, count_params, init_lora, merge_lora
+from model.heads import PolicyValue
+from model.lora import TARGETS, LoraModel, LoraTrunk, apply_lora, count_params, init_lora, merge_lora
 from model.transformer import ModelConfig, Transformer
 
 
@@ -104,3 +106,40 @@ def test_bad_arguments():
     lora = init_lora(params, rank=4, targets=("attn/query",), key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="rank"):
         apply_lora(params, lora, alpha=1.0, rank=8)
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["shared_critic", "separate_critic"])
+def test_lora_trunk_adapts_the_policy_and_trains_the_heads(separate):
+    model, _, tokens = _model()
+    lm = LoraModel(Transformer(model.cfg), rank=4, alpha=8.0, targets=TARGETS, new_rows=4)
+    pv = PolicyValue(model.cfg, separate_critic=separate)
+    trunk = LoraTrunk(pv, lm)
+    params = nn.meta.unbox(trunk.init(jax.random.PRNGKey(0), tokens)["params"])
+    assert set(params) == {"base", "lora", "value_head"} | ({"critic"} if separate else set())
+    # B = 0 and zero row deltas: exactly the inner model on its trunk's weights, and the policy alone is the LoraModel
+    plain = {"backbone": params["base"], **{k: v for k, v in params.items() if k not in ("base", "lora")}}
+    logits_BxLxV, values_BxL = trunk.apply({"params": params}, tokens)
+    want_logits, want_values = pv.apply({"params": plain}, tokens)
+    np.testing.assert_array_equal(np.asarray(logits_BxLxV), np.asarray(want_logits))
+    np.testing.assert_array_equal(np.asarray(values_BxL), np.asarray(want_values))
+    policy, policy_params = trunk.language_model(params)
+    assert policy is lm and set(policy_params) == {"base", "lora"}
+    np.testing.assert_array_equal(np.asarray(policy.apply({"params": policy_params}, tokens)), np.asarray(logits_BxLxV))
+
+    def loss(p):
+        logits, values = trunk.apply({"params": p}, tokens)
+        return jnp.mean(logits[..., 0] ** 2) + jnp.mean((values - 1.0) ** 2)
+    head = jax.tree.map(lambda x: x + 0.1, params["value_head"])  # a zero-init head passes no gradient back
+    grads = jax.grad(loss)(dict(params, value_head=head))
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads["base"]))  # frozen: stop_gradient
+    for name in ("value_head",) + (("critic",) if separate else ()):
+        assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads[name])), name
+    lora_b = [g for path, g in traverse_util.flatten_dict(grads["lora"]).items() if path[-1] == "lora_b"]
+    assert lora_b and any(np.any(np.asarray(g)) for g in lora_b)
+
+
+def test_lora_trunk_refuses_a_language_model_of_another_shape():
+    model, _, _ = _model()
+    other = Transformer(ModelConfig(vocab_size=64, num_tokens=60, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=32))
+    with pytest.raises(ValueError, match="config differs from PolicyValue's"):
+        LoraTrunk(PolicyValue(model.cfg), LoraModel(other, rank=2, alpha=4.0, targets=TARGETS))

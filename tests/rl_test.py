@@ -1,5 +1,6 @@
 """Modes 'grpo' and 'ppo': rows and rewards of rollouts, sampler/trainer consistency, learning a trivial
-reward, guardrails, the adaptive KL controller, bad config values, and exact resume."""
+reward, guardrails, the adaptive KL controller, bad config values, PPO with a LoRA policy, the batched
+scoring of rows, the reference's params, and exact resume."""
 
 import json
 import os
@@ -15,6 +16,8 @@ import pytest
 from conftest import tiny_config
 
 import checkpoint
+import modes
+import serving
 import sharding
 import steps
 import train
@@ -24,10 +27,11 @@ from configs import grpo as grpo_config, ppo as ppo_config
 from data import chat
 from data.sft import Problem
 from data.tokenizer import ByteTokenizer
-from model import build, decode
-from rl import guardrails, loop, rewards, rollout
+from model import build, decode, lora
+from rl import guardrails, loop, reference, rewards, rollout
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import merge_lora  # noqa: E402
 import policy_kl  # noqa: E402
 
 
@@ -160,27 +164,102 @@ def test_ppo_learns_a_trivial_reward(tmp_path, say_x):
     assert last > first + 0.1, [r["rl/reward_mean"] for r in rows]
 
 
-def test_a_separate_critic_starts_from_the_policy_weights(tmp_path):
-    cfg = _cfg(tmp_path, ppo_config, rl__critic="separate")
+def _ppo_init(tmp_path, **kw):
+    """(config, model, mesh, rules, state, state_sh, source params saved at tmp_path/src) of a tiny PPO run."""
+    cfg = _cfg(tmp_path, ppo_config, **kw)
     source = build.transformer(cfg, ByteTokenizer().vocab_size)
     src_params = nn.meta.unbox(source.init(jax.random.key(7), jnp.zeros((1, 8), jnp.int32))["params"])
     checkpoint.save_params(str(tmp_path / "src"), 3, src_params, json.loads(cfg.to_json()))
-    model = build.policy_value(cfg, ByteTokenizer().vocab_size)
-    tx = optax.sgd(0.1)
+    model = modes.get(cfg).model(cfg, types.SimpleNamespace(tokenizer=ByteTokenizer()))
     mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.sharding)
-    state, state_sh = steps.init_state(model, tx, mesh, rules, 0, 8)
-    assert set(state.params) == {"backbone", "critic", "value_head"}
+    state, state_sh = steps.init_state(model, optax.sgd(0.1), mesh, rules, 0, 8)
+    return cfg, model, mesh, rules, state, state_sh, src_params
+
+
+@pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])
+def test_a_separate_critic_starts_from_the_policy_weights(tmp_path, rank):
+    *_, state, state_sh, src_params = _ppo_init(tmp_path, rl__critic="separate", lora__rank=rank)
+    trunk = "base" if rank else "backbone"
+    assert set(state.params) == {trunk, "critic", "value_head"} | ({"lora"} if rank else set())
     warm = warmstart.warm_start(state, state_sh, str(tmp_path / "src"))
-    for name in ("backbone", "critic"):  # both transformers hold the source's weights
+    for name in (trunk, "critic"):  # both transformers hold the source's weights
         for a, b in zip(jax.tree.leaves(warm.params[name]), jax.tree.leaves(src_params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for a, b in zip(jax.tree.leaves(warm.params["value_head"]), jax.tree.leaves(state.params["value_head"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the head keeps its init
+    for name in ("value_head",) + (("lora",) if rank else ()):  # the head and the adapters keep their init
+        for a, b in zip(jax.tree.leaves(warm.params[name]), jax.tree.leaves(state.params[name])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("module", [grpo_config, ppo_config], ids=["grpo", "ppo_separate_critic"])
-def test_resume_is_exact(tmp_path, say_x, module):
-    kw = dict(train__steps=4, train__eval_every=100, train__checkpoint_every=100, rl__kl_target=0.01)
+@pytest.mark.parametrize("init_from", [False, True], ids=["fresh", "warm"])
+def test_the_reference_params_are_the_initial_policy_without_optimizer_state(tmp_path, init_from):
+    cfg, model, mesh, rules, state, state_sh, _ = _ppo_init(tmp_path, seed=0, data__seq_len=8)
+    if init_from:
+        cfg.init_from = str(tmp_path / "src")
+        state = warmstart.warm_start(state, state_sh, cfg.init_from)
+    run = types.SimpleNamespace(config=cfg, model=model, mesh=mesh, rules=rules, state_sh=state_sh)
+    params = loop.initial_params(run)  # steps.init_params (+ warm start): the same values as init_state's
+    assert set(params) == set(state.params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_in_batches_pads_the_last_batch_to_one_shape_and_keeps_the_order():
+    rows = {"a": np.arange(10, dtype=np.int32)[:, None] * np.ones((1, 3), np.int32)}
+    shapes, placed = [], []
+
+    def fn(batch):
+        shapes.append(batch["a"].shape)
+        return batch["a"].sum(axis=1) * 2, None
+    sums_N, none = reference.in_batches(fn, rows, 4, put=lambda b: placed.append(len(b["a"])) or b)
+    np.testing.assert_array_equal(sums_N, np.arange(10) * 6)
+    assert none is None and shapes == [(4, 3)] * 3 and placed == [4, 4, 4]  # one shape: one compile
+    np.testing.assert_array_equal(reference.in_batches(lambda b: b["a"], rows, 4), rows["a"])
+    with pytest.raises(ValueError, match="batch size 0 must be positive"):
+        reference.in_batches(fn, rows, 0)
+
+
+def test_ppo_with_lora_trains_adapters_and_value_head_on_a_frozen_base(tmp_path, say_x):
+    work = str(tmp_path / "ppo_lora")
+    cfg = _cfg(tmp_path, ppo_config, lora__rank=4, train__steps=2, train__eval_every=2, train__checkpoint_every=2,
+               rl__kl_coef=0.01)
+    assert modes.frozen_params(cfg) == ("base",)
+    train.train_and_evaluate(cfg, work)
+    rows = [r for r in read_jsonl(os.path.join(work, "metrics.jsonl")) if "rl/reward_mean" in r]
+    # the sampler (the decoder on the LoRA policy) and the trainer agree before any update, and the reference
+    # (the LoRA-disabled base) is the policy then: B = 0
+    assert rows[0]["rl/logp_diff_max"] < 2e-2 and rows[0]["rl/logp_diff_mean"] < 2e-3
+    assert abs(rows[0]["rl/kl"]) < 1e-6
+    _, params, _ = checkpoint.load_for_inference(work)
+    assert set(params) == {"base", "lora", "value_head"}
+    model = modes.get(cfg).model(cfg, types.SimpleNamespace(tokenizer=ByteTokenizer()))
+    assert isinstance(model, lora.LoraTrunk)
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.sharding)
+    init = steps.init_params(model, mesh, rules, cfg.seed, cfg.data.seq_len,
+                             steps.abstract_params(model, mesh, rules, cfg.data.seq_len)[1])
+    for a, b in zip(jax.tree.leaves(params["base"]), jax.tree.leaves(init["base"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # frozen
+    for name in ("lora", "value_head"):
+        assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(params[name]), jax.tree.leaves(init[name]))), name
+    served = serving.load_run(work)  # the policy alone: the LoraModel on {'base', 'lora'}
+    assert isinstance(served.model, lora.LoraModel) and set(served.params) == {"base", "lora"}
+    out = policy_kl.policy_kl(work, work, str(tmp_path / "val.jsonl"), n=4, samples=2, max_new_tokens=8,
+                              max_prompt_len=24, batch_size=8)
+    assert out["completions"] == 8 and out["tokens"] > 0 and out["kl_per_token"] == 0.0
+    # merged: a plain PPO checkpoint (backbone + value head) whose policy gives the LoRA policy's logits
+    merge_lora.merge_run(work, str(tmp_path / "merged"))
+    merged = serving.load_run(str(tmp_path / "merged"))
+    assert not isinstance(merged.model, lora.LoraModel) and merged.config.lora.rank == 0
+    ids_1xL = jnp.arange(1, 13, dtype=jnp.int32)[None]
+    np.testing.assert_allclose(np.asarray(merged.model.apply({"params": merged.params}, ids_1xL)),
+                               np.asarray(served.model.apply({"params": served.params}, ids_1xL)), atol=1e-4)
+
+
+@pytest.mark.parametrize("module,rank", [(grpo_config, 0), (grpo_config, 4), (ppo_config, 0), (ppo_config, 4)],
+                         ids=["grpo", "grpo_lora", "ppo_separate_critic", "ppo_lora_separate_critic"])
+def test_resume_is_exact(tmp_path, say_x, module, rank):
+    kw = dict(train__steps=4, train__eval_every=100, train__checkpoint_every=100, rl__kl_target=0.01,
+              lora__rank=rank)
     if module is ppo_config:
         kw["rl__critic"] = "separate"
     straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
