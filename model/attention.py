@@ -189,6 +189,7 @@ class Attention(nn.Module):
     dropout: float = 0.0
     decode: bool = False  # read and extend the 'cache' collection (model/decode.py); training never sets it
     quant: QuantSpec | None = None  # the projections' weight quantization (model/quantize.py)
+    cache_int8: bool = False  # decoding: keys/values cached as int8 + a float32 scale per token and head
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, deterministic: bool = True):
@@ -249,28 +250,39 @@ class Attention(nn.Module):
         b, t, h, k = q_BxTxHxK.shape
         kv = k_BxTxVxK.shape[2]
         dtype = jnp.dtype(self.dtype)
-        key = self.variable("cache", "cached_key", jnp.zeros, (b, kv, t, k), cache_dtype(dtype))
-        value = self.variable("cache", "cached_value", jnp.zeros, (b, kv, t, k), cache_dtype(dtype))
         names = (axes.BATCH, axes.KV_HEADS, axes.LENGTH, axes.HEAD_DIM)
+        put = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0)))
 
-        def write(cache_BxVxSxK, new_BxTxVxK):
-            put = jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice(c, u, (0, s, 0)))
-            new_BxVxTxK = jnp.swapaxes(new_BxTxVxK, 1, 2).astype(dtype).astype(cache_BxVxSxK.dtype)
-            return nn.with_logical_constraint(put(cache_BxVxSxK, new_BxVxTxK, positions_BxT[:, 0]), names)
+        def cached(name, new_BxTxVxK):
+            """The cache `name` with this chunk written at its positions, as the products read it."""
+            new_BxVxTxK = jnp.swapaxes(new_BxTxVxK, 1, 2).astype(dtype)
+            if not self.cache_int8:
+                c = self.variable("cache", name, jnp.zeros, (b, kv, t, k), cache_dtype(dtype))
+                c.value = nn.with_logical_constraint(
+                    put(c.value, new_BxVxTxK.astype(c.value.dtype), positions_BxT[:, 0]), names)
+                return c.value
+            c = self.variable("cache", name, jnp.zeros, (b, kv, t, k), jnp.int8)
+            scale = self.variable("cache", name + "_scale", jnp.ones, (b, kv, t, 1), jnp.float32)
+            x_BxVxTxK = new_BxVxTxK.astype(jnp.float32)
+            s_BxVxTx1 = jnp.maximum(jnp.max(jnp.abs(x_BxVxTxK), axis=-1, keepdims=True), 1e-8) / 127.0
+            q_BxVxTxK = jnp.clip(jnp.round(x_BxVxTxK / s_BxVxTx1), -127, 127).astype(jnp.int8)
+            c.value = nn.with_logical_constraint(put(c.value, q_BxVxTxK, positions_BxT[:, 0]), names)
+            scale.value = put(scale.value, s_BxVxTx1, positions_BxT[:, 0])
+            return c.value.astype(jnp.float32) * scale.value
 
-        key.value = write(key.value, k_BxTxVxK)
-        value.value = write(value.value, v_BxTxVxK)
-        slots = key.value.shape[2]
+        keys_BxVxSxK = cached("cached_key", k_BxTxVxK)
+        values_BxVxSxK = cached("cached_value", v_BxTxVxK)
+        slots = keys_BxVxSxK.shape[2]
         g = h // kv
         # [B, V, G*T, K]: each key/value head's query group and positions, one batched product per head.
         q_BxVxGTxK = jnp.swapaxes(q_BxTxHxK.reshape(b, t, kv, g, k), 1, 2).transpose(0, 1, 3, 2, 4).reshape(
             b, kv, g * t, k)
         # Operands rounded to `dtype`, multiplied in the cache's dtype (no per-token cast of the cache).
-        stored = key.value.dtype
-        scores_BxVxGTxS = _bmm(q_BxVxGTxK.astype(dtype).astype(stored), key.value, stored, rhs_transposed=True)
+        stored = keys_BxVxSxK.dtype
+        scores_BxVxGTxS = _bmm(q_BxVxGTxK.astype(dtype).astype(stored), keys_BxVxSxK, stored, rhs_transposed=True)
         visible_BxTxS = jnp.arange(slots)[None, None, :] <= positions_BxT[:, :, None]
         visible_Bx1xGTxS = jnp.tile(visible_BxTxS, (1, g, 1))[:, None]
         probs_BxVxGTxS = jax.nn.softmax(jnp.where(visible_Bx1xGTxS, scores_BxVxGTxS, NEG_INF), axis=-1)
-        out_BxVxGTxK = _bmm(probs_BxVxGTxS.astype(dtype).astype(stored), value.value, stored)
+        out_BxVxGTxK = _bmm(probs_BxVxGTxS.astype(dtype).astype(stored), values_BxVxSxK, stored)
         out_BxTxHK = out_BxVxGTxK.reshape(b, kv, g, t, k).transpose(0, 3, 1, 2, 4).reshape(b, t, h * k)
         return nn.with_logical_constraint(out_BxTxHK, (axes.BATCH, axes.LENGTH, axes.HEADS))

@@ -297,13 +297,16 @@ def loop_compiler_options(dtype) -> tuple:
 class Decoder:
     """Compiled prefill / decode functions for one model, batch size (decode slots) and cache length.
 
+    `kv_int8`: keys and values cached as int8 with a float32 scale per token and head (absmax): a quarter
+    of a float32 cache's memory, about half of bf16's; read back dequantized (README, Compression).
     `mesh` (+ logical `rules`): calls run under it, the batch over the data axes and heads over
     `tensor` as the model's logical names say; params should already be placed on it.
     """
 
-    def __init__(self, model, *, batch: int, cache_len: int, n_top: int = 0, chunk: int = 16, mesh=None, rules=()):
+    def __init__(self, model, *, batch: int, cache_len: int, n_top: int = 0, chunk: int = 16, mesh=None, rules=(),
+                 kv_int8: bool = False):
         inner, _ = unwrap(model)
-        cfg = inner.cfg
+        cfg = dataclasses.replace(inner.cfg, kv_cache_int8=bool(kv_int8))
         if cfg.pos == "learned" and cache_len > cfg.max_len:
             raise ValueError(f"cache_len={cache_len} exceeds model.max_len={cfg.max_len} (learned positions)")
         if not cfg.causal:

@@ -52,6 +52,7 @@ class ModelConfig:
     remat: str = "none"  # 'none' | 'full' | 'dots'
     init_std: float = 0.02
     quant: QuantSpec | None = None  # weight quantization of the blocks' kernels and the embedding (config.quant)
+    kv_cache_int8: bool = False  # decoding only (model/decode.Decoder(kv_int8=True)): an int8 KV cache
 
     def __post_init__(self):
         for name in ("vocab_size", "num_tokens", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
@@ -109,7 +110,8 @@ class Block(nn.Module):
             n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.kv_head_dim, causal=cfg.causal,
             use_rope=cfg.pos == "rope", rope_theta=cfg.rope_theta, dtype=cfg.compute_dtype,
             init_std=cfg.init_std, out_init_std=out_std, use_bias=cfg.use_bias, dropout=cfg.dropout,
-            decode=self.decode, quant=cfg.quant, name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
+            decode=self.decode, quant=cfg.quant, cache_int8=cfg.kv_cache_int8,
+            name="attn")(h_BxLxD, positions_BxL, segment_ids_BxL, deterministic)
         x_BxLxD = x_BxLxD + nn.Dropout(cfg.dropout)(h_BxLxD, deterministic=deterministic)
         h_BxLxD = make_norm(cfg.norm, cfg.norm_eps, name="mlp_norm")(x_BxLxD)
         h_BxLxD = Mlp(cfg.d_model, cfg.d_ff, kind=cfg.mlp, dtype=cfg.compute_dtype, init_std=cfg.init_std,

@@ -53,6 +53,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("num_samples", 1, "Independent samples (seeds seed, seed+1, ...).", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.", flag_values=fv)
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.", flag_values=fv)
+    flags.DEFINE_bool("kv_int8", False, "Cache keys/values as int8 (+ a scale per token and head).", flag_values=fv)
     flags.DEFINE_integer("context", 0, "Cache length in tokens; 0 = max(data.seq_len, prompt + max_new_tokens).", flag_values=fv)
     flags.DEFINE_bool("chat", False, "Send the prompt as a user turn in the run's chat template (SFT runs) and "
                       "stop at <|end|>.", flag_values=fv)
@@ -130,7 +131,7 @@ def main(argv):
         settings = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
                             repetition_penalty=FLAGS.repetition_penalty, presence_penalty=FLAGS.presence_penalty,
                             frequency_penalty=FLAGS.frequency_penalty)
-        decoder = decode.Decoder(model, batch=1, cache_len=context)
+        decoder = decode.Decoder(model, batch=1, cache_len=context, kv_int8=FLAGS.kv_int8)
         decoder.check_prompt(prompt, FLAGS.max_new_tokens)
     except ValueError as e:
         raise app.UsageError(str(e))

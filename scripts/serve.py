@@ -49,6 +49,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("port", 8000, "TCP port.")
     flags.DEFINE_integer("slots", 8, "Decode slots: requests generated together.")
     flags.DEFINE_integer("context", 0, "Tokens per request, prompt + completion; 0 = the run's data.seq_len.")
+    flags.DEFINE_bool("kv_int8", False, "Cache keys/values as int8 (+ a scale per token and head): ~half the "
+                      "memory of a bf16 cache.")
     flags.DEFINE_integer("max_queue", 64, "Requests that may wait for a slot; more get HTTP 429.")
     flags.DEFINE_string("api_key", os.environ.get("LMSTACK_API_KEY"),
                         "Require 'Authorization: Bearer KEY' on /v1/* (default: $LMSTACK_API_KEY).")
@@ -90,7 +92,8 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     context = FLAGS.context or int(run.config.data.seq_len)
     try:
-        decoder = decode.Decoder(run.model, batch=FLAGS.slots, cache_len=context, n_top=20, chunk=FLAGS.chunk)
+        decoder = decode.Decoder(run.model, batch=FLAGS.slots, cache_len=context, n_top=20, chunk=FLAGS.chunk,
+                                 kv_int8=FLAGS.kv_int8)
     except ValueError as e:  # e.g. --context beyond a learned-position table
         raise app.UsageError(f"{FLAGS.workdir}: {e}") from None
     engine = serving.Engine(decoder, run.params, detokenize=run.tokenizer.decode, max_queue=FLAGS.max_queue)
