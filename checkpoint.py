@@ -11,6 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
+import tempfile
+from typing import Callable
 
 import grain
 import jax
@@ -179,6 +182,48 @@ def save_params(workdir: str, step: int, params, config_dict: dict) -> str:
     mngr.wait_until_finished()
     mngr.close()
     return os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+
+
+RUN_FILES = ("tokenizer.json", "chat_template.json", "labels.json")  # what a run directory needs beside checkpoints
+
+
+def check_new_dir(out: str, flag: str = "--out") -> None:
+    """`out` must not exist, or be an empty directory (a derived run never overwrites anything)."""
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        what = sorted(os.listdir(out))[:5] if os.path.isdir(out) else "a file"
+        raise ValueError(f"{flag}={out!r} already exists and is not empty ({what}): give a new directory")
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def save_run(out: str, step: int, params, config_dict: dict, source: str,
+             json_files: Callable[[str], dict] | None = None) -> str:
+    """A new run directory `out` derived from the run `source` (merged, quantized, pruned weights): a
+    params-only checkpoint, the source's tokenizer / chat template / labels, and the JSON files
+    `json_files(run_dir)` returns ({file name: object}; it may measure the written checkpoint). Built
+    in a hidden directory beside `out` and renamed into place last: on any error nothing is at `out`."""
+    check_new_dir(out)
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    try:
+        save_params(tmp, step, params, config_dict)
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(source, name)):
+                shutil.copy(os.path.join(source, name), os.path.join(tmp, name))
+        for name, obj in (json_files(tmp) if json_files else {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        check_new_dir(out)  # still new or empty
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def open_read_only(workdir: str) -> ocp.CheckpointManager:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -64,10 +63,7 @@ def bf16_copy(workdir: str, out: str) -> None:
     config, params, step = checkpoint.load_for_inference(workdir)
     params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16) if np.issubdtype(np.asarray(x).dtype,
                                                                                        np.floating) else x, params)
-    checkpoint.save_params(out, step, params, config)
-    for name in quantize_script.RUN_FILES:
-        if os.path.exists(os.path.join(workdir, name)):
-            shutil.copy(os.path.join(workdir, name), out)
+    checkpoint.save_run(out, step, params, config, workdir)
 
 
 def decode_speed(workdir: str, new_tokens: int) -> float:
@@ -86,7 +82,7 @@ def decode_speed(workdir: str, new_tokens: int) -> float:
 
 def measure(name: str, workdir: str, max_batches: int, new_tokens: int) -> dict:
     run = serving.load_run(workdir)  # what inference holds in memory (a ppo run: its policy)
-    disk = quantize_script.dir_bytes(os.path.join(workdir, "checkpoints", str(run.step)))
+    disk = checkpoint.dir_bytes(os.path.join(workdir, "checkpoints", str(run.step)))
     loaded = run.params
     result = evaluation.evaluate_run(workdir, max_batches=max_batches)
     loss = float(result["eval/loss"])
@@ -108,7 +104,7 @@ def build_variants(workdir: str, out: str, group: int, calib: int, trained: dict
     dirs = {"f32": workdir}
     if only is None or "bf16" in only:
         dirs["bf16"] = os.path.join(out, "bf16")
-        if not os.path.isdir(os.path.join(dirs["bf16"], "checkpoints")):
+        if not os.path.isdir(dirs["bf16"]):
             bf16_copy(workdir, dirs["bf16"])
     for name, make in plan.items():
         if only is not None and name not in only:

@@ -40,7 +40,6 @@ import modes  # noqa: E402
 from model import calibrate, prune  # noqa: E402
 
 FLAGS = flags.FLAGS
-RUN_FILES = ("tokenizer.json", "chat_template.json", "labels.json")
 MANIFEST = "compression.json"
 
 
@@ -89,12 +88,6 @@ def check_source(workdir: str, config: dict) -> None:
         mngr.close()
 
 
-def check_out(out: str) -> None:
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        what = sorted(os.listdir(out)) if os.path.isdir(out) else "a file"
-        raise ValueError(f"--out={out!r} already exists and is not empty ({what}): give a new directory")
-
-
 def calibration_norms(workdir: str, config_dict: dict, params, n_sequences: int) -> dict:
     """name -> ||x_k||_2 [.., K] over `n_sequences` rows of the run's own training batches."""
     config = evaluation.config_from_saved(config_dict)
@@ -119,10 +112,6 @@ def calibration_norms(workdir: str, config_dict: dict, params, n_sequences: int)
     return {k: v ** 0.5 for k, v in sums.items()}
 
 
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
 def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm: str = "", scope: str = "layer",
               calib: int = 64, step: int | None = None, include_embedding: bool = False,
               include_heads: bool = False) -> dict:
@@ -135,7 +124,7 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
     if method == "wanda" and calib < 1:
         raise ValueError(f"--calib={calib}: wanda needs at least 1 calibration sequence")
     out = os.path.abspath(out)
-    check_out(out)
+    checkpoint.check_new_dir(out)
     config, params, at = checkpoint.load_for_inference(workdir, step)
     check_source(workdir, config)
     params = jax.tree.map(np.asarray, params)
@@ -154,41 +143,32 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
     report = prune.sparsity_report(pruned)
     compact = _packed(params, pruned)
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
-        dense_dir = os.path.join(tmp, "dense")  # the unpruned params alone: measured, then removed
-        checkpoint.save_params(dense_dir, at, params, config)
-        dense_bytes = _dir_bytes(os.path.join(dense_dir, "checkpoints"))
-        shutil.rmtree(dense_dir)
-        run_dir = os.path.join(tmp, "run")
-        checkpoint.save_params(run_dir, at, compact, config)
-        for name in RUN_FILES:
-            if os.path.exists(os.path.join(workdir, name)):
-                shutil.copy(os.path.join(workdir, name), os.path.join(run_dir, name))
-        compact_bytes = _dir_bytes(os.path.join(run_dir, "checkpoints"))
-        manifest = {"source": os.path.abspath(workdir), "step": at, "method": method,
-                    "nm": f"{nm_pair[0]}:{nm_pair[1]}" if nm_pair else None,
-                    "scope": scope if nm_pair is None and method == "magnitude" else "column" if method == "wanda"
-                    else "group", "target_sparsity": target, "calibration_sequences": calib if norms else 0,
-                    "sparsity": report["global"], "per_layer_sparsity": {k: v for k, v in report.items() if k != "global"},
-                    "storage": "pruned kernels as non-zero values + np.packbits mask + shape (model/prune.pack)",
-                    "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
-                    "pruned_params": int(sum(np.size(w) for w in weights.values())),
-                    "bytes_unpruned_params_checkpoint": dense_bytes, "bytes_on_disk": compact_bytes,
-                    "bytes_ratio": dense_bytes / max(compact_bytes, 1),
-                    "pruned_tensor_bytes_dense": int(sum(w.nbytes for w in pruned.values())),
-                    "pruned_tensor_bytes_packed": int(sum(sum(np.asarray(a).nbytes for a in prune.pack(w).values())
-                                                          for w in pruned.values()))}
-        with open(os.path.join(run_dir, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-        check_out(out)  # still new or empty
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.rename(run_dir, out)
+    scratch = tempfile.mkdtemp(prefix=".prune_dense_")
+    try:  # the unpruned params alone, written the same way: the fair "before" size
+        checkpoint.save_params(scratch, at, params, config)
+        dense_bytes = checkpoint.dir_bytes(os.path.join(scratch, "checkpoints"))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    manifest = {}
+
+    def files(run_dir: str) -> dict:
+        compact_bytes = checkpoint.dir_bytes(os.path.join(run_dir, "checkpoints"))
+        manifest.update({"source": os.path.abspath(workdir), "step": at, "method": method,
+                         "nm": f"{nm_pair[0]}:{nm_pair[1]}" if nm_pair else None,
+                         "scope": scope if nm_pair is None and method == "magnitude" else "column" if method == "wanda"
+                         else "group", "target_sparsity": target, "calibration_sequences": calib if norms else 0,
+                         "sparsity": report["global"],
+                         "per_layer_sparsity": {k: v for k, v in report.items() if k != "global"},
+                         "storage": "pruned kernels as non-zero values + np.packbits mask + shape (model/prune.pack)",
+                         "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+                         "pruned_params": int(sum(np.size(w) for w in weights.values())),
+                         "bytes_unpruned_params_checkpoint": dense_bytes, "bytes_on_disk": compact_bytes,
+                         "bytes_ratio": dense_bytes / max(compact_bytes, 1),
+                         "pruned_tensor_bytes_dense": int(sum(w.nbytes for w in pruned.values())),
+                         "pruned_tensor_bytes_packed": int(sum(sum(np.asarray(a).nbytes for a in prune.pack(w).values())
+                                                               for w in pruned.values()))})
+        return {MANIFEST: manifest}
+    checkpoint.save_run(out, at, compact, config, workdir, files)
     return manifest
 
 

@@ -37,20 +37,10 @@ import steps  # noqa: E402
 from model import build, ptq, quantize  # noqa: E402
 
 FLAGS = flags.FLAGS
-RUN_FILES = ("tokenizer.json", "chat_template.json", "labels.json")
-
-
-def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def param_bytes(params) -> int:
     return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)))
-
-
-def check_out(out: str) -> None:
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ValueError(f"--out={out!r} exists and is not an empty directory: quantize into a new one")
 
 
 def calibration_tokens(config, workdir: str, sequences: int) -> list[np.ndarray]:
@@ -61,7 +51,7 @@ def calibration_tokens(config, workdir: str, sequences: int) -> list[np.ndarray]
     mode = modes.get(config)
     scratch = tempfile.mkdtemp(prefix="lmstack_calib_")
     try:
-        for name in RUN_FILES:
+        for name in checkpoint.RUN_FILES:
             if os.path.exists(os.path.join(workdir, name)):
                 shutil.copy(os.path.join(workdir, name), scratch)
         c = config.copy_and_resolve_references()
@@ -88,7 +78,7 @@ def quantize_run(workdir: str, out: str, *, method: str, bits: int, group: int =
         raise ValueError(f"--method={method!r}: expected one of {', '.join(ptq.METHODS)}")
     if bits not in (4, 8):
         raise ValueError(f"--bits={bits}: expected 8 or 4")
-    check_out(out)
+    checkpoint.check_new_dir(out)
     config, at = evaluation.load_run(workdir, step)
     if config.get("quant") is not None and bool(config.quant.stored):
         raise ValueError(f"{workdir!r} is already quantized (quant.bits={config.quant.bits}): quantize the float run")
@@ -118,25 +108,12 @@ def quantize_run(workdir: str, out: str, *, method: str, bits: int, group: int =
         "source": os.path.abspath(workdir), "source_step": at, "method": method, "bits": bits, "group": group,
         "embed_bits": embed_bits, "calibration_sequences": calib if method != "rtn" else 0,
         "param_bytes_before": param_bytes(params), "param_bytes_after": param_bytes(qparams),
-        "disk_bytes_before": dir_bytes(os.path.join(workdir, "checkpoints", str(at))), "kernels": kernels}
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".quantize_", dir=parent)
-    try:
-        checkpoint.save_params(tmp, at, qparams, qconfig.to_dict())
-        for name in RUN_FILES:
-            if os.path.exists(os.path.join(workdir, name)):
-                shutil.copy(os.path.join(workdir, name), tmp)
-        manifest["disk_bytes_after"] = dir_bytes(os.path.join(tmp, "checkpoints", str(at)))
-        with open(os.path.join(tmp, "compression.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-        check_out(out)
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        "disk_bytes_before": checkpoint.dir_bytes(os.path.join(workdir, "checkpoints", str(at))), "kernels": kernels}
+
+    def files(run_dir: str) -> dict:
+        manifest["disk_bytes_after"] = checkpoint.dir_bytes(os.path.join(run_dir, "checkpoints", str(at)))
+        return {"compression.json": manifest}
+    checkpoint.save_run(out, at, qparams, qconfig.to_dict(), workdir, files)
     return manifest
 
 
