@@ -22,7 +22,7 @@ import numpy as np
 import checkpoint
 import task_eval
 from rl import advantages as rl_advantages, guardrails, losses as rl_losses, reference, rewards as rl_rewards
-from rl import rollout as rl_rollout
+from model import build
 from data import chat, classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, qa as qa_data
 from data import preference as preference_data, prompts as prompts_data, sft as sft_data, sources
 from data import tokenizer as tokenizer_lib
@@ -407,16 +407,16 @@ def rl_inputs(config, workdir: str, micro_batch: int) -> Inputs:
 
 class _on_language_model:
     """An (model, params) evaluation applied to the language model inside (a PPO policy-value's backbone, or
-    its LoRA trunk: rl/rollout.policy)."""
+    its LoRA trunk: build.language_model)."""
 
     def __init__(self, inner):
         self.inner = inner
 
     def __call__(self, model, params):
-        return self.inner(*rl_rollout.policy(model, params))
+        return self.inner(*build.language_model(model, params))
 
     def predictions(self, model, params):
-        return self.inner.predictions(*rl_rollout.policy(model, params))
+        return self.inner.predictions(*build.language_model(model, params))
 
     def coverage(self):
         return self.inner.coverage()

@@ -145,7 +145,8 @@ def base() -> ml_collections.ConfigDict:
     l.value_loss_max = 1e3  # guardrail: PPO value loss above this
     l.logp_diff_warn = 0.01  # guardrail: mean sampler vs trainer log-prob gap above this (bf16 rounding: ~1e-3)
 
-    c.lora = r = ml_collections.ConfigDict()  # low-rank adapters (model/lora.py); modes 'causal', 'sft', 'dpo', 'grpo'
+    c.lora = r = ml_collections.ConfigDict()  # low-rank adapters (model/lora.py); modes causal, sft, dpo, grpo, ppo
+    #   (ppo: on the policy's trunk; value head and a separate critic trained whole; reference = the LoRA-off base)
     r.rank = 0  # adapter rank; 0 = off (train every weight)
     r.alpha = 16.0  # adapter scale alpha / rank
     r.targets = ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down")  # kernels

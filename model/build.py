@@ -75,7 +75,10 @@ def policy_value(config, num_tokens: int) -> heads.PolicyValue:
 
 
 def language_model(model, params):
-    """(the causal LM, its params) inside a model: a PolicyValue's backbone; any other model as it is."""
+    """(the causal LM, its params) inside a model: a PolicyValue's backbone, a LoRA PPO policy's LoraModel
+    with its {'base', 'lora'}; any other model as it is."""
+    if isinstance(model, lora.LoraTrunk):
+        return model.language_model(params)
     if isinstance(model, heads.PolicyValue):
         return Transformer(model.cfg), params["backbone"]
     return model, params

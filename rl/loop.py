@@ -30,7 +30,7 @@ import sharding
 import steps
 import warmstart
 from data import chat, tasks
-from model import decode
+from model import build, decode
 from model import lora as lora_lib
 from model.sampling import Sampling
 from rl import advantages as adv_lib
@@ -75,10 +75,10 @@ def reference(run):
     r = run.config.rl
     if float(r.kl_coef) <= 0 and float(r.kl_target) <= 0:
         return None
-    lm, _ = rollout_lib.policy(run.model, run.state.params)
+    lm, _ = build.language_model(run.model, run.state.params)
     if isinstance(lm, lora_lib.LoraModel):
-        return lm.inner, lambda params: rollout_lib.policy(run.model, params)[1]["base"]
-    model, ref_params = rollout_lib.policy(run.model, initial_params(run))
+        return lm.inner, lambda params: build.language_model(run.model, params)[1]["base"]
+    model, ref_params = build.language_model(run.model, initial_params(run))
     return model, lambda params: ref_params
 
 
@@ -93,7 +93,7 @@ def iterate(run) -> int:
     width = int(r.max_prompt_len) + int(r.max_new_tokens) - 1
     is_ppo = config.mode == "ppo"
     single = not is_ppo and run.mode.updates_per_step(config) == 1  # GRPO, one update: no separate old-logp pass
-    policy_model, _ = rollout_lib.policy(run.model, run.state.params)
+    policy_model, _ = build.language_model(run.model, run.state.params)
     decoder = decode.Decoder(policy_model, batch=n_rows, cache_len=width + 1, mesh=run.mesh, rules=run.rules)
     sampling = Sampling(temperature=float(r.temperature), top_p=float(r.top_p))
     scorer = rewards_lib.RewardModelScorer(r.reward_model, tok) if r.reward_model else None
@@ -112,7 +112,7 @@ def iterate(run) -> int:
         t0 = time.time()
         # ---- 1. rollout ----------------------------------------------------------------------------
         batch_problems = [problems[int(i)] for i in next(run.inputs.train_iter)["index"]]
-        policy_params = rollout_lib.policy(run.model, run.state.params)[1]
+        policy_params = build.language_model(run.model, run.state.params)[1]
         outs = rollout_lib.sample(decoder, policy_params, batch_problems, group=group, sampling=sampling,
                                   seeds=rollout_lib.seeds_for(config.seed, step, n_rows),
                                   max_new_tokens=int(r.max_new_tokens), stop_ids=[end_id])

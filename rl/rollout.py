@@ -23,16 +23,8 @@ import dataclasses
 
 import numpy as np
 
-from model import build, decode, lora
+from model import decode
 from model.sampling import Sampling
-
-
-def policy(model, params):
-    """(the policy's causal LM, its params) inside a mode's model: build.language_model, and a LoRA PPO
-    policy's LoraModel with its {'base', 'lora'} (model/build.py does not know lora.LoraTrunk)."""
-    if isinstance(model, lora.LoraTrunk):
-        return model.language_model(params)
-    return build.language_model(model, params)
 
 
 @dataclasses.dataclass
