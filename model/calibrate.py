@@ -1,8 +1,9 @@
 """Calibration statistics of a model's Dense layers: what each kernel sees on real inputs.
 
-`dense_input_sq_sums` runs a forward (any mode's objective, or any function of params that calls
+`dense_input_stats` runs a forward (any mode's objective, or any function of params that calls
 the model) under `nn.intercept_methods` and adds up x^2 per input channel of every `layers.Dense`
-call: name 'layer_0/attn/query/kernel' -> sum_x_K. Wanda's norm is sqrt of that sum. Inside
+call: name 'layer_0/attn/query/kernel' -> sum_x_K (or the Gram matrix sum x x^T for GPTQ / AWQ).
+Wanda's norm is sqrt of that sum. Inside
 nn.scan a traced value cannot leave the loop, so a scanned model is calibrated as its unscanned
 twin: `unstack_layers` turns scan params into per-layer ones and `stack_layers` turns per-layer
 statistics back into the scanned kernels' [n_layers, K] form.
@@ -20,9 +21,17 @@ import numpy as np
 from model import layers
 
 
-def dense_input_sq_sums(forward: Callable, params, batches) -> dict:
-    """name -> float64 [K]: sum over every token of x_k^2 for the input x of each Dense kernel, over
-    `batches`. `forward(params, batch)` runs the model (its output is ignored)."""
+STATS = {
+    "sq": lambda x_NxK: jnp.sum(jnp.square(x_NxK), axis=0),  # [K]: Wanda's norm is its square root
+    "gram": lambda x_NxK: x_NxK.T @ x_NxK,  # [K, K]: GPTQ's / AWQ's view of the inputs (model/ptq.py)
+}
+
+
+def dense_input_stats(forward: Callable, params, batches, stat: str = "sq") -> dict:
+    """name -> float64 statistic of the input x of each Dense kernel, summed over every token of
+    `batches`: 'sq' = sum of x_k^2 [K], 'gram' = sum of x x^T [K, K]. `forward(params, batch)` runs
+    the model (its output is ignored)."""
+    reduce = STATS[stat]
 
     def collect(params, batch):
         sums = {}
@@ -31,8 +40,8 @@ def dense_input_sq_sums(forward: Callable, params, batches) -> dict:
             if isinstance(context.module, layers.Dense) and context.method_name == "__call__":
                 x_NxK = args[0].astype(jnp.float32)
                 name = "/".join(context.module.path) + "/kernel"
-                sq_K = jnp.sum(jnp.square(x_NxK).reshape(-1, x_NxK.shape[-1]), axis=0)
-                sums[name] = sums[name] + sq_K if name in sums else sq_K
+                value = reduce(x_NxK.reshape(-1, x_NxK.shape[-1]))
+                sums[name] = sums[name] + value if name in sums else value
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(intercept):
@@ -42,9 +51,14 @@ def dense_input_sq_sums(forward: Callable, params, batches) -> dict:
     step = jax.jit(collect)
     total: dict = {}
     for batch in batches:
-        for name, sq_K in jax.device_get(step(params, batch)).items():
-            total[name] = total.get(name, 0.0) + np.asarray(sq_K, np.float64)
+        for name, value in jax.device_get(step(params, batch)).items():
+            total[name] = total.get(name, 0.0) + np.asarray(value, np.float64)
     return total
+
+
+def dense_input_sq_sums(forward: Callable, params, batches) -> dict:
+    """name -> float64 [K]: sum over every token of x_k^2 for the input x of each Dense kernel."""
+    return dense_input_stats(forward, params, batches, "sq")
 
 
 def unstack_layers(params: dict) -> dict:

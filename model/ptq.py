@@ -3,7 +3,7 @@ then every float kernel turned into the ints + scales a `stored` QuantSpec model
 
 - `calibrate(model_cfg, params, token_batches)`: for every transformer in the tree (a language model,
   a PPO policy's backbone and critic, a classifier's trunk) the input Gram matrix H = sum x x^T of
-  each Dense kernel, accumulated over the batches (sown by an interceptor into a 'calib' collection).
+  each Dense kernel, accumulated over the batches (model/calibrate.py's interceptor).
 - `quantize_params(params, abstract, method, grams)`: walks the stored model's abstract params; each
   'kernel_q' / 'embedding_q' node is filled from the float 'kernel' / 'embedding' at the same path,
   by round-to-nearest, GPTQ or AWQ (model/quantize.py); every other leaf is copied. The embedding /
@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import quantize
-from model.layers import Dense
+from model import calibrate as calibrate_lib, quantize
 from model.transformer import ModelConfig, Transformer
 
 METHODS = ("rtn", "gptq", "awq")
@@ -49,46 +48,28 @@ def subtree(tree, path):
     return tree
 
 
-def _record_gram(next_fun, args, kwargs, context):
-    if context.method_name == "__call__" and isinstance(context.module, Dense):
-        x_NxK = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)
-        context.module.sow("calib", "gram", x_NxK.T @ x_NxK, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
-    return next_fun(*args, **kwargs)
-
-
 def calibrate(model_cfg: ModelConfig, params, token_batches) -> dict:
-    """{transformer path: the 'calib' tree of Gram matrices (float64 numpy, nn.scan layers stacked)}."""
-    model = Transformer(dataclasses.replace(model_cfg, quant=None))
-
-    @jax.jit
-    def grams(p, tokens_BxL):
-        with nn.intercept_methods(_record_gram):
-            _, state = model.apply({"params": p}, tokens_BxL, method="encode", mutable=["calib"])
-        return state["calib"]
-
+    """{transformer path: {kernel name ('layer_0/attn/query/kernel'; nn.scan: 'layers/block/...', the
+    layers stacked): float64 Gram matrix}} over `token_batches` (model/calibrate.py; a scanned model
+    is calibrated as its unscanned twin)."""
+    model = Transformer(dataclasses.replace(model_cfg, quant=None, scan_layers=False, remat="none"))
+    forward = lambda p, tokens_BxL: model.apply({"params": p}, jnp.asarray(tokens_BxL), method="encode")  # noqa: E731
     out = {}
     for path in transformer_paths(params):
         p = subtree(params, path)
-        total = None
-        for tokens_BxL in token_batches:
-            g = jax.tree.map(lambda a: np.asarray(a, np.float64), grams(p, jnp.asarray(tokens_BxL)))
-            total = g if total is None else jax.tree.map(np.add, total, g)
-        if total is None:
+        grams = calibrate_lib.dense_input_stats(
+            forward, calibrate_lib.unstack_layers(p) if model_cfg.scan_layers else p, token_batches, "gram")
+        if not grams:
             raise ValueError("calibration needs at least one batch of tokens")
-        out[path] = total
+        out[path] = calibrate_lib.stack_layers(grams, model_cfg.n_layers) if model_cfg.scan_layers else grams
     return out
 
 
 def _gram_for(grams: dict | None, path: tuple[str, ...]):
-    """The Gram matrix of the kernel at `path` (the Dense module's path), or None."""
-    if not grams:
-        return None
-    for prefix, tree in grams.items():
+    """The Gram matrix of the kernel of the Dense module at `path`, or None."""
+    for prefix, by_name in (grams or {}).items():
         if path[:len(prefix)] == prefix:
-            try:
-                return subtree(tree, path[len(prefix):])["gram"]
-            except (KeyError, TypeError):
-                return None
+            return by_name.get("/".join(path[len(prefix):] + ("kernel",)))
     return None
 
 

@@ -147,8 +147,7 @@ class Transformer(nn.Module):
             if cfg.remat != "none":
                 block = nn.remat(block, policy=policy, static_argnums=(4,))
             self.layers = nn.scan(
-                block, variable_axes={"params": 0, "cache": 0, "calib": 0},  # calib: model/ptq.py's statistics
-                split_rngs={"params": True, "dropout": True},
+                block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, self.decode, name="layers")
         else:

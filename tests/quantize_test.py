@@ -223,7 +223,7 @@ def test_compress_report_table(trained_run, corpus_dir, tmp_path):
 
 def test_calibration_of_a_scanned_model_stacks_the_layers_grams():
     """ptq.calibrate sums x x^T of every kernel's inputs; under nn.scan the layers' matrices come stacked,
-    equal to the unscanned twin's per layer."""
+    equal to the unscanned twin's per layer, and equal to the Gram matrix of the inputs computed by hand."""
     tokens_BxL = jnp.arange(40).reshape(2, 20) % 60
     loop_cfg, scan_cfg = _tiny_cfg(False), _tiny_cfg(True)
     scan_params = nn.meta.unbox(Transformer(scan_cfg).init(jax.random.key(3), tokens_BxL)["params"])
@@ -233,9 +233,14 @@ def test_calibration_of_a_scanned_model_stacks_the_layers_grams():
     scan_grams = ptq.calibrate(scan_cfg, scan_params, [tokens_BxL])[()]
     loop_grams = ptq.calibrate(loop_cfg, loop_params, [tokens_BxL])[()]
     for i in range(2):
-        for name in ("query", "key", "value", "out"):
-            np.testing.assert_allclose(scan_grams["layers"]["block"]["attn"][name]["gram"][i],
-                                       loop_grams[f"layer_{i}"]["attn"][name]["gram"], rtol=1e-5, atol=1e-4)
+        for name in ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/down"):
+            np.testing.assert_allclose(scan_grams[f"layers/block/{name}/kernel"][i],
+                                       loop_grams[f"layer_{i}/{name}/kernel"], rtol=1e-5, atol=1e-4)
+    # layer 0's query projection reads the first norm of the embeddings
+    x_NxD = jnp.take(loop_params["embed"]["embedding"], tokens_BxL.reshape(-1), axis=0)
+    x_NxD = x_NxD * jax.lax.rsqrt(jnp.mean(jnp.square(x_NxD), -1, keepdims=True) + 1e-6) * loop_params[
+        "layer_0"]["attn_norm"]["scale"][None, :]
+    np.testing.assert_allclose(loop_grams["layer_0/attn/query/kernel"], x_NxD.T @ x_NxD, rtol=1e-4, atol=1e-4)
     # GPTQ through the scanned tree: one stacked kernel node per projection, quantized layer by layer
     stored = Transformer(dataclasses.replace(scan_cfg, quant=quantize.QuantSpec(bits=4, group=16, stored=True)))
     abstract = jax.eval_shape(stored.init, jax.random.key(0), tokens_BxL)["params"]
