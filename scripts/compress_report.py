@@ -4,11 +4,12 @@
         [--variants=qat_int4=runs/mini_qat,gradual_50=runs/mini_prune50,gradual_2of4=runs/mini_prune24] \
         [--max_batches=16] [--decode_tokens=64] [--calib=32] [--only=int8,int4_gptq,...]
 
-Rows: the run as it is (f32), its weights rounded to bf16, int8, int4 round-to-nearest / GPTQ / AWQ
-(group --group), one-shot 50% magnitude and Wanda, one-shot 2:4, and each --variants entry (a
-trained run: QAT runs are quantized here at their own bits and group before they are measured,
-pruned runs are measured as they are). Variants are built under OUT (an existing OUT/<name> is
-reused). Columns: bytes on disk of the checkpoint, parameter bytes in memory once loaded (a pruned
+Rows: the run's params (f32, stored without the optimizer state a training checkpoint holds), the
+same rounded to bf16, int8, int4 round-to-nearest / GPTQ / AWQ (group --group), one-shot 50%
+magnitude and Wanda, one-shot 2:4, and each --variants entry (a trained run: QAT runs are quantized
+here at their own bits and group, gradually pruned runs exported compactly by scripts/prune.py at
+their own sparsity, whose magnitude masks are their zeros; others measured as they are). Variants
+are built under OUT (an existing OUT/<name> is reused). Columns: bytes on disk of the checkpoint, parameter bytes in memory once loaded (a pruned
 checkpoint loads dense: XLA has no sparse kernels), validation loss on the first --max_batches
 batches of the run's validation split, bits per byte (byte tokenizer: loss / ln 2 per token),
 change relative to f32, and greedy decode tokens/s through the project's decoder (batch 1, median
@@ -58,11 +59,13 @@ def planned(group: int) -> dict:
     }
 
 
-def bf16_copy(workdir: str, out: str) -> None:
-    """The run's params rounded to bfloat16 and stored so (inference casts them back up)."""
+def params_copy(workdir: str, out: str, dtype=None) -> None:
+    """The run's params alone (a training checkpoint also holds the optimizer state), optionally rounded
+    to `dtype` (bf16: stored so; inference casts them back up)."""
     config, params, step = checkpoint.load_for_inference(workdir)
-    params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16) if np.issubdtype(np.asarray(x).dtype,
-                                                                                       np.floating) else x, params)
+    if dtype is not None:
+        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype) if np.issubdtype(np.asarray(x).dtype,
+                                                                                    np.floating) else x, params)
     checkpoint.save_run(out, step, params, config, workdir)
 
 
@@ -101,11 +104,13 @@ def build_variants(workdir: str, out: str, group: int, calib: int, trained: dict
     if unknown:
         raise ValueError(f"--only {unknown}: expected names among bf16, {', '.join(plan)}")
     os.makedirs(out, exist_ok=True)
-    dirs = {"f32": workdir}
+    dirs = {"f32": os.path.join(out, "f32")}
+    if not os.path.isdir(dirs["f32"]):
+        params_copy(workdir, dirs["f32"])
     if only is None or "bf16" in only:
         dirs["bf16"] = os.path.join(out, "bf16")
         if not os.path.isdir(dirs["bf16"]):
-            bf16_copy(workdir, dirs["bf16"])
+            params_copy(workdir, dirs["bf16"], jnp.bfloat16)
     for name, make in plan.items():
         if only is not None and name not in only:
             continue
@@ -119,6 +124,14 @@ def build_variants(workdir: str, out: str, group: int, calib: int, trained: dict
             if not os.path.isdir(dirs[name]):
                 quantize_script.quantize_run(run, dirs[name], method="rtn", bits=int(config.quant.bits),
                                              group=int(config.quant.group), embed_bits=int(config.quant.embed_bits))
+        elif config.get("prune") is not None and config.prune.method != "none":  # stored compactly, as exported
+            dirs[name] = os.path.join(out, name)
+            if not os.path.isdir(dirs[name]):
+                nm = f"{int(config.prune.n)}:{int(config.prune.m)}" if config.prune.method == "nm" else ""
+                prune_script.prune_run(run, dirs[name], method="magnitude", sparsity=float(config.prune.sparsity),
+                                       nm=nm, scope=str(config.prune.scope),
+                                       include_embedding=bool(config.prune.include_embedding),
+                                       include_heads=bool(config.prune.include_heads))
         else:
             dirs[name] = run
     return dirs

@@ -202,11 +202,18 @@ def test_compress_report_table(trained_run, corpus_dir, tmp_path):
     train.train_and_evaluate(tiny_config(corpus_dir, train__steps=3, train__eval_every=3, train__eval_batches=1,
                                          model__d_model=64, model__d_ff=128, init_from=trained_run, quant__bits=4,
                                          quant__group=16), qat)
+    gradual = str(tmp_path / "gradual")
+    train.train_and_evaluate(tiny_config(corpus_dir, train__steps=3, train__eval_every=3, train__eval_batches=1,
+                                         model__d_model=64, model__d_ff=128, init_from=trained_run,
+                                         prune__method="magnitude", prune__sparsity=0.5, prune__end_step=2,
+                                         prune__frequency=1), gradual)
     out = str(tmp_path / "report")
-    rows = compress_report.report(trained_run, out, group=16, calib=4, trained={"qat_int4": qat}, max_batches=2,
-                                  decode_tokens=4, only=["bf16", "int8", "oneshot_50_wanda"])
+    rows = compress_report.report(trained_run, out, group=16, calib=4, trained={"qat_int4": qat, "gradual_50": gradual},
+                                  max_batches=2, decode_tokens=4, only=["bf16", "int8", "oneshot_50_wanda"])
     by = {r["variant"]: r for r in rows}
-    assert list(by) == ["f32", "bf16", "int8", "oneshot_50_wanda", "qat_int4"]
+    assert list(by) == ["f32", "bf16", "int8", "oneshot_50_wanda", "qat_int4", "gradual_50"]
+    assert by["gradual_50"]["disk_bytes"] < 0.7 * by["f32"]["disk_bytes"]  # exported compactly
+    assert json.load(open(os.path.join(out, "gradual_50", "compression.json")))["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert by["int8"]["param_bytes"] < by["f32"]["param_bytes"] / 3.5
     assert by["qat_int4"]["param_bytes"] < by["int8"]["param_bytes"]
     assert by["bf16"]["disk_bytes"] < by["f32"]["disk_bytes"]
