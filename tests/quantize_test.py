@@ -213,7 +213,8 @@ def test_compress_report_table(trained_run, corpus_dir, tmp_path):
     by = {r["variant"]: r for r in rows}
     assert list(by) == ["f32", "bf16", "int8", "oneshot_50_wanda", "qat_int4", "gradual_50"]
     assert by["gradual_50"]["disk_bytes"] < 0.7 * by["f32"]["disk_bytes"]  # exported compactly
-    assert json.load(open(os.path.join(out, "gradual_50", "compression.json")))["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    exported = json.load(open(os.path.join(out, "gradual_50", "compression.json")))
+    assert exported["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert by["int8"]["param_bytes"] < by["f32"]["param_bytes"] / 3.5
     assert by["qat_int4"]["param_bytes"] < by["int8"]["param_bytes"]
     assert by["bf16"]["disk_bytes"] < by["f32"]["disk_bytes"]
