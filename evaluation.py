@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import types
 
 import jax
 import ml_collections
+import numpy as np
 
 import checkpoint
 import modes
@@ -72,6 +75,32 @@ def write_jsonl(rows: list[dict], path: str) -> None:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row, default=str) + "\n")
+
+
+def training_rows(config, workdir: str, rows: int) -> tuple[modes.Inputs, list[dict]]:
+    """The run's inputs rebuilt as training built them, and its first `rows` training rows (batches, the
+    last one cut): calibration data for compression (scripts/quantize.py, scripts/prune.py). Built in a
+    scratch directory holding a copy of the run's tokenizer / chat template / labels: nothing is written
+    into the run."""
+    if rows <= 0:
+        raise ValueError(f"--calib={rows}: calibration needs at least one sequence")
+    c = config.copy_and_resolve_references()
+    c.train.eval_batches = 1  # only the training iterator is read
+    scratch = tempfile.mkdtemp(prefix="lmstack_calib_")
+    try:
+        for name in checkpoint.RUN_FILES:
+            if os.path.exists(os.path.join(workdir, name)):
+                shutil.copy(os.path.join(workdir, name), scratch)
+        inputs = modes.get(c).inputs(c, scratch, c.data.batch_size // c.optim.grad_accum_steps)
+        batches, have = [], 0
+        while have < rows:
+            batch = next(inputs.train_iter)
+            take = min(rows - have, len(next(iter(batch.values()))))
+            batches.append({k: np.asarray(v)[:take] for k, v in batch.items()})
+            have += take
+        return inputs, batches
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def eval_inputs(config, workdir: str, micro_batch: int, data: str = "", split: str = "val") -> modes.Inputs:

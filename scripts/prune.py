@@ -94,16 +94,8 @@ def calibration_norms(workdir: str, config_dict: dict, params, n_sequences: int)
     mode = modes.get(config)
     scanned = bool(config.model.scan_layers)
     config.model.scan_layers = False  # traced values cannot leave nn.scan: calibrate the unscanned twin
-    config.train.eval_batches = 1
-    micro = config.data.batch_size // config.optim.grad_accum_steps
-    inputs = mode.inputs(config, workdir, micro)
+    inputs, batches = evaluation.training_rows(config, workdir, n_sequences)
     model = mode.model(config, inputs)
-    batches, rows = [], 0
-    while rows < n_sequences:
-        batch = next(inputs.train_iter)
-        take = min(n_sequences - rows, len(next(iter(batch.values()))))
-        batches.append({k: v[:take] for k, v in batch.items()})
-        rows += take
     loss = mode.loss(config)
     plain = calibrate.unstack_layers(params) if scanned else params
     sums = calibrate.dense_input_sq_sums(lambda p, b: loss(p, b, None, model=model), plain, batches)

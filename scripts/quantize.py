@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,32 +41,12 @@ def param_bytes(params) -> int:
     return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)))
 
 
-def calibration_tokens(config, workdir: str, sequences: int) -> list[np.ndarray]:
-    """`sequences` rows of the run's own training batches (their 'inputs' token ids), built as training
-    builds them, in a scratch directory that holds only a copy of the run's tokenizer."""
-    if sequences <= 0:
-        raise ValueError(f"--calib={sequences}: calibration needs at least one sequence")
-    mode = modes.get(config)
-    scratch = tempfile.mkdtemp(prefix="lmstack_calib_")
-    try:
-        for name in checkpoint.RUN_FILES:
-            if os.path.exists(os.path.join(workdir, name)):
-                shutil.copy(os.path.join(workdir, name), scratch)
-        c = config.copy_and_resolve_references()
-        c.init_from = ""  # the copied tokenizer is the run's
-        inputs = mode.inputs(c, scratch, int(config.data.batch_size))
-        rows, have = [], 0
-        while have < sequences:
-            batch = next(inputs.train_iter)
-            ids = [np.asarray(v) for k, v in batch.items() if k.endswith("inputs") and np.ndim(v) == 2]
-            if not ids:
-                raise ValueError(f"mode={config.mode!r} batches carry no token 'inputs' ({sorted(batch)})")
-            for a in ids:
-                rows.append(a[:sequences - have])
-                have += len(rows[-1])
-        return rows
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def calibration_tokens(batches: list[dict], mode: str) -> list[np.ndarray]:
+    """The token ids ('inputs' of every kind: a pair's chosen and rejected too) of calibration batches."""
+    ids = [v for batch in batches for k, v in batch.items() if k.endswith("inputs") and np.ndim(v) == 2]
+    if not ids:
+        raise ValueError(f"mode={mode!r} batches carry no token 'inputs' ({sorted(batches[0])})")
+    return ids
 
 
 def quantize_run(workdir: str, out: str, *, method: str, bits: int, group: int = 0, embed_bits: int = 8,
@@ -95,14 +73,17 @@ def quantize_run(workdir: str, out: str, *, method: str, bits: int, group: int =
     tok_path = os.path.join(workdir, "tokenizer.json")
     if not os.path.exists(tok_path):
         raise FileNotFoundError(f"{tok_path} not found: is {workdir!r} a training run's workdir?")
-    inputs = evaluation.eval_inputs(qconfig, workdir, int(config.data.batch_size), "", "val")
+    if method == "rtn":
+        inputs, batches = evaluation.eval_inputs(qconfig, workdir, int(config.data.batch_size), "", "val"), None
+    else:  # the training data is read once: for calibration and for what the model needs to know of it
+        inputs, batches = evaluation.training_rows(config, workdir, calib)
     model = mode.model(qconfig, inputs)
     mesh = sharding.make_mesh(qconfig.mesh)
     abstract, _ = steps.abstract_params(model, mesh, sharding.logical_rules(qconfig.sharding), config.data.seq_len)
     grams = None
-    if method != "rtn":
+    if batches is not None:
         model_cfg = build.model_config(config, inputs.tokenizer.vocab_size)
-        grams = ptq.calibrate(model_cfg, params, calibration_tokens(config, workdir, calib))
+        grams = ptq.calibrate(model_cfg, params, calibration_tokens(batches, config.mode))
     qparams, kernels = ptq.quantize_params(params, abstract, method, grams, group)
     manifest = {
         "source": os.path.abspath(workdir), "source_step": at, "method": method, "bits": bits, "group": group,
