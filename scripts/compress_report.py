@@ -69,8 +69,7 @@ def params_copy(workdir: str, out: str, dtype=None) -> None:
     checkpoint.save_run(out, step, params, config, workdir)
 
 
-def decode_speed(workdir: str, new_tokens: int) -> float:
-    run = serving.load_run(workdir)
+def decode_speed(run: serving.Run, new_tokens: int) -> float:
     prompt = run.tokenizer.encode("import os\n\n\ndef ")
     dec = decode.Decoder(run.model, batch=1, cache_len=len(prompt) + new_tokens)
     greedy = lambda: dec.generate(run.params, [prompt], max_new_tokens=new_tokens)  # noqa: E731
@@ -86,15 +85,11 @@ def decode_speed(workdir: str, new_tokens: int) -> float:
 def measure(name: str, workdir: str, max_batches: int, new_tokens: int) -> dict:
     run = serving.load_run(workdir)  # what inference holds in memory (a ppo run: its policy)
     disk = checkpoint.dir_bytes(os.path.join(workdir, "checkpoints", str(run.step)))
-    loaded = run.params
-    result = evaluation.evaluate_run(workdir, max_batches=max_batches)
-    loss = float(result["eval/loss"])
-    with open(os.path.join(workdir, "tokenizer.json")) as f:
-        byte_level = json.load(f).get("kind") == "byte"
+    loss = float(evaluation.evaluate_run(workdir, max_batches=max_batches)["eval/loss"])
     return {"variant": name, "dir": os.path.abspath(workdir), "disk_bytes": disk,
-            "param_bytes": quantize_script.param_bytes(loaded), "val_loss": loss,
-            "bits_per_byte": loss / math.log(2) if byte_level else None,
-            "decode_tokens_per_s": decode_speed(workdir, new_tokens) if new_tokens else None}
+            "param_bytes": quantize_script.param_bytes(run.params), "val_loss": loss,
+            "bits_per_byte": loss / math.log(2) if run.tokenizer.kind == "byte" else None,
+            "decode_tokens_per_s": decode_speed(run, new_tokens) if new_tokens else None}
 
 
 def build_variants(workdir: str, out: str, group: int, calib: int, trained: dict, only=None) -> dict:

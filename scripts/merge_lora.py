@@ -22,7 +22,6 @@ import checkpoint  # noqa: E402
 from model import lora  # noqa: E402
 
 FLAGS = flags.FLAGS
-RUN_FILES = ("tokenizer.json", "chat_template.json", "labels.json")
 
 
 def merge_run(workdir: str, out: str, step: int | None = None) -> str:
@@ -37,7 +36,7 @@ def merge_run(workdir: str, out: str, step: int | None = None) -> str:
         merged = dict(heads, backbone=merged)
     config = dict(config, lora=dict(r, rank=0, base_dtype="float32"), init_from="")
     path = checkpoint.save_params(out, at, merged, config)
-    for name in RUN_FILES:
+    for name in checkpoint.RUN_FILES:
         if os.path.exists(os.path.join(workdir, name)):
             shutil.copy(os.path.join(workdir, name), os.path.join(out, name))
     return path
