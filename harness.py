@@ -29,6 +29,7 @@ import hostenv
 import metrics as metrics_lib
 import modes
 import optim
+import preflight
 import resilience
 import sharding
 import steps
@@ -211,6 +212,8 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     # ---- Inputs, model, sharded state: warm start (new runs) or resume ---------------------------
     inputs = mode.inputs(config, workdir, micro_batch)
     model = mode.model(config, inputs)
+    if config.train.preflight:  # before compiling or allocating: an error with changes that would fit
+        preflight.check(config, mode, inputs)
     state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
     mngr = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
     if config.init_from and latest is None:

@@ -13,7 +13,9 @@ MODEL_SIZES = {
     "small": (256, 4, 4, 4, 768),  # the default CPU run
     "mini": (384, 6, 6, 6, 1024),  # 6L/384d benchmark size
     "125m": (768, 12, 12, 12, 2048),  # GPT-2 small scale (SwiGLU d_ff = 8/3 d)
+    "350m": (1024, 24, 16, 16, 2816),  # GPT-2 medium scale
     "1b": (2048, 16, 16, 8, 5632),  # accelerator preset
+    "7b": (4096, 32, 32, 32, 11008),  # Llama-2 7B's shape
 }
 
 
@@ -208,6 +210,8 @@ def base() -> ml_collections.ConfigDict:
     t.on_nonfinite = "skip"  # non-finite loss/grads (the update is always dropped): 'skip' | 'rollback' | 'halt'
     t.max_nonfinite = 10  # stop once more updates than this were dropped in all
     t.rollback_lr_factor = 0.5  # 'rollback': LR multiplier applied at each rollback
+    t.preflight = True  # estimate bytes per device at start-up (preflight.py); refuse a run that would not fit
+    t.memory_limit_gb = 0.0  # the preflight's memory per device; 0 = the device's own (CPU: host RAM / devices)
     t.peak_flops = 9.2e11  # peak FLOP/s per device for MFU: 2-core CPU bf16 (scripts/benchmark.py --measure-peak)
 
     c.mesh = ml_collections.ConfigDict()
