@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+import loss_scale
 import sharding
 from model import prune
 
@@ -19,22 +20,25 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array  # applied train steps (micro-batches when accumulating); dropped ones not counted
     params: Any
     opt_state: Any
-    rng: jax.Array  # raw uint32 key data; a call's dropout key is fold_in(rng, step + dropped)
+    rng: jax.Array  # raw uint32 key data; a call's dropout key is fold_in(rng, step + dropped [+ overflow skips])
     lr_scale: jax.Array  # multiplies every update (lowered by a non-finite rollback)
     dropped: jax.Array  # updates dropped because the loss or gradients were not finite
     last_dropped: jax.Array  # step of the most recent dropped update (-1: none)
+    loss_scale: loss_scale.LossScale | None = None  # model.dtype='float16' only (loss_scale.py)
 
 
-def init_state(model, tx, mesh, rules, seed: int, seq_len: int):
+def init_state(model, tx, mesh, rules, seed: int, seq_len: int, scale: loss_scale.LossScale | None = None):
     """Sharded TrainState: eval_shape first, then a jitted init straight into its shardings,
-    so weights are never materialised unsharded. Returns (state, state_shardings)."""
+    so weights are never materialised unsharded. `scale`: loss_scale.initial(...) (float16 runs).
+    Returns (state, state_shardings)."""
 
     def init_fn(key):
         params_key, dropout_key = jax.random.split(key)
         params = _fresh_params(model, params_key, seq_len)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.key_data(dropout_key), lr_scale=jnp.ones((), jnp.float32),
-                          dropped=jnp.zeros((), jnp.int32), last_dropped=-jnp.ones((), jnp.int32))
+                          dropped=jnp.zeros((), jnp.int32), last_dropped=-jnp.ones((), jnp.int32),
+                          loss_scale=scale)
 
     key = jax.random.key(seed)
     with sharding.activate(mesh, rules):
@@ -63,10 +67,18 @@ def abstract_state(state_shardings, state) -> Any:
 
 
 def _train_step(state: TrainState, batch, *, model, tx, objective, schedule, accum: int):
+    ls = state.loss_scale  # None (bf16/f32): no scaling, and none of its operations are traced
     calls = state.step + state.dropped  # train-step calls so far, dropped ones included
+    if ls is not None:
+        calls = calls + ls.skipped  # and the overflow skips
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), calls)
-    grad_fn = jax.value_and_grad(functools.partial(objective, model=model), has_aux=True)
-    (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    if ls is None:
+        grad_fn = jax.value_and_grad(functools.partial(objective, model=model), has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng)
+    else:
+        grad_fn = jax.grad(loss_scale.scaled(functools.partial(objective, model=model), ls), has_aux=True)
+        grads, (loss, metrics) = grad_fn(state.params, batch, rng)
+        grads = loss_scale.unscale(ls, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.lr_scale.astype(u.dtype), updates)
@@ -76,13 +88,18 @@ def _train_step(state: TrainState, batch, *, model, tx, objective, schedule, acc
     # `step` counts applied micro-steps, as the optimizer's own counters do (LR schedule, MultiSteps windows).
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    dropped = state.dropped + (~finite).astype(jnp.int32)
-    last_dropped = jnp.where(finite, state.last_dropped, calls // accum + 1)
+    uncounted = finite  # not a dropped update for the non-finite policy
+    if ls is not None:  # float16: an overflow skip is routine (it shrinks the scale), not a dropped update
+        ls, skip = loss_scale.adjust(ls, jnp.isfinite(loss), jnp.isfinite(grad_norm))
+        uncounted = finite | skip
+        metrics = dict(metrics, loss_scale=ls.scale, overflow_skips=ls.skipped)
+    dropped = state.dropped + (~uncounted).astype(jnp.int32)
+    last_dropped = jnp.where(uncounted, state.last_dropped, calls // accum + 1)
     metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step // accum) * state.lr_scale,
                    dropped=dropped, last_dropped=last_dropped)
     return state.replace(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
                          opt_state=keep(opt_state, state.opt_state), dropped=dropped,
-                         last_dropped=last_dropped), metrics
+                         last_dropped=last_dropped, loss_scale=ls), metrics
 
 
 def make_train_step(*, model, tx, objective: Callable, schedule, accum: int, mesh, rules,
