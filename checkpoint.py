@@ -27,8 +27,7 @@ from model import prune
 # covers a whole sub-config.
 MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.tokenizer", "data.seq_len",
               "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "init_from", "lora.",
-              "quant.", "prune.",
-              "optim.name", "optim.adafactor_min_dim")  # these two fix the optimizer state's structure
+              "quant.", "prune.")
 
 # Common fields added after checkpoints existed: absent from a saved config means this value (each mode
 # adds its own section's: modes.Mode.added_defaults).
@@ -40,9 +39,8 @@ ADDED_DEFAULTS = {"model.type_vocab_size": 0, "init_from": "", "lora.rank": 0, "
                   "prune.method": "none", "prune.sparsity": 0.5, "prune.initial_sparsity": 0.0, "prune.start_step": 0,
                   "prune.end_step": 0, "prune.frequency": 100, "prune.n": 2, "prune.m": 4, "prune.scope": "layer",
                   "prune.include_embedding": False, "prune.include_heads": False,
-                  "optim.name": "adamw", "optim.momentum": 0.9, "optim.nesterov": False, "optim.adafactor_min_dim": 128,
-                  "optim.muon_beta": 0.95, "optim.muon_rms": 0.2, "optim.loss_scale_init": 2.0**15,
-                  "optim.loss_scale_period": 2000}
+                  "mesh.dcn_data": 1, "mesh.dcn_fsdp": 1, "mesh.dcn_tensor": 1, "dist.initialize": "auto",
+                  "dist.coordinator_address": "", "dist.num_processes": 0, "dist.process_id": -1}
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -104,10 +102,30 @@ def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
-    """State onto the shardings in `abstract_state`; the iterator's position is set in place."""
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                     data=grain.checkpoint.CheckpointRestore(data_iter)))
+    """State onto the shardings in `abstract_state` (any mesh); the iterator's position is set in place.
+    Grain writes one iterator file per process (data/process_<i>-of-<n>.json); a checkpoint written by
+    another process count restores from its process 0's file: the state (the global batch index,
+    data/pipeline._host_batches) is the same in every process and for every count."""
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    other = _other_count_iterator_file(mngr, step)
+    if other is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = mngr.restore(step, args=ocp.args.Composite(**items))
+    if other is not None:
+        with open(other) as f:
+            data_iter.set_state(json.load(f))
+        logging.getLogger("lmstack").info("data iterator restored from %s (written by another process count)", other)
     return out["state"]
+
+
+def _other_count_iterator_file(mngr: ocp.CheckpointManager, step: int) -> str | None:
+    """Process 0's iterator file when `step` has none for this process count (else None)."""
+    data = os.path.join(str(mngr.directory), str(step), "data")
+    own = os.path.join(data, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    if os.path.exists(own) or not os.path.isdir(data):
+        return None
+    zeros = sorted(f for f in os.listdir(data) if f.startswith("process_0-of-") and f.endswith(".json"))
+    return os.path.join(data, zeros[0]) if zeros else None
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
@@ -165,7 +183,11 @@ def load_for_inference(workdir: str, step: int | None = None) -> tuple[dict, dic
             raise FileNotFoundError(f"no checkpoint for step {step} under {str(mngr.directory)!r}; "
                                     f"available steps: {available}")
         config = saved_config(mngr, step)
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        # arrays saved on other devices (another process count, a pod) are read replicated onto these
+        fallback = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("all",)),
+                                              jax.sharding.PartitionSpec())
+        state = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(fallback_sharding=fallback)))["state"]
     finally:
         mngr.close()
     params = state["params"] if isinstance(state, dict) else state.params

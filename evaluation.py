@@ -29,8 +29,9 @@ ALL_BATCHES = 2**31 - 1  # train.eval_batches meaning "every batch" for every mo
 
 
 def summed_eval(eval_step, params, batches, batch_sharding, summary) -> dict:
-    """Adds the eval step's metric sums over `batches`; `summary` (the mode's) makes the scalars."""
-    outputs = (jax.device_get(eval_step(params, sharding.put_batch(b, batch_sharding))) for b in batches)
+    """Adds the eval step's metric sums over `batches`; `summary` (the mode's) makes the scalars. Every process
+    holds the whole eval set (small); each places only its devices' rows."""
+    outputs = (jax.device_get(eval_step(params, sharding.put_global_batch(b, batch_sharding))) for b in batches)
     return summary(objectives.sum_metrics(outputs))
 
 

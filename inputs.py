@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 import checkpoint
+import sharding
 import task_eval
 from rl import advantages as rl_advantages, guardrails, losses as rl_losses, reference, rewards as rl_rewards
 from model import build
@@ -80,8 +81,10 @@ def run_tokenizer(config, workdir: str, texts: list[str] | None = None,
         tok = data_tok
     else:
         tok = tokenizer_lib.build_tokenizer(config.data.tokenizer, texts)
-    if jax.process_index() == 0:
-        tokenizer_lib.save_tokenizer(tok, tok_path)
+    if jax.process_index() == 0:  # written whole, then renamed: another host may be reading the workdir
+        tmp = f"{tok_path}.tmp-{os.getpid()}"
+        tokenizer_lib.save_tokenizer(tok, tmp)
+        os.replace(tmp, tok_path)
     return tok
 
 
@@ -120,11 +123,19 @@ class Inputs:
     prompts: list | None = None  # modes 'grpo' / 'ppo': the training prompts (data/sft.Problem) the iterator indexes
 
 
+def host_block(config, micro_batch: int) -> dict:
+    """{process_index, process_count} for a train iterator: the block of every global micro-batch this process
+    feeds (sharding.host_rows over the run's mesh). One process: the whole batch."""
+    if jax.process_count() == 1:
+        return dict(process_index=0, process_count=1)
+    block, blocks = sharding.host_rows(sharding.make_mesh(config.mesh), micro_batch)
+    return dict(process_index=block, process_count=blocks)
+
+
 def causal_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     tok, train_stream, val_stream = prepare_data(config, workdir)
     data_iter = pipeline.train_iterator(train_stream, seq_len=config.data.seq_len, global_batch=micro_batch,
-                                        seed=config.seed, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+                                        seed=config.seed, **host_block(config, micro_batch))
     return Inputs(tok, data_iter, causal_eval_batches(config, tok, val_stream, micro_batch))
 
 
@@ -162,7 +173,7 @@ def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     eval_data = mlm_eval_batches(config, tok, val_stream, micro_batch)
     log.info("mlm: %d train examples, %d val batches (nsp=%s)", len(train_src), len(eval_data), config.mlm.nsp)
     data_iter = mlm_data.train_iterator(train_src, global_batch=micro_batch, seed=config.seed,
-                                        process_index=jax.process_index(), process_count=jax.process_count())
+                                        **host_block(config, micro_batch))
     return Inputs(tok, data_iter, eval_data)
 
 
@@ -211,8 +222,7 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
              len(train_src), stats.skipped or "none", len(val_src), val_stats.skipped or "none")
     log.info("classify: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
     data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
-                                          what="classification examples", process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+                                          what="classification examples", **host_block(config, micro_batch))
     eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
     return Inputs(tok, data_iter, eval_data, num_classes=len(labels))
 
@@ -234,8 +244,7 @@ def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
              val_stats.skipped or "none")
     log.info("qa: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
     data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
-                                          what="QA windows", process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+                                          what="QA windows", **host_block(config, micro_batch))
     eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
     return Inputs(tok, data_iter, eval_data, extra_eval=task_eval.span_qa_eval(val_src, micro_batch, c.max_answer_len))
 
@@ -269,7 +278,7 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
         raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()})")
     data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,
                                           what="packed SFT rows" if f.pack else "SFT conversations",
-                                          process_index=jax.process_index(), process_count=jax.process_count())
+                                          **host_block(config, micro_batch))
     eval_data = pipeline.padded_batches(val_rows, batch_size=micro_batch, max_batches=config.train.eval_batches)
     extra = None
     if f.eval_generate > 0:
@@ -297,7 +306,7 @@ def _preference_split(config, workdir: str):
 
 def _pair_iterator(config, train: list[dict], micro_batch: int):
     return pipeline.shuffled_batches(train, global_batch=micro_batch, seed=config.seed, what="preference pairs",
-                                     process_index=jax.process_index(), process_count=jax.process_count())
+                                     **host_block(config, micro_batch))
 
 
 def reward_inputs(config, workdir: str, micro_batch: int) -> Inputs:
@@ -394,8 +403,7 @@ def rl_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     log.info("%s: %d train prompts (skipped: %s), %d validation prompts (skipped: %s)", config.mode, len(train),
              stats.skipped or "none", len(val), val_stats.skipped or "none")
     data_iter = pipeline.shuffled_batches(prompts_data.PromptSource(len(train)), global_batch=micro_batch,
-                                          seed=config.seed, what="RL prompts", process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+                                          seed=config.seed, what="RL prompts", **host_block(config, micro_batch))
     extra = None
     if int(r.eval_generate) > 0:
         em = task_eval.exact_match_eval(prompts_data.limited(val, int(r.eval_generate)), tok,

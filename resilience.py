@@ -35,7 +35,7 @@ def check_workdir(workdir: str, what: str = "--workdir") -> None:
     (also used for train.compile_cache_dir)."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        probe = os.path.join(workdir, f".write_probe.{os.getpid()}")  # several hosts may probe one workdir
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

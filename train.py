@@ -107,6 +107,7 @@ def main(argv):
     quiet_logs()
     hostenv.tune_malloc()
     try:
+        sharding.initialize_distributed(FLAGS.config.dist)  # several hosts: join them before any device use
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, resilience.WorkdirError, resilience.NonFiniteLossError,
             checkpoint.CheckpointWriteError, guardrails.RLAnomalyError) as e:

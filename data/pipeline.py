@@ -7,7 +7,8 @@ attention inside a document, `positions` restart at each document start, and `we
 zero the one target that would cross a document boundary. Nothing is padded or dropped
 except the final partial window.
 
-The train iterator is a grain dataset (shuffled anew every epoch, sliced per process); its
+The train iterator is a grain dataset (shuffled anew every epoch; each process reads its own
+contiguous block of every global batch, so the batches do not depend on the process count); its
 state (`get_state`/`set_state`) is saved with every checkpoint, so resume continues with the
 identical next batch.
 """
@@ -114,8 +115,19 @@ def train_iterator(stream: TokenStream, *, seq_len: int, global_batch: int, seed
                         f"data.seq_len={seq_len}, fewer than data.batch_size={global_batch}")
     if global_batch % process_count:
         raise DataError(f"data.batch_size={global_batch} is not divisible by {process_count} processes")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+    return _host_batches(grain.MapDataset.source(source).shuffle(seed=seed).repeat(None), global_batch,
+                         process_index, process_count)
+
+
+def _host_batches(ds: grain.MapDataset, global_batch: int, process_index: int,
+                  process_count: int) -> grain.DatasetIterator:
+    """Global batch b is examples [b * global_batch, (b + 1) * global_batch) of `ds` for any process count:
+    process p reads only its contiguous block p of each (block k of size global_batch / process_count is
+    batch k // process_count's part k % process_count). The iterator state (the batch index) is the same in
+    every process and for every process count, so a checkpoint restores under another count."""
+    if not 0 <= process_index < process_count:
+        raise DataError(f"process block {process_index} is not in [0, {process_count})")
+    ds = ds.batch(global_batch // process_count, drop_remainder=True)[process_index::process_count]
     return iter(ds.to_iter_dataset())
 
 
@@ -127,9 +139,8 @@ def shuffled_batches(source, *, global_batch: int, seed: int, what: str, process
         raise DataError(f"the training split gives {len(source)} {what}, fewer than data.batch_size={global_batch}")
     if global_batch % process_count:
         raise DataError(f"data.batch_size={global_batch} is not divisible by {process_count} processes")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
-    return iter(ds.to_iter_dataset())
+    return _host_batches(grain.MapDataset.source(source).shuffle(seed=seed).repeat(None), global_batch,
+                         process_index, process_count)
 
 
 def eval_batches(stream: TokenStream, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
