@@ -27,7 +27,8 @@ from model import prune
 # covers a whole sub-config.
 MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.tokenizer", "data.seq_len",
               "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "init_from", "lora.",
-              "quant.", "prune.")
+              "quant.", "prune.",
+              "optim.name", "optim.adafactor_min_dim")  # these two fix the optimizer state's structure
 
 # Common fields added after checkpoints existed: absent from a saved config means this value (each mode
 # adds its own section's: modes.Mode.added_defaults).
@@ -39,6 +40,9 @@ ADDED_DEFAULTS = {"model.type_vocab_size": 0, "init_from": "", "lora.rank": 0, "
                   "prune.method": "none", "prune.sparsity": 0.5, "prune.initial_sparsity": 0.0, "prune.start_step": 0,
                   "prune.end_step": 0, "prune.frequency": 100, "prune.n": 2, "prune.m": 4, "prune.scope": "layer",
                   "prune.include_embedding": False, "prune.include_heads": False,
+                  "optim.name": "adamw", "optim.momentum": 0.9, "optim.nesterov": False, "optim.adafactor_min_dim": 128,
+                  "optim.muon_beta": 0.95, "optim.muon_rms": 0.2, "optim.loss_scale_init": 2.0**15,
+                  "optim.loss_scale_period": 2000,
                   "mesh.dcn_data": 1, "mesh.dcn_fsdp": 1, "mesh.dcn_tensor": 1, "dist.initialize": "auto",
                   "dist.coordinator_address": "", "dist.num_processes": 0, "dist.process_id": -1}
 

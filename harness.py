@@ -26,9 +26,11 @@ import jax
 import checkpoint
 import evaluation
 import hostenv
+import loss_scale
 import metrics as metrics_lib
 import modes
 import optim
+import preflight
 import resilience
 import sharding
 import steps
@@ -93,6 +95,7 @@ class Run:
                    "perf/mfu": metrics_lib.mfu(self.flops_per_token, rate / jax.device_count(),
                                                self.config.train.peak_flops)}
         scalars.update({f"train/{k}": float(v) for k, v in m.items() if k.endswith("_loss")})  # mlm_loss, ...
+        scalars.update({f"train/{k}": float(m[k]) for k in ("loss_scale", "overflow_skips") if k in m})  # float16
         self._clock = (time.time(), step)
         self.write(step, scalars)
         return action
@@ -191,6 +194,7 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     total_steps = int(config.train.steps)  # RL modes: iterations, each of mode.updates_per_step optimizer updates
     updates = total_steps * modes.get(config).updates_per_step(config)
     tx, schedule = optim.make_optimizer(config.optim, updates, config.prune)
+    scale = loss_scale.initial(config.model.dtype, config.optim)  # None unless model.dtype='float16'
     mode, k, micro_batch = _checked_config(config)
     if mode.on_policy and jax.process_count() > 1:  # its rollouts and advantages are host-side numpy over all rows
         raise ValueError(f"mode={config.mode!r} runs in one process; this is process {jax.process_index()} of "
@@ -215,7 +219,9 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     # ---- Inputs, model, sharded state: warm start (new runs) or resume ---------------------------
     inputs = mode.inputs(config, workdir, micro_batch)
     model = mode.model(config, inputs)
-    state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len)
+    if config.train.preflight:  # before compiling or allocating: an error with changes that would fit
+        preflight.check(config, mode, inputs)
+    state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len, scale)
     mngr = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
     if config.init_from and latest is None:
         state = warmstart.warm_start(state, state_sh, config.init_from)

@@ -13,7 +13,9 @@ MODEL_SIZES = {
     "small": (256, 4, 4, 4, 768),  # the default CPU run
     "mini": (384, 6, 6, 6, 1024),  # 6L/384d benchmark size
     "125m": (768, 12, 12, 12, 2048),  # GPT-2 small scale (SwiGLU d_ff = 8/3 d)
+    "350m": (1024, 24, 16, 16, 2816),  # GPT-2 medium scale
     "1b": (2048, 16, 16, 8, 5632),  # accelerator preset
+    "7b": (4096, 32, 32, 32, 11008),  # Llama-2 7B's shape
 }
 
 
@@ -49,7 +51,8 @@ def base() -> ml_collections.ConfigDict:
     m.dropout = 0.0  # residual/attention/embedding dropout
     m.causal = True  # False: bidirectional attention (encoders)
     m.type_vocab_size = 0  # segment (token-type) embeddings: 2 for BERT-style sentence pairs; 0 = none
-    m.dtype = "bfloat16"  # matmul operand dtype (f32 accumulation; params/activations f32)
+    m.dtype = "bfloat16"  # matmul operands: 'bfloat16' | 'float16' (+ dynamic loss scaling: optim.loss_scale_*;
+    #                       GPUs without bf16, e.g. a T4) | 'float32'. f32 accumulation; params/activations f32
     # Deep models: scan_layers=True with remat='full' (24L/384d on CPU: compile 3x faster, XLA temp
     # memory 3.7x smaller, step 1.33x slower). Measured on XLA:CPU: scan without remat is 1.5-3.4x
     # slower, and remat without scan saves no memory (README Performance; benchmark --what=compile).
@@ -182,6 +185,12 @@ def base() -> ml_collections.ConfigDict:
     a.strict = True  # a bad record (missing field, answer not at answer_start, no answer) raises naming file:line
 
     c.optim = o = ml_collections.ConfigDict()
+    # The update rule (optim.py; optimizer-state bytes of each in README, Optimizers). Each keeps the decay
+    # mask, clipping, schedule, accumulation and pruning masks. 'adamw' | 'adafactor' (factored second
+    # moments: ~no state for large matrices) | 'lion' (sign updates: lr 3-10x smaller than AdamW's, weight_decay
+    # as much larger) | 'sgd' (momentum; lr ~100x AdamW's) | 'muon' (orthogonalised momentum for the blocks'
+    # matrices, AdamW for embeddings, heads, norms, biases; one lr for both: see muon_rms)
+    o.name = "adamw"
     o.lr = 1e-3  # peak learning rate
     o.schedule = "cosine"  # after warmup: 'cosine' | 'linear' | 'constant' | 'wsd'
     o.warmup_steps = 100  # linear warmup from 0
@@ -194,6 +203,17 @@ def base() -> ml_collections.ConfigDict:
     o.decay_embeddings = False  # also decay embedding tables
     o.clip_norm = 1.0  # global gradient-norm clip; 0 = off
     o.grad_accum_steps = 1  # micro-batches per update (optax.MultiSteps)
+    o.momentum = 0.9  # sgd: momentum (heavy ball; 0 = plain SGD, the buffer is kept)
+    o.nesterov = False  # sgd: Nesterov momentum
+    o.adafactor_min_dim = 128  # adafactor: factor a tensor's second moment when its two largest dims are >= this
+    o.muon_beta = 0.95  # muon: momentum of the matrix updates (Nesterov)
+    o.muon_rms = 0.2  # muon: RMS of each orthogonalised matrix update (0.2 ~ AdamW's, so optim.lr serves both
+    #                   parts); 0 = optax's width scaling (then the matrices want lr ~0.02, far above AdamW's)
+    # model.dtype='float16' only (bf16/f32 never scale): dynamic loss scaling (loss_scale.py). The loss is
+    # multiplied by the scale before differentiation; a step whose scaled gradients overflow is skipped (not
+    # counted by train.on_nonfinite) and halves the scale; after loss_scale_period finite steps it doubles.
+    o.loss_scale_init = 2.0**15  # float16: initial loss scale (>= 1)
+    o.loss_scale_period = 2000  # float16: consecutive finite steps before the scale doubles
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000  # optimizer updates (the LR schedule spans these)
@@ -208,6 +228,8 @@ def base() -> ml_collections.ConfigDict:
     t.on_nonfinite = "skip"  # non-finite loss/grads (the update is always dropped): 'skip' | 'rollback' | 'halt'
     t.max_nonfinite = 10  # stop once more updates than this were dropped in all
     t.rollback_lr_factor = 0.5  # 'rollback': LR multiplier applied at each rollback
+    t.preflight = True  # estimate bytes per device at start-up (preflight.py); refuse a run that would not fit
+    t.memory_limit_gb = 0.0  # the preflight's memory per device; 0 = the device's own (CPU: host RAM / devices)
     t.peak_flops = 9.2e11  # peak FLOP/s per device for MFU: 2-core CPU bf16 (scripts/benchmark.py --measure-peak)
 
     c.mesh = ml_collections.ConfigDict()
