@@ -125,10 +125,35 @@ def test_host_blocks_give_the_same_global_batches_for_any_process_count():
         pipeline.train_iterator(stream, process_index=0, process_count=3, **kw)
 
 
-def test_launch_scripts():
+def _fake(tmp_path, name: str) -> dict:
+    """PATH with a `name` command that records its arguments (one per line) in tmp_path/name.args."""
+    exe = tmp_path / name
+    exe.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / (name + ".args")}\n')
+    exe.chmod(0o755)
+    return dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_launch_scripts(tmp_path):
     for script in ("launch_tpu_vm.sh", "slurm.sbatch"):
         subprocess.run(["bash", "-n", os.path.join(ROOT, "scripts", script)], check=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("TPU_NAME", "ZONE")}
-    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "launch_tpu_vm.sh"), "train"], env=env,
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "launch_tpu_vm.sh"), "my-tpu"], capture_output=True,
+                       text=True)  # too few arguments: the usage, before any gcloud call
+    assert p.returncode == 2 and "launch_tpu_vm.sh NAME ZONE --setup" in p.stderr
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "launch_tpu_vm.sh"), "my-tpu", "z", "--bogus"],
                        capture_output=True, text=True)
-    assert p.returncode != 0 and "set TPU_NAME" in p.stderr
+    assert p.returncode == 2 and "unknown option --bogus" in p.stderr
+    # what each script runs (gcloud and srun replaced by recorders)
+    env = dict(_fake(tmp_path, "gcloud"), WORKDIR="gs://b/run")
+    subprocess.run(["bash", os.path.join(ROOT, "scripts", "launch_tpu_vm.sh"), "my-tpu", "us-z", "configs/llama_1b.py:v4-8",
+                    "--config.optim.lr=1e-4"], env=env, check=True, capture_output=True)
+    args = (tmp_path / "gcloud.args").read_text().splitlines()
+    assert args[:5] == ["compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and "--worker=all" in args
+    assert ("train.py --config=configs/llama_1b.py:v4-8 --workdir=gs://b/run --config.optim.lr=1e-4"
+            in args[-1])
+    env = dict(_fake(tmp_path, "srun"), SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="7")
+    subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm.sbatch"), "--config.train.steps=5"], env=env,
+                   check=True, cwd=ROOT)
+    args = (tmp_path / "srun.args").read_text().splitlines()
+    assert args[:2] == ["--ntasks-per-node=8", "--kill-on-bad-exit=1"]
+    assert args[3:] == ["train.py", "--config=configs/llama_1b.py:gpu8", "--workdir=runs/slurm-7", "--config.mesh.data=1",
+                        "--config.mesh.fsdp=8", "--config.mesh.dcn_data=2", "--config.train.steps=5"]
