@@ -207,7 +207,7 @@ def has_lm_logits(config) -> bool:
 def suggestions(plan, config, limit_count: int = 3) -> list[str]:
     """Config changes that make `plan(config) -> Estimate` fit, smallest first: more FSDP (the data axis
     folded into fsdp), remat (scanned, so XLA:CPU honours it too), then a smaller micro-batch with more
-    gradient accumulation (same global batch). Each as --config overrides with its estimate."""
+    gradient accumulation (same global batch), alone or with those. Each as --config overrides with its estimate."""
     def variant(c, fsdp: bool, remat: bool, accum: int):
         c = copy.deepcopy(c)
         with c.unlocked():
@@ -231,7 +231,7 @@ def suggestions(plan, config, limit_count: int = 3) -> list[str]:
     while accums[-1] * 2 <= int(config.data.batch_size) // int(config.optim.grad_accum_steps):
         accums.append(accums[-1] * 2)
     for accum in accums:
-        for fsdp, remat in ((True, False), (False, True), (True, True)):
+        for fsdp, remat in ((False, False), (True, False), (False, True), (True, True)):
             c = variant(config, fsdp, remat, accum)
             if int(c.data.batch_size) % int(c.optim.grad_accum_steps):
                 continue
