@@ -75,11 +75,15 @@ def test_remat_and_fsdp_and_accumulation_lower_the_estimate():
     assert est(c).params * 8 == est(c).total_params and est(c).params < ref.params
 
 
-def test_7b_on_v4_8_is_refused_and_v5e_16_fits():
+def test_7b_on_v4_8_fits_with_adafactor_not_adamw_and_v5e_16_fits():
     mode = modes.get(llama_7b.get_config("v4-8"))
     inputs = preflight.sized_inputs(32000)
-    v4 = preflight.estimate(llama_7b.get_config("v4-8"), mode, inputs, n_devices=4, limit=32 * 2**30, platform="tpu")
-    assert not v4.fits and v4.params + v4.opt_state > 24 * 2**30
+    tpu = dict(n_devices=4, limit=32 * 2**30, platform="tpu")
+    v4 = llama_7b.get_config("v4-8")
+    assert v4.optim.name == "adafactor" and preflight.estimate(v4, mode, inputs, **tpu).fits
+    v4.optim.name = "adamw"
+    adamw = preflight.estimate(v4, mode, inputs, **tpu)
+    assert not adamw.fits and adamw.params + adamw.opt_state > 24 * 2**30
     v5e = preflight.estimate(llama_7b.get_config("v5e-16"), mode, inputs, n_devices=16, limit=16 * 2**30,
                              platform="tpu")
     assert v5e.fits
