@@ -82,17 +82,8 @@ class Estimate:
 
 
 def mesh_sizes(mesh_cfg, n_devices: int) -> dict:
-    """{data, fsdp, tensor} sizes with the -1 filled, checked as sharding.make_mesh checks them."""
-    sizes = {a: int(mesh_cfg[a]) for a in sharding_lib.MESH_AXES}
-    free = [a for a, s in sizes.items() if s == -1]
-    known = math.prod(s for s in sizes.values() if s != -1)
-    if any(s == 0 or s < -1 for s in sizes.values()) or len(free) > 1 or (free and n_devices % known):
-        raise ValueError(f"mesh sizes {sizes} do not fit {n_devices} devices")
-    if free:
-        sizes[free[0]] = n_devices // known
-    if math.prod(sizes.values()) != n_devices:
-        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, not {n_devices}")
-    return sizes
+    """{data, fsdp, tensor} sizes with the -1 filled and mesh.dcn_* applied, checked as sharding.make_mesh checks them."""
+    return sharding_lib.mesh_sizes(mesh_cfg, n_devices)
 
 
 def shard_bytes(abstract_boxed, sizes: dict, rules) -> tuple[int, int]:

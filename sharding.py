@@ -35,19 +35,31 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     `dcn_fsdp`, `dcn_tensor` (default 1) the sizes are per slice (or host) and each axis is that size times
     its dcn size: the devices of one slice/host form a contiguous block of the mesh (hybrid_grid)."""
     devices = list(jax.devices() if devices is None else devices)
-    dcn = {a: int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES}
-    if any(s < 1 for s in dcn.values()):
-        raise ValueError(f"mesh.dcn_* sizes {dcn}: each must be >= 1 (1 = the axis stays inside a slice/host)")
-    granules = math.prod(dcn.values())
-    if len(devices) % granules:
-        raise ValueError(f"mesh.dcn_* {dcn} asks for {granules} slices/hosts but {len(devices)} devices cannot be "
-                         f"split into {granules} equal groups")
-    sizes = _ici_sizes(mesh_cfg, len(devices) // granules, "mesh" if granules == 1 else "mesh (per slice/host)")
-    if granules == 1:
+    sizes, dcn = axis_sizes(mesh_cfg, len(devices))
+    if math.prod(dcn.values()) == 1:
         grid = np.array(devices).reshape([sizes[a] for a in MESH_AXES])
     else:
         grid = hybrid_grid([sizes[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def axis_sizes(mesh_cfg, n_devices: int) -> tuple[dict, dict]:
+    """({axis: size inside a slice/host, -1 filled}, {axis: dcn size}) for `n_devices` devices in all, checked."""
+    dcn = {a: int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES}
+    if any(s < 1 for s in dcn.values()):
+        raise ValueError(f"mesh.dcn_* sizes {dcn}: each must be >= 1 (1 = the axis stays inside a slice/host)")
+    granules = math.prod(dcn.values())
+    if n_devices % granules:
+        raise ValueError(f"mesh.dcn_* {dcn} asks for {granules} slices/hosts but {n_devices} devices cannot be "
+                         f"split into {granules} equal groups")
+    return _ici_sizes(mesh_cfg, n_devices // granules, "mesh" if granules == 1 else "mesh (per slice/host)"), dcn
+
+
+def mesh_sizes(mesh_cfg, n_devices: int) -> dict:
+    """{data, fsdp, tensor}: each axis's size in all (inside a slice/host times across them), checked as
+    make_mesh checks them, without devices (the memory preflight's mesh)."""
+    ici, dcn = axis_sizes(mesh_cfg, n_devices)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
 
 
 def _ici_sizes(mesh_cfg, n_devices: int, what: str) -> dict:

@@ -119,6 +119,9 @@ def test_hybrid_mesh_config_errors():
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
     assert list(mesh.devices.flat) == jax.devices()
     assert sharding.host_rows(mesh, 16) == (0, 1)  # one process feeds every row
+    # sizes without devices (the memory preflight): each axis in all = inside a slice/host x across them
+    assert sharding.mesh_sizes({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 2}, 16) == {"data": 2, "fsdp": 8,
+                                                                                             "tensor": 1}
 
 
 def test_large_replicated_parameter_under_fsdp_names_it(corpus_dir):
