@@ -27,7 +27,7 @@ from model import prune
 # covers a whole sub-config.
 MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.tokenizer", "data.seq_len",
               "data.batch_size", "data.split", "data.val_fraction", "optim.grad_accum_steps", "init_from", "lora.",
-              "quant.", "prune.",
+              "quant.", "prune.", "continual.",
               "optim.name", "optim.adafactor_min_dim")  # these two fix the optimizer state's structure
 
 # Common fields added after checkpoints existed: absent from a saved config means this value (each mode
@@ -43,6 +43,8 @@ ADDED_DEFAULTS = {"model.type_vocab_size": 0, "init_from": "", "lora.rank": 0, "
                   "optim.name": "adamw", "optim.momentum": 0.9, "optim.nesterov": False, "optim.adafactor_min_dim": 128,
                   "optim.muon_beta": 0.95, "optim.muon_rms": 0.2, "optim.loss_scale_init": 2.0**15,
                   "optim.loss_scale_period": 2000,
+                  "continual.init_state": "weights", "continual.replay_path": "", "continual.replay_ratio": 0.0,
+                  "continual.l2sp": 0.0, "continual.ewc": 0.0, "continual.fisher_batches": 8,
                   "mesh.dcn_data": 1, "mesh.dcn_fsdp": 1, "mesh.dcn_tensor": 1, "dist.initialize": "auto",
                   "dist.coordinator_address": "", "dist.num_processes": 0, "dist.process_id": -1}
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 
 import checkpoint
+import continual
 import evaluation
 import hostenv
 import loss_scale
@@ -67,6 +68,7 @@ class Run:
     process_t0: float  # when the process started: 'perf/since_start_s' counts from here
     last: dict = dataclasses.field(default_factory=dict)  # the latest value of every logged scalar
     saved_step: int = 0  # the step of the latest checkpoint write started
+    anchor: Any = None  # continual.Anchor: theta_0 (+ Fisher) the L2-SP / EWC penalties read; None: no penalty
     _clock: tuple[float, int] = (0.0, 0)  # (time, step) the throughput is measured from
 
     # ---- Logging ----------------------------------------------------------------------------------
@@ -165,6 +167,7 @@ def _checked_config(config) -> tuple[modes.Mode, int, int]:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                          f"optim.grad_accum_steps={k}")
     modes.check_paths(config)  # missing input files name their config field
+    continual.check(config, mode)  # continual.* values and continual.replay_path
     return mode, k, config.data.batch_size // k
 
 
@@ -223,11 +226,14 @@ def open_run(config, workdir: str, process_t0: float | None = None):
         preflight.check(config, mode, inputs)
     state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len, scale)
     mngr = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
-    if config.init_from and latest is None:
-        state = warmstart.warm_start(state, state_sh, config.init_from)
+    if config.init_from and latest is None:  # weights, or the full state (continual.init_state)
+        state = warmstart.continue_from(state, state_sh, config)
     if latest is not None:
         state = checkpoint.restore(mngr, latest, steps.abstract_state(state_sh, state), inputs.train_iter)
         log.info("resumed from %s at step %d", mngr.directory, latest)
+    anchor = continual.anchor(config, workdir, objective=mode.loss(config), model=model, inputs=inputs,
+                              params=state.params, params_sh=state_sh.params, new_run=latest is None,
+                              micro_batch=micro_batch)  # L2-SP / EWC: theta_0 and the Fisher (else None)
     start = latest or 0
     _log_model(state, frozen, model, config, mesh)
 
@@ -242,7 +248,8 @@ def open_run(config, workdir: str, process_t0: float | None = None):
                       writer=writer, progress=metrics_lib.Progress(total_steps, start, headline=mode.headline),
                       nonfinite=nonfinite, guard=guard, config_dict=config_dict,
                       flops_per_token=model.cfg.flops_per_token(config.data.seq_len),
-                      process_t0=time.time() if process_t0 is None else process_t0, saved_step=start)
+                      process_t0=time.time() if process_t0 is None else process_t0, saved_step=start,
+                      anchor=anchor)
             yield run
             with checkpoint.write_errors(mngr, run.saved_step):
                 mngr.wait_until_finished()

@@ -24,7 +24,8 @@ import sharding
 import task_eval
 from rl import advantages as rl_advantages, guardrails, losses as rl_losses, reference, rewards as rl_rewards
 from model import build
-from data import chat, classify as classify_data, formats, mlm as mlm_data, pipeline, prepared, qa as qa_data
+from data import chat, classify as classify_data, formats, mixture, mlm as mlm_data, pipeline, prepared
+from data import qa as qa_data
 from data import preference as preference_data, prompts as prompts_data, sft as sft_data, sources
 from data import tokenizer as tokenizer_lib
 
@@ -121,6 +122,24 @@ class Inputs:
     # (model, params) -> {"eval/...": float}; train.py calls it under the mesh at every eval.
     extra_eval: Callable | None = None
     prompts: list | None = None  # modes 'grpo' / 'ppo': the training prompts (data/sft.Problem) the iterator indexes
+    old_rows: object = None  # continual.replay_path's rows (replay, EWC's Fisher), built like the mode's own rows
+
+
+def _old_rows(config, make_rows: Callable):
+    """continual.replay_path's training rows (`make_rows(path)`, the mode's own row builder) when replay or EWC
+    reads them, else None; and the Replay that mixes them into the train iterator (None at ratio 0)."""
+    n = config.continual
+    if not n.replay_path or not (float(n.replay_ratio) > 0 or float(n.ewc) > 0):
+        return None, None
+    rows = make_rows(os.path.expanduser(n.replay_path))
+    log.info("continual: %d old-domain rows from %s; replay ratio %s", len(rows), n.replay_path, n.replay_ratio)
+    replay = mixture.Replay(rows, float(n.replay_ratio), config.seed) if float(n.replay_ratio) > 0 else None
+    return rows, replay
+
+
+def _old_stream(config, tok):
+    return lambda path: mixture.old_text_stream(path, tok, text_field=config.data.text_field, split=config.data.split,
+                                                val_fraction=config.data.val_fraction)
 
 
 def host_block(config, micro_batch: int) -> dict:
@@ -134,9 +153,10 @@ def host_block(config, micro_batch: int) -> dict:
 
 def causal_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     tok, train_stream, val_stream = prepare_data(config, workdir)
+    old, replay = _old_rows(config, lambda p: pipeline.WindowSource(_old_stream(config, tok)(p), config.data.seq_len))
     data_iter = pipeline.train_iterator(train_stream, seq_len=config.data.seq_len, global_batch=micro_batch,
-                                        seed=config.seed, **host_block(config, micro_batch))
-    return Inputs(tok, data_iter, causal_eval_batches(config, tok, val_stream, micro_batch))
+                                        seed=config.seed, replay=replay, **host_block(config, micro_batch))
+    return Inputs(tok, data_iter, causal_eval_batches(config, tok, val_stream, micro_batch), old_rows=old)
 
 
 def causal_eval_batches(config, tok, stream: pipeline.TokenStream, micro_batch: int) -> list[dict]:
@@ -172,9 +192,10 @@ def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     train_src = mlm_source(config, tok, train_stream, config.seed)
     eval_data = mlm_eval_batches(config, tok, val_stream, micro_batch)
     log.info("mlm: %d train examples, %d val batches (nsp=%s)", len(train_src), len(eval_data), config.mlm.nsp)
-    data_iter = mlm_data.train_iterator(train_src, global_batch=micro_batch, seed=config.seed,
+    old, replay = _old_rows(config, lambda p: mlm_source(config, tok, _old_stream(config, tok)(p), config.seed))
+    data_iter = mlm_data.train_iterator(train_src, global_batch=micro_batch, seed=config.seed, replay=replay,
                                         **host_block(config, micro_batch))
-    return Inputs(tok, data_iter, eval_data)
+    return Inputs(tok, data_iter, eval_data, old_rows=old)
 
 
 def train_val_records(config, section, fmt: str):
@@ -276,8 +297,10 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
              val_stats.skipped or "none")
     if not val_rows:
         raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()})")
+    old, replay = _old_rows(config, lambda p: rows(render(formats.read_split(p, "chat", strict=f.strict)[0],
+                                                          stats=sources.ReadStats())))
     data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,
-                                          what="packed SFT rows" if f.pack else "SFT conversations",
+                                          what="packed SFT rows" if f.pack else "SFT conversations", replay=replay,
                                           **host_block(config, micro_batch))
     eval_data = pipeline.padded_batches(val_rows, batch_size=micro_batch, max_batches=config.train.eval_batches)
     extra = None
@@ -285,7 +308,7 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
         problems = sft_data.generation_problems(val_recs, tok, int(f.eval_generate))
         extra = task_eval.exact_match_eval(problems, tok, width=seq_len, max_new_tokens=int(f.max_new_tokens),
                                            batch_size=micro_batch)
-    return Inputs(tok, data_iter, eval_data, extra_eval=extra)
+    return Inputs(tok, data_iter, eval_data, extra_eval=extra, old_rows=old)
 
 
 

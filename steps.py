@@ -103,16 +103,23 @@ def _train_step(state: TrainState, batch, *, model, tx, objective, schedule, acc
 
 
 def make_train_step(*, model, tx, objective: Callable, schedule, accum: int, mesh, rules,
-                    state_shardings) -> Callable:
-    """jit(train_step) with explicit shardings and a donated state; traced under the mesh rules."""
-    step = jax.jit(
-        functools.partial(_train_step, model=model, tx=tx, objective=objective, schedule=schedule, accum=accum),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, None), donate_argnums=0)
+                    state_shardings, consts=None, consts_shardings=None) -> Callable:
+    """jit(train_step) with explicit shardings and a donated state; traced under the mesh rules. `consts`
+    (continual.py: the anchor params and Fisher) reach the objective as its `consts=` keyword, passed as a
+    jit argument with `consts_shardings` (not constants baked into the program)."""
+    options = dict(model=model, tx=tx, schedule=schedule, accum=accum)
+    if consts is None:
+        fn, extra = functools.partial(_train_step, objective=objective, **options), ()
+    else:
+        def fn(state, batch, c):
+            return _train_step(state, batch, objective=functools.partial(objective, consts=c), **options)
+        extra = (consts,)
+    in_shardings = (state_shardings, sharding.batch_sharding(mesh)) + ((consts_shardings,) if extra else ())
+    step = jax.jit(fn, in_shardings=in_shardings, out_shardings=(state_shardings, None), donate_argnums=0)
 
     def run(state, batch):
         with sharding.activate(mesh, rules):
-            return step(state, batch)
+            return step(state, batch, *extra)
     run.jitted = step
     return run
 

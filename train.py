@@ -21,6 +21,7 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import checkpoint  # noqa: E402
+import continual  # noqa: E402
 import harness  # noqa: E402
 import hostenv  # noqa: E402
 import resilience  # noqa: E402
@@ -41,9 +42,9 @@ def supervised(run, config) -> int:
     """The supervised loop (every mode but the on-policy ones): steps, logs, evals, checkpoints; returns
     the last step."""
     t = config.train
-    train_step = steps.make_train_step(model=run.model, tx=run.tx, objective=run.mode.loss(config),
-                                       schedule=run.schedule, accum=run.accum, mesh=run.mesh, rules=run.rules,
-                                       state_shardings=run.state_sh)
+    train_step = steps.make_train_step(model=run.model, tx=run.tx, schedule=run.schedule, accum=run.accum,
+                                       mesh=run.mesh, rules=run.rules, state_shardings=run.state_sh,
+                                       **continual.train_objective(run.mode.loss(config), config, run.anchor))
     eval_step = steps.make_eval_step(model=run.model, objective=run.mode.loss(config), mesh=run.mesh,
                                      rules=run.rules, state_shardings=run.state_sh)
     tokens_per_step = config.data.batch_size * config.data.seq_len

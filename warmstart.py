@@ -1,5 +1,7 @@
 """Warm start: a pretrained run's weights into a new model (a head on its backbone, a LoRA base, SFT).
 
+`continue_from` (a new run from init_from): warm_start, or with continual.init_state='full' the source's
+whole train state (params + optimizer state; the step count and LR schedule start over).
 `warm_start(state, state_shardings, init_from)` loads `init_from`'s latest checkpoint into this
 model's 'backbone' (task heads), 'base' (LoRA) or whole tree (causal / SFT); everything else
 keeps its fresh init. A token embedding with fewer rows (new tokens) is extended, its old rows
@@ -14,8 +16,10 @@ import logging
 import flax.traverse_util
 import jax
 import numpy as np
+import optax
 
 import checkpoint
+import steps
 
 log = logging.getLogger("lmstack")
 
@@ -110,3 +114,42 @@ def warm_start_params(params, params_sh, init_from: str):
              ", ".join(extended) or "none", ", ".join(fresh) or "none",
              ", ".join(unused_params(loaded, source_where, set(source) - target)) or "none")
     return out
+
+
+def _reset_schedule_counts(tree):
+    """The optimizer state with every LR-schedule step count (optax.ScaleByScheduleState) set to 0; every
+    other leaf (Adam's moments and its bias-correction count, pruning masks) as it is."""
+    if isinstance(tree, optax.ScaleByScheduleState):
+        return tree._replace(count=tree.count * 0)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*[_reset_schedule_counts(x) for x in tree])
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_reset_schedule_counts(x) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _reset_schedule_counts(v) for k, v in tree.items()}
+    return tree
+
+
+def continue_from(state, state_sh, config):
+    """A new run's start from init_from: its weights (continual.init_state='weights': warm_start), or its full
+    state ('full'): params and optimizer state of its latest checkpoint. Step semantics of 'full': this run
+    counts its own steps from 0 (train.steps, checkpoints, data order); its LR schedule starts over, so
+    optim.warmup_steps re-warm from the continued state; Adam's moments and bias-correction count continue
+    (they describe the carried-over gradient statistics). A source whose state does not fit is refused."""
+    if config.continual.init_state != "full":
+        return warm_start(state, state_sh, config.init_from)
+    source = config.init_from
+    mngr = checkpoint.open_read_only(source)
+    try:
+        at = mngr.latest_step()  # its mode / shape / optimizer fields were checked (continual.check_full_source)
+        try:
+            loaded = checkpoint.restore_state(mngr, at, steps.abstract_state(state_sh, state))
+        except (ValueError, KeyError, TypeError) as e:
+            raise checkpoint.IncompatibleCheckpointError(
+                f"continual.init_state='full' from init_from={source!r} (step {at}): its train state does not fit "
+                f"this run's ({type(e).__name__}: {str(e)[:400]}); use continual.init_state='weights'") from e
+    finally:
+        mngr.close()
+    log.info("continued the full state of %s at its step %d (params + optimizer state); this run counts its steps "
+             "from 0 and its LR schedule re-warms from 0", source, at)
+    return state.replace(params=loaded.params, opt_state=_reset_schedule_counts(loaded.opt_state))

@@ -184,6 +184,16 @@ def base() -> ml_collections.ConfigDict:
     a.max_answer_len = 30  # longest predicted answer, in tokens (span decoding)
     a.strict = True  # a bad record (missing field, answer not at answer_start, no answer) raises naming file:line
 
+    c.continual = n = ml_collections.ConfigDict()  # continual learning from init_from (continual.py, data/mixture.py)
+    n.init_state = "weights"  # what init_from gives a new run: 'weights' (warm start) | 'full' (+ the optimizer's
+    #   state; this run counts its own steps from 0 and its LR schedule re-warms from 0: continual.py)
+    n.replay_path = ""  # the old domain's data (text / dir / JSONL / prepared dataset; sft: chat JSONL), its training
+    #   share: the replayed rows and EWC's Fisher batches; '' = none
+    n.replay_ratio = 0.0  # share of every batch's rows drawn from replay_path, in [0, 1) (grain weighted mixing)
+    n.l2sp = 0.0  # L2-SP weight: + l2sp * sum (theta - theta_0)^2 over the params (theta_0: the run's start)
+    n.ewc = 0.0  # EWC weight: + ewc * sum F (theta - theta_0)^2, F = diagonal empirical Fisher on replay_path
+    n.fisher_batches = 8  # micro-batches of replay_path rows whose per-example squared gradients the Fisher averages
+
     c.optim = o = ml_collections.ConfigDict()
     # The update rule (optim.py; optimizer-state bytes of each in README, Optimizers). Each keeps the decay
     # mask, clipping, schedule, accumulation and pruning masks. 'adamw' | 'adafactor' (factored second

@@ -116,10 +116,10 @@ def mask_tokens(tokens: np.ndarray, segment_ids: np.ndarray, rng: np.random.Gene
 
 
 def train_iterator(source: MlmSource, *, global_batch: int, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
-    """Endless shuffled batches (the same grain recipe as pipeline.train_iterator)."""
+                   process_count: int = 1, replay=None) -> grain.DatasetIterator:
+    """Endless shuffled batches (the same grain recipe as pipeline.train_iterator; `replay`: old rows mixed in)."""
     return pipeline.shuffled_batches(source, global_batch=global_batch, seed=seed, process_index=process_index,
-                                     process_count=process_count,
+                                     process_count=process_count, replay=replay,
                                      what=f"MLM examples of data.seq_len={source.seq_len}")
 
 

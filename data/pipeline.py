@@ -107,16 +107,22 @@ class WindowSource:
 
 
 def train_iterator(stream: TokenStream, *, seq_len: int, global_batch: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-    """Endless shuffled batches of this process's share of `global_batch` windows."""
+                   process_index: int = 0, process_count: int = 1, replay=None) -> grain.DatasetIterator:
+    """Endless shuffled batches of this process's share of `global_batch` windows (`replay`: shuffled_rows)."""
     source = WindowSource(stream, seq_len)
     if len(source) < global_batch:
         raise DataError(f"the training split has {len(stream)} tokens = {len(source)} windows of "
                         f"data.seq_len={seq_len}, fewer than data.batch_size={global_batch}")
     if global_batch % process_count:
         raise DataError(f"data.batch_size={global_batch} is not divisible by {process_count} processes")
-    return _host_batches(grain.MapDataset.source(source).shuffle(seed=seed).repeat(None), global_batch,
-                         process_index, process_count)
+    return _host_batches(shuffled_rows(source, seed, replay), global_batch, process_index, process_count)
+
+
+def shuffled_rows(source, seed: int, replay=None) -> grain.MapDataset:
+    """Endless rows of `source`, shuffled anew every epoch; `replay` (a data/mixture.Replay): the old domain's
+    rows mixed in at its ratio (continual learning)."""
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    return ds if replay is None else replay.mixed_with(ds)
 
 
 def _host_batches(ds: grain.MapDataset, global_batch: int, process_index: int,
@@ -132,15 +138,14 @@ def _host_batches(ds: grain.MapDataset, global_batch: int, process_index: int,
 
 
 def shuffled_batches(source, *, global_batch: int, seed: int, what: str, process_index: int = 0,
-                     process_count: int = 1) -> grain.DatasetIterator:
+                     process_count: int = 1, replay=None) -> grain.DatasetIterator:
     """Endless shuffled batches over any random-access source of example dicts (MLM, classification):
     the same grain recipe as train_iterator, so the iterator state checkpoints the same way."""
     if len(source) < global_batch:
         raise DataError(f"the training split gives {len(source)} {what}, fewer than data.batch_size={global_batch}")
     if global_batch % process_count:
         raise DataError(f"data.batch_size={global_batch} is not divisible by {process_count} processes")
-    return _host_batches(grain.MapDataset.source(source).shuffle(seed=seed).repeat(None), global_batch,
-                         process_index, process_count)
+    return _host_batches(shuffled_rows(source, seed, replay), global_batch, process_index, process_count)
 
 
 def eval_batches(stream: TokenStream, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
