@@ -6,8 +6,9 @@ Data (once, from the repo root; about 1 minute):
     python scripts/continual_data.py --text=../shared/data/tinyshakespeare.txt --out=runs/continual
 Command:   python train.py --config=configs/continual_base.py --workdir=runs/continual/base
 Model:     'nano' (4 layers, 128 dims), bytes, windows of 128, batch 16, 1000 steps at lr 2e-3.
-Runtime:   see README, Continual learning (2 CPU cores).
-Result:    the source run of configs/continual.py (README, Continual learning, has its losses).
+Runtime:   10.4 min on 2 shared AMD EPYC cores (load average 7-8; about 0.5 s/step); data: 25 s.
+Result:    val loss 1.30 (stdlib 'val' split: 1.335 over the report's 50 batches); the source run of
+           configs/continual.py (README, Continual learning).
 The prepared dataset gives the old domain a held-out 'val' split (the report's old-domain eval) and a
 'train' split (what replay and EWC's Fisher read).
 """
