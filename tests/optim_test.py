@@ -310,3 +310,19 @@ def test_each_optimizer_trains_and_resumes_exactly(corpus_dir, tmp_path, name):
     if name == "adamw":  # another optimizer's state does not fit this checkpoint: refused, naming the field
         with pytest.raises(checkpoint.IncompatibleCheckpointError, match="optim.name: 'adamw' -> 'lion'"):
             train.train_and_evaluate(tiny_config(corpus_dir, optim__name="lion", train__steps=9), straight)
+
+
+def test_old_checkpoints_resume_as_adamw():
+    """A config saved before optim.name existed means AdamW: it resumes under 'adamw', not under another name."""
+    import json
+
+    import checkpoint
+    current = json.loads(common.base().to_json())
+    saved = json.loads(common.base().to_json())
+    for field in ("name", "momentum", "nesterov", "adafactor_min_dim", "muon_beta", "muon_rms", "loss_scale_init",
+                  "loss_scale_period"):
+        del saved["optim"][field]
+    assert checkpoint.config_differences(saved, current) == ([], [])
+    current["optim"]["name"] = "muon"
+    bad, _ = checkpoint.config_differences(saved, current)
+    assert bad == ["optim.name: 'adamw' -> 'muon'"]
