@@ -271,3 +271,30 @@ def test_full_state_from_another_mode_and_replay_in_a_mode_without_rows(base_run
                          continual__replay_path=corpus_dir)
     with pytest.raises(ValueError, match=r"mode='classify' cannot read old-domain rows"):
         train.train_and_evaluate(config, str(tmp_path / "cls"))
+
+
+def test_full_state_restarts_only_the_schedule_count():
+    """init_state='full': the LR schedule's step count restarts at 0; Adam's moments and count carry on."""
+    import optax
+    import warmstart
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.linear_schedule(0.0, 1.0, 10)))
+    params = {"w": jnp.ones((3,))}
+    state = tx.init(params)
+    for _ in range(5):
+        _, state = tx.update({"w": jnp.full((3,), 0.5)}, state, params)
+    reset = warmstart._reset_schedule_counts(state)
+    has_count = lambda x: "count" in getattr(x, "_fields", ())  # noqa: E731
+    counts = [(type(s).__name__, int(s.count)) for s in jax.tree.leaves(reset, is_leaf=has_count) if has_count(s)]
+    assert ("ScaleByScheduleState", 0) in counts and ("ScaleByAdamState", 5) in counts, counts
+    np.testing.assert_array_equal(optax.tree.get(reset, "mu")["w"], optax.tree.get(state, "mu")["w"])
+
+
+def test_continual_data_splits_the_tail_and_names_bad_flags(tmp_path):
+    import continual_data
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefghij" * 10)
+    train_path, val_path = continual_data.split(str(text), str(tmp_path / "out"), 0.1)
+    assert open(train_path).read() + open(val_path).read() == "abcdefghij" * 10
+    assert len(open(val_path).read()) == 10
+    with pytest.raises(ValueError, match="--val_fraction=1.5"):
+        continual_data.split(str(text), str(tmp_path / "out"), 1.5)
