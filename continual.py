@@ -77,7 +77,8 @@ def check(config, mode) -> None:
 
 
 # Config fields that fix the train state's structure: a full-state continue needs the source's equal.
-STATE_FIELDS = ("mode", "model.", "lora.", "quant.", "prune.method", "prune.n", "prune.m", "optim.grad_accum_steps")
+STATE_FIELDS = ("mode", "model.", "lora.", "quant.", "prune.method", "prune.n", "prune.m", "optim.grad_accum_steps",
+                "optim.name", "optim.adafactor_min_dim")
 
 
 def check_full_source(config, added_defaults: dict) -> None:

@@ -252,6 +252,7 @@ def _chat(path, alphabet):
     (dict(continual__ewc=-1.0), "continual.ewc=-1.0"),
     (dict(continual__init_state="optimizer"), "continual.init_state='optimizer'"),
     (dict(continual__init_state="full", model__d_model=64), "model.d_model: 32 -> 64"),
+    (dict(continual__init_state="full", optim__name="lion"), "optim.name: 'adamw' -> 'lion'"),
 ])
 def test_bad_input_names_the_value_before_writing(base_run, english, corpus_dir, tmp_path, overrides, message):
     config = _continued(base_run, english, corpus_dir, **overrides)
