@@ -17,6 +17,7 @@ import os
 from typing import Callable
 
 import checkpoint
+import feedback_inputs
 import inputs as inputs_lib
 import objectives
 import predictions
@@ -118,16 +119,16 @@ def _dpo_options(config) -> dict:
 _PREF_DEFAULTS = {"pref.val_path": "", "pref.too_long": "truncate", "pref.strict": True}
 MODES.update({
     "reward": Mode(
-        inputs=inputs_lib.reward_inputs,
+        inputs=feedback_inputs.reward_inputs,
         model=lambda config, inputs: build.reward_model(config, inputs.tokenizer.vocab_size),
         objective=objectives.reward, options=lambda config: {"center_coef": float(config.reward.center_coef)},
-        summary=objectives.reward_summary, other_eval_data=inputs_lib.as_val_path("pref", inputs_lib.reward_inputs),
+        summary=objectives.reward_summary, other_eval_data=inputs_lib.as_val_path("pref", feedback_inputs.reward_inputs),
         headline=("eval/accuracy", "eval/margin"), must_match=("pref.val_path", "pref.too_long"),
         added_defaults=_PREF_DEFAULTS, paths=("data.path", "pref.val_path"), example_unit="pairs",
         trim=preference_data.trim_pairs),
     "dpo": Mode(
-        inputs=inputs_lib.dpo_inputs, model=_causal_model, objective=objectives.dpo, options=_dpo_options,
-        summary=objectives.dpo_summary, other_eval_data=inputs_lib.as_val_path("pref", inputs_lib.dpo_inputs),
+        inputs=feedback_inputs.dpo_inputs, model=_causal_model, objective=objectives.dpo, options=_dpo_options,
+        summary=objectives.dpo_summary, other_eval_data=inputs_lib.as_val_path("pref", feedback_inputs.dpo_inputs),
         headline=("eval/accuracy", "eval/margin", "eval/exact_match"),
         must_match=("pref.val_path", "pref.too_long", "dpo.loss"), added_defaults=_PREF_DEFAULTS,
         lora=True, paths=("data.path", "pref.val_path"), example_unit="pairs", trim=preference_data.trim_pairs),
@@ -160,8 +161,8 @@ def _ppo_model(config, inputs: Inputs):
 
 
 _RL_COMMON = dict(
-    inputs=inputs_lib.rl_inputs, summary=objectives.no_summary,
-    other_eval_data=inputs_lib.as_val_path("rl", inputs_lib.rl_inputs),
+    inputs=feedback_inputs.rl_inputs, summary=objectives.no_summary,
+    other_eval_data=inputs_lib.as_val_path("rl", feedback_inputs.rl_inputs),
     headline=("rl/reward_mean", "rl/kl", "eval/exact_match"),
     must_match=("rl.group_size", "rl.max_prompt_len", "rl.max_new_tokens", "rl.minibatch", "rl.epochs", "rl.val_path"),
     paths=("data.path", "rl.val_path", "rl.reward_model"), example_unit="prompts", on_policy=True,

@@ -22,7 +22,7 @@ from absl import flags
 from conftest import tiny_config
 
 import checkpoint
-import inputs as inputs_lib
+import feedback_inputs
 import objectives
 import train
 from configs import dpo as dpo_config, reward as reward_config, sft as sft_config
@@ -256,7 +256,7 @@ def test_dpo_starts_at_its_cached_reference(task_files, sft_run, tmp_path, monke
     with monkeypatch.context() as m:
         m.setattr(reference, "sequence_logps", no_compute)
         with caplog.at_level(logging.INFO, logger="lmstack"):
-            again = inputs_lib.dpo_inputs(cfg, run, cfg.data.batch_size)
+            again = feedback_inputs.dpo_inputs(cfg, run, cfg.data.batch_size)
     assert caplog.text.count("cached in") == 2
     z = np.load(os.path.join(run, caches[1]))
     np.testing.assert_array_equal(np.concatenate([b["ref_chosen_logp"] for b in again.eval_batches])[:len(z["chosen"])],
@@ -265,7 +265,7 @@ def test_dpo_starts_at_its_cached_reference(task_files, sft_run, tmp_path, monke
     records = [json.loads(line) for line in open(task_files["train_pref"])]
     records[5]["rejected"] += "9"
     changed = _write_jsonl(tmp_path / "changed.jsonl", records)
-    inputs_lib.dpo_inputs(tiny_config(changed, dpo_config, pref__val_path=task_files["val_pref"], data__seq_len=SEQ_LEN,
+    feedback_inputs.dpo_inputs(tiny_config(changed, dpo_config, pref__val_path=task_files["val_pref"], data__seq_len=SEQ_LEN,
                                       init_from=sft_run, **_DPO_KW), run, 8)
     after = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run, "reference_logps_*.npz")))
     assert len(after) == 3 and set(caches) < set(after) and [c.split("_")[2] for c in after].count("train") == 2
@@ -286,7 +286,7 @@ def test_dpo_config_errors_name_the_value_before_writing(task_files, sft_run, tm
 
 def test_ipo_with_label_smoothing_is_refused_by_check_dpo(task_files):
     with pytest.raises(ValueError, match=re.escape("dpo.label_smoothing=0.1")):
-        inputs_lib.check_dpo(_dpo_cfg(task_files, "unused", dpo__loss="ipo", dpo__label_smoothing=0.1))
+        feedback_inputs.check_dpo(_dpo_cfg(task_files, "unused", dpo__loss="ipo", dpo__label_smoothing=0.1))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,160 @@
+"""The post-training modes' inputs: preference pairs (modes 'reward' and 'dpo', with DPO's cached reference
+log-probs) and RL prompts (modes 'grpo' and 'ppo'), with their config checks. The shared pieces (the run's
+tokenizer, train/validation records, per-host batches, `Inputs`) are in inputs.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+
+import inputs
+import task_eval
+from data import formats, pipeline, preference as preference_data, prompts as prompts_data, sft as sft_data, sources
+from model import build
+from rl import advantages as rl_advantages, guardrails, losses as rl_losses, reference, rewards as rl_rewards
+
+log = logging.getLogger("lmstack")
+
+
+def _preference_split(config, workdir: str):
+    """(tokenizer, train examples, validation examples, validation records) of a preference mode."""
+    p = config.pref
+    train_recs, stats, val_recs, val_stats = inputs.train_val_records(config, p, "preference")
+    tok = inputs.run_tokenizer(config, workdir, [formats.record_text(r, "preference") for _, r in train_recs])
+    inputs.chat_template(workdir)
+    render = functools.partial(preference_data.render_split, tok=tok, seq_len=config.data.seq_len, too_long=p.too_long)
+    train, val = render(train_recs, stats=stats), render(val_recs, stats=val_stats)
+    log.info("%s: train %d pairs (skipped or cut: %s); validation %d (skipped or cut: %s)", config.mode, len(train),
+             stats.skipped or "none", len(val), val_stats.skipped or "none")
+    if not val:
+        raise sources.DataError(f"{config.mode}: no validation pair left to evaluate ({val_stats.summary()})")
+    return tok, train, val, val_recs
+
+
+def _pair_iterator(config, train: list[dict], micro_batch: int):
+    return pipeline.shuffled_batches(train, global_batch=micro_batch, seed=config.seed, what="preference pairs",
+                                     **inputs.host_block(config, micro_batch))
+
+
+def reward_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
+    tok, train, val, _ = _preference_split(config, workdir)
+    eval_data = pipeline.padded_batches(val, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    return inputs.Inputs(tok, _pair_iterator(config, train, micro_batch), eval_data)
+
+
+def check_dpo(config) -> None:
+    """dpo.* values, and a reference for the losses that need one; errors name the value."""
+    d = config.dpo
+    if d.loss not in rl_losses.PREFERENCE_LOSSES:
+        raise ValueError(f"dpo.loss={d.loss!r}: expected one of {rl_losses.PREFERENCE_LOSSES}")
+    if not float(d.beta) > 0:
+        raise ValueError(f"dpo.beta={d.beta!r} must be > 0")
+    if not 0.0 <= float(d.label_smoothing) < 0.5:
+        raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} must be in [0, 0.5)")
+    if d.loss == "ipo" and float(d.label_smoothing):
+        raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} does not apply to dpo.loss='ipo' (set it to 0)")
+    if not config.init_from and d.loss != "simpo":
+        raise ValueError(f"dpo.loss={d.loss!r} compares the policy with a reference model: set init_from=<an SFT run> "
+                         f"(its model is the reference and the policy's start), or use dpo.loss='simpo' (reference-free)")
+
+
+def dpo_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
+    """Preference pairs + the reference's log-probs of both responses (computed once, cached in the workdir:
+    rl/reference.py); without init_from (SimPO only) they are 0 and `ref_known` is 0."""
+    check_dpo(config)
+    tok, train, val, val_recs = _preference_split(config, workdir)
+    for split, examples in (("train", train), ("val", val)):
+        if config.init_from:
+            reference.add_reference_logps(examples, init_from=config.init_from, tok=tok, workdir=workdir, split=split,
+                                          batch_size=micro_batch)
+        for ex in examples:
+            ex.setdefault("ref_chosen_logp", np.float32(0.0))
+            ex.setdefault("ref_rejected_logp", np.float32(0.0))
+            ex["ref_known"] = np.float32(1.0 if config.init_from else 0.0)
+    eval_data = pipeline.padded_batches(val, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    extra = None
+    if config.pref.eval_generate > 0:
+        chats = [(w, preference_data.as_chat_record(r)) for w, r in val_recs]
+        problems = sft_data.generation_problems(chats, tok, int(config.pref.eval_generate))
+        extra = task_eval.exact_match_eval(problems, tok, width=config.data.seq_len,
+                                           max_new_tokens=int(config.pref.max_new_tokens), batch_size=micro_batch)
+    return inputs.Inputs(tok, _pair_iterator(config, train, micro_batch), eval_data, extra_eval=extra)
+
+def check_rl(config) -> None:
+    """rl.* values of modes 'grpo' and 'ppo'; errors name the field and value."""
+    r = config.rl
+    choices = {"kl_estimator": rl_losses.KL_ESTIMATORS, "aggregation": rl_losses.AGGREGATIONS,
+               "scale_rewards": rl_advantages.SCALE_REWARDS, "baseline": rl_advantages.BASELINES,
+               "on_anomaly": guardrails.ON_ANOMALY, "critic": ("shared", "separate")}
+    for name, allowed in choices.items():
+        if r[name] not in allowed:
+            raise ValueError(f"rl.{name}={r[name]!r}: expected one of {tuple(allowed)}")
+    if not r.reward_model:
+        if not r.rewards:
+            raise ValueError("rl.rewards is empty and rl.reward_model is '': name a programmatic reward or a reward-model run")
+        rl_rewards.check_names(r.rewards)
+    for name in ("group_size", "max_prompt_len", "max_new_tokens", "epochs"):
+        if int(r[name]) < 1:
+            raise ValueError(f"rl.{name}={r[name]!r} must be >= 1")
+    if r.baseline == "rloo" and int(r.group_size) < 2:
+        raise ValueError(f"rl.baseline='rloo' needs rl.group_size >= 2, got {r.group_size}")
+    if not float(r.temperature) > 0:
+        raise ValueError(f"rl.temperature={r.temperature!r} must be > 0 (RL samples; greedy rollouts do not explore)")
+    rows = int(config.data.batch_size) * int(r.group_size)
+    if int(r.minibatch) < 0 or (int(r.minibatch) and rows % int(r.minibatch)):
+        raise ValueError(f"rl.minibatch={r.minibatch} must divide data.batch_size x rl.group_size = {rows} rows")
+    if int(config.optim.grad_accum_steps) != 1:
+        raise ValueError(f"optim.grad_accum_steps={config.optim.grad_accum_steps}: RL modes update on rl.minibatch "
+                         f"rows (set rl.minibatch instead; grad_accum_steps must be 1)")
+
+
+def _prompt_texts(path: str) -> list[str]:
+    with_files = list(sources.iter_files(path))
+    return [open(f, encoding="utf-8", errors="replace").read() for f in with_files if not f.endswith(".gz")]
+
+
+def rl_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
+    """Prompts (data/prompts.py) for modes 'grpo' and 'ppo': an endless shuffled iterator of prompt indices
+    (checkpointed like every mode's), and the exact match of greedy answers to held-out prompts."""
+    check_rl(config)
+    r = config.rl
+    tok = inputs.run_tokenizer(config, workdir, _prompt_texts(config.data.path) if not config.init_from else None)
+    inputs.chat_template(workdir)
+    read = functools.partial(prompts_data.read_prompts, tok=tok, max_prompt_len=int(r.max_prompt_len), strict=r.strict)
+    train, stats = read(config.data.path)
+    if r.val_path:
+        val, val_stats = read(r.val_path)
+    else:
+        train, val = inputs.hash_held_out(train, lambda p: repr(p.messages), config)
+        val_stats = sources.ReadStats()
+    log.info("%s: %d train prompts (skipped: %s), %d validation prompts (skipped: %s)", config.mode, len(train),
+             stats.skipped or "none", len(val), val_stats.skipped or "none")
+    data_iter = pipeline.shuffled_batches(prompts_data.PromptSource(len(train)), global_batch=micro_batch,
+                                          seed=config.seed, what="RL prompts", **inputs.host_block(config, micro_batch))
+    extra = None
+    if int(r.eval_generate) > 0:
+        em = task_eval.exact_match_eval(prompts_data.limited(val, int(r.eval_generate)), tok,
+                                        width=int(r.max_prompt_len) + int(r.max_new_tokens),
+                                        max_new_tokens=int(r.max_new_tokens), batch_size=micro_batch)
+        extra = _on_language_model(em)
+    return inputs.Inputs(tok, data_iter, [], extra_eval=extra, prompts=train)
+
+
+class _on_language_model:
+    """An (model, params) evaluation applied to the language model inside (a PPO policy-value's backbone, or
+    its LoRA trunk: build.language_model)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, model, params):
+        return self.inner(*build.language_model(model, params))
+
+    def predictions(self, model, params):
+        return self.inner.predictions(*build.language_model(model, params))
+
+    def coverage(self):
+        return self.inner.coverage()
