@@ -199,9 +199,6 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     tx, schedule = optim.make_optimizer(config.optim, updates, config.prune)
     scale = loss_scale.initial(config.model.dtype, config.optim)  # None unless model.dtype='float16'
     mode, k, micro_batch = _checked_config(config)
-    if mode.on_policy and jax.process_count() > 1:  # its rollouts and advantages are host-side numpy over all rows
-        raise ValueError(f"mode={config.mode!r} runs in one process; this is process {jax.process_index()} of "
-                         f"{jax.process_count()} (use one host, dist.initialize='no')")
     frozen = modes.frozen_params(config)  # refuses lora.rank in a mode without adapters
     if frozen:
         tx = optim.freeze(tx, frozen)

@@ -275,9 +275,10 @@ def chat_template(workdir: str) -> None:
     if os.path.exists(path):
         with open(path) as f:
             chat.check_template_spec(json.load(f))
-    elif jax.process_index() == 0:
-        with open(path, "w") as f:
+    elif jax.process_index() == 0:  # written whole, then renamed: another host may be reading the workdir
+        with open(path + ".tmp", "w") as f:
             json.dump(chat.template_spec(), f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:

@@ -37,6 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from model import layers
 from model import lora as lora_lib
@@ -294,6 +295,16 @@ def loop_compiler_options(dtype) -> tuple:
     return (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
+def to_host(tree):
+    """jax.device_get, also for arrays spread over several processes' devices (multi-host: the batch sharded
+    across hosts): those are gathered, so every process gets the whole global value."""
+    spread = lambda x: isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)  # noqa: E731
+    if not any(spread(x) for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True) if spread(x) else jax.device_get(x),
+                        tree)
+
+
 class Decoder:
     """Compiled prefill / decode functions for one model, batch size (decode slots) and cache length.
 
@@ -408,7 +419,7 @@ class Decoder:
                 dparams, state, tokens, lengths, pad(slots, self.batch, np.int32),
                 jax.tree.map(jnp.asarray, sampling.stack(list(settings), n)), pad(seeds, 0, np.uint32),
                 pad(max_new, 1, np.int32), stops)
-        out = jax.device_get((token, logp, top, finish))
+        out = to_host((token, logp, top, finish))
         return (state,) + tuple(None if x is None else jax.tree.map(lambda a: a[:k], x) for x in out)
 
     def loop_variants(self, chunk: int | None = None) -> list[tuple[int, int, int]]:
@@ -452,7 +463,7 @@ class Decoder:
         mesh, runs only the busy slots when they are at most half the batch (`decode_rows`, a power of
         two of them): one compiled loop per (chunk, window, rows)."""
         chunk = chunk or self.chunk
-        done, position = jax.device_get((state.done_B, state.position_B))
+        done, position = to_host((state.done_B, state.position_B))
         reach = int(np.max(np.where(done, 0, position))) + min(n, chunk) + 1
         window = _window(reach, self.cache_len)
         busy = np.nonzero(~done)[0]
@@ -466,7 +477,7 @@ class Decoder:
             self._steps[key] = self._compile_loop(chunk, window, k)
         with self._context():
             state, tokens, logp, top = self._steps[key](dparams, state, jnp.int32(n), jnp.bool_(want_top), *args)
-        return (state,) + tuple(jax.device_get((tokens, logp, top)))
+        return (state,) + tuple(to_host((tokens, logp, top)))
 
     def generate(self, params, prompts: Sequence, *, max_new_tokens: int, sampling: Sampling | Sequence[Sampling] = None,
                  seeds: Sequence[int] | int = 0, stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
@@ -513,7 +524,7 @@ class Decoder:
                 done[stopped] = True
                 state = self.set_done(state, done)
             state, tokens, logps, tops = self.steps(dparams, state, max_new_tokens, chunk)
-            fin = np.asarray(jax.device_get(state.finish_B))
+            fin = np.asarray(to_host(state.finish_B))
             new = []
             for i, r in enumerate(rows):
                 before = len(r.tokens)

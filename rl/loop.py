@@ -14,6 +14,9 @@ One iteration (= one `step` of the run: checkpoints, logs, evals and train.steps
 6. metrics (JSONL + TensorBoard), guardrails (rl/guardrails.py), PPO's adaptive KL coefficient
    (Ziegler et al. 2019), evaluation and checkpoints (with the KL coefficient as JSON `extra`).
 Everything random derives from (seed, iteration), so N iterations + resume + N more = 2N straight.
+Several processes (multi-host): each reads its block of the prompt iterator, the blocks are gathered
+(`global_prompts`), the rollouts run on the global mesh, and every process computes steps 2-6's host-side
+parts over all rows identically, placing only its own devices' rows (`put_rows`); one process: unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 import checkpoint
+import inputs as inputs_lib
 import sharding
 import steps
 import warmstart
@@ -54,7 +59,28 @@ def _forward(model, mesh, rules):
 def _scores(fn, params, rows: dict, size: int, batch_sharding) -> tuple[np.ndarray, np.ndarray | None]:
     """fn(params, batch) over the rows in batches of `size`: (log-probs [N, L], values [N, L] or None)."""
     return reference_lib.in_batches(lambda batch: fn(params, batch), rows, size,
-                                    put=lambda batch: sharding.put_batch(batch, batch_sharding))
+                                    put=lambda batch: put_rows(batch, batch_sharding))
+
+
+def put_rows(batch: dict, batch_sharding) -> dict:
+    """Rows of the iteration -> global arrays. One process: sharding.put_batch. Several (multi-host): every
+    process holds all rows (it computed the whole iteration: `global_prompts`) and places those of its devices."""
+    if jax.process_count() == 1:
+        return sharding.put_batch(batch, batch_sharding)
+    return sharding.put_global_batch(batch, batch_sharding)
+
+
+def global_prompts(index, block: dict):
+    """The global batch's prompt indices, on every process: each reads only its block of the checkpointed prompt
+    iterator (inputs.host_block: `process_index` of `process_count` blocks); the blocks are gathered in block
+    order, so every process holds the one-process batch and computes the iteration's host-side parts (decoded
+    texts, rewards, advantages, metrics, guardrails) identically. One process: `index` as it is."""
+    if jax.process_count() == 1:
+        return np.asarray(index)
+    blocks = multihost_utils.process_allgather(np.int32(block["process_index"]))  # [P] (replicas share a block)
+    parts = multihost_utils.process_allgather(np.asarray(index))  # [P, rows per block]
+    owner = {int(b): p for p, b in reversed(list(enumerate(blocks)))}
+    return np.concatenate([parts[owner[b]] for b in range(int(block["process_count"]))])
 
 
 def initial_params(run):
@@ -107,11 +133,12 @@ def iterate(run) -> int:
     if run.start_step:
         kl_coef = float(checkpoint.restore_extra(run.mngr, run.start_step)["kl_coef"])
     step, stop_at = run.start_step, min(config.train.steps, int(config.train.stop_after) or config.train.steps)
+    block = inputs_lib.host_block(config, n_prompts)  # this process's block of each prompt batch (rl_inputs')
     while step < stop_at:
         step += 1
         t0 = time.time()
         # ---- 1. rollout ----------------------------------------------------------------------------
-        batch_problems = [problems[int(i)] for i in next(run.inputs.train_iter)["index"]]
+        batch_problems = [problems[int(i)] for i in global_prompts(next(run.inputs.train_iter)["index"], block)]
         policy_params = build.language_model(run.model, run.state.params)[1]
         outs = rollout_lib.sample(decoder, policy_params, batch_problems, group=group, sampling=sampling,
                                   seeds=rollout_lib.seeds_for(config.seed, step, n_rows),
@@ -180,10 +207,10 @@ def iterate(run) -> int:
             order = np.random.default_rng([int(config.seed), step, epoch]).permutation(n_rows)
             for lo in range(0, n_rows, minibatch):
                 idx = order[lo:lo + minibatch]
-                mb = sharding.put_batch({k: v[idx] for k, v in batch.items()}, run.batch_sharding)
+                mb = put_rows({k: v[idx] for k, v in batch.items()}, run.batch_sharding)
                 run.state, m = train_step(run.state, mb)
                 collected.append(m)
-        collected = jax.device_get(collected)
+        collected = decode.to_host(collected)
         t_update = time.time() - t1
         # ---- 6. metrics, guardrails, KL controller, eval, checkpoint ----------------------------------
         mean = lambda key: float(np.mean([c[key] for c in collected]))  # noqa: E731

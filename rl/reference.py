@@ -30,7 +30,7 @@ import numpy as np
 import checkpoint
 import objectives
 from data.preference import SIDES
-from model import build
+from model import build, decode
 
 log = logging.getLogger("lmstack")
 ROW_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
@@ -59,7 +59,7 @@ def in_batches(fn, rows: dict, size: int, put=None):
         if real < size:
             part = {k: np.concatenate([v, np.zeros((size - real, *v.shape[1:]), v.dtype)]) for k, v in part.items()}
         out = fn(part if put is None else put(part))
-        outs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], jax.device_get(out)))
+        outs.append(jax.tree.map(lambda x, real=real: np.asarray(x)[:real], decode.to_host(out)))  # multi-host: gathered
     if not outs:
         raise ValueError("in_batches: no rows")
     return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)

@@ -88,7 +88,7 @@ class RewardModelScorer:
                              f"differs from the policy's ({policy_tok.kind!r}, {policy_tok.vocab_size} ids)")
         self.workdir, self.step = workdir, step
         self.model = build.reward_model(ml_collections.ConfigDict(saved), tok.vocab_size)
-        self.params = jax.device_put(params, jax.devices()[0])
+        self.params = jax.device_put(params, jax.local_devices()[0])  # each process scores all rows on its own device
         self._score = jax.jit(functools.partial(_score, self.model))
 
     def __call__(self, tokens_NxL: np.ndarray, segment_ids_NxL: np.ndarray) -> np.ndarray:

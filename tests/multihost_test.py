@@ -7,6 +7,7 @@ Slow-ish (about a minute: four train.py processes, each compiling its own steps)
 not inherit conftest's 8 fake devices: JAX_NUM_CPU_DEVICES sets each one's device count.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -41,13 +42,15 @@ def _run(args: list[str], n_devices: int) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
 
 
-def _two_processes(corpus: str, workdir: str) -> None:
+def _two_processes(corpus: str, workdir: str, args=None) -> None:
+    """Two processes of 2 devices (dcn data 2 x fsdp 2); `args(*extra)`: each one's command (default: _args with
+    train.stop_after=STOP)."""
     import portpicker
     port = portpicker.pick_unused_port()
-    procs = [subprocess.Popen(_args(corpus, workdir, f"--config.train.stop_after={STOP}", "--config.mesh.data=1",
-                                    "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2",
-                                    f"--config.dist.coordinator_address=127.0.0.1:{port}",
-                                    "--config.dist.num_processes=2", f"--config.dist.process_id={i}"),
+    args = args or (lambda *extra: _args(corpus, workdir, f"--config.train.stop_after={STOP}", *extra))
+    procs = [subprocess.Popen(args("--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.dcn_data=2",
+                                   f"--config.dist.coordinator_address=127.0.0.1:{port}",
+                                   "--config.dist.num_processes=2", f"--config.dist.process_id={i}"),
                               cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outs = []
@@ -104,6 +107,73 @@ def test_two_processes_match_one_and_resume_in_one(corpus_dir, tmp_path):
            {k: v for k, v in losses1.items() if k[0] > STOP}, rtol=1e-5)
     for a, b in zip(_params(two, STEPS), _params(ref, STEPS)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---- RL (mode grpo): rollouts, rewards and advantages over the global batch on every process -------------
+RL_STEPS, RL_STOP = 3, 2
+# train.py with a dense programmatic reward a random tiny model can move ('say letters': the share of lowercase
+# ASCII letters in the completion), registered in each subprocess before train.py reads its flags
+_RL_MAIN = ("import sys; sys.path.insert(0, {root!r}); from absl import app; from rl import rewards; "
+            "rewards.PROGRAMMATIC['letters'] = lambda text, answer, finish, n: "
+            "sum('a' <= c <= 'z' for c in text) / max(len(text), 1); import train; app.run(train.main)")
+
+
+def _rl_args(prompts: str, workdir: str, *extra: str) -> list[str]:
+    return [sys.executable, "-c", _RL_MAIN.format(root=ROOT), "--config=configs/grpo.py:tiny", f"--workdir={workdir}",
+            f"--config.data.path={prompts}/train.jsonl", f"--config.rl.val_path={prompts}/val.jsonl",
+            "--config.rl.rewards=('letters',)", "--config.rl.max_prompt_len=24", "--config.rl.kl_coef=0.05",
+            "--config.optim.lr=3e-2", "--config.optim.schedule=constant", "--config.train.async_checkpoint=False",
+            f"--config.train.steps={RL_STEPS}", *extra]
+
+
+def _write_prompts(path) -> str:
+    path.mkdir()
+    for name, n, seed in (("train", 64, 0), ("val", 8, 1)):
+        rng = np.random.default_rng(seed)
+        with open(path / f"{name}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"prompt": f"say x {''.join(rng.choice(list('abcdef'), 3))}", "answer": "x",
+                                    "kind": "say"}) + "\n")
+    return str(path)
+
+
+def _rl_metrics(workdir: str) -> dict:
+    keys = ("train/loss", "rl/pg_loss", "rl/reward_mean", "rl/kl", "rl/length_mean", "eval/exact_match")
+    return {(r["step"], k): r[k] for r in metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            for k in keys if k in r}
+
+
+def test_grpo_in_two_processes_matches_one_and_resumes(tmp_path):
+    """GRPO (with the KL penalty's reference) in 2 processes x 2 devices: each process reads its block of the
+    prompt iterator, the blocks are gathered, the rollouts run on the global mesh, every process computes the
+    rewards and advantages of all rows. Against one process x 4 devices on the same mesh shape; then one
+    process resumes the 2-process checkpoint (its per-process prompt iterator states) to the straight run's end."""
+    prompts = _write_prompts(tmp_path / "prompts")
+    two, ref = str(tmp_path / "two"), str(tmp_path / "ref")
+    _two_processes("", two, lambda *extra: _rl_args(prompts, two, f"--config.train.stop_after={RL_STOP}", *extra))
+    _run(_rl_args(prompts, ref, "--config.mesh.data=2", "--config.mesh.fsdp=2"), 4)
+    # the same rows on the same device layout: only the collectives' transport (gloo across processes) orders
+    # sums differently. Measured: the same sampled completions (rewards, lengths and KL equal), params within
+    # 1.2e-7 absolute, pg_loss within 6e-6 relative after one update (Adam at lr 3e-2 amplifies an ulp); the
+    # first step's loss is ~1e-8 (advantages sum to ~0), hence the absolute floor. A real difference (another
+    # prompt, completion or row order) moves these by 1e-2 or more
+    m2, m1 = _rl_metrics(two), _rl_metrics(ref)
+    assert {k[0] for k in m2} == {1, 2} and (2, "eval/exact_match") in m2 and (1, "rl/kl") in m2
+    _close_abs(m2, {k: v for k, v in m1.items() if k[0] <= RL_STOP})
+    assert sorted(os.listdir(os.path.join(two, "checkpoints", str(RL_STOP), "data"))) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]  # the RL prompts' iterator, per process
+    for a, b in zip(_params(two, RL_STOP), _params(ref, RL_STOP)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _run(_rl_args(prompts, two, "--config.mesh.data=2", "--config.mesh.fsdp=2"), 4)  # resumes at RL_STOP
+    _close_abs({k: v for k, v in _rl_metrics(two).items() if k[0] > RL_STOP},
+               {k: v for k, v in m1.items() if k[0] > RL_STOP})
+    for a, b in zip(_params(two, RL_STEPS), _params(ref, RL_STEPS)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _close_abs(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(a)], rtol=1e-4, atol=1e-6)
 
 
 def test_host_blocks_give_the_same_global_batches_for_any_process_count():
