@@ -19,6 +19,7 @@ import checkpoint
 import evaluation
 import optim
 import train
+from configs import common
 from metrics import read_jsonl
 from model import calibrate, prune
 
@@ -119,8 +120,9 @@ def test_pack_unpack_bit_exact():
 # ---- masks through the optimizer ---------------------------------------------------------------------
 
 def _ocfg(**kw):
-    o = dict(lr=1e-2, schedule="constant", warmup_steps=0, min_lr_ratio=0.1, wsd_decay_fraction=0.2, b1=0.9,
-             b2=0.99, eps=1e-8, weight_decay=0.1, decay_embeddings=False, clip_norm=1.0, grad_accum_steps=1)
+    """The default optim block (every field optim.py reads) with a constant lr 1e-2 and `kw`."""
+    o = common.base().optim.to_dict()
+    o.update(lr=1e-2, schedule="constant", warmup_steps=0, grad_accum_steps=1)
     o.update(kw)
     return ml_collections.ConfigDict(o)
 
