@@ -30,7 +30,6 @@ import hostenv
 import loss_scale
 import metrics as metrics_lib
 import modes
-import optim
 import preflight
 import resilience
 import sharding
@@ -195,13 +194,9 @@ def _resume_step(workdir: str, config_dict: dict, mode: modes.Mode) -> int | Non
 def open_run(config, workdir: str, process_t0: float | None = None):
     """Set up a run (resumed from `workdir` when it holds a checkpoint) and yield its `Run`."""
     total_steps = int(config.train.steps)  # RL modes: iterations, each of mode.updates_per_step optimizer updates
-    updates = total_steps * modes.get(config).updates_per_step(config)
-    tx, schedule = optim.make_optimizer(config.optim, updates, config.prune)
+    tx, schedule, frozen = modes.optimizer(config)  # refuses lora.rank in a mode without adapters
     scale = loss_scale.initial(config.model.dtype, config.optim)  # None unless model.dtype='float16'
     mode, k, micro_batch = _checked_config(config)
-    frozen = modes.frozen_params(config)  # refuses lora.rank in a mode without adapters
-    if frozen:
-        tx = optim.freeze(tx, frozen)
     cache_dir = os.path.expanduser(config.train.compile_cache_dir)
     if cache_dir:  # JAX would only warn on each compile and run without the cache
         resilience.check_workdir(cache_dir, what="train.compile_cache_dir")

@@ -20,6 +20,7 @@ import checkpoint
 import feedback_inputs
 import inputs as inputs_lib
 import objectives
+import optim
 import predictions
 from rl import objectives as rl_objectives
 from data import preference as preference_data, sources
@@ -198,6 +199,16 @@ def frozen_params(config) -> tuple[str, ...]:
                              f"not mode={config.mode!r}")
         return ("base",)
     return mode.frozen(config)
+
+
+def optimizer(config):
+    """(tx, schedule, frozen subtrees) of a run: config.optim's rule and schedule over every optimizer update
+    of train.steps (RL: iterations x the mode's updates per iteration), the `prune` block's masks, and zero
+    updates (no state) for the frozen subtrees (frozen_params)."""
+    updates = int(config.train.steps) * get(config).updates_per_step(config)
+    tx, schedule = optim.make_optimizer(config.optim, updates, config.prune)
+    frozen = frozen_params(config)
+    return (optim.freeze(tx, frozen) if frozen else tx), schedule, frozen
 
 
 def _field(config, name: str):

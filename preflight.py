@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import optim
+import modes
 import sharding as sharding_lib
 import steps
 
@@ -79,11 +79,6 @@ class Estimate:
             out.append(f"  {'device memory':<20}{gib(self.limit)}  ({100 * self.total / self.limit:.0f}% used, "
                        f"{'fits' if self.fits else 'does NOT fit'} within {HEADROOM:.0%})")
         return out
-
-
-def mesh_sizes(mesh_cfg, n_devices: int) -> dict:
-    """{data, fsdp, tensor} sizes with the -1 filled and mesh.dcn_* applied, checked as sharding.make_mesh checks them."""
-    return sharding_lib.mesh_sizes(mesh_cfg, n_devices)
 
 
 def shard_bytes(abstract_boxed, sizes: dict, rules) -> tuple[int, int]:
@@ -158,22 +153,14 @@ def sized_inputs(vocab: int, num_classes: int = 2):
     return types.SimpleNamespace(tokenizer=tok, num_classes=num_classes)
 
 
-def optimizer(config, mode):
-    """The run's optimizer as harness.open_run builds it (schedule, pruning masks, accumulation, freezing)."""
-    updates = int(config.train.steps) * mode.updates_per_step(config)
-    tx, _ = optim.make_optimizer(config.optim, updates, config.prune)
-    frozen = ("base",) if int(config.lora.rank) > 0 else mode.frozen(config)  # as modes.frozen_params
-    return optim.freeze(tx, frozen) if frozen else tx
-
-
 def estimate(config, mode, inputs, *, n_devices: int, limit: int = 0, platform: str | None = None) -> Estimate:
     """Bytes per device of training `config` (its mode's model on `inputs`' tokenizer, its optimizer,
     micro-batch and mesh) on `n_devices` with `limit` bytes each (0: unknown)."""
-    sizes = mesh_sizes(config.mesh, n_devices)
+    sizes = sharding_lib.mesh_sizes(config.mesh, n_devices)
     model = mode.model(config, inputs)
     rules = sharding_lib.logical_rules(config.sharding)
     seq_len = int(config.data.seq_len)
-    p_dev, o_dev, p_all = state_bytes(model, optimizer(config, mode), sizes, rules, seq_len)
+    p_dev, o_dev, p_all = state_bytes(model, modes.optimizer(config)[0], sizes, rules, seq_len)
     acts, logits = activation_bytes(model.cfg, rows=micro_rows(config, mode), seq_len=seq_len, sizes=sizes,
                                     lm_logits=has_lm_logits(config), platform=platform or jax.default_backend())
     return Estimate(params=p_dev, opt_state=o_dev, grads=p_dev, update_temps=int(UPDATE_TEMPS * p_dev),
@@ -259,7 +246,7 @@ def check(config, mode, inputs) -> Estimate:
     limit = int(float(config.train.memory_limit_gb) * 2**30) or device_memory()
     plan = lambda c: estimate(c, mode, inputs, n_devices=n, limit=limit)  # noqa: E731
     est = plan(config)
-    sizes = mesh_sizes(config.mesh, n)
+    sizes = sharding_lib.mesh_sizes(config.mesh, n)
     log.info("memory preflight: about %s per device of %s (parameters %s, optimizer state %s, activations and "
              "logits %s)", human(est.total), human(limit), human(est.params), human(est.opt_state),
              human(est.activations + est.logits))
@@ -281,7 +268,7 @@ def measure(config, mode) -> tuple[int, int]:
     with tempfile.TemporaryDirectory() as scratch:
         inputs = mode.inputs(config, scratch, micro)
         batch = next(inputs.train_iter)
-    model, tx = mode.model(config, inputs), optimizer(config, mode)
+    model, tx = mode.model(config, inputs), modes.optimizer(config)[0]
     mesh = sharding_lib.make_mesh(config.mesh)
     rules = sharding_lib.logical_rules(config.sharding)
     state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, int(config.data.seq_len))

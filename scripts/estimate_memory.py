@@ -25,6 +25,7 @@ import jax  # noqa: E402
 
 import modes  # noqa: E402
 import preflight  # noqa: E402
+import sharding  # noqa: E402
 from data import tokenizer as tokenizer_lib  # noqa: E402
 
 # Memory per device of common accelerators, GiB (vendor figures; a TPU v4/v5p chip shows as one device).
@@ -63,7 +64,7 @@ def main(argv):
     plan = lambda c: preflight.estimate(c, mode, preflight.sized_inputs(vocab), n_devices=n, limit=limit,  # noqa: E731
                                         platform=platform)
     est = plan(config)
-    sizes = preflight.mesh_sizes(config.mesh, n)
+    sizes = sharding.mesh_sizes(config.mesh, n)
     print(f"{config.mode}: {est.total_params / 4 / 1e6:.1f}M f32-equivalent parameters, vocab {vocab}, mesh {sizes}, "
           f"micro-batch {preflight.micro_rows(config, mode)} x {config.data.seq_len}, "
           f"remat {config.model.remat!r}, scan_layers {config.model.scan_layers}")

@@ -39,7 +39,7 @@ def main(argv):
     print("| optim.name | optimizer state | bytes per parameter |\n|---|---|---|")
     for name in optim.OPTIMIZERS:
         config.optim.name = name
-        _, state, params = preflight.state_bytes(model, preflight.optimizer(config, mode), sizes, rules,
+        _, state, params = preflight.state_bytes(model, modes.optimizer(config)[0], sizes, rules,
                                                  int(config.data.seq_len))
         print(f"| {name} | {state / 1e6:.2f} MB | {state / (params / 4):.3f} |")
     print(f"(parameters: {params / 4 / 1e6:.2f}M, {params / 1e6:.1f} MB in float32)")

@@ -24,8 +24,8 @@ def test_7b_fsdp8_params_per_device_are_a_eighth_without_allocating():
     c = llama_7b.get_config("gpu8")
     mode = modes.get(c)
     model = mode.model(c, preflight.sized_inputs(32000))
-    tx = preflight.optimizer(c, mode)
-    sizes = preflight.mesh_sizes(c.mesh, 8)
+    tx = modes.optimizer(c)[0]
+    sizes = sharding.mesh_sizes(c.mesh, 8)
     assert sizes == {"data": 1, "fsdp": 8, "tensor": 1}
     live_before = len(jax.live_arrays())
     p_dev, o_dev, p_all = preflight.state_bytes(model, tx, sizes, sharding.logical_rules(c.sharding), c.data.seq_len)
@@ -40,9 +40,9 @@ def test_per_device_bytes_match_the_real_shardings_on_8_devices(corpus_dir):
     c = tiny_config(corpus_dir, mesh__data=1, mesh__fsdp=4, mesh__tensor=2)
     mode = modes.get(c)
     model = mode.model(c, preflight.sized_inputs(267))
-    tx = preflight.optimizer(c, mode)
+    tx = modes.optimizer(c)[0]
     mesh, rules = sharding.make_mesh(c.mesh), sharding.logical_rules(c.sharding)
-    p_dev, _, p_all = preflight.state_bytes(model, tx, preflight.mesh_sizes(c.mesh, 8), rules, c.data.seq_len)
+    p_dev, _, p_all = preflight.state_bytes(model, tx, sharding.mesh_sizes(c.mesh, 8), rules, c.data.seq_len)
     abstract, _ = steps.abstract_params(model, mesh, rules, c.data.seq_len)
     real = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
     assert p_dev == real and p_all == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract))
