@@ -7,7 +7,9 @@ do not change what is saved (lr, steps, logging) may differ and are reported.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -112,7 +114,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
     Grain writes one iterator file per process (data/process_<i>-of-<n>.json); a checkpoint written by
     another process count restores from its process 0's file: the state (the global batch index,
     data/pipeline._host_batches) is the same in every process and for every count."""
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    target, rebuild = _state_target(mngr, step, abstract_state)
+    items = dict(state=ocp.args.StandardRestore(target))
     other = _other_count_iterator_file(mngr, step)
     if other is None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -121,7 +124,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter):
         with open(other) as f:
             data_iter.set_state(json.load(f))
         logging.getLogger("lmstack").info("data iterator restored from %s (written by another process count)", other)
-    return out["state"]
+    return rebuild(out["state"])
 
 
 def _other_count_iterator_file(mngr: ocp.CheckpointManager, step: int) -> str | None:
@@ -136,8 +139,26 @@ def _other_count_iterator_file(mngr: ocp.CheckpointManager, step: int) -> str | 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
     """Only the train state (the data iterator keeps its position): used by rollback."""
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return out["state"]
+    target, rebuild = _state_target(mngr, step, abstract_state)
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return rebuild(out["state"])
+
+
+def _state_target(mngr: ocp.CheckpointManager, step: int, abstract_state):
+    """(restore target, rebuild). A checkpoint written before a TrainState field existed (`loss_scale`, added
+    with float16 training) lacks it; when this run holds None there, the other fields are restored as a dict
+    and the state rebuilt with the None, so an upgrade never strands a run's checkpoints."""
+    path = os.path.join(str(mngr.directory), str(step), "state", "_METADATA")
+    if not dataclasses.is_dataclass(abstract_state) or not os.path.exists(path):
+        return abstract_state, lambda s: s
+    with open(path) as f:
+        on_disk = {ast.literal_eval(k)[0] for k in json.load(f).get("tree_metadata", {})}
+    fields = [f.name for f in dataclasses.fields(abstract_state)]
+    absent = [n for n in fields if n not in on_disk and getattr(abstract_state, n) is None]
+    if not absent:
+        return abstract_state, lambda s: s
+    target = {n: getattr(abstract_state, n) for n in fields if n not in absent}
+    return target, lambda s: dataclasses.replace(abstract_state, **s)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -122,3 +122,27 @@ def test_read_only_managers_open_without_orbaxs_read_only_warning(run, caplog):
     absl_logging.warning("Given directory is read only=%s", "elsewhere")  # not opening: passes
     notices = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Given directory is read only")]
     assert notices == ["Given directory is read only=elsewhere"]
+
+
+def test_checkpoint_from_before_loss_scale_restores(tmp_path):
+    """A state saved before TrainState had `loss_scale` (float16 support) restores into today's TrainState
+    (loss_scale None), exactly; today's checkpoints restore as before."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    import steps
+    state = steps.TrainState(step=jnp.int32(7), params={"w": jnp.arange(4.0)}, opt_state={"mu": jnp.ones((4,))},
+                             rng=jnp.zeros((2,), jnp.uint32), lr_scale=jnp.float32(0.5), dropped=jnp.int32(1),
+                             last_dropped=jnp.int32(3))
+    old = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "loss_scale"}
+    mngr = checkpoint.make_manager(str(tmp_path), keep=5, async_save=False)
+    mngr.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(old)))
+    mngr.save(8, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    for step in (7, 8):
+        got = checkpoint.restore_state(mngr, step, abstract)
+        assert isinstance(got, steps.TrainState) and got.loss_scale is None
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(a, b)
