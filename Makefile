@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/pretrain_causal.py
 WORKDIR ?= runs/default
+# pytest-xdist workers for `make test`; each test file runs whole in one worker (its module fixtures are
+# built once). Compiles are single-threaded, so 2 workers keep 2 cores busy.
+TEST_WORKERS ?= 2
 
 .PHONY: train test setup clean bench
 
@@ -19,7 +22,7 @@ train: setup
 	$(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: setup
 	$(BIN)/python scripts/benchmark.py --config=configs/shakespeare_char.py
