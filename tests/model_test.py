@@ -15,7 +15,8 @@ def make(**kw):
     base = dict(vocab_size=64, num_tokens=60, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
     base.update(kw)
     model = Transformer(ModelConfig(**base))
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
+    # jitted: one compile instead of one per op of an eager init (each new shape compiles every op)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     return model, params
 
 
@@ -26,7 +27,7 @@ def make(**kw):
 def test_shapes_and_finite(kw):
     model, params = make(**kw)
     tokens = jax.random.randint(jax.random.key(1), (3, 16), 0, 60)
-    logits = model.apply({"params": params}, tokens)
+    logits = jax.jit(model.apply)({"params": params}, tokens)
     chex.assert_shape(logits, (3, 16, 64))
     chex.assert_tree_all_finite(logits)
     # padded vocabulary rows are never predicted
@@ -39,6 +40,7 @@ def test_causal_gradient_is_zero_for_future_tokens():
     tokens = jax.random.randint(jax.random.key(2), (1, 12), 0, 60)
     x = emb[tokens]  # differentiate w.r.t. input embeddings
 
+    @jax.jit  # t is traced: one compile serves every position
     def logit_sum_at(t, x_in):
         def f(x_in):
             params2 = params
@@ -48,7 +50,7 @@ def test_causal_gradient_is_zero_for_future_tokens():
         return jax.grad(f)(x_in)
 
     for t in (0, 5, 11):
-        g = logit_sum_at(t, x)[0]  # [L, D]
+        g = logit_sum_at(jnp.int32(t), x)[0]  # [L, D]
         norms = jnp.abs(g).sum(-1)
         assert float(norms[t + 1:].max(initial=0.0)) == 0.0, f"position {t} sees the future"
         assert float(norms[: t + 1].min()) > 0.0, f"position {t} ignores its past"
@@ -68,7 +70,7 @@ def test_bidirectional_sees_the_future():
     model, params = make(causal=False)
     tokens = jax.random.randint(jax.random.key(3), (1, 10), 0, 60)
     x = params["embed"]["embedding"][tokens]
-    g = jax.grad(lambda x_in: model.apply({"params": params}, x_in, method=_encode_from_embeddings)[0, 2].sum())(x)
+    g = jax.jit(jax.grad(lambda x_in: model.apply({"params": params}, x_in, method=_encode_from_embeddings)[0, 2].sum()))(x)
     assert float(jnp.abs(g[0, 3:]).sum()) > 0.0
 
 
@@ -76,12 +78,13 @@ def test_packed_documents_do_not_attend_to_each_other():
     model, params = make()
     a = jax.random.randint(jax.random.key(4), (1, 7), 0, 60)
     b = jax.random.randint(jax.random.key(5), (1, 9), 0, 60)
-    alone_a = model.apply({"params": params}, a)
-    alone_b = model.apply({"params": params}, b)
+    apply = jax.jit(model.apply)  # one compile per shape instead of one per op and shape
+    alone_a = apply({"params": params}, a)
+    alone_b = apply({"params": params}, b)
     packed = jnp.concatenate([a, b], axis=1)
     pos = jnp.concatenate([jnp.arange(7), jnp.arange(9)])[None]
     seg = jnp.concatenate([jnp.ones(7, jnp.int32), 2 * jnp.ones(9, jnp.int32)])[None]
-    out = model.apply({"params": params}, packed, pos, seg)
+    out = apply({"params": params}, packed, pos, seg)
     np.testing.assert_allclose(out[:, :7], alone_a, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(out[:, 7:], alone_b, atol=1e-5, rtol=1e-5)
 
@@ -154,13 +157,14 @@ def test_bf16_attention_core_gradients_match_f32():
     def loss(q, k, v, dtype):
         return jnp.sum(jnp.sin(dot_product_attention(q, k, v, mask, dtype)))
 
-    ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, jnp.float32)
-    low = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, jnp.bfloat16)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    ref = grads(q, k, v, jnp.float32)
+    low = grads(q, k, v, jnp.bfloat16)
     for r, lo in zip(ref, low):
         assert lo.dtype == jnp.float32
         np.testing.assert_allclose(lo, r, atol=0.03 * float(jnp.abs(r).max()))
     # causality survives the custom VJP: query 3's output ignores keys 4+
-    g = jax.grad(lambda k: dot_product_attention(q, k, v, mask, jnp.bfloat16)[:, :, 3].sum())(k)
+    g = jax.jit(jax.grad(lambda k: dot_product_attention(q, k, v, mask, jnp.bfloat16)[:, :, 3].sum()))(k)
     assert float(jnp.abs(g[:, :, 4:]).max()) == 0.0
 
 
@@ -173,8 +177,8 @@ def test_causal_block_skipping_matches_full_attention(monkeypatch):
 
     def run(causal):
         f = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, jnp.bfloat16, causal=causal)  # noqa
-        out = f(q, k, v)
-        grads = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))(q, k, v)
+        out = jax.jit(f)(q, k, v)  # a fresh function per call: traced with this call's settings
+        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2)))(q, k, v)
         return out, grads
 
     (out_b, grads_b), (out_f, grads_f) = run(True), run(False)
@@ -195,7 +199,8 @@ def test_cpu_batch_slices_match_one_batch(monkeypatch, batch, mask_batch):
     def run(slices):
         monkeypatch.setattr(attention, "batch_slices", lambda: slices)
         f = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, jnp.bfloat16, causal=True)  # noqa
-        return f(q, k, v), jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))(q, k, v)
+        # jitted fresh functions: traced after the monkeypatch above, one compile instead of one per op
+        return jax.jit(f)(q, k, v), jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2)))(q, k, v)
 
     (out2, grads2), (out1, grads1) = run(2), run(1)
     np.testing.assert_allclose(out2, out1, atol=1e-6)
@@ -255,7 +260,7 @@ def test_platform_attention_path_matches_cpu_core(monkeypatch):
 
     def loss_and_grads():
         f = lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, tokens, positions_BxL=pos, segment_ids_BxL=seg)))  # noqa
-        return jax.value_and_grad(f)(params)
+        return jax.jit(jax.value_and_grad(f))(params)  # a fresh function: traced with the current path
 
     ours = loss_and_grads()
     monkeypatch.setattr(attention, "use_platform_attention", lambda: True)
