@@ -146,7 +146,7 @@ def _encoder(**kw):
     cfg = ModelConfig(vocab_size=320, num_tokens=267, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                       causal=False, type_vocab_size=2, dtype="float32", **kw)
     model = heads.MaskedLM(cfg, nsp=True)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 10), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 10), jnp.int32))["params"])
     return model, params
 
 
@@ -156,11 +156,13 @@ def test_encoder_heads_see_the_future_and_token_types():
     tokens = jax.random.randint(jax.random.key(1), (1, 10), 0, 256)
     x = params["backbone"]["embed"]["embedding"][tokens]
 
-    g = jax.grad(lambda x_in: model.apply({"params": params}, x_in, method=_mlm_from_embeddings)[0, 2].sum())(x)
+    # jitted: one compile per program instead of one per op (eager)
+    g = jax.jit(jax.grad(lambda x_in: model.apply({"params": params}, x_in, method=_mlm_from_embeddings)[0, 2].sum()))(x)
     assert float(jnp.abs(g[0, 3:]).sum()) > 0.0  # position 2 depends on later positions
-    mlm, nsp = model.apply({"params": params}, tokens)
+    apply = jax.jit(model.apply)
+    mlm, nsp = apply({"params": params}, tokens)
     types = jnp.concatenate([jnp.zeros((1, 5), jnp.int32), jnp.ones((1, 5), jnp.int32)], axis=1)
-    mlm_t, nsp_t = model.apply({"params": params}, tokens, None, None, types)
+    mlm_t, nsp_t = apply({"params": params}, tokens, None, None, types)
     assert mlm.shape == (1, 10, 320) and nsp.shape == (1, 2)
     assert not np.allclose(nsp, nsp_t)  # token types change the representation
 

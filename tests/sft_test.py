@@ -126,8 +126,9 @@ def test_sft_after_pretraining_learns_the_task(pretrained, copy_data, tmp_path):
 def test_lora_sft_trains_only_adapters_and_merges_exactly(pretrained, copy_data, tmp_path):
     tr, va = copy_data
     run, merged_dir = str(tmp_path / "lora"), str(tmp_path / "merged")
+    # no answers generated at eval: nothing here reads them (LoRA eval generation: train_test's sft_lora)
     cfg = _sft_cfg(tr, va, init_from=pretrained, model__d_model=64, model__d_ff=128, train__steps=6,
-                   lora__rank=4, lora__alpha=8.0, optim__lr=1e-2)
+                   lora__rank=4, lora__alpha=8.0, optim__lr=1e-2, sft__eval_generate=0)
     train.train_and_evaluate(cfg, run)
     _, pre, _ = checkpoint.load_for_inference(pretrained)
     _, params, step = checkpoint.load_for_inference(run)
@@ -142,8 +143,8 @@ def test_lora_sft_trains_only_adapters_and_merges_exactly(pretrained, copy_data,
     model = build.transformer(cfg, ByteTokenizer().vocab_size)
     wrapped = build.causal_lm(cfg, ByteTokenizer().vocab_size, ByteTokenizer().base_size)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 64)), jnp.int32)
-    want = wrapped.apply({"params": params}, tokens)
-    got = model.apply({"params": merged}, tokens)
+    want = jax.jit(wrapped.apply)({"params": params}, tokens)  # jitted: one compile, not one per op
+    got = jax.jit(model.apply)({"params": merged}, tokens)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
     assert os.path.exists(os.path.join(merged_dir, "chat_template.json"))
     with pytest.raises(ValueError, match="not a LoRA run"):
