@@ -151,7 +151,10 @@ def test_grpo_in_two_processes_matches_one_and_resumes(tmp_path):
     prompts = _write_prompts(tmp_path / "prompts")
     two, ref = str(tmp_path / "two"), str(tmp_path / "ref")
     _two_processes("", two, lambda *extra: _rl_args(prompts, two, f"--config.train.stop_after={RL_STOP}", *extra))
-    _run(_rl_args(prompts, ref, "--config.mesh.data=2", "--config.mesh.fsdp=2"), 4)
+    # the one-process runs share a compilation cache: the resume (same mesh, same programs) loads the reference
+    # run's compiled rollout and update steps instead of compiling them again (JAX keys them on the program)
+    cache = f"--config.train.compile_cache_dir={tmp_path / 'xla_cache'}"
+    _run(_rl_args(prompts, ref, "--config.mesh.data=2", "--config.mesh.fsdp=2", cache), 4)
     # the same rows on the same device layout: only the collectives' transport (gloo across processes) orders
     # sums differently. Measured: the same sampled completions (rewards, lengths and KL equal), params within
     # 1.2e-7 absolute, pg_loss within 6e-6 relative after one update (Adam at lr 3e-2 amplifies an ulp); the
@@ -164,7 +167,7 @@ def test_grpo_in_two_processes_matches_one_and_resumes(tmp_path):
         "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]  # the RL prompts' iterator, per process
     for a, b in zip(_params(two, RL_STOP), _params(ref, RL_STOP)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    _run(_rl_args(prompts, two, "--config.mesh.data=2", "--config.mesh.fsdp=2"), 4)  # resumes at RL_STOP
+    _run(_rl_args(prompts, two, "--config.mesh.data=2", "--config.mesh.fsdp=2", cache), 4)  # resumes at RL_STOP
     _close_abs({k: v for k, v in _rl_metrics(two).items() if k[0] > RL_STOP},
                {k: v for k, v in m1.items() if k[0] > RL_STOP})
     for a, b in zip(_params(two, RL_STEPS), _params(ref, RL_STEPS)):
