@@ -46,8 +46,9 @@ def _state(workdir, step):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_preemption_signal_checkpoints_and_exits_zero(corpus_dir, tmp_path, sig):
+    cache = f"--config.train.compile_cache_dir={tmp_path / 'xla_cache'}"  # the resume loads the compiled steps
     proc = subprocess.Popen(_cli(tmp_path, corpus_dir, "--config.train.steps=100000", "--config.train.log_every=1",
-                                 "--config.train.checkpoint_every=100000"),
+                                 "--config.train.checkpoint_every=100000", cache),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(str(tmp_path), 3, proc)
     proc.send_signal(sig)
@@ -57,13 +58,13 @@ def test_preemption_signal_checkpoints_and_exits_zero(corpus_dir, tmp_path, sig)
     saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     assert len(saved) == 1 and saved[0] >= 3
     resumed = subprocess.run(_cli(tmp_path, corpus_dir, "--config.train.steps=100000",
-                                  f"--config.train.stop_after={saved[0] + 2}"),
+                                  f"--config.train.stop_after={saved[0] + 2}", cache),
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0 and f"at step {saved[0]}" in resumed.stderr
 
 
 def test_kill_9_during_async_checkpoints_resumes_exactly(corpus_dir, tmp_path):
-    steps_total = 60
+    steps_total = 36  # killed after step >= 12 with a dozen or more steps still to go (checkpoints every step)
     cache = tmp_path / "xla_cache"  # the resumed run loads the victim's compiled steps: still exact
     args = ["--config.train.steps=%d" % steps_total, "--config.train.checkpoint_every=1",
             "--config.train.keep_checkpoints=2", "--config.train.log_every=1", "--config.train.eval_every=100000",
@@ -71,10 +72,11 @@ def test_kill_9_during_async_checkpoints_resumes_exactly(corpus_dir, tmp_path):
     victim = tmp_path / "victim"
     proc = subprocess.Popen(_cli(victim, corpus_dir, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_for_step(str(victim), 20, proc)
+    _wait_for_step(str(victim), 12, proc)
     time.sleep(np.random.default_rng().uniform(0.0, 0.3))
     proc.kill()  # SIGKILL: no chance to finish a write
     proc.wait()
+    assert max(int(d) for d in os.listdir(victim / "checkpoints") if d.isdigit()) < steps_total  # killed mid-run
     again = subprocess.run(_cli(victim, corpus_dir, *args), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stderr
