@@ -85,12 +85,14 @@ def test_bad_inputs_named_or_counted(tmp_path, caplog):
 
 def test_warm_start_from_mlm_and_freeze(corpus_dir, tmp_path):
     mlm_dir = str(tmp_path / "mlm")
-    train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3), mlm_dir)
+    one = dict(model__n_layers=1)  # every run one layer: loading/freezing is per parameter, not per depth
+    train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3, **one), mlm_dir)
     _, mlm_params, _ = checkpoint.load_for_inference(mlm_dir)
     tr = _write_task(tmp_path / "train.jsonl", 96, 0)
     va = _write_task(tmp_path / "val.jsonl", 24, 1)
     run = str(tmp_path / "cls")
-    train.train_and_evaluate(_cfg(tr, va, train__steps=4, init_from=mlm_dir, classify__freeze_backbone=True), run)
+    train.train_and_evaluate(_cfg(tr, va, train__steps=4, init_from=mlm_dir, classify__freeze_backbone=True, **one),
+                             run)
     _, cls_params, step = checkpoint.load_for_inference(run)
     assert step == 4 and set(cls_params) == {"backbone", "cls_head"}
     import jax
@@ -99,13 +101,13 @@ def test_warm_start_from_mlm_and_freeze(corpus_dir, tmp_path):
     assert open(os.path.join(run, "tokenizer.json")).read() == open(os.path.join(mlm_dir, "tokenizer.json")).read()
     # unfrozen: the backbone moves away from the checkpoint
     run2 = str(tmp_path / "cls2")
-    train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir), run2)
+    train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir, **one), run2)
     _, p2, _ = checkpoint.load_for_inference(run2)
     assert not np.array_equal(np.asarray(p2["backbone"]["embed"]["embedding"]),
                               np.asarray(mlm_params["backbone"]["embed"]["embedding"]))
     # mismatched shapes: an error naming the parameters
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"embed/embedding: checkpoint \(320, 32\)"):
-        train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir, model__d_model=64),
+        train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir, model__d_model=64, **one),
                                  str(tmp_path / "cls3"))
 
 

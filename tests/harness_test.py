@@ -161,12 +161,13 @@ def test_console_shows_the_modes_headline_metrics(corpus_dir, tmp_path, caplog, 
 
 def test_warm_start_names_the_heads_it_leaves_behind(corpus_dir, tmp_path, caplog):
     mlm_dir = str(tmp_path / "mlm")
-    train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3), mlm_dir)
+    one = dict(model__n_layers=1)  # both runs one layer: the heads left behind do not depend on depth
+    train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3, **one), mlm_dir)
     records = tmp_path / "cls.jsonl"
     records.write_text("".join(json.dumps({"text": t, "label": t[0]}) + "\n" for t in ["ab", "ba", "aa", "bb"] * 8))
     with caplog.at_level(logging.INFO, logger="lmstack"):
         train.train_and_evaluate(tiny_config(str(records), finetune_classify, train__steps=3, init_from=mlm_dir,
-                                             data__val_fraction=0.3), str(tmp_path / "cls"))
+                                             data__val_fraction=0.3, **one), str(tmp_path / "cls"))
     left = caplog.text.split("unused: ")[1].splitlines()[0]
     assert "mlm_head" in left and "nsp_head" in left and "params)" in left
 

@@ -221,12 +221,13 @@ def test_learns_planted_answer_spans(tmp_path):
 
 def test_warm_start_from_mlm(corpus_dir, tmp_path, caplog):
     mlm_dir = str(tmp_path / "mlm")
-    train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3), mlm_dir)
+    one = dict(model__n_layers=1)  # every run one layer: what is loaded or left behind is per head, not per depth
+    train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3, **one), mlm_dir)
     _, mlm_params, _ = checkpoint.load_for_inference(mlm_dir)
     tr = _write_task(tmp_path / "train.jsonl", 48, 0)
     va = _write_task(tmp_path / "val.jsonl", 8, 1)
     with caplog.at_level(logging.INFO, logger="lmstack"):
-        out = train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir), str(tmp_path / "qa"))
+        out = train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir, **one), str(tmp_path / "qa"))
     assert out["step"] == 3 and 0.0 <= out["eval/exact_match"] <= 100.0
     # the MLM run's own heads are left behind, and the log names them (it said 'unused: none' before)
     assert "re-initialised: qa_head" in caplog.text and "unused: mlm_head (" in caplog.text
@@ -234,7 +235,7 @@ def test_warm_start_from_mlm(corpus_dir, tmp_path, caplog):
     assert set(qa_params) == {"backbone", "qa_head"}
     assert qa_params["backbone"]["embed"]["embedding"].shape == mlm_params["backbone"]["embed"]["embedding"].shape
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"embed/embedding: checkpoint \(320, 32\)"):
-        train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir, model__d_model=64),
+        train.train_and_evaluate(_cfg(tr, va, train__steps=3, init_from=mlm_dir, model__d_model=64, **one),
                                  str(tmp_path / "qa2"))
 
 
