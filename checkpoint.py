@@ -7,7 +7,6 @@ do not change what is saved (lr, steps, logging) may differ and are reported.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import json
@@ -148,11 +147,9 @@ def _state_target(mngr: ocp.CheckpointManager, step: int, abstract_state):
     """(restore target, rebuild). A checkpoint written before a TrainState field existed (`loss_scale`, added
     with float16 training) lacks it; when this run holds None there, the other fields are restored as a dict
     and the state rebuilt with the None, so an upgrade never strands a run's checkpoints."""
-    path = os.path.join(str(mngr.directory), str(step), "state", "_METADATA")
-    if not dataclasses.is_dataclass(abstract_state) or not os.path.exists(path):
+    if not dataclasses.is_dataclass(abstract_state):
         return abstract_state, lambda s: s
-    with open(path) as f:
-        on_disk = {ast.literal_eval(k)[0] for k in json.load(f).get("tree_metadata", {})}
+    on_disk = set(ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "state").keys())
     fields = [f.name for f in dataclasses.fields(abstract_state)]
     absent = [n for n in fields if n not in on_disk and getattr(abstract_state, n) is None]
     if not absent:
