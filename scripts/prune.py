@@ -90,6 +90,12 @@ def check_source(workdir: str, config: dict) -> None:
 
 def calibration_norms(workdir: str, config_dict: dict, params, n_sequences: int) -> dict:
     """name -> ||x_k||_2 [.., K] over `n_sequences` rows of the run's own training batches."""
+    return {k: v ** 0.5 for k, v in calibration_stats(workdir, config_dict, params, n_sequences).items()}
+
+
+def calibration_stats(workdir: str, config_dict: dict, params, n_sequences: int, stat: str = "sq") -> dict:
+    """name -> float64 statistic of each Dense kernel's inputs x over `n_sequences` rows of the run's own
+    training batches: 'sq' = sum of x_k^2 [.., K], 'gram' = sum of x x^T [.., K, K] (model/calibrate.py)."""
     config = evaluation.config_from_saved(config_dict)
     mode = modes.get(config)
     scanned = bool(config.model.scan_layers)
@@ -98,10 +104,8 @@ def calibration_norms(workdir: str, config_dict: dict, params, n_sequences: int)
     model = mode.model(config, inputs)
     loss = mode.loss(config)
     plain = calibrate.unstack_layers(params) if scanned else params
-    sums = calibrate.dense_input_sq_sums(lambda p, b: loss(p, b, None, model=model), plain, batches)
-    if scanned:
-        sums = calibrate.stack_layers(sums, int(config.model.n_layers))
-    return {k: v ** 0.5 for k, v in sums.items()}
+    sums = calibrate.dense_input_stats(lambda p, b: loss(p, b, None, model=model), plain, batches, stat)
+    return calibrate.stack_layers(sums, int(config.model.n_layers)) if scanned else sums
 
 
 def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm: str = "", scope: str = "layer",

@@ -4,7 +4,7 @@
 
 For every Dense kernel W of the blocks, and the masks of one-shot magnitude (per kernel) and Wanda (per
 output column), the squared error the removed weights D put on the layer's output over the calibration
-inputs X: ||X D||^2 = tr(D^T G D), G = X^T X (model/calibrate.py's Gram statistic). Wanda's score is
+inputs X: ||X D||^2 = tr(D^T G D), G = X^T X (scripts/prune.py's calibration, Gram statistic). Wanda's score is
 each weight's own term of that error, so it should be lower there; README (Compression) compares this
 with what the validation loss says.
 """
@@ -21,8 +21,8 @@ from absl import app, flags  # noqa: E402
 
 import checkpoint  # noqa: E402
 import evaluation  # noqa: E402
-import modes  # noqa: E402
-from model import calibrate, prune  # noqa: E402
+import prune as prune_script  # noqa: E402  (scripts/prune.py: the calibration Wanda uses)
+from model import prune  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -46,10 +46,7 @@ def layer_errors(workdir: str, sparsity: float, calib: int) -> dict:
     if config.model.scan_layers:
         raise ValueError(f"--workdir={workdir!r} has model.scan_layers=True: this script reads per-layer kernels")
     weights = prune.prunable_tensors(params, False, False)
-    mode = modes.get(config)
-    inputs, batches = evaluation.training_rows(config, workdir, calib)
-    model, loss = mode.model(config, inputs), mode.loss(config)
-    grams = calibrate.dense_input_stats(lambda p, b: loss(p, b, None, model=model), params, batches, "gram")
+    grams = prune_script.calibration_stats(workdir, config_dict, params, calib, "gram")
     out, total = {}, {"magnitude": 0.0, "wanda": 0.0}
     for name, w in weights.items():
         gram_KxK = grams[name]
