@@ -73,7 +73,7 @@ def _gram_for(grams: dict | None, path: tuple[str, ...]):
     return None
 
 
-def _quantize_kernel(w_KxM, h_KxK, bits: int, group: int, method: str, act_scale: bool):
+def _quantize_kernel(w_KxM, h_KxK, bits: int, group: int, method: str, act_scale: bool, act_order: bool = False):
     """One [..., K, M] kernel (leading dims looped for the calibrated methods) -> (values, scale, s_K or None)."""
     if method == "rtn" or h_KxK is None:
         q, scale = quantize.rtn(np.asarray(w_KxM, np.float32), bits, group)
@@ -85,7 +85,7 @@ def _quantize_kernel(w_KxM, h_KxK, bits: int, group: int, method: str, act_scale
     qs, scales, ss = [], [], []
     for i in range(w.shape[0]):
         if method == "gptq":
-            q, scale = quantize.gptq(w[i], h[i], bits, group)
+            q, scale = quantize.gptq(w[i], h[i], bits, group, act_order=act_order)
             s = np.ones(w.shape[1], np.float32)
         else:
             q, scale, s = quantize.awq(w[i], h[i], bits, group)
@@ -97,8 +97,9 @@ def _quantize_kernel(w_KxM, h_KxK, bits: int, group: int, method: str, act_scale
 
 
 def quantize_params(params, abstract, method: str, grams: dict | None = None,
-                    group: int = 0) -> tuple[dict, dict]:
-    """(stored params matching `abstract`, {kernel path: how it was quantized})."""
+                    group: int = 0, act_order: bool = False) -> tuple[dict, dict]:
+    """(stored params matching `abstract`, {kernel path: how it was quantized}); `act_order`: GPTQ's inputs
+    in decreasing order of activation (model/quantize.py)."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     report = {}
@@ -110,7 +111,8 @@ def quantize_params(params, abstract, method: str, grams: dict | None = None,
             bits = 4 if target["kernel_q"].dtype == jnp.uint8 else 8
             h = _gram_for(grams, path)
             kind = method if h is not None else "rtn"
-            values, scale, s = _quantize_kernel(src["kernel"], h, bits, group, kind, "kernel_in_scale" in target)
+            values, scale, s = _quantize_kernel(src["kernel"], h, bits, group, kind, "kernel_in_scale" in target,
+                                                act_order)
             out = {"kernel_q": values, "kernel_scale": scale}
             if s is not None:
                 out["kernel_in_scale"] = s

@@ -150,9 +150,12 @@ def output_error(w_KxM, w_hat_KxM, h_KxK) -> float:
     return float(np.einsum("km,kl,lm->", d, np.asarray(h_KxK, np.float64), d))
 
 
-def gptq(w_KxM: np.ndarray, h_KxK: np.ndarray, bits: int, group: int, damp: float = 0.01):
-    """(q, scale) for one kernel [K, M] by GPTQ on the input Gram matrix H. Scales are absmax of the
-    (already error-updated) weights of each group, fixed when the group's first input is reached."""
+def gptq(w_KxM: np.ndarray, h_KxK: np.ndarray, bits: int, group: int, damp: float = 0.01,
+         act_order: bool = False):
+    """(q, scale) for one kernel [K, M] by GPTQ on the input Gram matrix H. A group's scales are the
+    absmax of its (already error-updated) weights, fixed when the first of its inputs is reached.
+    `act_order`: inputs are quantized in decreasing order of H's diagonal (the most active first,
+    while the most inputs remain to absorb their error); groups stay consecutive inputs as stored."""
     w = np.array(w_KxM, np.float64)
     h = np.array(h_KxK, np.float64)
     k, m = w.shape
@@ -161,19 +164,27 @@ def gptq(w_KxM: np.ndarray, h_KxK: np.ndarray, bits: int, group: int, damp: floa
     h[dead, dead] = 1.0
     w[dead] = 0.0
     h += damp * np.mean(np.diag(h)) * np.eye(k)
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    w, h = w[order], h[np.ix_(order, order)]
+    group_of = order // g  # the stored group of each input, in processing order
     u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper factor: row i holds how input i's error spreads onward
     top = qmax(bits)
     q = np.zeros((k, m), np.int8)
     scale = np.zeros((k // g, m), np.float64)
+    fixed = np.zeros(k // g, bool)
     for i in range(k):
-        if i % g == 0:
-            scale[i // g] = np.maximum(np.max(np.abs(w[i:i + g]), axis=0), 1e-8) / top
-        s = scale[i // g]
+        j = group_of[i]
+        if not fixed[j]:
+            scale[j] = np.maximum(np.max(np.abs(w[group_of == j]), axis=0), 1e-8) / top
+            fixed[j] = True
+        s = scale[j]
         qi = np.clip(np.round(w[i] / s), -top, top)
         q[i] = qi
         err = (w[i] - qi * s) / u[i, i]
         w[i + 1:] -= np.outer(u[i, i + 1:], err)
-    return q, scale.astype(np.float32)
+    out = np.zeros_like(q)
+    out[order] = q
+    return out, scale.astype(np.float32)
 
 
 def _clip_search(w_KxM, h_KxK, bits: int, g: int, ratios=np.linspace(1.0, 0.6, 9)):

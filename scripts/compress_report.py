@@ -2,7 +2,7 @@
 
     python scripts/compress_report.py --workdir=runs/mini --out=runs/mini_compress [--group=64] \
         [--variants=qat_int4=runs/mini_qat,gradual_50=runs/mini_prune50,gradual_2of4=runs/mini_prune24] \
-        [--max_batches=16] [--decode_tokens=64] [--calib=32] [--only=int8,int4_gptq,...]
+        [--max_batches=16] [--decode_tokens=64] [--calib=128] [--only=int8,int4_gptq,...]
 
 Rows: the run's params (f32, stored without the optimizer state a training checkpoint holds), the
 same rounded to bf16, int8, int4 round-to-nearest / GPTQ / AWQ (group --group), one-shot 50%
@@ -163,7 +163,7 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def report(workdir: str, out: str, *, group: int = 64, calib: int = 32, trained: dict | None = None,
+def report(workdir: str, out: str, *, group: int = 64, calib: int = 128, trained: dict | None = None,
            max_batches: int = 16, decode_tokens: int = 64, only=None) -> list[dict]:
     dirs = build_variants(workdir, out, group, calib, trained or {}, only)
     rows = [measure(name, d, max_batches, decode_tokens) for name, d in dirs.items()]
@@ -214,7 +214,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "The float run.", required=True)
     flags.DEFINE_string("out", None, "Directory for the variants and the report.", required=True)
     flags.DEFINE_integer("group", 64, "int4 group size.")
-    flags.DEFINE_integer("calib", 32, "Calibration sequences (GPTQ, AWQ, Wanda).")
+    flags.DEFINE_integer("calib", 128, "Calibration sequences (GPTQ, AWQ, Wanda).")
     flags.DEFINE_string("variants", "", "Trained variants: name=RUN_DIR,... (QAT runs, gradually pruned runs).")
     flags.DEFINE_integer("max_batches", 16, "Validation batches per variant.")
     flags.DEFINE_list("only", [], "Build only these of the planned variants (default: all).")

@@ -1,7 +1,7 @@
 """Quantize a run's checkpoint (weights only): int8 per output channel or int4 per group.
 
     python scripts/quantize.py --workdir=runs/mini --out=runs/mini_int4_gptq --method=gptq --bits=4 \
-        --group=64 [--embed_bits=8] [--calib=32] [--step=N]
+        --group=64 [--embed_bits=8] [--calib=128] [--act_order] [--step=N]
 
 Methods: rtn (round-to-nearest, absmax scales), gptq and awq (calibrated on --calib sequences of the
 run's own training data; model/quantize.py says how). Every dense kernel of the transformer is
@@ -50,7 +50,7 @@ def calibration_tokens(batches: list[dict], mode: str) -> list[np.ndarray]:
 
 
 def quantize_run(workdir: str, out: str, *, method: str, bits: int, group: int = 0, embed_bits: int = 8,
-                 calib: int = 32, step: int | None = None) -> dict:
+                 calib: int = 128, step: int | None = None, act_order: bool = False) -> dict:
     """Writes OUT (see the module docstring); returns the manifest."""
     if method not in ptq.METHODS:
         raise ValueError(f"--method={method!r}: expected one of {', '.join(ptq.METHODS)}")
@@ -84,10 +84,11 @@ def quantize_run(workdir: str, out: str, *, method: str, bits: int, group: int =
     if batches is not None:
         model_cfg = build.model_config(config, inputs.tokenizer.vocab_size)
         grams = ptq.calibrate(model_cfg, params, calibration_tokens(batches, config.mode))
-    qparams, kernels = ptq.quantize_params(params, abstract, method, grams, group)
+    qparams, kernels = ptq.quantize_params(params, abstract, method, grams, group, act_order and method == "gptq")
     manifest = {
         "source": os.path.abspath(workdir), "source_step": at, "method": method, "bits": bits, "group": group,
         "embed_bits": embed_bits, "calibration_sequences": calib if method != "rtn" else 0,
+        "act_order": act_order and method == "gptq",
         "param_bytes_before": param_bytes(params), "param_bytes_after": param_bytes(qparams),
         "disk_bytes_before": checkpoint.dir_bytes(os.path.join(workdir, "checkpoints", str(at))), "kernels": kernels}
 
@@ -105,7 +106,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("bits", 8, "8 or 4")
     flags.DEFINE_integer("group", 0, "Inputs per scale; 0 = one scale per output channel.")
     flags.DEFINE_integer("embed_bits", 8, "Embedding / LM head: 8, 4, or 0 to keep it float.")
-    flags.DEFINE_integer("calib", 32, "Calibration sequences (gptq, awq).")
+    flags.DEFINE_integer("calib", 128, "Calibration sequences (gptq, awq).")
+    flags.DEFINE_bool("act_order", False, "gptq: quantize inputs in decreasing order of activation.")
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.")
 
 
@@ -117,7 +119,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         manifest = quantize_run(FLAGS.workdir, FLAGS.out, method=FLAGS.method, bits=FLAGS.bits, group=FLAGS.group,
-                                embed_bits=FLAGS.embed_bits, calib=FLAGS.calib,
+                                embed_bits=FLAGS.embed_bits, calib=FLAGS.calib, act_order=FLAGS.act_order,
                                 step=None if FLAGS.step < 0 else FLAGS.step)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

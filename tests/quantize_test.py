@@ -55,15 +55,15 @@ def _correlated_inputs(n=512, k=64, seed=0):
     return x_NxK
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "gptq_act_order", "awq"])
 def test_calibrated_methods_beat_round_to_nearest(method):
     x_NxK = _correlated_inputs()
     w_KxM = np.random.default_rng(2).normal(size=(64, 32)) * 0.05
     h_KxK = x_NxK.T @ x_NxK
     q, scale = quantize.rtn(w_KxM, 4, 16)
     rtn_err = quantize.output_error(w_KxM, quantize.dequantize(q, scale), h_KxK)
-    if method == "gptq":
-        q, scale = quantize.gptq(w_KxM, h_KxK, 4, 16)
+    if method.startswith("gptq"):
+        q, scale = quantize.gptq(w_KxM, h_KxK, 4, 16, act_order=method == "gptq_act_order")
         w_hat = quantize.dequantize(q, scale)
     else:
         q, scale, s_K = quantize.awq(w_KxM, h_KxK, 4, 16)
@@ -72,6 +72,23 @@ def test_calibrated_methods_beat_round_to_nearest(method):
     err = quantize.output_error(w_KxM, w_hat, h_KxK)
     assert err < 0.8 * rtn_err, (err, rtn_err)
     assert err == pytest.approx(np.sum((x_NxK @ (w_KxM - w_hat)) ** 2), rel=1e-6)  # what output_error means
+
+
+def test_gptq_act_order_keeps_the_stored_groups():
+    """Quantized in another order, each stored group of 16 inputs still has one scale that its values use:
+    dequantizing with the returned scales reproduces w within each group's grid (half a cell after the
+    error updates, which only GPTQ's order changes), and the codes sit at their inputs' original places."""
+    x_NxK = _correlated_inputs()
+    h_KxK = x_NxK.T @ x_NxK
+    w_KxM = np.random.default_rng(3).normal(size=(64, 8)) * 0.05
+    q, scale = quantize.gptq(w_KxM, h_KxK, 4, 16, act_order=True)
+    assert scale.shape == (4, 8) and np.abs(q).max() <= 7
+    np.testing.assert_allclose(scale, np.max(np.abs(w_KxM.reshape(4, 16, 8)), axis=1) / 7, rtol=0.5)
+    identity = np.eye(64) * np.linspace(1, 64, 64)  # diagonal H: no error to spread, act order = RTN per input
+    q_diag, scale_diag = quantize.gptq(w_KxM, identity, 4, 16, damp=0.0, act_order=True)
+    q_rtn, scale_rtn = quantize.rtn(w_KxM, 4, 16)
+    np.testing.assert_array_equal(q_diag, q_rtn)
+    np.testing.assert_allclose(scale_diag, scale_rtn, rtol=1e-6)
 
 
 def test_bad_specs_are_named():
