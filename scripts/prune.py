@@ -1,12 +1,13 @@
 """One-shot pruning of a run's checkpoint into a new, compactly stored run directory.
 
     python scripts/prune.py --workdir=runs/mini --out=runs/mini_wanda50 --method=wanda --sparsity=0.5 \
-        [--nm=2:4] [--scope=layer|global] [--calib=64] [--step=N] [--include_embedding] [--include_heads]
+        [--nm=2:4] [--scope=layer|global] [--calib=64] [--sequential] [--step=N] [--include_embedding] [--include_heads]
 
 --method=magnitude drops the smallest |w| of each kernel (--scope=layer) or under one threshold over
 all pruned kernels (--scope=global). --method=wanda (Sun et al. 2023) drops, in every output column,
 the entries with the smallest |W_km| * ||x_k||_2, x the layer's inputs over --calib sequences of the
-run's own training data (rebuilt as training built it). --nm=N:M keeps the N largest scores of every
+run's own training data (rebuilt as training built it); with --sequential block by block, each block's
+inputs measured with the blocks before it already pruned (as the Wanda authors' code does). --nm=N:M keeps the N largest scores of every
 M consecutive input entries instead (2:4: sparsity 1/2; --sparsity is then not read). Pruned: the
 Dense kernels of the transformer blocks (and with the flags the embedding / LM head, the heads).
 
@@ -108,9 +109,46 @@ def calibration_stats(workdir: str, config_dict: dict, params, n_sequences: int,
     return calibrate.stack_layers(sums, int(config.model.n_layers)) if scanned else sums
 
 
+def _layer_of(name: str) -> int | None:
+    """The block index in an unscanned kernel's name ('layer_3/mlp/up/kernel' -> 3), else None."""
+    parts = [p for p in name.split("/") if p.startswith("layer_") and p[6:].isdigit()]
+    return int(parts[0][6:]) if parts else None
+
+
+def sequential_wanda(workdir: str, config_dict: dict, params, weights: dict, calib: int, sparsity: float,
+                     nm_pair) -> dict:
+    """name -> pruned weight by Wanda block by block: block l's masks from input norms measured with blocks
+    < l already pruned (scanned kernels: slice l of the stacked kernel), then the kernels outside the blocks."""
+    import numpy as np
+
+    scanned = {k for k in weights if "layers/block/" in k}
+    pruned = dict(weights)
+    for layer in list(range(int(config_dict["model"]["n_layers"]))) + [None]:
+        todo = [k for k in weights if k not in scanned and _layer_of(k) == layer]
+        if not todo and (layer is None or not scanned):
+            continue
+        norms = calibration_norms(workdir, config_dict, _with_tensors(params, pruned), calib)
+        masks = prune.oneshot_masks(weights, method="wanda", sparsity=sparsity, nm=nm_pair,
+                                    norms={k: norms[k] for k in weights if k in norms})
+        for k in todo:
+            pruned[k] = np.where(np.asarray(masks[k]), weights[k], 0).astype(weights[k].dtype)
+        if layer is not None:
+            for k in scanned:
+                pruned[k] = np.array(pruned[k])
+                pruned[k][layer] = np.where(np.asarray(masks[k][layer]), weights[k][layer], 0)
+    return pruned
+
+
+def _with_tensors(params, tensors: dict):
+    """params with the named tensors replaced (dense)."""
+    import jax
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: tensors.get(prune.path_name(prune.key_names(path)), x), params)
+
+
 def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm: str = "", scope: str = "layer",
               calib: int = 64, step: int | None = None, include_embedding: bool = False,
-              include_heads: bool = False) -> dict:
+              include_heads: bool = False, sequential: bool = False) -> dict:
     """Writes the pruned run to `out` (built beside it, moved into place last); returns the manifest."""
     import jax
     import numpy as np
@@ -119,6 +157,8 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
     target = check_args(method, sparsity, nm_pair, scope)
     if method == "wanda" and calib < 1:
         raise ValueError(f"--calib={calib}: wanda needs at least 1 calibration sequence")
+    if sequential and method != "wanda":
+        raise ValueError(f"--sequential: only for --method=wanda (got {method!r})")
     out = os.path.abspath(out)
     checkpoint.check_new_dir(out)
     config, params, at = checkpoint.load_for_inference(workdir, step)
@@ -132,10 +172,13 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
             if w.shape[prune.input_axis(k)] % nm_pair[1]:
                 raise ValueError(f"--nm={nm}: {k} has input dim {w.shape[prune.input_axis(k)]} (shape {w.shape}), "
                                  f"not divisible by M={nm_pair[1]}")
-    norms = calibration_norms(workdir, config, params, calib) if method == "wanda" else None
-    masks = prune.oneshot_masks(weights, method=method, sparsity=target, scope=scope, nm=nm_pair,
-                                norms=None if norms is None else {k: norms[k] for k in weights if k in norms})
-    pruned = {k: np.where(np.asarray(masks[k]), w, np.zeros_like(w)) for k, w in weights.items()}
+    norms = calibration_norms(workdir, config, params, calib) if method == "wanda" and not sequential else None
+    if sequential:
+        pruned = sequential_wanda(workdir, config, params, weights, calib, target, nm_pair)
+    else:
+        masks = prune.oneshot_masks(weights, method=method, sparsity=target, scope=scope, nm=nm_pair,
+                                    norms=None if norms is None else {k: norms[k] for k in weights if k in norms})
+        pruned = {k: np.where(np.asarray(masks[k]), w, np.zeros_like(w)) for k, w in weights.items()}
     report = prune.sparsity_report(pruned)
     compact = _packed(params, pruned)
 
@@ -152,7 +195,8 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
         manifest.update({"source": os.path.abspath(workdir), "step": at, "method": method,
                          "nm": f"{nm_pair[0]}:{nm_pair[1]}" if nm_pair else None,
                          "scope": scope if nm_pair is None and method == "magnitude" else "column" if method == "wanda"
-                         else "group", "target_sparsity": target, "calibration_sequences": calib if norms else 0,
+                         else "group", "target_sparsity": target,
+                         "calibration_sequences": calib if method == "wanda" else 0, "sequential": sequential,
                          "sparsity": report["global"],
                          "per_layer_sparsity": {k: v for k, v in report.items() if k != "global"},
                          "storage": "pruned kernels as non-zero values + np.packbits mask + shape (model/prune.pack)",
@@ -187,7 +231,8 @@ def main(argv):
     try:
         manifest = prune_run(FLAGS.workdir, FLAGS.out, method=FLAGS.method, sparsity=FLAGS.sparsity, nm=FLAGS.nm,
                              scope=FLAGS.scope, calib=FLAGS.calib, step=None if FLAGS.step < 0 else FLAGS.step,
-                             include_embedding=FLAGS.include_embedding, include_heads=FLAGS.include_heads)
+                             include_embedding=FLAGS.include_embedding, include_heads=FLAGS.include_heads,
+                             sequential=FLAGS.sequential)
     except (ValueError, FileNotFoundError, checkpoint.IncompatibleCheckpointError) as e:
         print(f"prune.py: error: {e}", file=sys.stderr)
         return 1
@@ -205,6 +250,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("nm", "", "N:M structured sparsity, e.g. 2:4 (N kept of every M input entries).")
     flags.DEFINE_string("scope", "layer", "magnitude: 'layer' (each kernel) | 'global' (one threshold).")
     flags.DEFINE_integer("calib", 64, "wanda: calibration sequences from the run's training data.")
+    flags.DEFINE_bool("sequential", False, "wanda: block by block, on the inputs of the blocks before pruned.")
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.")
     flags.DEFINE_bool("include_embedding", False, "Also prune the token embedding / an untied LM head.")
     flags.DEFINE_bool("include_heads", False, "Also prune the output-side heads' kernels.")

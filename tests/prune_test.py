@@ -271,6 +271,27 @@ def trained_run(corpus_dir, tmp_path_factory):
     return workdir
 
 
+def test_sequential_wanda_prunes_block_by_block(trained_run, tmp_path):
+    """--sequential: block 0 sees the dense model (its masks equal one-pass Wanda's), later blocks are
+    calibrated on the inputs of the pruned blocks before them; every kernel ends at the target sparsity."""
+    one = prune_script.prune_run(trained_run, str(tmp_path / "one"), method="wanda", sparsity=0.5, calib=8)
+    seq = prune_script.prune_run(trained_run, str(tmp_path / "seq"), method="wanda", sparsity=0.5, calib=8,
+                                 sequential=True)
+    assert seq["sequential"] and not one["sequential"] and seq["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    a = prune.prunable_tensors(checkpoint.load_for_inference(str(tmp_path / "one"))[1])
+    b = prune.prunable_tensors(checkpoint.load_for_inference(str(tmp_path / "seq"))[1])
+    assert sorted(a) == sorted(b)
+    first = [k for k in a if k.startswith("layer_0/")]
+    later = [k for k in a if not k.startswith("layer_0/")]
+    assert first and later
+    for k in first:
+        np.testing.assert_array_equal(np.asarray(a[k]) != 0, np.asarray(b[k]) != 0)
+    assert any((np.asarray(a[k]) != 0).tolist() != (np.asarray(b[k]) != 0).tolist() for k in later)
+    with pytest.raises(ValueError, match="--sequential: only for --method=wanda"):
+        prune_script.prune_run(trained_run, str(tmp_path / "bad"), method="magnitude", sequential=True)
+    assert not os.path.exists(tmp_path / "bad")
+
+
 def test_prune_script_end_to_end(trained_run, tmp_path):
     base = evaluation.evaluate_run(trained_run, max_batches=2)
     results = {}
