@@ -3,7 +3,7 @@
     python scripts/benchmark.py --config=configs/shakespeare_char.py            # JSON line
     python scripts/benchmark.py --config=configs/shakespeare_char.py --vs-torch \
         [--torch-variants=f32,bf16,bf16_compile] [--torch-arch=gpt2|llama]       # bench_torch.py
-    python scripts/benchmark.py --measure-peak                                  # matmul peaks
+    python scripts/benchmark.py --measure-peak [--peak-torch]                   # matmul peaks (and PyTorch's)
     python scripts/benchmark.py --config=configs/pretrain_mini.py --vs-peak     # MFU, interleaved
     python scripts/benchmark.py --config=... --what=eval|data                    # other paths
     python scripts/benchmark.py --config=... --what=decode [--vs-hf]             # KV decoding (bench_decode.py)
@@ -45,7 +45,7 @@ import objectives  # noqa: E402
 import optim  # noqa: E402
 import sharding  # noqa: E402
 import steps  # noqa: E402
-from model import build  # noqa: E402
+from model import build, layers  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "Config to benchmark.", lock_config=True)
@@ -58,8 +58,13 @@ flags.DEFINE_bool("vs_torch", False, "Alternate with PyTorch + HF GPT-2 (or Llam
 flags.DEFINE_bool("torch_bf16", False, "--vs-torch / --vs-hf: run PyTorch under bf16 autocast.")
 flags.DEFINE_bool("gpt2", False, "Use a GPT-2 shaped model (exact parameter parity with HF GPT-2).")
 flags.DEFINE_bool("measure_peak", False, "Measure bf16->f32 and f32 matmul peak GFLOP/s and exit.")
-flags.DEFINE_bool("vs_peak", False, "Alternate train-step blocks with 2048^3 bf16 matmuls; MFU = median per-round "
+flags.DEFINE_bool("peak_torch", False, "--measure-peak: also PyTorch's 2048^3 matmuls (its own process, "
+                  "--torch-threads threads), rounds alternating with XLA's.")
+flags.DEFINE_bool("vs_peak", False, "Alternate train-step blocks with 2048^3 matmuls; MFU = median per-round "
                   "ratio of the step's model GFLOP/s to the peak measured in the same round.")
+flags.DEFINE_enum("peak_dtype", "auto", ["auto", "bf16", "f32"], "--vs-peak: the peak's operand dtype; auto = "
+                  "the dtype the step's dots run in (f32 for a float32 model, and for bf16 models on CPUs "
+                  "without bf16 hardware, where layers.lowp hands bf16 dots over as f32).")
 flags.DEFINE_float("peak_gflops", 0.0, "Peak for MFU; 0 = config.train.peak_flops.")
 flags.DEFINE_enum("what", "train", ["train", "eval", "data", "decode", "compile", "mode"],
                   "train step | eval step | the grain input pipeline alone (real corpus) | "
@@ -83,20 +88,62 @@ def peak_matmul(dtype, n: int = 2048):
     return (lambda: f(a, b)), 2 * n ** 3
 
 
+TORCH_PEAK = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+mats = {n: (torch.randn(2048, 2048).to(d), torch.randn(2048, 2048).to(d))
+        for n, d in (("f32", torch.float32), ("bf16", torch.bfloat16))}
+print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+for line in sys.stdin:
+    a, b = mats[json.loads(line)["dtype"]]
+    torch.mm(a, b)
+    t = time.perf_counter()
+    for _ in range(3):
+        torch.mm(a, b)
+    print(json.dumps({"s": (time.perf_counter() - t) / 3}), flush=True)
+"""
+
+
 def measure_peak(reps: int = 10) -> dict:
-    out = {}
+    """XLA's 2048^3 matmul GFLOP/s (bf16 operands with f32 output, and f32); with --peak-torch PyTorch's
+    too, in its own process, rounds alternating (median and best of each; its bf16 only where the CPU has
+    bf16 hardware: without it PyTorch's bf16 matmul takes about a minute per 2048^3 product).)"""
+    out, torch_peer = {}, None
+    if FLAGS.peak_torch:
+        from peer_process import PeerProcess
+        torch_peer = PeerProcess("PyTorch", [sys.executable, "-c", TORCH_PEAK, str(FLAGS.torch_threads)],
+                                 omp_wait=FLAGS.torch_omp_wait)
+        out["torch"] = torch_peer.wait_ready()
     for name, dtype in (("bf16", jnp.bfloat16), ("f32", jnp.float32)):
         run, flops = peak_matmul(dtype)
-        times = [timed(run, 1) for _ in range(reps)]
+        times, torch_times = [], []
+        for _ in range(reps):
+            times.append(timed(run, 1))
+            if torch_peer is not None and (name == "f32" or layers.native_lowp_dots()):
+                torch_times.append(torch_peer.ask({"dtype": name})["s"])
         out[f"{name}_gflops_median"] = flops / statistics.median(times) / 1e9
         out[f"{name}_gflops_best"] = flops / min(times) / 1e9
+        if torch_times:
+            out[f"torch_{name}_gflops_median"] = flops / statistics.median(torch_times) / 1e9
+            out[f"torch_{name}_gflops_best"] = flops / min(torch_times) / 1e9
+    if torch_peer is not None:
+        torch_peer.close()
+    out["cpu"] = bench_decode.cpu_model()
     return out
 
 
-def mfu_vs_peak(run, tokens: int, flops_per_token: float, rounds: int, steps: int) -> dict:
-    """Model FLOPs utilisation against the bf16 peak measured in the same rounds (the machine's
+def peak_dtype(config):
+    """The operand dtype of the step's dots (--peak-dtype auto): bf16 only where they run as bf16."""
+    if FLAGS.peak_dtype != "auto":
+        return jnp.bfloat16 if FLAGS.peak_dtype == "bf16" else jnp.float32
+    lowp = jnp.dtype(config.model.dtype) != jnp.float32
+    return jnp.bfloat16 if lowp and layers.native_lowp_dots() else jnp.float32
+
+
+def mfu_vs_peak(run, tokens: int, flops_per_token: float, rounds: int, steps: int, dtype=jnp.bfloat16) -> dict:
+    """Model FLOPs utilisation against the `dtype` matmul peak measured in the same rounds (the machine's
     fast/slow states cancel out of each round's ratio)."""
-    peak_run, peak_flops = peak_matmul(jnp.bfloat16)
+    peak_run, peak_flops = peak_matmul(dtype)
     achieved, peaks, ratios = [], [], []
     for _ in range(rounds):
         a = flops_per_token * tokens / timed(run, steps)
@@ -107,7 +154,8 @@ def mfu_vs_peak(run, tokens: int, flops_per_token: float, rounds: int, steps: in
         print(f"step {a / 1e9:.0f} GFLOP/s, peak {p / 1e9:.0f} GFLOP/s, MFU {a / p:.1%}", file=sys.stderr)
     return {"what": "mfu_vs_peak", "mfu_median": statistics.median(ratios), "mfu_min": min(ratios),
             "mfu_max": max(ratios), "step_gflops_median": statistics.median(achieved) / 1e9,
-            "peak_gflops_median": statistics.median(peaks) / 1e9,
+            "peak_gflops_median": statistics.median(peaks) / 1e9, "peak_dtype": jnp.dtype(dtype).name,
+            "cpu": bench_decode.cpu_model(),
             "tokens_per_s_median": statistics.median(achieved) / flops_per_token}
 
 
@@ -264,7 +312,7 @@ def main(argv):
         run()
     peak = (FLAGS.peak_gflops * 1e9) or config.train.peak_flops
     if FLAGS.vs_peak:
-        print(json.dumps(mfu_vs_peak(run, tokens, fpt, FLAGS.rounds, FLAGS.steps)))
+        print(json.dumps(mfu_vs_peak(run, tokens, fpt, FLAGS.rounds, FLAGS.steps, peak_dtype(config))))
         return
     if not FLAGS.vs_torch:
         s = timed(run, FLAGS.steps)

@@ -40,6 +40,20 @@ def test_benchmark_mfu_vs_peak():
     assert 0 < row["mfu_min"] <= row["mfu_median"] <= row["mfu_max"]
     assert abs(row["mfu_median"] - row["step_gflops_median"] / row["peak_gflops_median"]) < 0.5 * row["mfu_median"]
     assert stderr.count("MFU") == 2  # one line per round
+    from model import layers
+    native = layers.native_lowp_dots()  # the same check the script makes: the peak is in the dots' dtype
+    assert row["peak_dtype"] == ("bfloat16" if native else "float32"), row
+    row, _ = _benchmark("--config=configs/pretrain_causal.py:tiny", "--vs-peak", "--steps=1", "--rounds=1",
+                        "--warmup=0", "--peak-dtype=bf16")
+    assert row["peak_dtype"] == "bfloat16"
+
+
+def test_measure_peak_with_pytorch_in_its_own_process():
+    pytest.importorskip("torch")
+    row, _ = _benchmark("--measure-peak", "--peak-torch", "--torch-omp-wait=passive")
+    for key in ("f32_gflops_median", "bf16_gflops_median", "torch_f32_gflops_median"):
+        assert row[key] > 1, row
+    assert row["torch"]["threads"] == 2 and row["cpu"]  # --torch-threads' default
 
 
 def test_benchmark_compile_variants():
