@@ -6,9 +6,10 @@
 --method=magnitude drops the smallest |w| of each kernel (--scope=layer) or under one threshold over
 all pruned kernels (--scope=global). --method=wanda (Sun et al. 2023) drops, in every output column,
 the entries with the smallest |W_km| * ||x_k||_2, x the layer's inputs over --calib sequences of the
-run's own training data (rebuilt as training built it); with --sequential block by block, each block's
-inputs measured with the blocks before it already pruned (as the Wanda authors' code does). --nm=N:M keeps the N largest scores of every
-M consecutive input entries instead (2:4: sparsity 1/2; --sparsity is then not read). Pruned: the
+run's own training data (rebuilt as training built it); with --sequential block by block, each
+block's inputs measured with the blocks before it already pruned (as the Wanda authors' code does).
+--nm=N:M keeps the N largest scores of every M consecutive input entries instead (2:4: sparsity 1/2;
+--sparsity is then not read). Pruned: the
 Dense kernels of the transformer blocks (and with the flags the embedding / LM head, the heads).
 
 OUT gets checkpoints/<step>/ (params only: each pruned kernel stored as its non-zero values + a packed
