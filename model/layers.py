@@ -5,6 +5,8 @@ cast to `dtype` (bf16 by default) with float32 accumulation in the forward AND b
 pass (`matmul` below); activations, norms, softmax and the loss stay float32. On CPUs with
 avx512_bf16 this is the fast path (see STACK-NOTES.md); on TPU/GPU it is the usual recipe.
 On CPUs without bf16 hardware the rounded operands go to float32 dots (`lowp`): same products.
+A float32 model takes the same custom backward on CPU (XLA's autodiff of plain f32 dots ran 1.4x
+slower there; LMSTACK_F32_AUTODIFF=1 restores it, for A/B measurements).
 """
 
 from __future__ import annotations
@@ -117,10 +119,14 @@ _lowp_matmul.defvjp(_lowp_fwd, _lowp_bwd)
 
 
 def matmul(x_NxK: jax.Array, w_KxM: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
-    """x @ w with float32 output; operands cast to `dtype` in forward and backward."""
-    if jnp.dtype(dtype) == jnp.float32:
+    """x @ w with float32 output; operands cast to `dtype` in forward and backward. A float32 model takes
+    the same custom backward (row-major weight-gradient dots) on CPU; elsewhere XLA's own."""
+    if jnp.dtype(dtype) == jnp.float32 and (F32_AUTODIFF[0] or jax.default_backend() != "cpu"):
         return jnp.dot(x_NxK, w_KxM.astype(x_NxK.dtype), preferred_element_type=jnp.float32)
     return _lowp_matmul(x_NxK, w_KxM, jnp.dtype(dtype))
+
+
+F32_AUTODIFF = [os.environ.get("LMSTACK_F32_AUTODIFF", "") == "1"]  # XLA's autodiff for f32 on CPU too (A/B)
 
 
 class Dense(nn.Module):

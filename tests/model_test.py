@@ -148,6 +148,40 @@ def test_model_config_errors_name_values():
         ModelConfig(vocab_size=64, num_tokens=60, n_heads=4, n_kv_heads=3)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_f32_custom_backward_equals_autodiff(monkeypatch, causal):
+    """A float32 model on CPU runs the mixed-precision path's custom VJPs (row-major weight-gradient dots,
+    blocked causal attention, batch slices) at float32: forward and gradients equal XLA's autodiff of
+    the plain formulas (LMSTACK_F32_AUTODIFF=1 selects those) to float32 rounding."""
+    from model import layers
+    from model.attention import attention_mask, dot_product_attention
+    x = jax.random.normal(jax.random.key(6), (4, 40, 32))
+    w = jax.random.normal(jax.random.key(7), (32, 16)) * 0.1
+    q, k, v = (jax.random.normal(jax.random.key(i), (4, 3, 40, 8)) for i in range(3))
+    seg = jnp.concatenate([jnp.ones((4, 25), jnp.int32), 2 * jnp.ones((4, 15), jnp.int32)], axis=1)
+    mask = attention_mask(seg, causal=True)
+
+    def loss(x, w, q, k, v):
+        y = jnp.tanh(matmul(x, w, jnp.float32))
+        a = dot_product_attention(q, k, v, mask, jnp.float32, causal=causal)
+        return jnp.sum(y ** 2) + jnp.sum(jnp.sin(a))
+
+    def run():  # fresh functions: the branch is taken at trace time, and JAX caches traces per function
+        fresh = lambda *a: loss(*a)  # noqa: E731
+        jaxpr = str(jax.make_jaxpr(lambda *a: loss(*a))(x, w, q, k, v))
+        return jax.jit(jax.value_and_grad(fresh, argnums=(0, 1, 2, 3, 4)))(x, w, q, k, v), jaxpr
+    monkeypatch.setattr(layers, "F32_AUTODIFF", [True])
+    (ref_val, ref), jaxpr = run()
+    assert "custom_vjp" not in jaxpr
+    monkeypatch.setattr(layers, "F32_AUTODIFF", [False])
+    (val, got), jaxpr = run()
+    assert "custom_vjp" in jaxpr  # really the other implementation
+    np.testing.assert_allclose(val, ref_val, rtol=1e-5)
+    for r, g in zip(ref, got):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(g, r, atol=1e-5 * float(jnp.abs(r).max()), rtol=1e-4)
+
+
 def test_bf16_attention_core_gradients_match_f32():
     from model.attention import attention_mask, dot_product_attention
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 16, 8)) for i in range(3))
