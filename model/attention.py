@@ -128,7 +128,7 @@ def dot_product_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, dtype=j
     keys up to its own last row, skipping the all-masked blocks above the diagonal. On CPU the
     batch is cut into batch_slices() independent slices (both cores busy).
     """
-    if jnp.dtype(dtype) == jnp.float32 and (layers.F32_AUTODIFF[0] or jax.default_backend() != "cpu"):
+    if jnp.dtype(dtype) == jnp.float32 and layers.f32_autodiff():
         return _attend(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, mask_Bx1xLxL, jnp.float32)[0]
     dtype = jnp.dtype(dtype)
     b, slices = q_BxHxLxK.shape[0], batch_slices()

@@ -77,6 +77,11 @@ def unstack_layers(params: dict) -> dict:
     return out
 
 
+def layer_part(parts: list[str]) -> int | None:
+    """Where in a kernel name's parts the unscanned block ('layer_3') is, or None outside the blocks."""
+    return next((j for j, p in enumerate(parts) if p.startswith("layer_") and p[6:].isdigit()), None)
+
+
 def stack_layers(per_layer: dict, n_layers: int) -> dict:
     """name -> statistic of the unscanned model ('.../layer_3/attn/query/kernel') -> the scanned
     kernels' names ('.../layers/block/attn/query/kernel') with a leading [n_layers] dim; names outside
@@ -84,7 +89,7 @@ def stack_layers(per_layer: dict, n_layers: int) -> dict:
     out, stacked = {}, {}
     for name, value in per_layer.items():
         parts = name.split("/")
-        at = next((j for j, p in enumerate(parts) if p.startswith("layer_") and p[6:].isdigit()), None)
+        at = layer_part(parts)
         if at is None:
             out[name] = value
             continue

@@ -121,12 +121,18 @@ _lowp_matmul.defvjp(_lowp_fwd, _lowp_bwd)
 def matmul(x_NxK: jax.Array, w_KxM: jax.Array, dtype: Dtype = jnp.float32) -> jax.Array:
     """x @ w with float32 output; operands cast to `dtype` in forward and backward. A float32 model takes
     the same custom backward (row-major weight-gradient dots) on CPU; elsewhere XLA's own."""
-    if jnp.dtype(dtype) == jnp.float32 and (F32_AUTODIFF[0] or jax.default_backend() != "cpu"):
+    if jnp.dtype(dtype) == jnp.float32 and f32_autodiff():
         return jnp.dot(x_NxK, w_KxM.astype(x_NxK.dtype), preferred_element_type=jnp.float32)
     return _lowp_matmul(x_NxK, w_KxM, jnp.dtype(dtype))
 
 
 F32_AUTODIFF = [os.environ.get("LMSTACK_F32_AUTODIFF", "") == "1"]  # XLA's autodiff for f32 on CPU too (A/B)
+
+
+def f32_autodiff() -> bool:
+    """Whether float32 matmuls and attention use XLA's autodiff (off CPU, or LMSTACK_F32_AUTODIFF=1) rather
+    than the custom VJPs the low-precision path has."""
+    return F32_AUTODIFF[0] or jax.default_backend() != "cpu"
 
 
 class Dense(nn.Module):

@@ -112,8 +112,9 @@ def calibration_stats(workdir: str, config_dict: dict, params, n_sequences: int,
 
 def _layer_of(name: str) -> int | None:
     """The block index in an unscanned kernel's name ('layer_3/mlp/up/kernel' -> 3), else None."""
-    parts = [p for p in name.split("/") if p.startswith("layer_") and p[6:].isdigit()]
-    return int(parts[0][6:]) if parts else None
+    parts = name.split("/")
+    at = calibrate.layer_part(parts)
+    return None if at is None else int(parts[at][6:])
 
 
 def sequential_wanda(workdir: str, config_dict: dict, params, weights: dict, calib: int, sparsity: float,
