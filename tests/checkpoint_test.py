@@ -146,3 +146,28 @@ def test_checkpoint_from_before_loss_scale_restores(tmp_path):
         assert isinstance(got, steps.TrainState) and got.loss_scale is None
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_single_process_saves_compile_no_replica_slices(tmp_path, caplog):
+    """Arrays replicated over the 8 devices save without Orbax's replica-parallel slicing in one process (it
+    compiled a slice program per array shape and replica at the first save) and restore exactly."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((8,), ("data",))
+    replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    state = {"w": jax.device_put(np.arange(24.0 * 40).reshape(24, 40), replicated),
+             "b": jax.device_put(np.arange(16, dtype=np.int32), split)}
+    mngr = checkpoint.make_manager(str(tmp_path), keep=2, async_save=False)
+    assert checkpoint.use_replica_parallel_saves() is False
+    caplog.set_level(logging.WARNING)
+    with jax.log_compiles(True):
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        mngr.wait_until_finished()
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert not [m for m in compiled if "slice" in m], compiled
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    got = mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    for k in state:
+        assert got[k].sharding == state[k].sharding
+        np.testing.assert_array_equal(got[k], state[k])
+    mngr.close()

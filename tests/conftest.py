@@ -15,15 +15,19 @@ hostenv.tune_malloc()
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Many tests compile the same tiny programs (a straight run and its resumed twin, every mode's
-# train/eval step): JAX's persistent compilation cache, in a directory of this test process only,
-# serves the repeats (README, Tests, says how much that saves). Subprocesses (CLI tests)
-# do not inherit it: they run exactly as a user's command does.
+# train/eval step): JAX's persistent compilation cache serves the repeats (README, Tests, says how much
+# that saves). One directory per pytest session: the process that creates it removes it at exit, and
+# pytest-xdist's workers, started by that process, inherit its path through the environment, so a
+# program one worker compiled loads in the other. Subprocesses that tests start (CLI tests) do not use
+# it: they run exactly as a user's command does.
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-_XLA_CACHE = tempfile.mkdtemp(prefix="lmstack_test_xla_cache_")
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+_XLA_CACHE = os.environ.get("LMSTACK_TEST_XLA_CACHE", "")
+if not _XLA_CACHE or not os.path.isdir(_XLA_CACHE):
+    _XLA_CACHE = os.environ["LMSTACK_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="lmstack_test_xla_cache_")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 hostenv.compile_cache(_XLA_CACHE)  # what train.compile_cache_dir does
 
 SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
