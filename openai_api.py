@@ -323,7 +323,7 @@ class _Api:
         return await self._answer(request, reqs, view, **opts)
 
     async def _answer(self, request, reqs, view, *, stream: bool, include_usage: bool, prompt_tokens: int):
-        job = _Job(self.engine, reqs)
+        job = _Job(self.engine, reqs, stream=stream)
         if stream:
             return StreamingResponse(self._stream(job, view, include_usage, prompt_tokens),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -378,17 +378,30 @@ async def _disconnected(request: HttpRequest) -> None:
 
 
 class _Job:
-    """An HTTP request's serving.Requests, their updates handed from the engine thread to this event loop."""
+    """An HTTP request's serving.Requests, their updates handed from the engine thread to this event loop.
+    A streamed job wakes the loop for every update (each becomes an SSE chunk); a non-streamed one only for
+    a request's last update, with everything it got (waking the loop every few tokens of every request
+    had cost the engine thread its share of the interpreter under concurrent load)."""
 
-    def __init__(self, engine: serving.Engine, requests: list[serving.Request]):
+    def __init__(self, engine: serving.Engine, requests: list[serving.Request], *, stream: bool = True):
         self.engine, self.requests = engine, requests
         self.choices = [shapes.Choice() for _ in requests]
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
+        held: dict[int, list] = {}  # non-streamed: each request's updates so far (engine thread only)
+
+        def put_all(updates):
+            for u in updates:
+                self.queue.put_nowait(u)
 
         def deliver(update):
+            if stream or update.error or update.finish_reason is not None:
+                updates = held.pop(update.index, []) + [update]
+            else:
+                held.setdefault(update.index, []).append(update)
+                return
             try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, update)
+                loop.call_soon_threadsafe(put_all, updates)
             except RuntimeError:  # the event loop is closed: the server is stopping
                 pass
         try:

@@ -318,3 +318,34 @@ def test_bind_check_and_the_script_refuse_a_public_host_without_a_key(tmp_path):
     out = subprocess.run([sys.executable, "scripts/serve.py", f"--workdir={tmp_path}", "--host=0.0.0.0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode != 0 and "--host=0.0.0.0 is reachable from other machines" in out.stderr
+
+
+def test_a_non_streamed_job_wakes_the_event_loop_once_per_choice():
+    """The engine thread's updates of a non-streamed job reach the event loop in one hand-over per choice (its
+    last update, with everything before it), in order; a streamed job's in one per update."""
+    import asyncio
+
+    class Engine:  # serving.Engine's submit/cancel, delivering from another thread as the engine does
+        def submit(self, requests, deliver):
+            def run():
+                for step in range(5):
+                    for r in requests:
+                        last = step == 4
+                        deliver(serving.Update(r.index, [step], [-0.5], None, f"{r.index}{step} ",
+                                               "length" if last else None))
+            threading.Thread(target=run).start()
+
+        def cancel(self, requests):
+            pass
+
+    async def collect(stream: bool):
+        loop = asyncio.get_running_loop()
+        wakeups, original = [], loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakeups.append(1), original(*a))[1]
+        reqs = [serving.Request(prompt=[1], max_new=5, sampling=GREEDY, seed=0, index=i) for i in range(2)]
+        choices = await openai_api._Job(Engine(), reqs, stream=stream).collect()
+        return [(c.tokens, c.text, c.finish_reason) for c in choices], len(wakeups)
+
+    want = [([0, 1, 2, 3, 4], "".join(f"{i}{s} " for s in range(5)), "length") for i in range(2)]
+    assert asyncio.run(collect(stream=False)) == (want, 2)
+    assert asyncio.run(collect(stream=True)) == (want, 10)
