@@ -288,8 +288,9 @@ def _window(reach: int, cache_len: int) -> int:
 def loop_compiler_options(dtype) -> tuple:
     """XLA options for the decode loop. On CPU its dense products are skinny ([batch, D] @ [D, N]):
     XLA:CPU's Eigen dots ran them faster than its YNNPACK fusions (f32, AMD Zen 2: 1.19x decode
-    tokens/s at batch 16, 1.00x at batch 1; bf16 emulated there: 1.09x). Kept where bf16 matmuls
-    have hardware (AVX512-BF16, AMX: not measured), and on other backends."""
+    tokens/s at batch 16, 1.00x at batch 1; bf16 emulated there: 1.09x). Not where bf16 matmuls have
+    hardware (AVX512-BF16, AMX): there YNNPACK's bf16 dots win (Zen 5, default model: Eigen dots gave
+    0.89x decode tokens/s at batch 16 and 0.81x at batch 32); nor on other backends."""
     if jax.default_backend() != "cpu" or (jnp.dtype(dtype) != jnp.float32 and layers.native_lowp_dots()):
         return ()
     return (("xla_cpu_experimental_ynn_fusion_type", ""),)
