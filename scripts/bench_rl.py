@@ -18,9 +18,10 @@ the per-round ratios (min and max too). The 1-minute load average before and aft
 
 Same work on both sides: the same GPT-2 shape (GELU MLP with d_ff = 4 d, LayerNorm, learned positions, biases,
 tied embeddings; lmstack's byte-tokenizer vocabulary padded to 320 rows on both: lmstack masks the padded
-logits, HF samples over all 320), random init, float32 (--dtype=bfloat16 for lmstack's default compute, --trl-bf16 for TRL under the
-Trainer's bf16 autocast; a CPU without AVX512-BF16/AMX emulates bf16: say which), the same token ids (lmstack's tokenizer and chat template render the
-prompts; trl_worker.py's tokenizer maps those ids 1:1), one optimizer update per iteration over all rows
+logits, HF samples over all 320), random init, float32 (--dtype=bfloat16 for lmstack's default compute,
+--trl-bf16 for TRL under the Trainer's bf16 autocast; a CPU without AVX512-BF16/AMX emulates bf16: say
+which), the same token ids (lmstack's tokenizer and chat template render the prompts; trl_worker.py's
+tokenizer maps those ids 1:1), one optimizer update per iteration over all rows
 (--minibatch to split), AdamW, clip 1, constant LR, no dropout, no activation checkpointing (TRL's default
 is gradient_checkpointing=True, which would slow it), no checkpoint saving, metrics logged every step.
 GRPO: --prompts prompts x --group completions of exactly --new-tokens tokens on TRL's side (min_new_tokens);
@@ -125,8 +126,8 @@ def make_spec(a, workdir: str) -> dict:
     vocab = -(-tok.vocab_size // 64) * 64  # model.vocab_multiple
     dim, layers, heads = SIZES[a.size]
     spec = {"algo": a.what, "layers": layers, "heads": heads, "dim": dim, "vocab": vocab, "seed": a.seed,
-            "pad_id": tok.pad_id, "end_id": tok.special_id(chat.END_TOKEN), "dtype": a.dtype, "trl_bf16": a.trl_bf16, "paths": paths,
-            "workdir": workdir}
+            "pad_id": tok.pad_id, "end_id": tok.special_id(chat.END_TOKEN), "dtype": a.dtype, "trl_bf16": a.trl_bf16,
+            "paths": paths, "workdir": workdir}
     if a.what == "grpo":
         problems, _ = prompts_data.read_prompts(paths["chat"], tok, max_prompt_len=a.max_prompt_len, strict=True)
         spec.update(positions=a.max_prompt_len + a.new_tokens, prompts=[[int(i) for i in p.prompt] for p in problems],
@@ -347,8 +348,8 @@ def summarise(a, spec, rounds, ours_info, theirs_info, load, cpu, workdir) -> di
            "size": a.size, "d_model": spec["dim"], "n_layers": spec["layers"], "n_heads": spec["heads"],
            "d_ff": 4 * spec["dim"], "vocab": spec["vocab"], "positions": spec["positions"],
            "lmstack_params": ours_info["n_params"], "trl_params": theirs_info["n_params"],
-           "lmstack_dtype": ours_info["dtype"], "trl_dtype": theirs_info["dtype"], "trl_bf16_autocast": a.trl_bf16, "jax": ours_info["jax"],
-           "torch": theirs_info["torch"], "transformers": theirs_info["transformers"], "trl": theirs_info["trl"],
+           "lmstack_dtype": ours_info["dtype"], "trl_dtype": theirs_info["dtype"], "trl_bf16_autocast": a.trl_bf16,
+           "jax": ours_info["jax"], "torch": theirs_info["torch"], "transformers": theirs_info["transformers"], "trl": theirs_info["trl"],
            "torch_threads": theirs_info["threads"], "torch_omp_wait": a.torch_omp_wait or "default",
            "trl_attn": theirs_info["attn_implementation"], "trl_optimizer": theirs_info["optimizer"],
            "trl_reference": theirs_info["reference"], "cpu": cpu, "cpu_count": os.cpu_count(), "loadavg_1m": load,

@@ -9,8 +9,8 @@ the entries with the smallest |W_km| * ||x_k||_2, x the layer's inputs over --ca
 run's own training data (rebuilt as training built it); with --sequential block by block, each
 block's inputs measured with the blocks before it already pruned (as the Wanda authors' code does).
 --nm=N:M keeps the N largest scores of every M consecutive input entries instead (2:4: sparsity 1/2;
---sparsity is then not read). Pruned: the
-Dense kernels of the transformer blocks (and with the flags the embedding / LM head, the heads).
+--sparsity is then not read). Pruned: the Dense kernels of the transformer blocks (and with the flags
+the embedding / LM head, the heads).
 
 OUT gets checkpoints/<step>/ (params only: each pruned kernel stored as its non-zero values + a packed
 bit mask + its shape, model/prune.pack), the run's tokenizer.json / chat_template.json / labels.json,
