@@ -245,8 +245,13 @@ def open_run(config, workdir: str, process_t0: float | None = None):
             yield run
             with checkpoint.write_errors(mngr, run.saved_step):
                 mngr.wait_until_finished()
-    finally:
-        writer.close()
+    except BaseException:
+        try:
+            writer.close()
+        except OSError as e:  # a full disk fails the metric files' flush too: the run's own error stays the one raised
+            log.warning("closing the metric files failed as well: %s", e)
+        raise
+    writer.close()
     mngr.close()
 
 

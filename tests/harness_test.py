@@ -187,3 +187,21 @@ def test_cli_config_error_is_one_message_not_a_traceback(tmp_path):
     assert "Traceback" not in out.stderr and not os.path.exists(work)
     empty = subprocess.run(cmd[:4] + ["--config.data.path="], cwd=root, capture_output=True, text=True)
     assert empty.returncode == 1 and "data.path is empty: mode='sft'" in empty.stderr
+
+
+def test_a_failing_metric_close_does_not_replace_the_runs_error(corpus_dir, tmp_path, monkeypatch):
+    """On a full disk the metric files' final flush fails too: the error that ended the run (e.g. the checkpoint
+    write's, naming the disk) is the one raised; without an earlier error the close's own error is raised."""
+    import harness
+    import metrics
+
+    def full(self):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(metrics.MetricWriter, "close", full)
+    config = tiny_config(corpus_dir)
+    with pytest.raises(ValueError, match="the run's own error"):
+        with harness.open_run(config, str(tmp_path / "a")):
+            raise ValueError("the run's own error")
+    with pytest.raises(OSError, match="No space left"):
+        with harness.open_run(config, str(tmp_path / "b")):
+            pass
