@@ -5,11 +5,13 @@
 Starts scripts/serve.py as its own process on a free loopback port (the real server: uvicorn,
 the engine thread, HTTP), then, from this process with the official `openai` client, alternates
 rounds: all requests sent one after another (each waits for the previous answer), then all at
-once from as many client threads. Prompts are distinct 16-token snippets; temperature 0.
-Reports per mode: aggregate completion tokens/s, p50 / p95 request latency, and the median over
-rounds of the per-round throughput ratio (concurrent / sequential). Without --workdir it saves the
-default configs/pretrain_causal.py model with random weights in a temporary run (speed does not
-depend on the weights; a request may end early at <eos>, and only generated tokens count).
+once from as many client threads (started, with their connections, before the timed rounds).
+Prompts are distinct 16-token snippets; temperature 0. Reports per mode: aggregate completion
+tokens/s, p50 / p95 request latency, the share of a core this client process used (it runs on the
+server's cores), and the median over rounds of the per-round throughput ratio (concurrent /
+sequential). Without --workdir it saves the default configs/pretrain_causal.py model with random
+weights in a temporary run (speed does not depend on the weights; a request may end early at
+<eos>, and only generated tokens count).
 Runtime: about 2 minutes at the defaults on 2 CPU cores.
 """
 
@@ -109,10 +111,12 @@ def main(argv):
         out = [ask(p) for p in prompts]
         return time.perf_counter() - t, out
 
+    # one client thread per request, started once (and their connections kept) before the timed rounds
+    pool = concurrent.futures.ThreadPoolExecutor(len(prompts))
+
     def concurrent_():
         t = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            out = list(pool.map(ask, prompts))
+        out = list(pool.map(ask, prompts))
         return time.perf_counter() - t, out
 
     try:
@@ -122,17 +126,23 @@ def main(argv):
         for r in range(FLAGS.rounds):
             row = {}
             for name, fn in (("sequential", sequential), ("concurrent", concurrent_)):
+                cpu0 = time.process_time()
                 wall, out = fn()
+                client_cpu = time.process_time() - cpu0  # this client's own CPU time: it shares the cores
                 lat = sorted(x[0] for x in out)
                 row[name] = {"tokens_per_s": sum(x[1] for x in out) / wall, "wall_s": wall,
+                             "client_cpu_share": client_cpu / wall,
                              "p50_s": statistics.median(lat), "p95_s": lat[int(0.95 * (len(lat) - 1))],
                              "tokens": sum(x[1] for x in out)}
                 time.sleep(0.5)
             row["ratio"] = row["concurrent"]["tokens_per_s"] / row["sequential"]["tokens_per_s"]
             print(f"round {r}: sequential {row['sequential']['tokens_per_s']:.0f} tok/s, concurrent "
-                  f"{row['concurrent']['tokens_per_s']:.0f} tok/s, ratio {row['ratio']:.2f}", file=sys.stderr)
+                  f"{row['concurrent']['tokens_per_s']:.0f} tok/s, ratio {row['ratio']:.2f}; client CPU "
+                  f"{row['sequential']['client_cpu_share']:.2f} / {row['concurrent']['client_cpu_share']:.2f} "
+                  f"of a core", file=sys.stderr)
             rounds.append(row)
     finally:
+        pool.shutdown()
         proc.terminate()
         proc.wait(timeout=30)
     med = lambda mode, key: statistics.median(r[mode][key] for r in rounds)  # noqa: E731
@@ -141,7 +151,7 @@ def main(argv):
     print(json.dumps({"what": "serve", "requests": FLAGS.requests, "max_tokens": FLAGS.max_tokens,
                       "slots": FLAGS.slots, "ratio_median": statistics.median(r["ratio"] for r in rounds),
                       **{f"{m}_{k}": med(m, k) for m in ("sequential", "concurrent")
-                         for k in ("tokens_per_s", "p50_s", "p95_s")}, "cpu": cpu}))
+                         for k in ("tokens_per_s", "p50_s", "p95_s", "client_cpu_share")}, "cpu": cpu}))
 
 
 if __name__ == "__main__":
