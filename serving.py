@@ -9,8 +9,8 @@
 
 One background thread owns the Decoder and its State, and loops:
 1. drops requests whose client went away (`cancel`) from the queue and from their slots;
-2. admits waiting requests into free slots, one prefill per group of them (their first tokens); a request
-   admitted here joins the running batch at the next decode step;
+2. admits waiting requests into free slots, one prefill per group of them (their first tokens), then
+   those that arrived meanwhile; a request admitted here joins the running batch at the next decode step;
 3. runs `chunk` one-token steps for every busy slot (a small chunk keeps admission latency low);
 4. hands each request its new tokens and text, cuts at a stop string (found on the host text, the
    rule of model/decode.py's rows), and frees a slot the moment its request ends.
@@ -215,18 +215,28 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
-                free = [i for i, live in enumerate(self._live) if live is None]
-                admit = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+            taken: list[Request] = []  # off the queue in this round: failed with the rest if a step fails
             try:
-                self._tick(list(zip(free, admit)))
+                for slot, live in enumerate(self._live):
+                    if live is not None and live.request.cancelled:
+                        self._free(slot, device_done=False)
+                # requests that arrive during a round's prefills are admitted in the same round (up to a
+                # batch of them: a flood of one-token requests cannot hold the decode steps back)
+                while len(taken) < self.slots and (admissions := self._take_waiting()):
+                    taken += [r for _, r in admissions]
+                    self._admit_all(admissions)
+                self._step()
             except Exception as e:  # noqa: BLE001 - one bad step must not kill the server
                 logging.exception("serving engine step failed")
-                self._fail_all(f"decoding failed: {type(e).__name__}: {e}", admit)
+                self._fail_all(f"decoding failed: {type(e).__name__}: {e}", taken)
 
-    def _tick(self, admissions: list[tuple[int, Request]]) -> None:
-        for slot, live in enumerate(self._live):
-            if live is not None and live.request.cancelled:
-                self._free(slot, device_done=False)
+    def _take_waiting(self) -> list[tuple[int, Request]]:
+        """Waiting requests paired with free slots, in arrival order, taken off the queue."""
+        with self._cond:
+            free = [i for i, live in enumerate(self._live) if live is None]
+            return [(slot, self._waiting.popleft()) for slot in free[:len(self._waiting)]]
+
+    def _admit_all(self, admissions: list[tuple[int, Request]]) -> None:
         ok = []
         for slot, r in admissions:
             if r.cancelled:
@@ -238,6 +248,9 @@ class Engine:
                 _send(r, Update(r.index, [], [], None, "", error=str(e)))
         for group in admission_groups(ok, self.group_sizes):
             self._admit(group)
+
+    def _step(self) -> None:
+        """`chunk` decode steps for every busy slot; each request gets what it generated."""
         if not any(self._live):
             return
         if self._device_stale:  # slots the host freed (stop string, client gone) stop on the device too

@@ -25,7 +25,8 @@ Speed: without --warmup, the first use of each prefill shape (prompt-length buck
 decode loop (attention window x busy-slot bucket) compiles it (seconds); --warmup compiles them all
 before /health answers. Measured (README, Inference speed; 2-core AMD Zen 2, default
 configs/pretrain_causal.py model, random weights, 32 slots, context 256): one request at a time
-about 700 tokens/s, 32 concurrent requests about 2,600 tokens/s in all. Not yet measured on a GPU.
+about 700 tokens/s, 32 concurrent requests about 2,600 tokens/s in all; on a 2-core AVX512-BF16
+Zen 5 about 1,600 and 6,500 tokens/s. Not yet measured on a GPU.
 """
 
 from __future__ import annotations

@@ -349,3 +349,48 @@ def test_a_non_streamed_job_wakes_the_event_loop_once_per_choice():
     want = [([0, 1, 2, 3, 4], "".join(f"{i}{s} " for s in range(5)), "length") for i in range(2)]
     assert asyncio.run(collect(stream=False)) == (want, 2)
     assert asyncio.run(collect(stream=True)) == (want, 10)
+
+
+def test_a_request_arriving_during_a_prefill_joins_the_same_decode_step(run, decoder):
+    """A request that reaches the queue while the engine prefills others is admitted before the decode steps
+    that follow (not a chunk later): a burst of HTTP requests arrives over milliseconds, not at once."""
+    engine = None
+
+    class Spy:  # the shared decoder, its prefill and steps observed
+        def __init__(self):
+            self.arrive_during_prefill, self.busy_at_steps = None, []
+
+        def __getattr__(self, name):
+            return getattr(decoder, name)
+
+        def prefill(self, *args, **kwargs):
+            if self.arrive_during_prefill is not None:
+                arrive, self.arrive_during_prefill = self.arrive_during_prefill, None
+                arrive()
+            return decoder.prefill(*args, **kwargs)
+
+        def steps(self, *args, **kwargs):
+            self.busy_at_steps.append(engine.stats()["busy"])
+            return decoder.steps(*args, **kwargs)
+
+    spy = Spy()
+    engine = serving.Engine(spy, run.params, detokenize=run.tokenizer.decode, max_queue=8).start()
+    got, done = {}, threading.Semaphore(0)
+
+    def deliver(update):
+        got.setdefault(update.index, []).extend(update.tokens)
+        if update.finish_reason or update.error:
+            assert update.error is None, update.error
+            done.release()
+
+    def request(index, prompt):
+        return serving.Request(prompt=run.tokenizer.encode(prompt), max_new=6, sampling=GREEDY, seed=0, index=index)
+
+    spy.arrive_during_prefill = lambda: engine.submit([request(1, "say bcd")], deliver)
+    try:
+        engine.submit([request(0, "say abc")], deliver)
+        assert done.acquire(timeout=60) and done.acquire(timeout=60), "the requests did not finish"
+    finally:
+        engine.stop()
+    assert spy.busy_at_steps[0] == 2, f"busy slots at each decode call: {spy.busy_at_steps}"
+    assert sorted(got) == [0, 1] and all(len(tokens) == 6 for tokens in got.values())
