@@ -54,6 +54,8 @@ def check_dpo(config) -> None:
         raise ValueError(f"dpo.beta={d.beta!r} must be > 0")
     if not 0.0 <= float(d.label_smoothing) < 0.5:
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} must be in [0, 0.5)")
+    if not float(d.get("nll_coef", 0.0)) >= 0:
+        raise ValueError(f"dpo.nll_coef={d.nll_coef!r} must be >= 0 (0 = no NLL term)")
     if d.loss == "ipo" and float(d.label_smoothing):
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} does not apply to dpo.loss='ipo' (set it to 0)")
     if not config.init_from and d.loss != "simpo":

@@ -114,7 +114,7 @@ MODES = {
 def _dpo_options(config) -> dict:
     d = config.dpo
     return {"loss": d.loss, "beta": float(d.beta), "label_smoothing": float(d.label_smoothing),
-            "simpo_gamma": float(d.simpo_gamma)}
+            "simpo_gamma": float(d.simpo_gamma), "nll_coef": float(d.get("nll_coef", 0.0))}
 
 
 _PREF_DEFAULTS = {"pref.val_path": "", "pref.too_long": "truncate", "pref.strict": True}

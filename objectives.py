@@ -146,10 +146,12 @@ def sequence_logps(logits_NxLxV, targets_NxL, weights_NxL):
 
 
 def dpo(params, batch, rng, *, model, loss: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-        simpo_gamma: float = 0.0):
+        simpo_gamma: float = 0.0, nll_coef: float = 0.0):
     """Direct preference optimisation and its variants (rl/losses.preference_loss) on a policy; the
     reference's sequence log-probs come with the batch (rl/reference.py computed them once). SimPO
-    uses length-normalised policy log-probs and no reference. Implicit rewards: beta * (policy - ref)."""
+    uses length-normalised policy log-probs and no reference. Implicit rewards: beta * (policy - ref).
+    `nll_coef` > 0 adds that multiple of the chosen response's mean token NLL to each pair's loss (RPO:
+    it holds the chosen answers' likelihood up while the margin grows)."""
     rows = _both_sides(batch)
     rngs = None if rng is None else {"dropout": rng}
     logits_2BxLxV = model.apply({"params": params}, rows["inputs"], rows["positions"], rows["segment_ids"],
@@ -166,6 +168,8 @@ def dpo(params, batch, rng, *, model, loss: str = "sigmoid", beta: float = 0.1, 
         loss_B = rl_losses.preference_loss(loss, pc_B, pr_B, refc_B, refr_B, beta=beta,
                                            label_smoothing=label_smoothing)
         reward_c_B, reward_r_B = beta * (pc_B - refc_B), beta * (pr_B - refr_B)
+    if nll_coef:
+        loss_B = loss_B + nll_coef * (-pc_B / jnp.maximum(nc_B, 1.0))
     w_B = batch["weight"].astype(jnp.float32)
     pairs = jnp.sum(w_B)
     loss_sum = jnp.sum(loss_B * w_B)

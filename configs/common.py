@@ -107,6 +107,7 @@ def base() -> ml_collections.ConfigDict:
     o.beta = 0.1  # inverse temperature of the implicit reward (simpo: its beta, ~2)
     o.label_smoothing = 0.0  # 'sigmoid' (cDPO) / 'robust': assumed rate of flipped labels, in [0, 0.5)
     o.simpo_gamma = 0.5  # 'simpo': target reward margin
+    o.nll_coef = 0.0  # + coef x the chosen response's mean token NLL (RPO, Pang et al. 2024; TRL's rpo_alpha); 0 = off
 
     c.rl = l = ml_collections.ConfigDict()  # modes 'grpo' and 'ppo' (rl/loop.py); data.path = prompts (data/prompts.py)
     l.val_path = ""  # held-out prompts for exact match; '' = hold out data.val_fraction of data.path by content hash

@@ -175,6 +175,7 @@ def at_reference():
         dpo = functools.partial(objectives.dpo, params, batch, None, model=model)
         simpo_batch = {**batch, "ref_chosen_logp": jnp.full(4, 123.0)}  # ignored by simpo
         return {"sigmoid": dpo(loss="sigmoid", beta=0.1), "ipo": dpo(loss="ipo", beta=0.1),
+                "rpo": dpo(loss="sigmoid", beta=0.1, nll_coef=0.5),
                 "simpo": objectives.dpo(params, simpo_batch, None, model=model, loss="simpo", beta=SIMPO_BETA,
                                         simpo_gamma=SIMPO_GAMMA), "logits": logits}
     return batch, jax.device_get(run(params, batch))
@@ -187,17 +188,32 @@ def test_dpo_at_the_reference_and_simpo_by_hand(at_reference):
     assert float(metrics["chosen_logp_change_sum"]) == pytest.approx(0.0, abs=1e-4)
     assert float(out["ipo"][0]) == pytest.approx((1 / (2 * 0.1)) ** 2, rel=1e-5)
     # SimPO: -log sigmoid(beta (mean chosen log-prob - mean rejected log-prob) - gamma), no reference
-    lp, n = {}, {}
-    for side in preference.SIDES:
-        logits = out["logits"][side].astype(np.float64)
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-            - logits.max(-1, keepdims=True)
-        tok_lp = np.take_along_axis(logp, batch[f"{side}_targets"][..., None], -1)[..., 0]
-        lp[side], n[side] = (tok_lp * batch[f"{side}_weights"]).sum(-1), batch[f"{side}_weights"].sum(-1)
+    lp, n = _sequence_logps_by_hand(batch, out["logits"])
     z = SIMPO_BETA * (lp["chosen"] / n["chosen"] - lp["rejected"] / n["rejected"]) - SIMPO_GAMMA
     want = np.mean(np.log1p(np.exp(-z[:3])))  # the zero-weight pair left out
     assert float(out["simpo"][0]) == pytest.approx(want, rel=1e-5)
     assert abs(want - math.log1p(math.exp(SIMPO_GAMMA))) > 1e-3  # the normalised log-probs mattered
+
+
+def _sequence_logps_by_hand(batch, logits_by_side):
+    """side -> (sum of the response tokens' log-probs [B], their count [B]) in float64 numpy."""
+    lp, n = {}, {}
+    for side in preference.SIDES:
+        logits = logits_by_side[side].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        tok_lp = np.take_along_axis(logp, batch[f"{side}_targets"][..., None], -1)[..., 0]
+        lp[side], n[side] = (tok_lp * batch[f"{side}_weights"]).sum(-1), batch[f"{side}_weights"].sum(-1)
+    return lp, n
+
+
+def test_dpo_nll_term_adds_the_chosen_mean_token_nll(at_reference):
+    """dpo.nll_coef (RPO): at the reference the DPO part is log 2, plus coef x each pair's chosen mean NLL."""
+    batch, out = at_reference
+    lp, n = _sequence_logps_by_hand(batch, out["logits"])
+    nll = -lp["chosen"][:3] / n["chosen"][:3]  # the zero-weight pair left out
+    assert float(out["rpo"][0]) == pytest.approx(math.log(2) + 0.5 * np.mean(nll), rel=1e-5)
+    assert float(out["rpo"][1]["correct_sum"]) == float(out["sigmoid"][1]["correct_sum"])  # rewards unchanged
 
 
 def test_dpo_accuracy_counts_no_pair_correct_at_the_reference(at_reference):
@@ -275,6 +291,7 @@ def test_dpo_starts_at_its_cached_reference(task_files, sft_run, tmp_path, monke
     (dict(dpo__loss="bogus"), "dpo.loss='bogus'"),
     (dict(dpo__beta=0.0), "dpo.beta=0.0"),
     (dict(dpo__label_smoothing=0.5), "dpo.label_smoothing=0.5"),
+    (dict(dpo__nll_coef=-1.0), "dpo.nll_coef=-1.0"),
     (dict(init_from=""), "dpo.loss='sigmoid' compares the policy with a reference model"),
 ])
 def test_dpo_config_errors_name_the_value_before_writing(task_files, sft_run, tmp_path, override, message):
