@@ -9,8 +9,28 @@ import struct
 import sys
 import time
 
-from tensorboardX import SummaryWriter
-from tensorboardX.proto import event_pb2
+
+
+def _import_tensorboardx():
+    """tensorboardX imports torch at module level whenever torch is installed, only to accept torch
+    tensors as values (we log floats): about a second and a few hundred MB at every start of train.py
+    on a machine with PyTorch. Hidden from that one import (an ImportError tensorboardX expects);
+    a process that already imported torch keeps it."""
+    if "torch" in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this is in place
+    try:
+        import tensorboardX
+        import tensorboardX.proto.event_pb2  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
+_tbx = _import_tensorboardx()
+SummaryWriter = _tbx.SummaryWriter
+event_pb2 = _tbx.proto.event_pb2
 
 
 class MetricWriter:

@@ -2,10 +2,13 @@
 does not count as a step, rollback with no checkpoint says what it does, config paths are named before
 anything is written, the console shows each mode's headline metrics."""
 
+import importlib.util
 import io
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -205,3 +208,13 @@ def test_a_failing_metric_close_does_not_replace_the_runs_error(corpus_dir, tmp_
     with pytest.raises(OSError, match="No space left"):
         with harness.open_run(config, str(tmp_path / "b")):
             pass
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch is not installed here")
+def test_importing_the_metric_writers_does_not_import_torch():
+    """tensorboardX would import PyTorch (~1 s at every start of train.py) where it is installed."""
+    code = ("import sys, metrics; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import torch; print(torch.__name__)")  # and torch still imports afterwards
+    p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "torch", p.stderr[-2000:]
