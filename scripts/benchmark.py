@@ -308,8 +308,12 @@ def main(argv):
                                                 timed=timed, make_causal_step=make_jax_step)))
         return
     run, tokens, n_params, fpt = make_jax_step(config, num_tokens, eval_only=FLAGS.what == "eval")
+    out = None
     for _ in range(FLAGS.warmup + 1):
-        run()
+        out = run()
+    # steps run asynchronously: without this wait the warm-up steps still executing (and the heap's
+    # first growth to hold several steps in flight) were timed as part of the first timed block
+    jax.block_until_ready(out)
     peak = (FLAGS.peak_gflops * 1e9) or config.train.peak_flops
     if FLAGS.vs_peak:
         print(json.dumps(mfu_vs_peak(run, tokens, fpt, FLAGS.rounds, FLAGS.steps, peak_dtype(config))))
