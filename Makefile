@@ -22,7 +22,7 @@ train: setup
 	$(BIN)/python train.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 tests
 
 bench: setup
 	$(BIN)/python scripts/benchmark.py --config=configs/shakespeare_char.py
