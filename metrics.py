@@ -10,7 +10,6 @@ import sys
 import time
 
 
-
 def _import_tensorboardx():
     """tensorboardX imports torch at module level whenever torch is installed, only to accept torch
     tensors as values (we log floats): about a second and a few hundred MB at every start of train.py

@@ -308,12 +308,9 @@ def main(argv):
                                                 timed=timed, make_causal_step=make_jax_step)))
         return
     run, tokens, n_params, fpt = make_jax_step(config, num_tokens, eval_only=FLAGS.what == "eval")
-    out = None
-    for _ in range(FLAGS.warmup + 1):
-        out = run()
-    # steps run asynchronously: without this wait the warm-up steps still executing (and the heap's
-    # first growth to hold several steps in flight) were timed as part of the first timed block
-    jax.block_until_ready(out)
+    # waited on (timed blocks at its end): steps run asynchronously, and warm-up steps still executing
+    # (with the heap's first growth to hold several steps in flight) were timed in the first timed block
+    timed(run, FLAGS.warmup + 1)
     peak = (FLAGS.peak_gflops * 1e9) or config.train.peak_flops
     if FLAGS.vs_peak:
         print(json.dumps(mfu_vs_peak(run, tokens, fpt, FLAGS.rounds, FLAGS.steps, peak_dtype(config))))

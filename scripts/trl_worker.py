@@ -104,7 +104,8 @@ def common_args(spec: dict, out_dir: str, max_steps: int) -> dict:
     no reporting, a constant LR without warmup or weight decay, gradient clipping at 1 (as lmstack's configs).
     spec["trl_bf16"]: float32 weights under the Trainer's bf16 autocast (TrainingArguments(bf16=True)) instead."""
     return dict(output_dir=out_dir, use_cpu=True, bf16=bool(spec.get("trl_bf16")), fp16=False,
-                gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, max_steps=max_steps,
+                gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1,
+                disable_tqdm=True, max_steps=max_steps,
                 learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                 max_grad_norm=1.0, gradient_accumulation_steps=1, dataloader_num_workers=0, seed=spec.get("seed", 0),
                 model_init_kwargs={"dtype": torch.float32, "attn_implementation": torch_gpt2._attn_implementation()})
