@@ -13,9 +13,11 @@ The pieces, each a pure function the Decoder compiles once:
   forward applies them, and dense kernels cast to the matmul dtype once (not at every token).
 - `prefill`: new prompts (right-padded [N, T], any lengths) run through the model in decode mode
   (`Transformer(decode=True)`: the same params plus a 'cache' collection, slot = position, so the
-  padding after a prompt is never attended and is overwritten as the row grows); their cache rows
-  are written into decode slots of the batch state, and each row's first token is chosen from the
-  logits at its last real token.
+  padding after a prompt is never attended and is overwritten as the row grows) (`prefill_rows`);
+  their cache rows are written into decode slots of the batch state (`insert`), and each row's first
+  token is chosen from the logits at its last real token.
+- `resize`: the batch state holds only the cache slots its rows can reach (a window, a few sizes per
+  context), cut or grown as they advance, so every decode step reads the cache where it lies.
 - `decode_steps`: a `lax.while_loop` of one-token steps over every slot, ending when every row is
   done or after `n` steps; it returns each step's tokens, their log-probs (float32 log-softmax of the
   raw logits: what a training forward pass gives) and, with `n_top`, the most likely alternatives.
@@ -161,15 +163,21 @@ def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_
             seed_N, max_new_N, stop_NxS):
     """Prompts -> their cache rows and first tokens, written into slots_N of `state` (a slot index
     >= B is a padding row: computed, then dropped). Returns (state, token_N, logp_N, top, finish_N)."""
+    new, token_N, logp_N, top, finish_N = prefill_rows(dec_model, cache_len, n_top, params, tokens_NxT, lengths_N,
+                                                       rows, seed_N, max_new_N, stop_NxS)
+    return insert(dec_model, state, new, slots_N), token_N, logp_N, top, finish_N
+
+
+@_native_dots
+def prefill_rows(dec_model, cache_len: int, n_top: int, params, tokens_NxT, lengths_N, rows, seed_N, max_new_N,
+                 stop_NxS):
+    """prefill's model half: the prompts' own N-row State (its cache as long as the prompts, T slots)
+    and first tokens. Returns (new rows, token_N, logp_N, top, finish_N); `insert` puts the rows in slots."""
     n, t = tokens_NxT.shape
-    axis = _batch_axis(dec_model)
-    # The prompts attend within a cache of their own length (prompt x prompt, not prompt x context);
-    # their rows are then padded out to the context.
+    # The prompts attend within a cache of their own length (prompt x prompt, not prompt x context).
     positions_NxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     logits_NxV, cache_n = _forward(dec_model, params, init_cache(dec_model, n, t), tokens_NxT, positions_NxT,
                                    lengths_N - 1)
-    widths = lambda c: [(0, cache_len - t if i == axis + 2 else 0) for i in range(c.ndim)]  # noqa: E731
-    cache_n = jax.tree.map(lambda c: jnp.pad(c, widths(c)), cache_n)
     v = logits_NxV.shape[-1]
     real_NxT = jnp.arange(t)[None, :] < lengths_N[:, None]
     prompt_NxV = jnp.zeros((n, v), bool).at[jnp.arange(n)[:, None], tokens_NxT].max(real_NxT)
@@ -178,17 +186,43 @@ def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_
     generated_N = jnp.ones((n,), jnp.int32)
     finish_N = _finish(token_N, generated_N, lengths_N, max_new_N, stop_NxS, cache_len)
     counts_NxV = counts_NxV.at[jnp.arange(n), token_N].add(1)
+    new = State(cache=cache_n, token_B=token_N, position_B=lengths_N, generated_B=generated_N, max_new_B=max_new_N,
+                done_B=finish_N > 0, finish_B=finish_N, seed_B=seed_N, stop_BxS=stop_NxS, counts_BxV=counts_NxV,
+                prompt_BxV=prompt_NxV, rows=rows)
+    return new, token_N, logp_N, top, finish_N
 
-    put = lambda big, new: big.at[slots_N].set(new, mode="drop")  # noqa: E731
-    put_cache = lambda big, new: (big.at[slots_N] if axis == 0 else big.at[:, slots_N]).set(new, mode="drop")  # noqa
-    state = State(
-        cache=jax.tree.map(put_cache, state.cache, cache_n), token_B=put(state.token_B, token_N),
-        position_B=put(state.position_B, lengths_N), generated_B=put(state.generated_B, generated_N),
-        max_new_B=put(state.max_new_B, max_new_N), done_B=put(state.done_B, finish_N > 0),
-        finish_B=put(state.finish_B, finish_N), seed_B=put(state.seed_B, seed_N), stop_BxS=put(state.stop_BxS, stop_NxS),
-        counts_BxV=put(state.counts_BxV, counts_NxV), prompt_BxV=put(state.prompt_BxV, prompt_NxV),
-        rows=jax.tree.map(put, state.rows, rows))
-    return state, token_N, logp_N, top, finish_N
+
+def insert(dec_model, state: State, new: State, slots_N) -> State:
+    """`state` with the rows of `new` (prefill_rows' State, cache at most as long as state's) written into
+    slots_N (an index >= B is dropped); their cache rows are zero-padded to the state's extent."""
+    axis = _batch_axis(dec_model)
+    extent = cache_extent(dec_model, state)
+
+    def pad(c):
+        return jnp.pad(c, [(0, extent - c.shape[axis + 2] if i == axis + 2 else 0) for i in range(c.ndim)])
+    put = lambda big, part: big.at[slots_N].set(part, mode="drop")  # noqa: E731
+    put_cache = lambda big, part: (big.at[slots_N] if axis == 0 else big.at[:, slots_N]).set(  # noqa: E731
+        pad(part), mode="drop")
+    return jax.tree.map(put, state.replace(cache=None), new.replace(cache=None)).replace(
+        cache=jax.tree.map(put_cache, state.cache, new.cache))
+
+
+def cache_extent(dec_model, state: State) -> int:
+    """How many cache slots (positions) the state holds per row: the Decoder keeps just the window its
+    rows need (`resize`), so a chunk of steps reads the cache as it lies instead of a copy of it."""
+    return jax.tree.leaves(state.cache)[0].shape[_batch_axis(dec_model) + 2]
+
+
+def resize(dec_model, extent: int, state: State) -> State:
+    """`state` with its cache cut or zero-padded to `extent` slots (the slots cut must hold nothing a
+    running row still attends to: positions past every running row's)."""
+    axis = _batch_axis(dec_model) + 2
+
+    def fit(c):
+        if c.shape[axis] >= extent:
+            return jax.lax.slice_in_dim(c, 0, extent, axis=axis)
+        return jnp.pad(c, [(0, extent - c.shape[axis] if i == axis else 0) for i in range(c.ndim)])
+    return state.replace(cache=jax.tree.map(fit, state.cache))
 
 
 @_native_dots
@@ -198,9 +232,13 @@ def decode_steps(dec_model, cache_len: int, n_top: int, chunk: int, window: int,
     when every row is done. Returns (state, tokens [B, chunk] (-1 where a row produced nothing),
     log-probs [B, chunk], top (log-probs, ids) [B, chunk, n_top] or None; zeros unless `want_top`).
 
-    The loop attends over the cache's first `window` slots only (sliced before, written back after):
-    the caller picks a window past every row's last position, so short sequences in a long context
-    do not pay for the empty slots."""
+    The loop attends over the cache's first `window` slots only: the caller picks a window past every
+    row's last position, so short sequences in a long context do not pay for the empty slots. The
+    Decoder keeps its state's cache exactly `window` long (`resize`); a longer one is sliced before
+    and written back after the loop (a copy of the window: costly next to a chunk of a few steps)."""
+    if cache_extent(dec_model, state) == window:
+        state, bufs = _loop(dec_model, cache_len, n_top, chunk, window, params, state, n, want_top)
+        return (state,) + _unpack(bufs, n_top)
     slot_axis = _batch_axis(dec_model) + 2  # cache leaves [(layers,) B, V, S, K]
     full_cache = state.cache
     state = state.replace(cache=jax.tree.map(lambda c: jax.lax.slice_in_dim(c, 0, window, axis=slot_axis), full_cache))
@@ -331,10 +369,14 @@ class Decoder:
         self.mesh, self.rules = mesh, tuple(rules)
         self._prepare = jax.jit(functools.partial(prepare, model))
         self._prepared = None  # ([weakrefs to the params' leaves], prepared params) of the last prepare
-        self._prefill = jax.jit(functools.partial(prefill, self.dec_model, cache_len, n_top), donate_argnums=(1,))
+        self._prefill_rows = jax.jit(functools.partial(prefill_rows, self.dec_model, cache_len, n_top))
+        self._insert = jax.jit(functools.partial(insert, self.dec_model), donate_argnums=(0,))
+        # no donation: a resized cache cannot reuse the old one's buffers
+        self._resize = jax.jit(functools.partial(resize, self.dec_model), static_argnums=(0,))
         self._steps = {}
         self._loop_options = loop_compiler_options(cfg.compute_dtype)
-        self._empty = jax.jit(functools.partial(empty_state, self.dec_model, batch, cache_len))
+        # a fresh state holds the smallest window; prefill and steps resize it to what its rows need
+        self._empty = jax.jit(functools.partial(empty_state, self.dec_model, batch, _window(2, cache_len)))
 
     def _context(self):
         """The mesh and logical rules (sharding.activate's two lines: model/ cannot import sharding.py)."""
@@ -370,6 +412,17 @@ class Decoder:
             if self.mesh is None and len(devices) == 1:
                 state = jax.device_put(state, devices.pop())
             return state
+
+    def extents(self) -> list[int]:
+        """Every cache extent (window) a state of this decoder may hold."""
+        return sorted({_window(r, self.cache_len) for r in range(2, self.cache_len + 1)})
+
+    def resize(self, state: State, extent: int) -> State:
+        """`state` holding `extent` cache slots per row (module `resize`; the state passed in is consumed)."""
+        if cache_extent(self.dec_model, state) == extent:
+            return state
+        with self._context():
+            return self._resize(extent, state)
 
     def set_done(self, state: State, done_B) -> State:
         """`state` with these slots marked done (freed, or ended by a stop string found on the host)."""
@@ -415,18 +468,20 @@ class Decoder:
                 raise ValueError(f"{len(ids)} stop token ids; at most {MAX_STOP_IDS}")
             stops[i, :len(ids)] = ids
         pad = lambda xs, fill, dtype: np.array(list(xs) + [fill] * (n - k), dtype)  # noqa: E731
+        if cache_extent(self.dec_model, state) < t:
+            state = self.resize(state, _window(t, self.cache_len))
         with self._context():
-            state, token, logp, top, finish = self._prefill(
-                dparams, state, tokens, lengths, pad(slots, self.batch, np.int32),
-                jax.tree.map(jnp.asarray, sampling.stack(list(settings), n)), pad(seeds, 0, np.uint32),
-                pad(max_new, 1, np.int32), stops)
+            new, token, logp, top, finish = self._prefill_rows(
+                dparams, tokens, lengths, jax.tree.map(jnp.asarray, sampling.stack(list(settings), n)),
+                pad(seeds, 0, np.uint32), pad(max_new, 1, np.int32), stops)
+            state = self._insert(state, new, pad(slots, self.batch, np.int32))
         out = to_host((token, logp, top, finish))
         return (state,) + tuple(None if x is None else jax.tree.map(lambda a: a[:k], x) for x in out)
 
     def loop_variants(self, chunk: int | None = None) -> list[tuple[int, int, int]]:
         """Every (chunk, window, rows) decode loop `steps` may compile for this chunk."""
         chunk = chunk or self.chunk
-        windows = sorted({_window(r, self.cache_len) for r in range(2, self.cache_len + 1)})
+        windows = self.extents()
         rows = [self.batch] if self.mesh is not None else sorted({_bucket(k, 1, self.batch)
                                                                    for k in range(1, self.batch + 1)})
         return [(chunk, w, k) for w in windows for k in rows]
@@ -434,24 +489,31 @@ class Decoder:
     def warm_up(self, dparams, state: State, chunk: int | None = None, prompt_lengths: Sequence[int] = (),
                 group_sizes: Sequence[int] = (1,)) -> State:
         """Compile, before any request, every decode loop `steps` may need for `chunk` (and prefills of
-        `group_sizes` prompts at these lengths' buckets), so no request waits on a compile. Each runs
-        once on no rows (state unchanged: prefills write to slots past the batch, loops run zero
-        steps). A server with S slots and context C compiles about 4 log2(C/64) x (log2(S) + 1) loops."""
+        `group_sizes` prompts at these lengths' buckets, and the cache resizes between windows), so no
+        request waits on a compile. `state` must have no running rows (a fresh one). Each runs once on
+        no rows (prefills write to slots past the batch, loops run zero steps). A server with S slots and
+        context C compiles about 4 log2(C/64) x (log2(S) + 1) loops."""
+        if not np.all(to_host(state.done_B)):
+            raise ValueError("warm_up needs a state without running rows (Decoder.empty())")
         chunk = chunk or self.chunk
+        extents = self.extents()
+        for a in extents:  # every resize steps or prefill may do: from any extent to any other
+            for b in extents:
+                state = self.resize(self.resize(state, a), b)
         for n in sorted(set(group_sizes)):
             for t in sorted({_bucket(m, 8, self.cache_len) for m in prompt_lengths}):
                 prompt = np.zeros(min(t, self.cache_len - 1), np.int32)
-                state, *_ = self.prefill(dparams, state, [prompt] * n, [self.batch] * n, [sampling.GREEDY] * n,
-                                         [0] * n, [1] * n, [()] * n)
-        done = jax.device_put(np.ones(self.batch, bool), state.done_B.sharding)
-        saved, state = state.done_B, state.replace(done_B=done)
+                for e in (e for e in extents if e >= t):  # the rows go into a state of each extent they fit
+                    state, *_ = self.prefill(dparams, self.resize(state, e), [prompt] * n, [self.batch] * n,
+                                             [sampling.GREEDY] * n, [0] * n, [1] * n, [()] * n)
         for key in self.loop_variants(chunk):
             if key not in self._steps:
                 self._steps[key] = self._compile_loop(*key)
             args = () if key[2] == self.batch else (np.full(key[2], self.batch, np.int32),)
             with self._context():
-                state = self._steps[key](dparams, state, jnp.int32(0), jnp.bool_(True), *args)[0]
-        return state.replace(done_B=saved)
+                state = self._steps[key](dparams, self.resize(state, key[1]), jnp.int32(0), jnp.bool_(True),
+                                         *args)[0]
+        return state
 
     def _compile_loop(self, chunk: int, window: int, k: int):
         fn = decode_steps if k == self.batch else decode_rows
@@ -460,9 +522,11 @@ class Decoder:
 
     def steps(self, dparams, state: State, n: int, chunk: int | None = None, want_top: bool = True):
         """Up to n decode steps (at most `chunk`); returns (state, tokens [B, chunk], logprobs, top), on host.
-        Attends over a window of the cache past every running row's reach (`_window`) and, without a
-        mesh, runs only the busy slots when they are at most half the batch (`decode_rows`, a power of
-        two of them): one compiled loop per (chunk, window, rows)."""
+        Attends over a window of the cache past every running row's reach (`_window`), the state's cache
+        cut or grown to it first (`resize`: the window changes a few times in a row's life, where
+        slicing it out of a full-length cache copied it at every chunk: 1.7x the time of a 4-step
+        chunk at batch 32), and, without a mesh, runs only the busy slots when they are at most half
+        the batch (`decode_rows`, a power of two of them): one compiled loop per (chunk, window, rows)."""
         chunk = chunk or self.chunk
         done, position = to_host((state.done_B, state.position_B))
         reach = int(np.max(np.where(done, 0, position))) + min(n, chunk) + 1
@@ -472,7 +536,10 @@ class Decoder:
         if self.mesh is not None or k == self.batch:
             k, args = self.batch, ()
         else:  # few busy slots: compute only those (a power of two of them; pads index past the batch)
+            # over every slot the state holds: shrinking it would copy the whole batch's cache for a few rows
+            window = max(window, cache_extent(self.dec_model, state))
             args = (np.concatenate([busy, np.full(k - len(busy), self.batch)]).astype(np.int32),)
+        state = self.resize(state, window)  # the loop then reads the cache in place (decode_steps)
         key = (chunk, window, k)
         if key not in self._steps:
             self._steps[key] = self._compile_loop(chunk, window, k)

@@ -27,13 +27,13 @@ def _params(model, seed=0):
 PROMPTS = [np.array([5, 9, 3]), np.array([7]), np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]), np.array([40, 2])]
 
 
-def _check_against_full_forward(model, params, outs, prompts, tol, apply=None):
+def _check_against_full_forward(model, params, outs, prompts, tol, apply=None, length=64):
     """Every returned log-prob (and the full top-V distribution) equals log_softmax of a full forward
     over prompt + completion at that position; greedy tokens are its argmax."""
     forward = jax.jit(apply or (lambda ids: model.apply({"params": params}, ids)))
     for p, o in zip(prompts, outs):
         ids = np.concatenate([p, o.tokens]).astype(np.int32)
-        padded = np.zeros((1, 64), np.int32)  # one compiled forward; causal, so the padding changes nothing before it
+        padded = np.zeros((1, length), np.int32)  # one compiled forward; causal: the padding changes nothing before it
         padded[0, :len(ids)] = ids
         logp_LxV = np.asarray(jax.nn.log_softmax(forward(jnp.asarray(padded))[0], axis=-1))
         rows = logp_LxV[len(p) - 1: len(p) - 1 + len(o.tokens)]
@@ -191,6 +191,41 @@ def test_prepared_weights_are_reused_only_for_the_same_arrays():
     assert dec.prepare(host) is not dec.prepare(host)
 
 
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3], [1, 2]])
+def test_the_cache_holds_the_window_its_rows_need_and_decodes_as_the_full_forward(slots):
+    """The state's cache grows with its rows (64 -> 128 -> 160 slots) and, for a full batch, shrinks
+    back when new short rows start; a few busy rows (a sub-batch) only ever grow it. Every token's
+    log-prob stays the full forward's."""
+    model = _model()
+    params = _params(model)
+    dec = decode.Decoder(model, batch=4, cache_len=160, chunk=8)
+    dparams = dec.prepare(params)
+    state = dec.empty(dparams)
+    assert decode.cache_extent(dec.dec_model, state) == 64
+    extents = []
+    for prompts, max_new in (([PROMPTS[0], PROMPTS[2]] * 2, 140), ([PROMPTS[1], PROMPTS[3]] * 2, 20)):
+        prompts = prompts[:len(slots)]
+        state, token, logp, _, _ = dec.prefill(dparams, state, prompts, slots, [sampling.GREEDY] * len(slots),
+                                               [0] * len(slots), [max_new] * len(slots), [()] * len(slots))
+        got = [([int(token[i])], [float(logp[i])]) for i in range(len(slots))]
+        while not np.all(np.asarray(state.finish_B)[slots] > 0):
+            state, tokens, logps, _ = dec.steps(dparams, state, max_new, 8)
+            extents.append(decode.cache_extent(dec.dec_model, state))
+            for (toks, lps), j in zip(got, slots):
+                keep = tokens[j] >= 0
+                toks.extend(tokens[j][keep].tolist())
+                lps.extend(logps[j][keep].tolist())
+        outs = [decode.Completion(toks, lps, "length", len(p)) for (toks, lps), p in zip(got, prompts)]
+        assert all(len(o.tokens) == max_new for o in outs)
+        _check_against_full_forward(model, params, outs, prompts, 2e-3, length=160)
+    grown = extents[:extents.index(160) + 1]
+    assert sorted(set(grown)) == [64, 128, 160] and grown == sorted(grown)
+    if len(slots) == dec.batch:  # the short rows that follow run in a cache cut back to 64 slots
+        assert extents[-1] == 64
+    else:
+        assert extents[-1] == 160 and extents == sorted(extents)
+
+
 def test_warm_up_compiles_every_loop_and_prefill_a_server_needs_and_changes_no_slot():
     model = _model()
     params = _params(model)
@@ -200,11 +235,12 @@ def test_warm_up_compiles_every_loop_and_prefill_a_server_needs_and_changes_no_s
     assert set(dec._steps) == set(dec.loop_variants()) == {(2, 32, k) for k in (1, 2, 4)}
     assert np.all(np.asarray(state.done_B)) and not np.any(np.asarray(state.generated_B))
     assert all(not np.any(np.asarray(c)) for c in jax.tree.leaves(state.cache))  # no slot written
-    compiled = dec._prefill._cache_size()
+    jits = (dec._prefill_rows, dec._insert, dec._resize)
+    compiled = [f._cache_size() for f in jits]
     state, *_ = dec.prefill(dparams, state, [PROMPTS[2]], [1], [sampling.GREEDY], [0], [6], [()])
     while not np.asarray(state.finish_B)[1]:
         state, *_ = dec.steps(dparams, state, 6, 2)
-    assert dec._prefill._cache_size() == compiled and set(dec._steps) == set(dec.loop_variants())
+    assert [f._cache_size() for f in jits] == compiled and set(dec._steps) == set(dec.loop_variants())
 
 
 def test_alternatives_are_computed_only_when_wanted_and_change_nothing_else():
