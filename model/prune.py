@@ -25,6 +25,9 @@ import optax
 
 METHODS = ("none", "magnitude", "nm")
 SCOPES = ("layer", "global")
+# one-shot comparison groups: every kernel, one threshold over all kernels, or each output column
+# (Wanda's, per its paper; the default for method 'wanda', 'layer' for 'magnitude')
+ONESHOT_SCOPES = ("layer", "global", "output")
 PACKED_KEYS = ("sparse_values", "sparse_bits", "sparse_shape")  # a packed tensor's dict (checkpoint leaves)
 
 
@@ -180,10 +183,18 @@ def gradual_masks(weights: dict, old_masks: dict, sparsity, *, method: str, scop
     return magnitude_masks(scores, sparsity, scope, prunable_counts=counts)
 
 
-def oneshot_masks(weights: dict, *, method: str, sparsity: float, scope: str = "layer",
+def default_scope(method: str) -> str:
+    return "output" if method == "wanda" else "layer"
+
+
+def oneshot_masks(weights: dict, *, method: str, sparsity: float, scope: str | None = None,
                   nm: tuple[int, int] | None = None, norms: dict | None = None) -> dict:
-    """One-shot masks for name -> weight: 'magnitude' (|w|; per kernel or global) or 'wanda' (|w| * ||x||,
-    per output column; `norms`: name -> the input norm [.., K]); with `nm` = (n, m), N:M on either score."""
+    """One-shot masks for name -> weight: 'magnitude' (|w|) or 'wanda' (|w| * ||x||; `norms`: name -> the
+    input norm [.., K]), the lowest scores dropped within each `scope` (ONESHOT_SCOPES; default: the
+    method's, default_scope); with `nm` = (n, m), N:M on either score."""
+    scope = scope or default_scope(method)
+    if scope not in ONESHOT_SCOPES:
+        raise ValueError(f"one-shot scope={scope!r}: expected one of {ONESHOT_SCOPES}")
     if method == "wanda":
         missing = sorted(set(weights) - set(norms or {}))
         if missing:
@@ -196,7 +207,7 @@ def oneshot_masks(weights: dict, *, method: str, sparsity: float, scope: str = "
         raise ValueError(f"one-shot method={method!r}: expected 'magnitude' or 'wanda'")
     if nm is not None:
         return {k: nm_mask(s, nm[0], nm[1], input_axis(k)) for k, s in scores.items()}
-    if method == "wanda":
+    if scope == "output":
         return {k: column_mask(s, sparsity) for k, s in scores.items()}
     return magnitude_masks(scores, sparsity, scope)
 

@@ -124,7 +124,7 @@ def build_variants(workdir: str, out: str, group: int, calib: int, trained: dict
             if not os.path.isdir(dirs[name]):
                 nm = f"{int(config.prune.n)}:{int(config.prune.m)}" if config.prune.method == "nm" else ""
                 prune_script.prune_run(run, dirs[name], method="magnitude", sparsity=float(config.prune.sparsity),
-                                       nm=nm, scope=str(config.prune.scope),
+                                       nm=nm, scope="" if nm else str(config.prune.scope),
                                        include_embedding=bool(config.prune.include_embedding),
                                        include_heads=bool(config.prune.include_heads))
         else:

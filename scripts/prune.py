@@ -1,12 +1,13 @@
 """One-shot pruning of a run's checkpoint into a new, compactly stored run directory.
 
     python scripts/prune.py --workdir=runs/mini --out=runs/mini_wanda50 --method=wanda --sparsity=0.5 \
-        [--nm=2:4] [--scope=layer|global] [--calib=64] [--sequential] [--step=N] [--include_embedding] [--include_heads]
+        [--nm=2:4] [--scope=layer|global|output] [--calib=64] [--sequential] [--step=N] [--include_embedding] [--include_heads]
 
---method=magnitude drops the smallest |w| of each kernel (--scope=layer) or under one threshold over
-all pruned kernels (--scope=global). --method=wanda (Sun et al. 2023) drops, in every output column,
-the entries with the smallest |W_km| * ||x_k||_2, x the layer's inputs over --calib sequences of the
-run's own training data (rebuilt as training built it); with --sequential block by block, each
+--method=magnitude drops the smallest |w| of each kernel (--scope=layer, its default), under one
+threshold over all pruned kernels (--scope=global) or in every output column (--scope=output).
+--method=wanda (Sun et al. 2023) drops the entries with the smallest |W_km| * ||x_k||_2, x the
+layer's inputs over --calib sequences of the run's own training data (rebuilt as training built it),
+in every output column (--scope=output, its default, as its paper does) or per kernel / globally; with --sequential block by block, each
 block's inputs measured with the blocks before it already pruned (as the Wanda authors' code does).
 --nm=N:M keeps the N largest scores of every M consecutive input entries instead (2:4: sparsity 1/2;
 --sparsity is then not read). Pruned: the Dense kernels of the transformer blocks (and with the flags
@@ -57,14 +58,14 @@ def parse_nm(text: str) -> tuple[int, int] | None:
 
 
 def check_args(method: str, sparsity: float, nm: tuple[int, int] | None, scope: str) -> float:
-    """The sparsity the masks will have (N:M: 1 - N/M); errors name the bad value."""
+    """The sparsity the masks will have (N:M: 1 - N/M); errors name the bad value. scope '' = the method's."""
     if method not in ("magnitude", "wanda"):
         raise ValueError(f"--method={method!r}: expected 'magnitude' or 'wanda'")
-    if scope not in prune.SCOPES:
-        raise ValueError(f"--scope={scope!r}: expected one of {prune.SCOPES}")
-    if scope == "global" and (method == "wanda" or nm is not None):
-        raise ValueError(f"--scope=global applies to unstructured magnitude pruning, not --method={method}"
-                         + (f" --nm={nm[0]}:{nm[1]}" if nm else ""))
+    if scope and scope not in prune.ONESHOT_SCOPES:
+        raise ValueError(f"--scope={scope!r}: expected one of {prune.ONESHOT_SCOPES}")
+    if scope and nm is not None:
+        raise ValueError(f"--scope={scope} applies to unstructured pruning, not --nm={nm[0]}:{nm[1]} (its groups "
+                         f"are M consecutive inputs)")
     if nm is not None:
         return 1.0 - nm[0] / nm[1]
     if not 0.0 <= sparsity < 1.0:
@@ -118,7 +119,7 @@ def _layer_of(name: str) -> int | None:
 
 
 def sequential_wanda(workdir: str, config_dict: dict, params, weights: dict, calib: int, sparsity: float,
-                     nm_pair) -> dict:
+                     nm_pair, scope: str = "output") -> dict:
     """name -> pruned weight by Wanda block by block: block l's masks from input norms measured with blocks
     < l already pruned (scanned kernels: slice l of the stacked kernel), then the kernels outside the blocks."""
     import numpy as np
@@ -130,7 +131,7 @@ def sequential_wanda(workdir: str, config_dict: dict, params, weights: dict, cal
         if not todo and (layer is None or not scanned):
             continue
         norms = calibration_norms(workdir, config_dict, _with_tensors(params, pruned), calib)
-        masks = prune.oneshot_masks(weights, method="wanda", sparsity=sparsity, nm=nm_pair,
+        masks = prune.oneshot_masks(weights, method="wanda", sparsity=sparsity, scope=scope, nm=nm_pair,
                                     norms={k: norms[k] for k in weights if k in norms})
         for k in todo:
             pruned[k] = np.where(np.asarray(masks[k]), weights[k], 0).astype(weights[k].dtype)
@@ -148,7 +149,7 @@ def _with_tensors(params, tensors: dict):
         lambda path, x: tensors.get(prune.path_name(prune.key_names(path)), x), params)
 
 
-def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm: str = "", scope: str = "layer",
+def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm: str = "", scope: str = "",
               calib: int = 64, step: int | None = None, include_embedding: bool = False,
               include_heads: bool = False, sequential: bool = False) -> dict:
     """Writes the pruned run to `out` (built beside it, moved into place last); returns the manifest."""
@@ -157,6 +158,7 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
 
     nm_pair = parse_nm(nm)
     target = check_args(method, sparsity, nm_pair, scope)
+    scope = scope or prune.default_scope(method)
     if method == "wanda" and calib < 1:
         raise ValueError(f"--calib={calib}: wanda needs at least 1 calibration sequence")
     if sequential and method != "wanda":
@@ -176,7 +178,7 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
                                  f"not divisible by M={nm_pair[1]}")
     norms = calibration_norms(workdir, config, params, calib) if method == "wanda" and not sequential else None
     if sequential:
-        pruned = sequential_wanda(workdir, config, params, weights, calib, target, nm_pair)
+        pruned = sequential_wanda(workdir, config, params, weights, calib, target, nm_pair, scope)
     else:
         masks = prune.oneshot_masks(weights, method=method, sparsity=target, scope=scope, nm=nm_pair,
                                     norms=None if norms is None else {k: norms[k] for k in weights if k in norms})
@@ -196,8 +198,7 @@ def prune_run(workdir: str, out: str, *, method: str, sparsity: float = 0.5, nm:
         compact_bytes = checkpoint.dir_bytes(os.path.join(run_dir, "checkpoints"))
         manifest.update({"source": os.path.abspath(workdir), "step": at, "method": method,
                          "nm": f"{nm_pair[0]}:{nm_pair[1]}" if nm_pair else None,
-                         "scope": scope if nm_pair is None and method == "magnitude" else "column" if method == "wanda"
-                         else "group", "target_sparsity": target,
+                         "scope": scope if nm_pair is None else "group", "target_sparsity": target,
                          "calibration_sequences": calib if method == "wanda" else 0, "sequential": sequential,
                          "sparsity": report["global"],
                          "per_layer_sparsity": {k: v for k, v in report.items() if k != "global"},
@@ -250,7 +251,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("method", "magnitude", "'magnitude' | 'wanda'.")
     flags.DEFINE_float("sparsity", 0.5, "Share of zeros in the pruned kernels, in [0, 1) (not read with --nm).")
     flags.DEFINE_string("nm", "", "N:M structured sparsity, e.g. 2:4 (N kept of every M input entries).")
-    flags.DEFINE_string("scope", "layer", "magnitude: 'layer' (each kernel) | 'global' (one threshold).")
+    flags.DEFINE_string("scope", "", "Comparison group: 'layer' (each kernel; magnitude's default) | 'global' (one "
+                                     "threshold) | 'output' (each output column; wanda's default).")
     flags.DEFINE_integer("calib", 64, "wanda: calibration sequences from the run's training data.")
     flags.DEFINE_bool("sequential", False, "wanda: block by block, on the inputs of the blocks before pruned.")
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.")

@@ -70,6 +70,27 @@ def test_wanda_keeps_largest_weight_times_input_norm():
             assert set(np.flatnonzero(nm[4 * g:4 * g + 4, m])) == set(np.argsort(score)[2:])
 
 
+def test_oneshot_comparison_groups_per_kernel_global_and_per_output_column():
+    rng = np.random.default_rng(1)
+    w = {"a": rng.normal(size=(8, 4)).astype(np.float32), "b": 3 * rng.normal(size=(8, 4)).astype(np.float32)}
+    norms = {"a": np.arange(1.0, 9.0, dtype=np.float32), "b": np.ones(8, np.float32)}
+    score = {k: np.abs(w[k]) * norms[k][:, None] for k in w}
+    for method, s in (("magnitude", {k: np.abs(x) for k, x in w.items()}), ("wanda", score)):
+        masks = {scope: {k: np.asarray(m) for k, m in prune.oneshot_masks(w, method=method, sparsity=0.5, scope=scope,
+                                                                          norms=norms).items()}
+                 for scope in prune.ONESHOT_SCOPES}
+        for k in w:  # per kernel: its 16 highest scores; per column: each column's 4 highest
+            assert set(np.flatnonzero(masks["layer"][k])) == set(np.argsort(s[k].ravel())[16:])
+            for m in range(4):
+                assert set(np.flatnonzero(masks["output"][k][:, m])) == set(np.argsort(s[k][:, m])[4:])
+        both = np.concatenate([s["a"].ravel(), s["b"].ravel()])
+        kept = np.concatenate([masks["global"]["a"].ravel(), masks["global"]["b"].ravel()])
+        assert set(np.flatnonzero(kept)) == set(np.argsort(both)[32:])  # one threshold over both kernels
+    assert prune.default_scope("wanda") == "output" and prune.default_scope("magnitude") == "layer"
+    with pytest.raises(ValueError, match="scope='row'"):
+        prune.oneshot_masks(w, method="magnitude", sparsity=0.5, scope="row")
+
+
 def test_calibration_sums_match_inputs():
     from model import layers
     import flax.linen as nn
@@ -329,7 +350,8 @@ def test_prune_script_bad_input(trained_run, tmp_path):
              (dict(method="magnitude", sparsity=-0.5), "--sparsity=-0.5"),
              (dict(method="magnitude", nm="4:4"), "4:4"), (dict(method="magnitude", nm="2:3"), "not divisible by M=3"),
              (dict(method="magnitude", nm="x"), "--nm='x'"),
-             (dict(method="wanda", scope="global"), "--scope=global")]
+             (dict(method="wanda", scope="row"), "--scope='row'"),
+             (dict(method="magnitude", nm="2:4", scope="layer"), "--scope=layer applies to unstructured")]
     for kw, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
             prune_script.prune_run(trained_run, out, **kw)
