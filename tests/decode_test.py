@@ -307,10 +307,13 @@ def test_bad_requests_are_named():
         decode.Decoder(_model(pos="learned", max_len=64), batch=1, cache_len=100)
 
 
-def test_sharded_decoding_gives_the_unsharded_tokens():
+@pytest.mark.parametrize("cache_len,new,dtype", [(32, 10, "bfloat16"), (160, 80, "float32")])
+def test_sharded_decoding_gives_the_unsharded_tokens(cache_len, new, dtype):
+    """(160, 80): 80 new tokens in 32-step chunks, so the state's cache grows from 64 to 128 slots on the
+    mesh too; in float32, as over 80 tokens bf16's other summation order on the mesh moves log-probs ~1e-2."""
     import sharding
     from configs import common
-    model = _model(n_heads=4, n_kv_heads=2)
+    model = _model(n_heads=4, n_kv_heads=2, dtype=dtype)
     params = _params(model)
     mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
     rules = sharding.logical_rules(common.base().sharding)
@@ -319,10 +322,11 @@ def test_sharded_decoding_gives_the_unsharded_tokens():
     assert len(placed["layer_0"]["attn"]["query"]["kernel"].sharding.device_set) > 1
     prompts = PROMPTS * 2
     settings = [sampling.GREEDY] * 4 + [Sampling(temperature=1.0)] * 4
-    on_mesh = decode.Decoder(model, batch=8, cache_len=32, mesh=mesh, rules=rules).generate(
-        placed, prompts, max_new_tokens=10, sampling=settings, seeds=list(range(8)))
-    single = decode.Decoder(model, batch=8, cache_len=32).generate(params, prompts, max_new_tokens=10,
-                                                                   sampling=settings, seeds=list(range(8)))
+    dec = decode.Decoder(model, batch=8, cache_len=cache_len, mesh=mesh, rules=rules)
+    on_mesh = dec.generate(placed, prompts, max_new_tokens=new, sampling=settings, seeds=list(range(8)))
+    assert (dec._resize._cache_size() > 0) == (cache_len == 160)  # it did resize (there is one window at 32)
+    single = decode.Decoder(model, batch=8, cache_len=cache_len).generate(params, prompts, max_new_tokens=new,
+                                                                          sampling=settings, seeds=list(range(8)))
     assert [o.tokens for o in on_mesh] == [o.tokens for o in single]
     np.testing.assert_allclose([o.logprobs for o in on_mesh], [o.logprobs for o in single], atol=1e-4)
 
