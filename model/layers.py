@@ -159,7 +159,7 @@ class Dense(nn.Module):
         values = self.param("kernel_q", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes),
                             quantize.stored_shape(k, m, spec.bits), jnp.uint8 if spec.bits == 4 else jnp.int8)
         scale_GxM = self.param("kernel_scale", nn.with_logical_partitioning(
-            nn.initializers.ones, (None, self.kernel_axes[1])), (k // g, m), jnp.float32)
+            nn.initializers.ones, (None, self.kernel_axes[1])), (k // g, m), quantize.SCALE_DTYPE)
         kernel_KxM = quantize.dequantize(quantize.unstored(values, spec.bits), scale_GxM)
         if spec.act_scale:
             s_K = self.param("kernel_in_scale", nn.with_logical_partitioning(
@@ -242,7 +242,7 @@ class Embed(nn.Module):
             "embedding_q", nn.with_logical_partitioning(nn.initializers.zeros, self.table_axes),
             quantize.stored_shape(d, v, spec.bits)[::-1], jnp.uint8 if spec.bits == 4 else jnp.int8)
         self.embedding_scale = self.param("embedding_scale", nn.with_logical_partitioning(
-            nn.initializers.ones, (self.table_axes[0], None)), (v, d // g), jnp.float32)
+            nn.initializers.ones, (self.table_axes[0], None)), (v, d // g), quantize.SCALE_DTYPE)
 
     def table(self) -> jax.Array:
         """The [V, D] table as used: float, fake-quantized (QAT) or dequantized."""

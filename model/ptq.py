@@ -113,7 +113,7 @@ def quantize_params(params, abstract, method: str, grams: dict | None = None,
             kind = method if h is not None else "rtn"
             values, scale, s = _quantize_kernel(src["kernel"], h, bits, group, kind, "kernel_in_scale" in target,
                                                 act_order)
-            out = {"kernel_q": values, "kernel_scale": scale}
+            out = {"kernel_q": values, "kernel_scale": np.asarray(scale).astype(quantize.SCALE_DTYPE)}
             if s is not None:
                 out["kernel_in_scale"] = s
             out.update({n: np.asarray(v) for n, v in src.items() if n != "kernel"})
@@ -126,7 +126,7 @@ def quantize_params(params, abstract, method: str, grams: dict | None = None,
             report["/".join(path)] = {"bits": bits, "group": group, "method": "rtn",
                                       "shape": list(src["embedding"].shape)}
             return {"embedding_q": np.ascontiguousarray(quantize.stored_values(q_DxV, bits).T),
-                    "embedding_scale": np.ascontiguousarray(scale_GxV.T)}
+                    "embedding_scale": np.ascontiguousarray(scale_GxV.T).astype(quantize.SCALE_DTYPE)}
         missing = sorted(set(target) - set(src))
         if missing:
             raise ValueError(f"params at {'/'.join(path) or '<root>'} have no {missing} (have {sorted(src)}): "

@@ -4,7 +4,8 @@ QAT, and the two calibrated methods that pick better int4 grids than round-to-ne
 Layout: a kernel is w_KxM (K inputs, M outputs; leading dims, e.g. nn.scan's layer axis, are batch).
 Its scales are scale_GxM: one per output channel (G = 1, `group` 0) or one per `group` consecutive
 inputs (G = K / group). q = clip(round(w / scale), -qmax, qmax), qmax = 2^(bits-1) - 1 (127 or 7);
-w ~= q * scale. int4 values are stored two per byte along K (`pack_int4`). The embedding table
+w ~= q * scale. Scales are stored as bfloat16 (SCALE_DTYPE; GPTQ / AWQ checkpoints keep 16-bit scales
+too) and every grid is built on the rounded scale, so |w - q * scale| <= scale / 2 still holds. int4 values are stored two per byte along K (`pack_int4`). The embedding table
 [V, D] is the transposed case (D is the LM head's input): callers pass table.T.
 
 The calibrated methods read a layer's input statistics only through H_KxK = sum over calibration
@@ -57,6 +58,17 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+# Stored scales: half of float32's bytes (per output channel they are ~1.5% of an int8 kernel) at a
+# relative rounding of at most 2^-9, float32's range; the values are rounded against these scales.
+SCALE_DTYPE = jnp.bfloat16
+
+
+def on_scale_grid(scale):
+    """`scale` rounded to what SCALE_DTYPE holds, as float32 (numpy or jax, like its input)."""
+    xp = jnp if isinstance(scale, jax.Array) else np
+    return xp.asarray(scale).astype(SCALE_DTYPE).astype(xp.float32)
+
+
 def check_group(k: int, group: int, bits: int, where: str) -> int:
     """The group size in use for a K-input kernel (K when per channel); errors name the kernel."""
     g = group or k
@@ -80,7 +92,7 @@ def absmax_scale(w_KxM, bits: int, group: int, clip_GxM=None):
     amax_GxM = xp.max(xp.abs(_grouped(w_KxM, g)), axis=-2)
     if clip_GxM is not None:
         amax_GxM = amax_GxM * clip_GxM
-    return xp.maximum(amax_GxM, 1e-8).astype(xp.float32) / qmax(bits)
+    return on_scale_grid(xp.maximum(amax_GxM, 1e-8).astype(xp.float32) / qmax(bits))
 
 
 def _per_input(scale_GxM, k: int):
@@ -175,7 +187,7 @@ def gptq(w_KxM: np.ndarray, h_KxK: np.ndarray, bits: int, group: int, damp: floa
     for i in range(k):
         j = group_of[i]
         if not fixed[j]:
-            scale[j] = np.maximum(np.max(np.abs(w[group_of == j]), axis=0), 1e-8) / top
+            scale[j] = on_scale_grid(np.maximum(np.max(np.abs(w[group_of == j]), axis=0), 1e-8) / top)
             fixed[j] = True
         s = scale[j]
         qi = np.clip(np.round(w[i] / s), -top, top)
