@@ -28,11 +28,11 @@ GRPO: --prompts prompts x --group completions of exactly --new-tokens tokens on 
 lmstack's decoder stops a completion at <|end|> (rare with random weights: counted, see lengths), sampled at
 temperature 1, KL to the reference (beta = --kl-coef; the reference runs each iteration on both sides),
 exact-match reward against the task's answer (0 for every completion of a random model, so advantages are 0
-and the policy does not move: neither framework skips any work for that), GRPO's sequence-mean loss. lmstack
-also runs the trainer's forward for the old log-probs (it checks them against the sampler's); TRL skips that
-when on-policy (one update per generation), its default. TRL's fused LM head projects only the positions
-whose label is scored (completion tokens), lmstack's objectives every position of its rows; lmstack's rows
-are rl.max_prompt_len + new tokens wide (DPO: data.seq_len), TRL pads to the batch's longest. DPO: the same --pairs pairs every step, sigmoid loss, beta --beta;
+and the policy does not move: neither framework skips any work for that), GRPO's sequence-mean loss. With one
+update per generation neither side runs a separate forward for the old log-probs (lmstack checks the sampler's
+against its update's own forward, rl/loop.py). TRL's fused LM head projects only the positions whose label is
+scored (completion tokens), lmstack's objectives every position of its rows; lmstack's rows are cut to the
+longest real row rounded up to 32 tokens (DPO: data.seq_len wide), TRL pads to the batch's longest. DPO: the same --pairs pairs every step, sigmoid loss, beta --beta;
 lmstack caches the reference log-probs before training (its only way), TRL precomputes them with
 --trl-ref=precomputed (default: the same work) or runs its reference model every step with --trl-ref=live
 (TRL's default). lmstack's DPO reference is a 1-step SFT run of the same shape (init_from, made first).
