@@ -418,7 +418,7 @@ class Decoder:
         return sorted({_window(r, self.cache_len) for r in range(2, self.cache_len + 1)})
 
     def resize(self, state: State, extent: int) -> State:
-        """`state` holding `extent` cache slots per row (module `resize`; the state passed in is consumed)."""
+        """`state` holding `extent` cache slots per row (module `resize`; a new state unless it holds them already)."""
         if cache_extent(self.dec_model, state) == extent:
             return state
         with self._context():
