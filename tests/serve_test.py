@@ -246,9 +246,22 @@ def test_bad_requests_get_openai_errors(server, run):
     assert health(url)["busy"] == 0
 
 
-def test_small_queue_429_key_401_disconnects_free_slots(run, decoder):
+def slow_down(monkeypatch, decoder):
+    """5 ms more per decode call (4 tokens): a 1,000-token request then takes >= 1.25 s, so a test's
+    client can leave, or overtake it, mid-request on any machine (this tiny model alone makes 1,000
+    tokens in ~0.2 s)."""
+    steps = decoder.steps
+
+    def slow_steps(*args, **kwargs):
+        time.sleep(0.005)
+        return steps(*args, **kwargs)
+    monkeypatch.setattr(decoder, "steps", slow_steps)
+
+
+def test_small_queue_429_key_401_disconnects_free_slots(run, decoder, monkeypatch):
     """Both slots busy with long streams, one request waiting, the next one is refused with 429;
     closing the streams (clients gone) frees both slots long before their 1,000 tokens."""
+    slow_down(monkeypatch, decoder)
     with serve(run, decoder, max_queue=1, api_key="sekret", chat=False) as (url, engine):
         with pytest.raises(openai.AuthenticationError):
             client(url, key="wrong").completions.create(model=run.name, prompt="hi")
@@ -283,7 +296,8 @@ def test_small_queue_429_key_401_disconnects_free_slots(run, decoder):
         assert engine.stats()["generated_tokens"] - before < 1000
 
 
-def test_continuous_batching_short_request_overtakes_a_long_one(server, run):
+def test_continuous_batching_short_request_overtakes_a_long_one(server, run, decoder, monkeypatch):
+    slow_down(monkeypatch, decoder)
     url, _ = server
     c = client(url)
     done = {}
