@@ -197,12 +197,9 @@ def insert(dec_model, state: State, new: State, slots_N) -> State:
     slots_N (an index >= B is dropped); their cache rows are zero-padded to the state's extent."""
     axis = _batch_axis(dec_model)
     extent = cache_extent(dec_model, state)
-
-    def pad(c):
-        return jnp.pad(c, [(0, extent - c.shape[axis + 2] if i == axis + 2 else 0) for i in range(c.ndim)])
     put = lambda big, part: big.at[slots_N].set(part, mode="drop")  # noqa: E731
     put_cache = lambda big, part: (big.at[slots_N] if axis == 0 else big.at[:, slots_N]).set(  # noqa: E731
-        pad(part), mode="drop")
+        _pad_slots(part, extent, axis + 2), mode="drop")
     return jax.tree.map(put, state.replace(cache=None), new.replace(cache=None)).replace(
         cache=jax.tree.map(put_cache, state.cache, new.cache))
 
@@ -217,12 +214,14 @@ def resize(dec_model, extent: int, state: State) -> State:
     """`state` with its cache cut or zero-padded to `extent` slots (the slots cut must hold nothing a
     running row still attends to: positions past every running row's)."""
     axis = _batch_axis(dec_model) + 2
-
-    def fit(c):
-        if c.shape[axis] >= extent:
-            return jax.lax.slice_in_dim(c, 0, extent, axis=axis)
-        return jnp.pad(c, [(0, extent - c.shape[axis] if i == axis else 0) for i in range(c.ndim)])
+    fit = lambda c: (jax.lax.slice_in_dim(c, 0, extent, axis=axis) if c.shape[axis] >= extent  # noqa: E731
+                     else _pad_slots(c, extent, axis))
     return state.replace(cache=jax.tree.map(fit, state.cache))
+
+
+def _pad_slots(c, extent: int, axis: int):
+    """A cache leaf zero-padded along `axis` to `extent` slots (its length may be symbolic: the export)."""
+    return jnp.pad(c, [(0, extent - c.shape[axis] if i == axis else 0) for i in range(c.ndim)])
 
 
 @_native_dots

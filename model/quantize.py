@@ -5,8 +5,9 @@ Layout: a kernel is w_KxM (K inputs, M outputs; leading dims, e.g. nn.scan's lay
 Its scales are scale_GxM: one per output channel (G = 1, `group` 0) or one per `group` consecutive
 inputs (G = K / group). q = clip(round(w / scale), -qmax, qmax), qmax = 2^(bits-1) - 1 (127 or 7);
 w ~= q * scale. Scales are stored as bfloat16 (SCALE_DTYPE; GPTQ / AWQ checkpoints keep 16-bit scales
-too) and every grid is built on the rounded scale, so |w - q * scale| <= scale / 2 still holds. int4 values are stored two per byte along K (`pack_int4`). The embedding table
-[V, D] is the transposed case (D is the LM head's input): callers pass table.T.
+too) and every grid is built on the rounded scale, so |w - q * scale| <= scale / 2 still holds. int4
+values are stored two per byte along K (`pack_int4`). The embedding table [V, D] is the transposed
+case (D is the LM head's input): callers pass table.T.
 
 The calibrated methods read a layer's input statistics only through H_KxK = sum over calibration
 tokens of x x^T: a kernel's output error on those inputs is trace(dW^T H dW) (`output_error`).

@@ -32,10 +32,11 @@ and the policy does not move: neither framework skips any work for that), GRPO's
 update per generation neither side runs a separate forward for the old log-probs (lmstack checks the sampler's
 against its update's own forward, rl/loop.py). TRL's fused LM head projects only the positions whose label is
 scored (completion tokens), lmstack's objectives every position of its rows; lmstack's rows are cut to the
-longest real row rounded up to 32 tokens (DPO: data.seq_len wide), TRL pads to the batch's longest. DPO: the same --pairs pairs every step, sigmoid loss, beta --beta;
-lmstack caches the reference log-probs before training (its only way), TRL precomputes them with
---trl-ref=precomputed (default: the same work) or runs its reference model every step with --trl-ref=live
-(TRL's default). lmstack's DPO reference is a 1-step SFT run of the same shape (init_from, made first).
+longest real row rounded up to 32 tokens (DPO: data.seq_len wide), TRL pads to the batch's longest.
+DPO: the same --pairs pairs every step, sigmoid loss, beta --beta; lmstack caches the reference log-probs
+before training (its only way), TRL precomputes them with --trl-ref=precomputed (default: the same work) or
+runs its reference model every step with --trl-ref=live (TRL's default). lmstack's DPO reference is a 1-step
+SFT run of the same shape (init_from, made first).
 
 Output: one JSON line on stdout (every round, both sides' splits and token counts) and a markdown table row;
 one line per round on stderr. The workers' logs are in WORKDIR (kept with --keep).

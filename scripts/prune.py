@@ -1,14 +1,16 @@
 """One-shot pruning of a run's checkpoint into a new, compactly stored run directory.
 
     python scripts/prune.py --workdir=runs/mini --out=runs/mini_wanda50 --method=wanda --sparsity=0.5 \
-        [--nm=2:4] [--scope=layer|global|output] [--calib=64] [--sequential] [--step=N] [--include_embedding] [--include_heads]
+        [--nm=2:4] [--scope=layer|global|output] [--calib=64] [--sequential] [--step=N] [--include_embedding] \
+        [--include_heads]
 
 --method=magnitude drops the smallest |w| of each kernel (--scope=layer, its default), under one
 threshold over all pruned kernels (--scope=global) or in every output column (--scope=output).
 --method=wanda (Sun et al. 2023) drops the entries with the smallest |W_km| * ||x_k||_2, x the
 layer's inputs over --calib sequences of the run's own training data (rebuilt as training built it),
-in every output column (--scope=output, its default, as its paper does) or per kernel / globally; with --sequential block by block, each
-block's inputs measured with the blocks before it already pruned (as the Wanda authors' code does).
+in every output column (--scope=output, its default, as its paper does) or per kernel / globally;
+with --sequential block by block, each block's inputs measured with the blocks before it already
+pruned (as the Wanda authors' code does).
 --nm=N:M keeps the N largest scores of every M consecutive input entries instead (2:4: sparsity 1/2;
 --sparsity is then not read). Pruned: the Dense kernels of the transformer blocks (and with the flags
 the embedding / LM head, the heads).

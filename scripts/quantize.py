@@ -8,10 +8,11 @@ run's own training data; model/quantize.py says how). Every dense kernel of the 
 quantized; the embedding / LM head at --embed_bits (0 keeps it float), always round-to-nearest.
 
 OUT is a run directory: checkpoints/<step>/ holding int8 (int4: two per uint8) values + bfloat16
-scales (model/quantize.SCALE_DTYPE), the run's config with quant.stored=True (so scripts/evaluate.py, generate.py, serve.py and
-the decoder build the quantized model from it), the run's tokenizer / chat template / labels, and
-compression.json: what was quantized how, bytes on disk and in memory before and after. On any error
-(bad method, bits, group, an already quantized run, OUT not empty) nothing is written to OUT.
+scales (model/quantize.SCALE_DTYPE), the run's config with quant.stored=True (so scripts/evaluate.py,
+generate.py, serve.py and the decoder build the quantized model from it), the run's tokenizer / chat
+template / labels, and compression.json: what was quantized how, bytes on disk and in memory before
+and after. On any error (bad method, bits, group, an already quantized run, OUT not empty) nothing is
+written to OUT.
 """
 
 from __future__ import annotations
