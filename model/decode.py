@@ -492,8 +492,9 @@ class Decoder:
         request waits on a compile. `state` must have no running rows (a fresh one). Each runs once on
         no rows (prefills write to slots past the batch, loops run zero steps). A server with S slots and
         context C compiles about 4 log2(C/64) x (log2(S) + 1) loops."""
-        if not np.all(to_host(state.done_B)):
-            raise ValueError("warm_up needs a state without running rows (Decoder.empty())")
+        running = int(np.sum(~np.asarray(to_host(state.done_B))))
+        if running:
+            raise ValueError(f"warm_up needs a state without running rows (Decoder.empty()); this one has {running}")
         chunk = chunk or self.chunk
         extents = self.extents()
         for a in extents:  # every resize steps or prefill may do: from any extent to any other

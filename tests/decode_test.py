@@ -241,6 +241,8 @@ def test_warm_up_compiles_every_loop_and_prefill_a_server_needs_and_changes_no_s
     while not np.asarray(state.finish_B)[1]:
         state, *_ = dec.steps(dparams, state, 6, 2)
     assert [f._cache_size() for f in jits] == compiled and set(dec._steps) == set(dec.loop_variants())
+    with pytest.raises(ValueError, match="without running rows .* this one has 1"):  # it may cut their cache
+        dec.warm_up(dparams, dec.prefill(dparams, state, [PROMPTS[2]], [2], [sampling.GREEDY], [0], [6], [()])[0])
 
 
 def test_alternatives_are_computed_only_when_wanted_and_change_nothing_else():
