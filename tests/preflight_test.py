@@ -1,5 +1,6 @@
 """Memory preflight (preflight.py, scripts/estimate_memory.py) and the Llama presets (configs/presets.py)."""
 
+import gc
 import math
 import os
 import re
@@ -27,6 +28,7 @@ def test_7b_fsdp8_params_per_device_are_a_eighth_without_allocating():
     tx = modes.optimizer(c)[0]
     sizes = sharding.mesh_sizes(c.mesh, 8)
     assert sizes == {"data": 1, "fsdp": 8, "tensor": 1}
+    gc.collect()  # earlier tests' garbage would otherwise be freed during the call and change the count
     live_before = len(jax.live_arrays())
     p_dev, o_dev, p_all = preflight.state_bytes(model, tx, sizes, sharding.logical_rules(c.sharding), c.data.seq_len)
     assert len(jax.live_arrays()) == live_before  # eval_shape only: nothing allocated
