@@ -169,15 +169,23 @@ def prefill(dec_model, cache_len: int, n_top: int, params, state: State, tokens_
 
 
 @_native_dots
-def prefill_rows(dec_model, cache_len: int, n_top: int, params, tokens_NxT, lengths_N, rows, seed_N, max_new_N,
-                 stop_NxS):
+def prefill_rows(dec_model, cache_len: int, n_top: int, params, tokens_UxT, lengths_U, rows, seed_N, max_new_N,
+                 stop_NxS, src_N=None):
     """prefill's model half: the prompts' own N-row State (its cache as long as the prompts, T slots)
-    and first tokens. Returns (new rows, token_N, logp_N, top, finish_N); `insert` puts the rows in slots."""
-    n, t = tokens_NxT.shape
+    and first tokens. Returns (new rows, token_N, logp_N, top, finish_N); `insert` puts the rows in slots.
+    Row i is prompt src_N[i] of the U given (default: U = N, row i is prompt i): the model runs on each
+    distinct prompt once, its cache row and last logits copied to every row sampling from it."""
+    u, t = tokens_UxT.shape
     # The prompts attend within a cache of their own length (prompt x prompt, not prompt x context).
-    positions_NxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-    logits_NxV, cache_n = _forward(dec_model, params, init_cache(dec_model, n, t), tokens_NxT, positions_NxT,
-                                   lengths_N - 1)
+    positions_UxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (u, t))
+    logits_UxV, cache_u = _forward(dec_model, params, init_cache(dec_model, u, t), tokens_UxT, positions_UxT,
+                                   lengths_U - 1)
+    if src_N is None:
+        tokens_NxT, lengths_N, logits_NxV, cache_n = tokens_UxT, lengths_U, logits_UxV, cache_u
+    else:
+        tokens_NxT, lengths_N, logits_NxV = tokens_UxT[src_N], lengths_U[src_N], logits_UxV[src_N]
+        cache_n = jax.tree.map(lambda c: jnp.take(c, src_N, axis=_batch_axis(dec_model)), cache_u)
+    n = tokens_NxT.shape[0]
     v = logits_NxV.shape[-1]
     real_NxT = jnp.arange(t)[None, :] < lengths_N[:, None]
     prompt_NxV = jnp.zeros((n, v), bool).at[jnp.arange(n)[:, None], tokens_NxT].max(real_NxT)
@@ -447,17 +455,27 @@ class Decoder:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
 
     def prefill(self, dparams, state: State, prompts: Sequence, slots: Sequence[int], settings: Sequence[Sampling],
-                seeds: Sequence[int], max_new: Sequence[int], stop_ids: Sequence[Sequence[int]]):
+                seeds: Sequence[int], max_new: Sequence[int], stop_ids: Sequence[Sequence[int]],
+                share_prompts: bool = False):
         """Start len(prompts) requests in `slots`; returns (state, first tokens, their log-probs, top, finish),
-        host numpy arrays for the given prompts."""
+        host numpy arrays for the given prompts. `share_prompts`: equal prompts run through the model once
+        (`prefill_rows`' src_N; RL's G samples of a prompt), their rows then sampled apart as ever."""
         k = len(prompts)
         for p, m in zip(prompts, max_new):
             self.check_prompt(p, m)
         n = _bucket(k, 1, self.batch)
         t = _bucket(max(len(p) for p in prompts), 8, self.cache_len)
-        tokens = np.zeros((n, t), np.int32)
-        lengths = np.ones((n,), np.int32)
-        for i, p in enumerate(prompts):
+        distinct, src = {}, None
+        if share_prompts:
+            src = np.zeros((n,), np.int32)  # padding rows copy prompt 0 (their slots are dropped)
+            for i, p in enumerate(prompts):
+                src[i] = distinct.setdefault(tuple(int(x) for x in p), len(distinct))
+            if len(distinct) == k:  # nothing shared
+                src = None
+        u = _bucket(len(distinct), 1, self.batch) if src is not None else n
+        tokens = np.zeros((u, t), np.int32)
+        lengths = np.ones((u,), np.int32)
+        for i, p in enumerate(list(distinct) if src is not None else prompts):
             tokens[i, :len(p)] = p
             lengths[i] = len(p)
         stops = np.full((n, MAX_STOP_IDS), -1, np.int32)
@@ -472,7 +490,7 @@ class Decoder:
         with self._context():
             new, token, logp, top, finish = self._prefill_rows(
                 dparams, tokens, lengths, jax.tree.map(jnp.asarray, sampling.stack(list(settings), n)),
-                pad(seeds, 0, np.uint32), pad(max_new, 1, np.int32), stops)
+                pad(seeds, 0, np.uint32), pad(max_new, 1, np.int32), stops, src)
             state = self._insert(state, new, pad(slots, self.batch, np.int32))
         out = to_host((token, logp, top, finish))
         return (state,) + tuple(None if x is None else jax.tree.map(lambda a: a[:k], x) for x in out)
@@ -573,7 +591,7 @@ class Decoder:
         k = len(prompts)
         state, token, logp, top, finish = self.prefill(
             dparams, self.empty(dparams), prompts, list(range(k)), settings, seeds, [max_new_tokens] * k,
-            [stop_ids] * k)
+            [stop_ids] * k, share_prompts=True)
         rows = [Row(len(p)) for p in prompts]
         for i, r in enumerate(rows):
             r.add(int(token[i]), float(logp[i]), tops_at(top, i, None))

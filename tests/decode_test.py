@@ -332,3 +332,22 @@ def test_sharded_decoding_gives_the_unsharded_tokens(cache_len, new, dtype):
     assert [o.tokens for o in on_mesh] == [o.tokens for o in single]
     np.testing.assert_allclose([o.logprobs for o in on_mesh], [o.logprobs for o in single], atol=1e-4)
 
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_sample_as_alone():
+    # generate runs equal prompts through the model once (prefill_rows' src_N: RL's G samples of a prompt) and
+    # copies their cache rows; each row then samples by its own seed, exactly as it would alone. Layers under
+    # nn.scan (the cache's batch axis is 1); the RL tests' rollouts take this path with a layer list
+    model = _model(dtype="float32", scan_layers=True)
+    params = _params(model)
+    dec = decode.Decoder(model, batch=4, cache_len=32)
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[0]]
+    s = Sampling(temperature=1.0)
+    shared = dec.generate(params, prompts, max_new_tokens=10, sampling=s, seeds=[1, 2, 3, 4])
+    alone = [dec.generate(params, [p], max_new_tokens=10, sampling=s, seeds=[seed])[0]
+             for p, seed in zip(prompts, [1, 2, 3, 4])]
+    for a, b in zip(shared, alone):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=3e-5, rtol=0)
+    assert shared[0].tokens != shared[2].tokens  # one prompt, different seeds: different samples
+    _check_against_full_forward(model, params, shared, prompts, 3e-5)
