@@ -165,7 +165,9 @@ _RL_COMMON = dict(
     inputs=feedback_inputs.rl_inputs, summary=objectives.no_summary,
     other_eval_data=inputs_lib.as_val_path("rl", feedback_inputs.rl_inputs),
     headline=("rl/reward_mean", "rl/kl", "eval/exact_match"),
-    must_match=("rl.group_size", "rl.max_prompt_len", "rl.max_new_tokens", "rl.minibatch", "rl.epochs", "rl.val_path"),
+    must_match=("rl.group_size", "rl.max_prompt_len", "rl.max_new_tokens", "rl.minibatch", "rl.epochs", "rl.val_path",
+                "rl.share_prompts"),
+    added_defaults={"rl.share_prompts": False},  # runs before it had one model row per completion
     paths=("data.path", "rl.val_path", "rl.reward_model"), example_unit="prompts", on_policy=True,
     updates_per_step=_rl_updates, device_batch=_rl_rows)
 MODES.update({

@@ -119,6 +119,8 @@ def base() -> ml_collections.ConfigDict:
     l.top_p = 1.0  # rollout nucleus sampling
     l.epochs = 1  # passes over each iteration's rollouts
     l.minibatch = 0  # rows per optimizer update (divides batch_size x group_size); 0 = all rows in one update
+    l.share_prompts = True  # the trainer computes a prompt once for its group (rl/groups.py) where updates hold
+    # whole groups that split over the data-parallel devices; False: one model row per completion
     l.rewards = ("exact_match",)  # programmatic rewards added up (rl/rewards.PROGRAMMATIC): 'exact_match', 'format'
     l.reward_model = ""  # a mode 'reward' run's workdir: its score is the reward (instead of rl.rewards)
     l.length_penalty = 0.0  # reward -= coef * max(0, completion tokens - length_target)

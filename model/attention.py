@@ -40,10 +40,14 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
 
 
 def attention_mask(segment_ids_BxL: jax.Array, causal: bool) -> jax.Array:
-    """Boolean [B, 1, L, L] mask: same non-zero segment, and key <= query if causal."""
+    """Boolean [B, 1, L, L] mask: same non-zero segment, and key <= query if causal.
+
+    A negative segment id marks a shared prefix: its tokens are seen by every real token of the row
+    (causal: every later one). A row [prompt (-1) | completion 1 | completion 2 ...] so computes the
+    prompt once for several continuations, each seeing the prompt and itself only (rl/groups.py)."""
     seg_q_BxLx1 = segment_ids_BxL[:, :, None]
     seg_k_Bx1xL = segment_ids_BxL[:, None, :]
-    mask_BxLxL = (seg_q_BxLx1 == seg_k_Bx1xL) & (seg_k_Bx1xL != 0)
+    mask_BxLxL = ((seg_q_BxLx1 == seg_k_Bx1xL) | ((seg_k_Bx1xL < 0) & (seg_q_BxLx1 != 0))) & (seg_k_Bx1xL != 0)
     if causal:
         length = segment_ids_BxL.shape[1]
         mask_BxLxL = mask_BxLxL & jnp.tril(jnp.ones((length, length), bool))[None]  # noqa

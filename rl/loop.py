@@ -6,7 +6,9 @@ One iteration (= one `step` of the run: checkpoints, logs, evals and train.steps
 2. rewards (rl/rewards.py: programmatic, or a reward model) on each completion's last token;
 3. the trainer's log-probs of the rollout (`old_logp`, and the critic's values for PPO) and the
    reference's; their gap to the sampler's is logged (`rl/logp_diff_max`, `_mean`): before any update
-   they are the same policy, so it must be ~0;
+   they are the same policy, so it must be ~0. With `rl.share_prompts` (shares_prompts) the trainer,
+   reference and update see one model row per prompt holding its group's completions (rl/groups.py),
+   per-token arrays [P, G, T], minibatches of whole groups; otherwise one row per completion;
 4. advantages: GRPO's group-normalised ones; PPO's GAE over per-token rewards (the sequence reward on
    the last token minus kl_coef * KL per token), whitened;
 5. `rl.epochs` passes of shuffled minibatches of `rl.minibatch` rows through the jitted train step
@@ -39,7 +41,7 @@ from model import build, decode
 from model import lora as lora_lib
 from model.sampling import Sampling
 from rl import advantages as adv_lib
-from rl import guardrails, losses, rewards as rewards_lib, rollout as rollout_lib
+from rl import groups, guardrails, losses, rewards as rewards_lib, rollout as rollout_lib
 from rl import objectives as rl_objectives
 from rl import reference as reference_lib
 
@@ -119,6 +121,10 @@ def iterate(run) -> int:
     width = int(r.max_prompt_len) + int(r.max_new_tokens) - 1
     is_ppo = config.mode == "ppo"
     single = not is_ppo and run.mode.updates_per_step(config) == 1  # GRPO, one update: no separate old-logp pass
+    grouped = shares_prompts(config, run.mesh)
+    unit = group if grouped else 1  # rollout rows per batch entry
+    log.info("rl: %s", f"one model row per prompt for its {group} completions (rl.share_prompts)" if grouped
+             else "one model row per completion")
     policy_model, _ = build.language_model(run.model, run.state.params)
     decoder = decode.Decoder(policy_model, batch=n_rows, cache_len=width + 1, mesh=run.mesh, rules=run.rules)
     sampling = Sampling(temperature=float(r.temperature), top_p=float(r.top_p))
@@ -163,21 +169,32 @@ def iterate(run) -> int:
         if scorer is not None and float(r.length_penalty):
             rewards_N = rewards_N - float(r.length_penalty) * np.maximum(0, ro.lengths - int(r.length_target))
         # ---- 3. the trainer's and the reference's log-probs ------------------------------------------
-        keep = _trimmed_width(ro.rows["segment_ids"], width)  # rows cut to the longest real one, in steps of 32
-        rows = {k: ro.rows[k][:, :keep] for k in ("inputs", "targets", "positions", "segment_ids", "mask",
-                                                  "completion", "sampler_logp")}
-        comp = rows["completion"]
-        batch = dict(rows)
+        if grouped:  # one model row per prompt; per-token arrays [P, G, T], seen here as rows [N, T]
+            batch = groups.pack(ro.rows, [len(p.prompt) for p in ro.problem], group,
+                                max_prompt_len=int(r.max_prompt_len), max_new_tokens=int(r.max_new_tokens))
+            toks = {k: groups.per_row(batch[k]) for k in groups.TOKEN_KEYS}
+        else:
+            keep = _trimmed_width(ro.rows["segment_ids"], width)  # rows cut to the longest real one, in steps of 32
+            batch = {k: ro.rows[k][:, :keep] for k in ("inputs", "targets", "positions", "segment_ids", "mask",
+                                                       "completion", "sampler_logp")}
+            toks = batch
+        as_batch = (lambda x: groups.per_group(x, group)) if grouped else (lambda x: x)  # noqa: E731
+        as_rows = groups.per_row if grouped else (lambda x: x)  # noqa: E731
+        per_update = minibatch // unit  # batch entries (rows, or groups) per optimizer update
+        comp = toks["completion"]
         scalars = {}
         if not single:  # the ratios' denominators, and (PPO) the critic's values, before any update
-            old_logp, old_values = _scores(forward, run.state.params, rows, minibatch, run.batch_sharding)
-            gap = np.abs(old_logp - rows["sampler_logp"])[comp > 0]
+            old_logp, old_values = _scores(forward, run.state.params, batch, per_update, run.batch_sharding)
+            old_logp = as_rows(old_logp)
+            old_values = None if old_values is None else as_rows(old_values)
+            gap = np.abs(old_logp - toks["sampler_logp"])[comp > 0]
             scalars.update({"rl/logp_diff_max": float(gap.max()) if gap.size else 0.0,
                             "rl/logp_diff_mean": float(gap.mean()) if gap.size else 0.0})
-            batch["old_logp"] = old_logp.astype(np.float32)
+            batch["old_logp"] = as_batch(old_logp.astype(np.float32))
         if ref_forward is not None:
-            ref_logp, _ = _scores(ref_forward, ref[1](run.state.params), rows, minibatch, run.batch_sharding)
-            batch["ref_logp"] = ref_logp.astype(np.float32)
+            ref_logp, _ = _scores(ref_forward, ref[1](run.state.params), batch, per_update, run.batch_sharding)
+            ref_logp = as_rows(ref_logp)
+            batch["ref_logp"] = as_batch(ref_logp.astype(np.float32))
             if not single:  # the penalty's estimator; the logged KL is k3's (non-negative: negative = a bug)
                 kl_tok = np.asarray(losses.kl_estimate(old_logp, ref_logp, r.kl_estimator))
                 k3_tok = np.asarray(losses.kl_estimate(old_logp, ref_logp, "k3"))
@@ -189,24 +206,25 @@ def iterate(run) -> int:
                 token_rewards = token_rewards - kl_coef * kl_tok * comp
             adv, returns = adv_lib.gae(token_rewards, old_values * comp, comp, float(r.gamma), float(r.lam))
             if r.whiten_advantages:
-                adv = adv_lib.whiten(adv, batch["mask"])
-            batch.update(advantages=np.asarray(adv, np.float32), returns=np.asarray(returns, np.float32),
-                         old_values=(old_values * comp).astype(np.float32))
+                adv = adv_lib.whiten(adv, toks["mask"])
+            batch.update(advantages=as_batch(np.asarray(adv, np.float32)),
+                         returns=as_batch(np.asarray(returns, np.float32)),
+                         old_values=as_batch((old_values * comp).astype(np.float32)))
             resid = (np.asarray(returns) - old_values)[comp > 0]
             var_r = float(np.var(np.asarray(returns)[comp > 0])) if comp.any() else 0.0
             scalars["rl/explained_variance"] = 1.0 - float(np.var(resid)) / var_r if var_r > 0 else 0.0
             scalars["rl/value_mean"] = float(old_values[comp > 0].mean()) if comp.any() else 0.0
         else:
-            batch["advantages"] = np.asarray(adv_lib.group_advantages(rewards_N, group, r.scale_rewards, r.baseline),
-                                             np.float32)
+            batch["advantages"] = as_batch(np.asarray(
+                adv_lib.group_advantages(rewards_N, group, r.scale_rewards, r.baseline), np.float32))
             scalars["rl/zero_variance_groups"] = float(adv_lib.zero_variance_groups(rewards_N, group))
         # ---- 5. epochs of minibatch updates ---------------------------------------------------------
         t1 = time.time()
         collected = []
         for epoch in range(int(r.epochs)):
-            order = np.random.default_rng([int(config.seed), step, epoch]).permutation(n_rows)
-            for lo in range(0, n_rows, minibatch):
-                idx = order[lo:lo + minibatch]
+            order = np.random.default_rng([int(config.seed), step, epoch]).permutation(n_rows // unit)
+            for lo in range(0, n_rows // unit, per_update):
+                idx = order[lo:lo + per_update]
                 mb = put_rows({k: v[idx] for k, v in batch.items()}, run.batch_sharding)
                 run.state, m = train_step(run.state, mb)
                 collected.append(m)
@@ -251,6 +269,16 @@ def iterate(run) -> int:
         if step % config.train.checkpoint_every == 0 or step == stop_at:
             run.save(step, force=step == stop_at, extra={"kl_coef": kl_coef})
     return step
+
+
+def shares_prompts(config, mesh) -> bool:
+    """Whether the trainer computes each prompt once for its group (rl/groups.py): rl.share_prompts, a group of
+    2 or more, and updates of whole groups that split evenly over the mesh's data-parallel devices."""
+    r = config.rl
+    group = int(r.group_size)
+    rows = int(r.minibatch) or int(config.data.batch_size) * group
+    return (bool(r.share_prompts) and group > 1 and rows % group == 0
+            and (rows // group) % sharding.data_parallel_size(mesh) == 0)
 
 
 def _trimmed_width(segment_ids_NxL: np.ndarray, width: int) -> int:

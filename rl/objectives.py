@@ -10,6 +10,8 @@ of those tokens before this iteration's updates: the importance-ratio denominato
 - PPO: `advantages`, `returns`, `old_values` [N, L] (GAE over per-token rewards that already hold the
   KL penalty): loss = aggregate(clipped surrogate) + vf_coef * aggregate(clipped value loss)
   - entropy_coef * aggregate(entropy).
+A per-group batch (rl/groups.py: one model row per prompt, per-token arrays [P, G, T]) is scored at each
+completion token's `src` position and then read as rows [P * G, T]: the same losses on the same numbers.
 Metrics are means over the masked tokens (a minibatch's); the loop averages them over minibatches.
 Both also report the gap between these log-probs and the sampler's (`sampler_logp`, over every
 completion token): at an iteration's first minibatch the params are the ones that sampled, so it
@@ -22,13 +24,21 @@ import jax
 import jax.numpy as jnp
 
 from objectives import token_nll
-from rl import losses
+from rl import groups, losses
 
 
 def _apply(model, params, batch, rng):
+    """(logits [N, L, V], values [N, L] or None, the batch as rows): a per-group batch (rl/groups.py: one
+    model row per prompt) comes back as completion-major rows, scored at each token's `src` position."""
     rngs = None if rng is None else {"dropout": rng}
-    return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                       deterministic=rng is None, rngs=rngs)
+    out = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                      deterministic=rng is None, rngs=rngs)
+    logits, values = out if isinstance(out, tuple) else (out, None)
+    if not groups.is_grouped(batch):
+        return logits, values, batch
+    src = batch["src"]
+    return (groups.gather(logits, src), None if values is None else groups.gather(values, src),
+            groups.flat(batch))
 
 
 def _policy_metrics(logits_NxLxV, logp_NxL, old_NxL, batch, clip_low_NxL, clip_high_NxL) -> dict:
@@ -48,7 +58,7 @@ def _policy_metrics(logits_NxLxV, logp_NxL, old_NxL, batch, clip_low_NxL, clip_h
 def grpo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip: float, beta: float,
          kl_estimator: str, aggregation: str, max_len: int, single_update: bool = False):
     """GRPO (Shao et al. 2024) with clip-higher (DAPO) and the aggregation of `aggregation`."""
-    logits_NxLxV = _apply(model, params, batch, rng)
+    logits_NxLxV, _, batch = _apply(model, params, batch, rng)
     logp_NxL = -token_nll(logits_NxLxV, batch["targets"])
     old_NxL = jax.lax.stop_gradient(logp_NxL) if single_update else batch["old_logp"]
     adv_NxL = jnp.broadcast_to(batch["advantages"][:, None], logp_NxL.shape)
@@ -68,7 +78,7 @@ def grpo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_cli
 def ppo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip: float, value_clip: float,
         vf_coef: float, entropy_coef: float, aggregation: str, max_len: int):
     """PPO (Schulman et al. 2017) with a value head on the policy's trunk (rl/ppo's critic)."""
-    logits_NxLxV, values_NxL = _apply(model, params, batch, rng)
+    logits_NxLxV, values_NxL, batch = _apply(model, params, batch, rng)
     logp_NxL = -token_nll(logits_NxLxV, batch["targets"])
     mask_NxL = batch["mask"]
     pg_NxL, low_NxL, high_NxL = losses.clipped_surrogate(logp_NxL, batch["old_logp"], batch["advantages"], eps_low,
@@ -86,6 +96,9 @@ def ppo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip
 
 def token_logps(model, params, batch):
     """(log-probs of the targets [N, L] float32, values [N, L] or None): the trainer's view of a rollout."""
-    out = _apply(model, params, batch, None)
-    logits_NxLxV, values_NxL = out if isinstance(out, tuple) else (out, None)
-    return -token_nll(logits_NxLxV, batch["targets"]), values_NxL
+    logits_NxLxV, values_NxL, rows = _apply(model, params, batch, None)
+    logp_NxL = -token_nll(logits_NxLxV, rows["targets"])
+    if groups.is_grouped(batch):  # back to the batch's [P, G, T] (a minibatch or shard slices whole groups)
+        shape = batch["src"].shape
+        return logp_NxL.reshape(shape), None if values_NxL is None else values_NxL.reshape(shape)
+    return logp_NxL, values_NxL
