@@ -31,8 +31,11 @@ exact-match reward against the task's answer (0 for every completion of a random
 and the policy does not move: neither framework skips any work for that), GRPO's sequence-mean loss. With one
 update per generation neither side runs a separate forward for the old log-probs (lmstack checks the sampler's
 against its update's own forward, rl/loop.py). TRL's fused LM head projects only the positions whose label is
-scored (completion tokens), lmstack's objectives every position of its rows; lmstack's rows are cut to the
-longest real row rounded up to 32 tokens (DPO: data.seq_len wide), TRL pads to the batch's longest.
+scored (completion tokens), lmstack's objectives every position of its rows. lmstack computes each prompt
+once for its G completions, in the decoder's prefill and in the trainer's and reference's passes (one model
+row per prompt: rl.share_prompts, rl/groups.py; --no-share-prompts: one row per completion, cut to the
+longest real row rounded up to 32 tokens), TRL every row whole, padded to the batch's longest (DPO: lmstack
+data.seq_len wide).
 DPO: the same --pairs pairs every step, sigmoid loss, beta --beta; lmstack caches the reference log-probs
 before training (its only way), TRL precomputes them with --trl-ref=precomputed (default: the same work) or
 runs its reference model every step with --trl-ref=live (TRL's default). lmstack's DPO reference is a 1-step
@@ -79,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=16, help="GRPO: completion length (rl.max_new_tokens)")
     p.add_argument("--max-prompt-len", type=int, default=96, help="GRPO: lmstack rl.max_prompt_len (row width)")
     p.add_argument("--minibatch", type=int, default=0, help="GRPO: rows per update; 0 = all rows in one")
+    p.add_argument("--no-share-prompts", action="store_true",
+                   help="GRPO: lmstack rl.share_prompts=False (one model row per completion, as before it)")
     p.add_argument("--kl-coef", type=float, default=0.04, help="GRPO: KL coefficient (TRL's beta)")
     p.add_argument("--pairs", type=int, default=16, help="DPO: preference pairs per step (data.batch_size)")
     p.add_argument("--seq-len", type=int, default=128, help="DPO: lmstack data.seq_len (row width)")
@@ -133,8 +138,8 @@ def make_spec(a, workdir: str) -> dict:
         problems, _ = prompts_data.read_prompts(paths["chat"], tok, max_prompt_len=a.max_prompt_len, strict=True)
         spec.update(positions=a.max_prompt_len + a.new_tokens, prompts=[[int(i) for i in p.prompt] for p in problems],
                     answers=[str(p.reference) for p in problems], group=a.group, new_tokens=a.new_tokens,
-                    minibatch=a.minibatch, kl_coef=a.kl_coef, lr=1e-5, temperature=1.0,
-                    max_prompt_len=a.max_prompt_len, prompts_per_iteration=a.prompts)
+                    minibatch=a.minibatch, share_prompts=not a.no_share_prompts, kl_coef=a.kl_coef, lr=1e-5,
+                    temperature=1.0, max_prompt_len=a.max_prompt_len, prompts_per_iteration=a.prompts)
         spec["prompt_tokens_per_iteration"] = a.group * sum(len(p) for p in spec["prompts"])
     else:
         pairs, tokens = [], 0
@@ -181,6 +186,7 @@ def lmstack_config(spec: dict):
         r = c.rl
         r.group_size, r.max_new_tokens, r.max_prompt_len = spec["group"], spec["new_tokens"], spec["max_prompt_len"]
         r.minibatch, r.kl_coef, r.temperature, r.top_p, r.epochs = spec["minibatch"], spec["kl_coef"], 1.0, 1.0, 1
+        r.share_prompts = spec.get("share_prompts", True)
         r.eval_generate, r.rewards = 0, ("exact_match",)
     else:
         c = dpo_config.get_config()
@@ -350,6 +356,7 @@ def summarise(a, spec, rounds, ours_info, theirs_info, load, cpu, workdir) -> di
            "d_ff": 4 * spec["dim"], "vocab": spec["vocab"], "positions": spec["positions"],
            "lmstack_params": ours_info["n_params"], "trl_params": theirs_info["n_params"],
            "lmstack_dtype": ours_info["dtype"], "trl_dtype": theirs_info["dtype"], "trl_bf16_autocast": a.trl_bf16,
+           "lmstack_share_prompts": grpo and not a.no_share_prompts,
            "jax": ours_info["jax"], "torch": theirs_info["torch"], "transformers": theirs_info["transformers"],
            "trl": theirs_info["trl"],
            "torch_threads": theirs_info["threads"], "torch_omp_wait": a.torch_omp_wait or "default",
