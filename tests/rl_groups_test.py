@@ -151,7 +151,7 @@ def _letters(text, answer, finish, n_tokens):
 def _cfg(tmp_path, module, **kw):
     # 8 prompts per update: one group per device of the tests' 8 (one row per prompt needs whole groups per shard)
     base = dict(rl__val_path=_prompts(tmp_path / "val.jsonl", 4, seed=1), rl__rewards=("letters",),
-                rl__eval_generate=4, rl__max_prompt_len=24, rl__max_new_tokens=8, data__batch_size=8,
+                rl__eval_generate=0, rl__max_prompt_len=24, rl__max_new_tokens=8, data__batch_size=8,
                 rl__group_size=2, rl__minibatch=0, optim__lr=3e-2, optim__schedule="constant", train__log_every=1,
                 model__dtype="float32", train__eval_every=100, train__checkpoint_every=100)
     return tiny_config(_prompts(tmp_path / "prompts.jsonl", 64), module, **{**base, **kw})
