@@ -96,8 +96,9 @@ def wrong_answers(problem: dict) -> list[str]:
     return unique
 
 
-def make_splits(seed: int, sizes: dict[str, int], kinds=KINDS) -> dict[str, list[dict]]:
-    """Disjoint splits of unique problems (kinds in rotation), e.g. sizes={'train': 900, 'val': 50, 'test': 50}."""
+def make_splits(seed: int, sizes: dict[str, int], kinds=KINDS, exclude=frozenset()) -> dict[str, list[dict]]:
+    """Disjoint splits of unique problems (kinds in rotation), e.g. sizes={'train': 900, 'val': 50, 'test': 50}.
+    `exclude`: questions never drawn (another dataset's, so a new held-out set is disjoint from it)."""
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"task kind {k!r}: expected one of {KINDS}")
@@ -110,7 +111,7 @@ def make_splits(seed: int, sizes: dict[str, int], kinds=KINDS) -> dict[str, list
         if attempts > 100 * total + 1000:
             raise ValueError(f"could not draw {total} distinct problems of kinds {kinds}")
         p = make_problem(kinds[len(problems) % len(kinds)], rng)
-        if p["key"] not in seen:
+        if p["key"] not in seen and p["question"] not in exclude:
             seen.add(p["key"])
             problems.append(p)
     rng.shuffle(problems)

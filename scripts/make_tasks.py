@@ -1,11 +1,16 @@
 """Offline verifiable instruction tasks (data/tasks.py) as SFT and preference JSONL.
 
     python scripts/make_tasks.py --out=datasets/tasks --seed=0 --n_train=4000 --n_val=200 --n_test=200
+    # a larger held-out set, disjoint from every problem of an existing dataset (its other splits stay empty)
+    python scripts/make_tasks.py --out=datasets/tasks_test2k --seed=1 --n_train=0 --n_val=0 --n_test=2000 \
+        --exclude=datasets/tasks
 
 Writes OUT/{train,val,test}.jsonl (SFT: {"messages": [...], "kind", "answer"}) and
 OUT/{train,val,test}_pref.jsonl ({"prompt", "chosen", "rejected", "kind", "answer"}); problems are
 unique and the splits disjoint; the same seed gives byte-identical files. Every record is checked
-with data/formats.validate before it is written. Evaluate with data.tasks.exact_match.
+with data/formats.validate before it is written. Evaluate with data.tasks.exact_match. `--exclude`
+(files or directories of JSONL: chat records' first user turn, preference records' prompt) names
+questions never drawn; a split of 0 problems is not written.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ flags.DEFINE_integer("n_train", 4000, "Training problems.")
 flags.DEFINE_integer("n_val", 200, "Validation problems.")
 flags.DEFINE_integer("n_test", 200, "Test problems.")
 flags.DEFINE_list("kinds", list(tasks.KINDS), f"Task kinds, some of {tasks.KINDS}.")
+flags.DEFINE_list("exclude", [], "JSONL files or directories of them whose questions are never drawn.")
 flags.mark_flags_as_required(["out"])
 
 
@@ -37,13 +43,46 @@ def write(path: str, records: list[dict], fmt: str) -> None:
             f.write(json.dumps(formats.validate(r, fmt), sort_keys=True) + "\n")
 
 
+def questions(paths: list[str]) -> set[str]:
+    """The user questions of chat records (first user turn) and preference records (prompt) in these JSONL files
+    (a directory: its *.jsonl)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl"))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise ValueError(f"--exclude={path}: no such file or directory")
+    out = set()
+    for path in files:
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                if "prompt" in r:
+                    out.add(r["prompt"])
+                else:
+                    user = [m["content"] for m in r.get("messages", []) if m.get("role") == "user"]
+                    if not user:
+                        raise ValueError(f"{path}:{i}: neither a preference record's prompt nor a user turn")
+                    out.add(user[0])
+    return out
+
+
 def main(argv):
     del argv
+    exclude = questions(FLAGS.exclude)
     splits = tasks.make_splits(FLAGS.seed, {"train": FLAGS.n_train, "val": FLAGS.n_val, "test": FLAGS.n_test},
-                               kinds=tuple(FLAGS.kinds))
+                               kinds=tuple(FLAGS.kinds), exclude=exclude)
     rng = random.Random(FLAGS.seed + 1)
     os.makedirs(FLAGS.out, exist_ok=True)
+    if exclude:
+        print(f"{len(exclude)} questions of {', '.join(FLAGS.exclude)} excluded")
     for name, problems in splits.items():
+        if not problems:
+            continue
         write(os.path.join(FLAGS.out, f"{name}.jsonl"), [tasks.sft_record(p) for p in problems], "chat")
         write(os.path.join(FLAGS.out, f"{name}_pref.jsonl"), [tasks.preference_record(p, rng) for p in problems],
               "preference")

@@ -77,6 +77,21 @@ def test_wrong_answers_are_plausible_and_wrong():
     assert partial == p["answer"] or partial in tasks.wrong_answers(p)
 
 
+def test_a_held_out_set_disjoint_from_an_existing_dataset(tmp_path):
+    _run(tmp_path / "a", 0)
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tasks.py"), f"--out={tmp_path / 'b'}",
+                    "--seed=0", "--n_train=0", "--n_val=0", "--n_test=500", f"--exclude={tmp_path / 'a'}"],
+                   check=True, capture_output=True, cwd=ROOT)
+    assert sorted(os.listdir(tmp_path / "b")) == ["test.jsonl", "test_pref.jsonl"]  # empty splits not written
+    question = lambda path: [json.loads(x)["messages"][0]["content"] for x in open(path)]  # noqa: E731
+    new = question(tmp_path / "b" / "test.jsonl")
+    old = {q for split in ("train", "val", "test") for q in question(tmp_path / "a" / f"{split}.jsonl")}
+    assert len(new) == len(set(new)) == 500 and old.isdisjoint(new)
+    # the same seed without the exclusion draws the existing problems first (so the exclusion did something)
+    assert len(old & {p["question"] for p in tasks.make_splits(0, {"test": 500})["test"]}) > 100
+    assert not old & {p["question"] for p in tasks.make_splits(0, {"test": 500}, exclude=old)["test"]}
+
+
 def test_exact_match_and_errors():
     assert tasks.exact_match("42", "42") and tasks.exact_match(" 42 \n", "42")
     assert not tasks.exact_match("042", "42") and not tasks.exact_match("Abc", "abc") and not tasks.exact_match(None, "1")
