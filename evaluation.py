@@ -166,8 +166,10 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "", data
     mode = modes.get(config)
     if out_predictions and mode.predictions is None:
         with_predictions = sorted(name for name, m in modes.MODES.items() if m.predictions is not None)
-        raise ValueError(f"predictions are not defined for mode={config.mode!r}: its eval rows are windows of a "
-                         f"token stream, not items with a reference (modes with predictions: {with_predictions})")
+        why = ("its items are pairs: score them with scripts/score.py" if config.mode == "reward" else
+               "its eval rows are windows of a token stream, not items with a reference")
+        raise ValueError(f"predictions are not defined for mode={config.mode!r}: {why} (modes with predictions: "
+                         f"{with_predictions})")
     config = config.copy_and_resolve_references()  # the eval's own settings; the caller's config is not changed
     config.train.eval_batches = max_batches if max_batches > 0 else ALL_BATCHES
     if not os.path.exists(os.path.join(workdir, "tokenizer.json")):
@@ -175,7 +177,8 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "", data
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding)
     micro_batch = config.data.batch_size // config.optim.grad_accum_steps
-    sharding.check_batch_size(micro_batch, mesh, "data.batch_size / optim.grad_accum_steps")
+    rows, what = modes.device_rows(config, mode, micro_batch)
+    sharding.check_batch_size(rows, mesh, what)
     inputs = eval_inputs(config, workdir, micro_batch, data, split or "val")
     model = mode.model(config, inputs)
     target, param_sh = steps.abstract_params(model, mesh, rules, config.data.seq_len)

@@ -206,7 +206,7 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     # ---- Devices and mesh; an incompatible workdir is refused before anything is written ----------
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding)
-    rows, what = mode.device_batch(config) if mode.device_batch else (micro_batch, "data.batch_size / optim.grad_accum_steps")
+    rows, what = modes.device_rows(config, mode, micro_batch)
     sharding.check_batch_size(rows, mesh, what)
     config_dict = json.loads(config.to_json())
     latest = _resume_step(workdir, config_dict, mode)

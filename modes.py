@@ -132,7 +132,8 @@ MODES.update({
         summary=objectives.dpo_summary, other_eval_data=inputs_lib.as_val_path("pref", feedback_inputs.dpo_inputs),
         headline=("eval/accuracy", "eval/margin", "eval/exact_match"),
         must_match=("pref.val_path", "pref.too_long", "dpo.loss"), added_defaults=_PREF_DEFAULTS,
-        lora=True, paths=("data.path", "pref.val_path"), example_unit="pairs", trim=preference_data.trim_pairs),
+        lora=True, paths=("data.path", "pref.val_path"), example_unit="pairs", trim=preference_data.trim_pairs,
+        predictions=predictions.preference),
 })
 
 
@@ -169,7 +170,7 @@ _RL_COMMON = dict(
                 "rl.share_prompts"),
     added_defaults={"rl.share_prompts": False},  # runs before it had one model row per completion
     paths=("data.path", "rl.val_path", "rl.reward_model"), example_unit="prompts", on_policy=True,
-    updates_per_step=_rl_updates, device_batch=_rl_rows)
+    updates_per_step=_rl_updates, device_batch=_rl_rows, predictions=predictions.rl)
 MODES.update({
     "grpo": Mode(model=_causal_model, objective=rl_objectives.grpo, lora=True,
                  options=lambda config: dict(_rl_clip(config), beta=float(config.rl.kl_coef),
@@ -182,6 +183,14 @@ MODES.update({
                                             vf_coef=float(config.rl.vf_coef),
                                             entropy_coef=float(config.rl.entropy_coef)), **_RL_COMMON),
 })
+
+
+def device_rows(config, mode: Mode, micro_batch: int) -> tuple[int, str]:
+    """(rows a device step's batch holds, what sets it): the micro-batch, or the mode's own (RL: rollout rows per
+    update), for sharding.check_batch_size in training and evaluation alike."""
+    if mode.device_batch:
+        return mode.device_batch(config)
+    return micro_batch, "data.batch_size / optim.grad_accum_steps"
 
 
 def get(config) -> Mode:

@@ -8,10 +8,12 @@ mesh after `inputs` (the eval set scripts/evaluate.py scores) is built; `data` i
 
 - classify: where (file:line), text [+ text_pair], predicted label, gold label, correct.
 - qa: id, question, predicted answer text, gold answers, exact_match and f1 (0-1, SQuAD-normalised).
-- sft: prompt messages, generated answer, reference, kind, correct (for the sft.eval_generate problems).
+- sft, dpo, grpo, ppo: prompt messages, generated answer, reference, kind, correct (for the first
+  sft / pref / rl .eval_generate problems).
 
 causal and mlm have none: their eval rows are windows cut from a token stream, not items with a
-reference, so there is nothing to compare one by one (their eval loss is the per-token measure).
+reference, so there is nothing to compare one by one (their eval loss is the per-token measure);
+reward's items are pairs, scored one by one by scripts/score.py.
 """
 
 from __future__ import annotations
@@ -48,9 +50,18 @@ def qa(config, inputs, model, params, *, workdir: str, data: str) -> list[dict]:
     return _decoded("qa", inputs, "the eval has no span decoding").predictions(model, params)
 
 
-def sft(config, inputs, model, params, *, workdir: str, data: str) -> list[dict]:
-    """The first sft.eval_generate problems (greedy answers, as eval/exact_match scores them)."""
-    del workdir, data
-    evaluator = _decoded("sft", inputs, f"sft.eval_generate={config.sft.eval_generate} generates no answers; "
-                                        f"pass --config.sft.eval_generate=N")
-    return evaluator.predictions(model, params)
+def exact_match(block: str):
+    """Modes whose eval answers problems greedily (sft; dpo: pref; grpo/ppo: rl): their predictions are the first
+    `<block>.eval_generate` problems' answers, as eval/exact_match scores them."""
+    def of(config, inputs, model, params, *, workdir: str, data: str) -> list[dict]:
+        del workdir, data
+        n = config[block].eval_generate
+        evaluator = _decoded(config.mode, inputs, f"{block}.eval_generate={n} generates no answers; "
+                                                  f"pass --config.{block}.eval_generate=N")
+        return evaluator.predictions(model, params)
+    return of
+
+
+sft = exact_match("sft")
+preference = exact_match("pref")  # mode dpo
+rl = exact_match("rl")  # modes grpo, ppo: the policy's language model answers

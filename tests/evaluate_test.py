@@ -169,7 +169,8 @@ def test_evaluation_leaves_the_callers_config_alone(tmp_path):
 def test_predictions_are_refused_for_text_modes(causal_run, tmp_path):
     workdir, _, _ = causal_run
     preds = tmp_path / "p.jsonl"
-    with pytest.raises(ValueError, match=r"predictions are not defined for mode='causal'.*\['classify', 'qa', 'sft'\]"):
+    with pytest.raises(ValueError, match=r"predictions are not defined for mode='causal'.*"
+                                         r"\['classify', 'dpo', 'grpo', 'ppo', 'qa', 'sft'\]"):
         evaluate.evaluate(workdir, out_predictions=str(preds))
     assert not preds.exists()
     cli = subprocess.run([sys.executable, "scripts/evaluate.py", f"--workdir={workdir}", f"--out_predictions={preds}"],

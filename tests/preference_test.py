@@ -22,6 +22,7 @@ from absl import flags
 from conftest import tiny_config
 
 import checkpoint
+import evaluation
 import feedback_inputs
 import objectives
 import train
@@ -266,6 +267,12 @@ def test_dpo_starts_at_its_cached_reference(task_files, sft_run, tmp_path, monke
     assert out["step"] == 2 and "eval/chosen_logp_change" in out
     caches = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run, "reference_logps_*.npz")))
     assert [c.split("_")[2] for c in caches] == ["train", "val"]
+    # per-problem greedy answers of the policy (scripts/evaluate.py --out_predictions), as exact match scores them
+    preds = str(tmp_path / "preds.jsonl")
+    got = evaluation.evaluate_run(run, overrides=lambda c: setattr(c.pref, "eval_generate", 6), out_predictions=preds)
+    rows = read_jsonl(preds)
+    assert got["predictions"] == len(rows) == 6 and {"prompt", "prediction", "reference", "kind"} <= set(rows[0])
+    assert np.mean([r["correct"] for r in rows]) == pytest.approx(got["eval/exact_match"])
     # a second read of the same pairs takes the cache: nothing is computed
     def no_compute(*a, **k):
         raise AssertionError("reference log-probs recomputed despite the cache")

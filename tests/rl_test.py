@@ -16,6 +16,7 @@ import pytest
 from conftest import tiny_config
 
 import checkpoint
+import evaluation
 import modes
 import serving
 import sharding
@@ -147,6 +148,12 @@ def test_grpo_learns_a_trivial_reward_with_sampler_trainer_agreement(tmp_path, s
         assert key in rows[-1], key
     first, last = np.mean([r["rl/reward_mean"] for r in rows[:2]]), np.mean([r["rl/reward_mean"] for r in rows[-2:]])
     assert last > first + 0.1, [r["rl/reward_mean"] for r in rows]
+    # per-prompt greedy answers of the policy (scripts/evaluate.py --out_predictions), as exact match scores them
+    preds = str(tmp_path / "preds.jsonl")
+    got = evaluation.evaluate_run(work, out_predictions=preds)
+    answers = read_jsonl(preds)
+    assert got["predictions"] == len(answers) == 4 and answers[0]["reference"] == "x"
+    assert np.mean([a["correct"] for a in answers]) == pytest.approx(got["eval/exact_match"])
     # scripts/policy_kl.py: a run against itself is at KL 0 exactly (same params, same forward)
     out = policy_kl.policy_kl(work, work, str(tmp_path / "val.jsonl"), n=4, samples=2, max_new_tokens=8,
                               max_prompt_len=24, batch_size=8)
