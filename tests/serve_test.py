@@ -246,14 +246,14 @@ def test_bad_requests_get_openai_errors(server, run):
     assert health(url)["busy"] == 0
 
 
-def slow_down(monkeypatch, decoder):
-    """5 ms more per decode call (4 tokens): a 1,000-token request then takes >= 1.25 s, so a test's
-    client can leave, or overtake it, mid-request on any machine (this tiny model alone makes 1,000
-    tokens in ~0.2 s)."""
+def slow_down(monkeypatch, decoder, delay_s: float = 0.005):
+    """`delay_s` more per decode call (4 tokens; 5 ms: a 1,000-token request then takes >= 1.25 s), so a
+    test's client can leave, or overtake it, mid-request on any machine (this tiny model alone makes
+    1,000 tokens in ~0.2 s)."""
     steps = decoder.steps
 
     def slow_steps(*args, **kwargs):
-        time.sleep(0.005)
+        time.sleep(delay_s)
         return steps(*args, **kwargs)
     monkeypatch.setattr(decoder, "steps", slow_steps)
 
@@ -261,7 +261,10 @@ def slow_down(monkeypatch, decoder):
 def test_small_queue_429_key_401_disconnects_free_slots(run, decoder, monkeypatch):
     """Both slots busy with long streams, one request waiting, the next one is refused with 429;
     closing the streams (clients gone) frees both slots long before their 1,000 tokens."""
-    slow_down(monkeypatch, decoder)
+    # 20 ms a decode call: at most 200 tokens/s a slot, so the client's steps between starting the streams and
+    # closing them may take 2.5 s before the two streams make the 1,000 tokens the check allows (at 5 ms:
+    # 0.6 s; this test failed once under xdist beside the RL tests, the failing check not recorded)
+    slow_down(monkeypatch, decoder, delay_s=0.02)
     with serve(run, decoder, max_queue=1, api_key="sekret", chat=False) as (url, engine):
         with pytest.raises(openai.AuthenticationError):
             client(url, key="wrong").completions.create(model=run.name, prompt="hi")
