@@ -67,10 +67,10 @@ def pack(rows: dict, prompt_lens_N: np.ndarray, group: int, *, max_prompt_len: i
             inputs[q, :m] = rows["inputs"][i, :m]  # ids[:-1] of the row: the prompt, then the completion
             positions[q, :m] = np.arange(m)
             segment_ids[q, :m] = -1
-        start = lp + g * t
-        inputs[q, start:start + k] = rows["targets"][i, first:first + k]  # the completion's tokens
-        positions[q, start:start + k] = m + np.arange(k)
-        segment_ids[q, start:start + k] = g + 1
+        start = lp + g * t  # the completion's tokens but its last (which predicts nothing), as its row feeds them
+        inputs[q, start:start + k - 1] = rows["targets"][i, first:first + k - 1]
+        positions[q, start:start + k - 1] = m + np.arange(k - 1)
+        segment_ids[q, start:start + k - 1] = g + 1
         out["src"][q, g, :k] = np.concatenate([[first], start + np.arange(k - 1)])
         for key in TOKEN_KEYS:
             out[key][q, g, :k] = rows[key][i, first:first + k]

@@ -73,6 +73,7 @@ def test_one_row_per_prompt_scores_and_trains_as_one_row_per_completion(variant,
     ro, packed = _rollout(mask_truncated=True)
     comp_rows, comp_packed = ro.rows["completion"], groups.per_row(packed["completion"])
     assert packed["inputs"].shape[0] == 2 and packed["src"].shape == (2, G, 8)  # slots of 32 + G x 8 tokens
+    assert packed["positions"].max() == ro.rows["positions"].max()  # no position the rows do not use (max_len)
     np.testing.assert_array_equal(_on_tokens(ro.rows["targets"], comp_rows),
                                   _on_tokens(groups.per_row(packed["targets"]), comp_packed))
     model = Transformer(ModelConfig(**{**CFG, **variant}))
