@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
-from data import formats, tasks  # noqa: E402
+from data import chat, formats, tasks  # noqa: E402
+from data.sources import ReadStats, Source, source_records  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output directory.")
@@ -44,30 +45,21 @@ def write(path: str, records: list[dict], fmt: str) -> None:
 
 
 def questions(paths: list[str]) -> set[str]:
-    """The user questions of chat records (first user turn) and preference records (prompt) in these JSONL files
-    (a directory: its *.jsonl)."""
-    files = []
-    for path in paths:
-        if os.path.isdir(path):
-            files += sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".jsonl"))
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise ValueError(f"--exclude={path}: no such file or directory")
+    """The user questions of chat records (first user turn) and preference records (prompt) in these JSONL
+    files, directories or globs (read as every record source is: data/sources.source_records)."""
     out = set()
-    for path in files:
-        with open(path) as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                r = json.loads(line)
-                if "prompt" in r:
-                    out.add(r["prompt"])
-                else:
-                    user = [m["content"] for m in r.get("messages", []) if m.get("role") == "user"]
-                    if not user:
-                        raise ValueError(f"{path}:{i}: neither a preference record's prompt nor a user turn")
-                    out.add(user[0])
+    for path in paths:
+        for where, record in source_records(Source(kind="files", path=path), ReadStats(), strict=True):
+            if isinstance(record, dict) and "prompt" in record and "response" not in record:  # a preference record
+                out.add(record["prompt"])
+                continue
+            try:
+                user = [m["content"] for m in chat.messages_of(record) if m["role"] == "user"]
+            except chat.ChatError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if not user:
+                raise ValueError(f"{where}: neither a preference record's prompt nor a user turn")
+            out.add(user[0])
     return out
 
 
