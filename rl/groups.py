@@ -97,9 +97,5 @@ def gather(x_PxWx, src_PxGxT):
     """x at each completion token's scoring position: [P, W, ...] -> [P * G, T, ...] (within each group's row,
     so a shard of whole groups gathers locally)."""
     p, g, t = src_PxGxT.shape
-    idx = src_PxGxT.reshape(p, g * t)
-    if x_PxWx.ndim == 3:
-        out = jnp.take_along_axis(x_PxWx, idx[:, :, None], axis=1)
-    else:
-        out = jnp.take_along_axis(x_PxWx, idx, axis=1)
-    return out.reshape(p * g, t, *x_PxWx.shape[2:])
+    idx = src_PxGxT.reshape(p, g * t, *[1] * (x_PxWx.ndim - 2))  # broadcast over x's trailing dims
+    return jnp.take_along_axis(x_PxWx, idx, axis=1).reshape(p * g, t, *x_PxWx.shape[2:])

@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 
 import checkpoint
 import inputs as inputs_lib
+import modes
 import sharding
 import steps
 import warmstart
@@ -117,7 +118,7 @@ def iterate(run) -> int:
     end_id = tok.special_id(chat.END_TOKEN)
     group, n_prompts = int(r.group_size), int(config.data.batch_size)
     n_rows = n_prompts * group
-    minibatch = int(r.minibatch) or n_rows
+    minibatch, _ = run.mode.device_batch(config)  # rollout rows per optimizer update
     width = int(r.max_prompt_len) + int(r.max_new_tokens) - 1
     is_ppo = config.mode == "ppo"
     single = not is_ppo and run.mode.updates_per_step(config) == 1  # GRPO, one update: no separate old-logp pass
@@ -274,10 +275,9 @@ def iterate(run) -> int:
 def shares_prompts(config, mesh) -> bool:
     """Whether the trainer computes each prompt once for its group (rl/groups.py): rl.share_prompts, a group of
     2 or more, and updates of whole groups that split evenly over the mesh's data-parallel devices."""
-    r = config.rl
-    group = int(r.group_size)
-    rows = int(r.minibatch) or int(config.data.batch_size) * group
-    return (bool(r.share_prompts) and group > 1 and rows % group == 0
+    group = int(config.rl.group_size)
+    rows, _ = modes.get(config).device_batch(config)  # rollout rows per optimizer update
+    return (bool(config.rl.share_prompts) and group > 1 and rows % group == 0
             and (rows // group) % sharding.data_parallel_size(mesh) == 0)
 
 
