@@ -72,3 +72,17 @@ def set_overrides(c, overrides: dict):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def _say_x(text, answer, finish, n_tokens):
+    """A trivial reward dense enough for a random tiny model ('say letters'): the share of lowercase ASCII
+    letters among the completion's characters (about 0.1 at init, 1 for a policy that only says letters)."""
+    del answer, finish, n_tokens
+    return sum("a" <= c <= "z" for c in text) / max(len(text), 1)
+
+
+@pytest.fixture
+def say_x(monkeypatch):
+    """The RL tests' programmatic reward 'say_x' (`_say_x`), registered for the test."""
+    from rl import rewards
+    monkeypatch.setitem(rewards.PROGRAMMATIC, "say_x", _say_x)

@@ -144,14 +144,9 @@ def _prompts(path, n, seed=0):
     return str(path)
 
 
-def _letters(text, answer, finish, n_tokens):
-    del answer, finish, n_tokens
-    return sum("a" <= c <= "z" for c in text) / max(len(text), 1)
-
-
 def _cfg(tmp_path, module, **kw):
     # 8 prompts per update: one group per device of the tests' 8 (one row per prompt needs whole groups per shard)
-    base = dict(rl__val_path=_prompts(tmp_path / "val.jsonl", 4, seed=1), rl__rewards=("letters",),
+    base = dict(rl__val_path=_prompts(tmp_path / "val.jsonl", 4, seed=1), rl__rewards=("say_x",),
                 rl__eval_generate=0, rl__max_prompt_len=24, rl__max_new_tokens=8, data__batch_size=8,
                 rl__group_size=2, rl__minibatch=0, optim__lr=3e-2, optim__schedule="constant", train__log_every=1,
                 model__dtype="float32", train__eval_every=100, train__checkpoint_every=100)
@@ -159,9 +154,7 @@ def _cfg(tmp_path, module, **kw):
 
 
 @pytest.mark.parametrize("module", [grpo_config, ppo_config], ids=["grpo", "ppo_minibatches"])
-def test_a_run_with_one_row_per_prompt_equals_one_row_per_completion_and_resumes_exactly(tmp_path, monkeypatch,
-                                                                                          module):
-    monkeypatch.setitem(rewards.PROGRAMMATIC, "letters", _letters)
+def test_a_run_with_one_row_per_prompt_equals_one_row_per_completion_and_resumes_exactly(tmp_path, say_x, module):
     # PPO: 16 prompts x 2, minibatches of 8 groups (one per device), 2 epochs: 4 updates an iteration
     kw = dict(data__batch_size=16, rl__minibatch=16, rl__epochs=2) if module is ppo_config else {}
     config = _cfg(tmp_path, module, **kw)

@@ -45,18 +45,6 @@ def _prompts(path, n, seed=0):
     return str(path)
 
 
-def _say_x(text, answer, finish, n_tokens):
-    """A trivial reward dense enough for a random tiny model ('say letters'): the share of lowercase ASCII
-    letters among the completion's characters (about 0.1 at init, 1 for a policy that only says letters)."""
-    del answer, finish, n_tokens
-    return sum("a" <= c <= "z" for c in text) / max(len(text), 1)
-
-
-@pytest.fixture
-def say_x(monkeypatch):
-    monkeypatch.setitem(rewards.PROGRAMMATIC, "say_x", _say_x)
-
-
 def _cfg(tmp_path, module, **kw):
     train_path = _prompts(tmp_path / "prompts.jsonl", 64)
     val_path = _prompts(tmp_path / "val.jsonl", 8, seed=1)
