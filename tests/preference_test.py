@@ -1,6 +1,6 @@
 """Modes 'reward' and 'dpo': pair rendering, the Bradley-Terry and DPO-family objectives on hand-built
 batches, the cached reference log-probs, end-to-end runs warm-started from a tiny SFT run, config errors,
-and scripts/score.py on the trained reward model."""
+scripts/score.py on the trained reward model, and on-policy pairs (scripts/sample_pairs.py)."""
 
 import functools
 import glob
@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 from absl import flags
+import conftest
 from conftest import tiny_config
 
 import checkpoint
@@ -27,14 +28,15 @@ import feedback_inputs
 import objectives
 import train
 from configs import dpo as dpo_config, reward as reward_config, sft as sft_config
-from data import chat, preference, tasks
+from data import chat, formats, preference, prompts as prompts_data, tasks
 from data.sources import ReadStats
 from data.tokenizer import ByteTokenizer
 from metrics import read_jsonl
 from model import build
-from rl import reference
+from rl import pairs, reference, rewards
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import sample_pairs  # noqa: E402
 import score  # noqa: E402
 
 SEQ_LEN = 64
@@ -425,3 +427,93 @@ def test_trimmed_pair_batches_give_the_same_log_probs_and_rewards():
                                    reference.sequence_logps(lm, lm_params, full)[0], rtol=1e-5, atol=1e-5)
         rewards = [rm.apply({"params": rm_params}, r["inputs"], r["positions"], r["segment_ids"]) for r in (full, short)]
         np.testing.assert_allclose(rewards[1], rewards[0], rtol=1e-5, atol=1e-5)
+
+
+# ---- On-policy pairs (rl/pairs.py, scripts/sample_pairs.py) ---------------------------------------
+
+def test_choose_pairs_the_best_finished_sample_with_the_worst():
+    def drawn(rewards, finishes=None, texts=None):
+        n = len(rewards)
+        return pairs.Drawn(texts or [f"t{i}" for i in range(n)], finishes or ["stop"] * n, np.asarray(rewards))
+    # the truncated sample's 2.0 is never chosen; the worst may be anything
+    assert pairs.choose(drawn([0.5, 1.0, 2.0, 0.0], ["stop", "stop", "length", "stop"])) == (1, 3)
+    assert pairs.choose(drawn([0.5, 1.0, 2.0, -1.0], ["stop", "stop", "stop", "length"])) == (2, 3)
+    assert pairs.choose(drawn([1.0, 1.0, 0.0, 0.0])) == (0, 2)  # ties: the earliest sample
+    assert pairs.choose(drawn([1.0, 1.0, 1.0])) is None  # no preference
+    assert pairs.choose(drawn([1.0, 0.0]), min_gap=1.0) is None and pairs.choose(drawn([1.0, 0.0]), min_gap=0.5)
+    assert pairs.choose(drawn([1.0, 0.0], ["length", "length"])) is None
+    assert pairs.choose(drawn([1.0, 0.0], texts=["same", "same"])) is None
+    assert pairs.choose(drawn([1.0, 0.5, 0.0], texts=["a", "b", " "])) == (0, 1)  # empty text: never a side
+
+
+def _sample_pairs(monkeypatch, capsys, **flag_values):
+    fv = flags.FlagValues()
+    sample_pairs.define_flags(fv)
+    fv(["sample_pairs.py"] + [f"--{k}={v}" for k, v in flag_values.items()])
+    monkeypatch.setattr(sample_pairs, "FLAGS", fv)
+    rc = sample_pairs.main([])
+    return rc, capsys.readouterr()
+
+
+def test_sample_pairs_from_the_policy_feed_dpo(task_files, sft_run, reward_run, tmp_path, monkeypatch, capsys, say_x):
+    out = tmp_path / "pairs" / "train_pref.jsonl"
+    common = dict(workdir=sft_run, data=task_files["train_sft"], samples=8, max_new_tokens=32, limit=48, batch_rows=64)
+    rc, cap = _sample_pairs(monkeypatch, capsys, out=out, rewards="say_x", **common)
+    assert rc == 0, cap.err
+    summary = json.loads(cap.out)
+    records = read_jsonl(str(out))
+    assert summary["prompts"] == 48 and summary["samples"] == 384 and summary["pairs"] == len(records) >= 8
+    assert summary["pairs"] + summary["no_preference"] == 48
+    prompts = {r["messages"][0]["content"]: r for r in map(json.loads, open(task_files["train_sft"]))}
+    for r in records:
+        formats.validate(r, "preference")
+        assert r["answer"] == prompts[r["prompt"]]["answer"] and r["kind"] == prompts[r["prompt"]]["kind"]
+        assert r["chosen_reward"] == pytest.approx(conftest._say_x(r["chosen"], "", "", 0))
+        assert r["rejected_reward"] == pytest.approx(conftest._say_x(r["rejected"], "", "", 0))
+        assert r["chosen_reward"] > r["rejected_reward"]
+    first = out.read_bytes()
+    assert _sample_pairs(monkeypatch, capsys, out=out, rewards="say_x", **common)[0] == 0
+    assert out.read_bytes() == first  # same run, data and seed: the same pairs
+    # DPO trains on them as on any preference file
+    dpo_out = train.train_and_evaluate(_dpo_cfg(task_files, sft_run, data__path=str(out), train__steps=2,
+                                                optim__warmup_steps=1),
+                                       str(tmp_path / "dpo"))
+    assert dpo_out["step"] == 2 and np.isfinite(dpo_out["train/loss"])
+    # rewards from a reward model: a chosen (finished) answer scores as scripts/score.py scores it alone
+    rm_out = tmp_path / "rm_pairs.jsonl"
+    rc, cap = _sample_pairs(monkeypatch, capsys, out=rm_out, reward_model=reward_run[0],
+                            **dict(common, limit=64, samples=16, max_new_tokens=12, batch_rows=128))
+    assert rc == 0, cap.err
+    rm_records = read_jsonl(str(rm_out))
+    assert rm_records and all(r["chosen_reward"] > r["rejected_reward"] for r in rm_records)
+    # the rows a reward model scores sampled completions on are the conversations score.py scores
+    problems, _ = prompts_data.read_prompts(task_files["val_pref"], TOK, max_prompt_len=SEQ_LEN, strict=True)
+    answers = [json.loads(line)["chosen"] for line in open(task_files["val_pref"])]
+    completions = [list(TOK.encode(a)) + [END] for a in answers]
+    rows = pairs.conversation_rows(problems, completions, 1, SEQ_LEN + 16, TOK.pad_id)
+    got = rewards.RewardModelScorer(reward_run[0], TOK)(*rows)
+    scored, _ = score.score(reward_run[0], task_files["val_pref"], batch_size=4)
+    whole = [len(p.prompt) + len(c) <= SEQ_LEN + 1 for p, c in zip(problems, completions)]  # score.py cuts longer
+    assert sum(whole) >= 8
+    np.testing.assert_allclose(got[whole], np.array([s["reward_chosen"] for s in scored])[whole], rtol=1e-4, atol=1e-5)
+
+
+def test_sample_pairs_errors_exit_1_and_write_nothing(task_files, sft_run, reward_run, tmp_path, monkeypatch,
+                                                      capsys):
+    two_turns = _write_jsonl(tmp_path / "turns.jsonl", [{"messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}])
+    out = tmp_path / "out.jsonl"
+    good = dict(workdir=sft_run, data=task_files["val_sft"], limit=2, max_new_tokens=4)
+    cases = [(dict(good, samples=1), "samples=1"),
+             (dict(good, temperature=0), "--temperature=0.0"),
+             (dict(good, rewards="nope"), "'nope' is not a programmatic reward"),
+             (dict(good, workdir=tmp_path / "missing"), "missing"),
+             (dict(good, workdir=reward_run[0]), "mode='reward'"),
+             (dict(good, data=tmp_path / "nope.jsonl"), "nope.jsonl"),
+             (dict(good, data=two_turns), r"turns\.jsonl: prompt 0: .*turns \['user', 'assistant', 'user'\]")]
+    for flag_values, message in cases:
+        rc, cap = _sample_pairs(monkeypatch, capsys, out=out, **flag_values)
+        assert rc == 1 and cap.out == "", flag_values
+        assert "sample_pairs.py: error:" in cap.err and re.search(message, cap.err), cap.err
+        assert not out.exists() and not glob.glob(str(tmp_path / "*.tmp*"))
