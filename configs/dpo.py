@@ -17,7 +17,8 @@ Runtime:   1 min 24 s idle on a 2-core AVX512-BF16 Zen 5 (2026-12-06), the refer
 Result:    held-out exact match 0.51 val / 0.535 test from 0.48 / 0.53 (SFT, 526 steps); preference
            accuracy 0.775; KL to the SFT model 0.43 nats per answer (scripts/policy_kl.py); from the
            1,000-step SFT model (0.56 / 0.595): 0.545 / 0.59, with nll_coef 1.0 0.56 / 0.61; on 2,000
-           held-out problems 0.568 vs SFT's 0.6135 (significantly lower: sort 0.98 -> 0.82; README)
+           held-out problems 0.568 vs SFT's 0.6135 (significantly lower: sort 0.98 -> 0.82; README); on
+           the SFT model's own pairs (scripts/sample_pairs.py) 0.5985 (count 0.47 -> 0.51, sort -> 0.88)
 """
 
 from configs import common
