@@ -481,8 +481,7 @@ def test_sample_pairs_from_the_policy_feed_dpo(task_files, sft_run, reward_run, 
     assert dpo_out["step"] == 2 and np.isfinite(dpo_out["train/loss"])
     # rewards from a reward model: a chosen (finished) answer scores as scripts/score.py scores it alone
     rm_out = tmp_path / "rm_pairs.jsonl"
-    rc, cap = _sample_pairs(monkeypatch, capsys, out=rm_out, reward_model=reward_run[0],
-                            **dict(common, limit=64, samples=16, max_new_tokens=12, batch_rows=128))
+    rc, cap = _sample_pairs(monkeypatch, capsys, out=rm_out, reward_model=reward_run[0], **common)
     assert rc == 0, cap.err
     rm_records = read_jsonl(str(rm_out))
     assert rm_records and all(r["chosen_reward"] > r["rejected_reward"] for r in rm_records)
