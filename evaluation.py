@@ -166,10 +166,8 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "", data
     mode = modes.get(config)
     if out_predictions and mode.predictions is None:
         with_predictions = sorted(name for name, m in modes.MODES.items() if m.predictions is not None)
-        why = ("its items are pairs: score them with scripts/score.py" if config.mode == "reward" else
-               "its eval rows are windows of a token stream, not items with a reference")
-        raise ValueError(f"predictions are not defined for mode={config.mode!r}: {why} (modes with predictions: "
-                         f"{with_predictions})")
+        raise ValueError(f"predictions are not defined for mode={config.mode!r}: {mode.no_predictions} "
+                         f"(modes with predictions: {with_predictions})")
     config = config.copy_and_resolve_references()  # the eval's own settings; the caller's config is not changed
     config.train.eval_batches = max_batches if max_batches > 0 else ALL_BATCHES
     if not os.path.exists(os.path.join(workdir, "tokenizer.json")):

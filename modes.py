@@ -44,6 +44,8 @@ class Mode:
     text_corpus: bool = False  # data.path is text (files or a prepared dataset) split by data.split, not records
     example_unit: str = "windows"  # what an eval example is (scripts/evaluate.py reports their count)
     predictions: Callable | None = None  # per-item predictions for error analysis (predictions.py); None: none
+    # why a mode without `predictions` has none (scripts/evaluate.py --out_predictions says it)
+    no_predictions: str = "its eval rows are windows of a token stream, not items with a reference"
     options: Callable[..., dict] = lambda config: {}  # config -> the objective's keyword options (dpo.beta, ...)
     on_policy: bool = False  # runs rl/loop.iterate (rollouts, then updates) instead of the supervised loop
     updates_per_step: Callable[..., int] = lambda config: 1  # optimizer updates per step (RL: per iteration)
@@ -126,7 +128,7 @@ MODES.update({
         summary=objectives.reward_summary, other_eval_data=inputs_lib.as_val_path("pref", feedback_inputs.reward_inputs),
         headline=("eval/accuracy", "eval/margin"), must_match=("pref.val_path", "pref.too_long"),
         added_defaults=_PREF_DEFAULTS, paths=("data.path", "pref.val_path"), example_unit="pairs",
-        trim=preference_data.trim_pairs),
+        trim=preference_data.trim_pairs, no_predictions="its items are pairs: score them with scripts/score.py"),
     "dpo": Mode(
         inputs=feedback_inputs.dpo_inputs, model=_causal_model, objective=objectives.dpo, options=_dpo_options,
         summary=objectives.dpo_summary, other_eval_data=inputs_lib.as_val_path("pref", feedback_inputs.dpo_inputs),

@@ -341,6 +341,8 @@ def test_reward_run_warm_starts_trains_and_reports(reward_run, sft_run):
     for k, v in flat_rm:
         np.testing.assert_allclose(np.asarray(v), np.asarray(flat_sft[jax.tree_util.keystr(k)]), atol=5e-3)
     assert np.abs(np.asarray(params["reward_head"]["out"]["kernel"])).max() > 0  # the zero-init head moved
+    with pytest.raises(ValueError, match="mode='reward': its items are pairs: score them with scripts/score.py"):
+        evaluation.evaluate_run(run, out_predictions=os.path.join(run, "..", "preds.jsonl"))
 
 
 # ---- scripts/score.py -----------------------------------------------------------------------------
