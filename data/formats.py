@@ -8,7 +8,9 @@ Schemas (one JSON object a line; extra fields are kept):
 - 'chat': {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} with at
       least one user and one assistant turn and a system turn only first; or
       {"prompt": str, "response": str}.
-- 'preference': {"prompt": str, "chosen": str, "rejected": str}, chosen != rejected.
+- 'preference': {"prompt": str | [messages], "chosen": str, "rejected": str}, chosen != rejected; a
+      list prompt is the conversation so far (the 'chat' message rules, ending with a user turn) and
+      chosen / rejected are the next assistant reply.
 
 `validate(record, fmt)` returns the record or raises `FormatError(reason, detail)`: `reason`
 is a short name counted in the manifest ('missing field', 'wrong type', 'empty text',
@@ -89,30 +91,41 @@ def _chat(r: dict) -> None:
             _string(r, "response")
             return
         raise FormatError("missing field", "no 'messages' (or 'prompt' + 'response')")
-    messages = r["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise FormatError("wrong type", "'messages' must be a non-empty list")
-    roles = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise FormatError("wrong type", f"messages[{i}] is {type(m).__name__}, expected an object")
-        role = m.get("role")
-        if role not in ROLES:
-            raise FormatError("bad role", f"messages[{i}].role={role!r}, expected one of {ROLES}")
-        if role == "system" and i:
-            raise FormatError("bad role", f"messages[{i}] is a system message after the first turn")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise FormatError("wrong type", f"messages[{i}].content is {type(content).__name__}, expected str")
-        if not content.strip():
-            raise FormatError("empty text", f"messages[{i}].content is empty")
-        roles.append(role)
+    roles = _messages(r["messages"], "messages")
     if "user" not in roles or "assistant" not in roles:
         raise FormatError("incomplete chat", f"roles {roles} need at least one user and one assistant turn")
 
 
+def _messages(messages, field: str) -> list[str]:
+    """The roles of a checked message list (roles known, a system turn only first, contents non-empty)."""
+    if not isinstance(messages, list) or not messages:
+        raise FormatError("wrong type", f"'{field}' must be a non-empty list")
+    roles = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise FormatError("wrong type", f"{field}[{i}] is {type(m).__name__}, expected an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise FormatError("bad role", f"{field}[{i}].role={role!r}, expected one of {ROLES}")
+        if role == "system" and i:
+            raise FormatError("bad role", f"{field}[{i}] is a system message after the first turn")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise FormatError("wrong type", f"{field}[{i}].content is {type(content).__name__}, expected str")
+        if not content.strip():
+            raise FormatError("empty text", f"{field}[{i}].content is empty")
+        roles.append(role)
+    return roles
+
+
 def _preference(r: dict) -> None:
-    _string(r, "prompt")
+    if isinstance(r.get("prompt"), list):
+        roles = _messages(r["prompt"], "prompt")
+        if roles[-1] != "user":
+            raise FormatError("incomplete chat", f"prompt roles {roles}: the conversation must end with a user turn "
+                              f"(chosen and rejected are the assistant's reply to it)")
+    else:
+        _string(r, "prompt")
     chosen, rejected = _string(r, "chosen"), _string(r, "rejected")
     if chosen == rejected:
         raise FormatError("chosen equals rejected", "'chosen' and 'rejected' are identical")
@@ -142,7 +155,9 @@ def record_text(record: dict, fmt: str) -> str:
         else:
             parts = [record["prompt"], record["response"]]
     elif fmt == "preference":
-        parts = [record["prompt"], record["chosen"], record["rejected"]]
+        prompt = record["prompt"]
+        parts = [m["content"] for m in prompt] if isinstance(prompt, list) else [prompt]
+        parts += [record["chosen"], record["rejected"]]
     else:
         raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
     return "\n".join(p for p in parts if p)

@@ -2,7 +2,9 @@
 
 Each side is the two-turn chat `user: prompt -> assistant: response` rendered with the SFT
 template (data/chat.py), so a reward model or DPO policy warm-started from an SFT run reads
-exactly what it was trained on: `<|user|> prompt <|end|> <|assistant|> response <|end|>`.
+exactly what it was trained on: `<|user|> prompt <|end|> <|assistant|> response <|end|>`. A prompt
+given as a list of messages (data/formats: a conversation ending with a user turn) is rendered as
+that conversation, the side as the assistant's next turn; only that turn is scored.
 
 An example holds, for side in ('chosen', 'rejected'), the keys of data/pipeline.pack_window
 prefixed `chosen_` / `rejected_` (inputs, targets, positions, segment_ids, weights): one
@@ -31,14 +33,28 @@ SIDES = ("chosen", "rejected")
 TOO_LONG = ("truncate", "drop")
 
 
+def prompt_messages(record: dict) -> list[dict]:
+    """The conversation a pair answers: one user turn for a string prompt, else the prompt's messages."""
+    prompt = record["prompt"]
+    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
 def conversation(record: dict, side: str) -> dict:
     """The chat record of one side of a preference record (extra fields dropped)."""
-    return {"prompt": record["prompt"], "response": record[side]}
+    return {"messages": prompt_messages(record) + [{"role": "assistant", "content": record[side]}]}
 
 
 def prompt_ids(record: dict, tok: Tokenizer) -> np.ndarray:
     """The prompt as a generation prompt (ends with <|assistant|>): what a policy continues."""
-    return chat.render_prompt([{"role": "user", "content": record["prompt"]}], tok)
+    return chat.render_prompt(prompt_messages(record), tok)
+
+
+def render_side(record: dict, side: str, tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, loss mask) of one side: the conversation + the side as the assistant's reply; the mask is 1 on
+    that reply and its closing <|end|> only (a conversational prompt's earlier assistant turns are context)."""
+    ids, mask = chat.render(conversation(record, side), tok)
+    mask[:len(prompt_ids(record, tok))] = 0.0
+    return ids, mask
 
 
 def _side_row(ids: np.ndarray, mask: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -64,7 +80,7 @@ def render_pair(record: dict, tok: Tokenizer, *, seq_len: int, too_long: str) ->
         raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG}")
     example, status = {}, "rendered"
     for side in SIDES:
-        ids, mask = chat.render(conversation(record, side), tok)
+        ids, mask = render_side(record, side, tok)
         if len(ids) > seq_len:
             if too_long == "drop":
                 return None, "too long"
@@ -99,8 +115,7 @@ def render_split(records: list[tuple[str, dict]], tok: Tokenizer, stats: ReadSta
 def as_chat_record(record: dict) -> dict:
     """A preference record as an SFT chat record (user prompt, assistant chosen) keeping "answer" and
     "kind": the exact-match evaluation's problems (data/sft.generation_problems) come from these."""
-    out = {"messages": [{"role": "user", "content": record["prompt"]},
-                        {"role": "assistant", "content": record["chosen"]}]}
+    out = conversation(record, "chosen")
     for key in ("answer", "kind"):
         if key in record:
             out[key] = record[key]

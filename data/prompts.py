@@ -6,7 +6,8 @@ as the SFT model was trained (the prompt ends with <|assistant|>; generation sto
 - a chat record (`{"messages": [...]}` ending with an assistant turn, or `{"prompt", "response"}`):
   the conversation before its last assistant turn; the answer is "answer" if present, else that turn's
   content (the SFT task files of scripts/make_tasks.py work as they are);
-- a preference record `{"prompt", "chosen", "rejected"}`: the prompt; the answer is "answer", else "chosen".
+- a preference record `{"prompt", "chosen", "rejected"}`: the prompt (a string, or a conversation as a
+  list of messages); the answer is "answer", else "chosen".
 
 A record that is none of these, has an empty prompt, or renders longer than `max_prompt_len` tokens
 is counted under its reason and skipped; under `strict` it raises naming file:line.
@@ -33,6 +34,10 @@ def _messages_and_answer(record) -> tuple[list[dict], str]:
             raise formats.FormatError("no final assistant turn", "a chat record needs an assistant turn to end it")
         return messages[:-1], reference_answer(record, messages)
     prompt = record.get("prompt")
+    if isinstance(prompt, list) and "chosen" in record:  # a conversational preference record
+        formats.validate(record, "preference")
+        messages = [dict(m) for m in prompt]
+        return messages, reference_answer(record, [{"role": "assistant", "content": record["chosen"]}])
     if not isinstance(prompt, str) or not prompt.strip():
         raise formats.FormatError("missing field", f"'prompt' must be a non-empty string, got {prompt!r}")
     fallback = record.get("chosen", "")

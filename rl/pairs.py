@@ -17,7 +17,8 @@ run (rl/rewards.py, as the RL loop does), and `choose` makes at most one pair a 
   texts are equal. Ties go to the earliest sample: the file is a function of (run, prompts, seed).
 
 Records are data/formats 'preference' records `{"prompt", "chosen", "rejected"}` plus "kind", "answer",
-"chosen_reward", "rejected_reward", so `configs/dpo.py` (and `configs/reward.py`) read them as they are.
+"chosen_reward", "rejected_reward", so `configs/dpo.py` (and `configs/reward.py`) read them as they are;
+"prompt" is the prompt's text when it is one user turn, else its messages (a conversational prompt).
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ def choose(drawn: Drawn, *, min_gap: float = 0.0) -> tuple[int, int] | None:
     return best, worst
 
 
-def one_turn_prompt(problem: Problem, where: str) -> str:
-    """The prompt text of a one-user-turn problem (a preference record's "prompt" is one user message)."""
-    messages = list(problem.messages)
-    if len(messages) != 1 or messages[0]["role"] != "user":
-        roles = [m["role"] for m in messages]
-        raise ValueError(f"{where}: a preference pair's prompt is one user turn; this prompt has turns {roles}")
-    return messages[0]["content"]
+def prompt_field(problem: Problem):
+    """A preference record's "prompt" for a problem: the text of a one-user-turn prompt, else its messages
+    (data/formats' conversational prompt)."""
+    messages = [dict(m) for m in problem.messages]
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return messages
 
 
 def conversation_rows(problems: list[Problem], completions: list, samples: int, width: int, pad_id: int):
@@ -86,7 +87,7 @@ def sample_pairs(model, params, problems: list[Problem], tok, *, samples: int, s
         raise ValueError(f"batch_rows={batch_rows} must be >= samples={samples} (a prompt's samples decode together)")
     if scorer is None:
         rewards_lib.check_names(reward_names)
-    prompt_texts = [one_turn_prompt(p, f"prompt {i}") for i, p in enumerate(problems)]
+    prompt_fields = [prompt_field(p) for p in problems]
     for i, p in enumerate(problems):
         if len(p.prompt) > max_prompt_len:
             raise ValueError(f"prompt {i}: {len(p.prompt)} tokens > max_prompt_len={max_prompt_len}")
@@ -119,7 +120,7 @@ def sample_pairs(model, params, problems: list[Problem], tok, *, samples: int, s
                 summary["no_preference"] += 1
                 continue
             best, worst = picked
-            records.append({"prompt": prompt_texts[at + j], "chosen": drawn.texts[best],
+            records.append({"prompt": prompt_fields[at + j], "chosen": drawn.texts[best],
                             "rejected": drawn.texts[worst], "kind": problem.kind, "answer": problem.reference,
                             "chosen_reward": float(drawn.rewards[best]),
                             "rejected_reward": float(drawn.rewards[worst])})

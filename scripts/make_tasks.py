@@ -45,14 +45,17 @@ def write(path: str, records: list[dict], fmt: str) -> None:
 
 
 def questions(paths: list[str]) -> set[str]:
-    """The user questions of chat records (first user turn) and preference records (prompt) in these JSONL
-    files, directories or globs (read as every record source is: data/sources.source_records)."""
+    """The user questions of chat records (first user turn) and preference records (prompt; a conversational
+    prompt's first user turn) in these JSONL files, directories or globs (read as every record source is:
+    data/sources.source_records)."""
     out = set()
     for path in paths:
         for where, record in source_records(Source(kind="files", path=path), ReadStats(), strict=True):
             if isinstance(record, dict) and "prompt" in record and "response" not in record:  # a preference record
-                out.add(record["prompt"])
-                continue
+                if not isinstance(record["prompt"], list):
+                    out.add(record["prompt"])
+                    continue
+                record = {"messages": record["prompt"]}  # a conversational prompt: its first user turn
             try:
                 user = [m["content"] for m in chat.messages_of(record) if m["role"] == "user"]
             except chat.ChatError as e:

@@ -17,9 +17,10 @@ against its worst (rl/pairs.py; prompts whose samples all score the same give no
 Output: data/formats 'preference' records {"prompt", "chosen", "rejected", "kind", "answer",
 "chosen_reward", "rejected_reward"} to --out (written whole at the end through a temporary file),
 then one JSON summary line on stdout: prompts, samples, pairs, no_preference, truncated, reward_mean,
-pairs_by_kind. The same run, data and --seed give the same file. Errors (no workdir or checkpoint, a
-run that does not generate text, a missing or bad data file, a prompt of several turns, a bad value
-of a flag) print one `sample_pairs.py: error: ...` line, exit 1 and write nothing.
+pairs_by_kind; "prompt" is a list of messages where the prompt is more than one user turn. The same run,
+data and --seed give the same file. Errors (no workdir or checkpoint, a run that does not generate text,
+a missing or bad data file, a bad value of a flag) print one `sample_pairs.py: error: ...` line, exit 1
+and write nothing.
 Runtime: 4,000 prompts x 8 samples of the default-size SFT model in about a minute on 2 CPU cores.
 """
 

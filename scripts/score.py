@@ -117,7 +117,7 @@ def read_records(path: str) -> list[tuple[str, dict, tuple[str, ...]]]:
 
 def render(record: dict, field: str, tok, seq_len: int) -> tuple[dict[str, np.ndarray], bool]:
     """One response as a training row (data/preference.py's side of a pair) and whether it was cut."""
-    ids, _ = chat.render(preference.conversation({"prompt": record["prompt"], field: record[field]}, field), tok)
+    ids, _ = chat.render(preference.conversation(record, field), tok)
     width = seq_len + 1
     cut = len(ids) > width
     ids = ids[:width]

@@ -501,9 +501,6 @@ def test_sample_pairs_from_the_policy_feed_dpo(task_files, sft_run, reward_run, 
 
 def test_sample_pairs_errors_exit_1_and_write_nothing(task_files, sft_run, reward_run, tmp_path, monkeypatch,
                                                       capsys):
-    two_turns = _write_jsonl(tmp_path / "turns.jsonl", [{"messages": [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}])
     out = tmp_path / "out.jsonl"
     good = dict(workdir=sft_run, data=task_files["val_sft"], limit=2, max_new_tokens=4)
     cases = [(dict(good, samples=1), "samples=1"),
@@ -511,10 +508,53 @@ def test_sample_pairs_errors_exit_1_and_write_nothing(task_files, sft_run, rewar
              (dict(good, rewards="nope"), "'nope' is not a programmatic reward"),
              (dict(good, workdir=tmp_path / "missing"), "missing"),
              (dict(good, workdir=reward_run[0]), "mode='reward'"),
-             (dict(good, data=tmp_path / "nope.jsonl"), "nope.jsonl"),
-             (dict(good, data=two_turns), r"turns\.jsonl: prompt 0: .*turns \['user', 'assistant', 'user'\]")]
+             (dict(good, data=tmp_path / "nope.jsonl"), "nope.jsonl")]
     for flag_values, message in cases:
         rc, cap = _sample_pairs(monkeypatch, capsys, out=out, **flag_values)
         assert rc == 1 and cap.out == "", flag_values
         assert "sample_pairs.py: error:" in cap.err and re.search(message, cap.err), cap.err
         assert not out.exists() and not glob.glob(str(tmp_path / "*.tmp*"))
+
+
+# ---- Conversational prompts ------------------------------------------------------------------------
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."},
+                {"role": "assistant", "content": "hi"}, {"role": "user", "content": "And 2+2?"}]
+
+
+def test_a_conversational_pair_weights_only_the_last_reply():
+    record = {"prompt": CONVERSATION, "chosen": "4", "rejected": "five"}
+    assert formats.validate(record, "preference") is record
+    assert formats.record_text(record, "preference").split("\n") == ["Be brief.", "Say hi.", "hi", "And 2+2?", "4",
+                                                                     "five"]
+    example, status = preference.render_pair(record, TOK, seq_len=SEQ_LEN, too_long="drop")
+    assert status == "rendered"
+    prompt = preference.prompt_ids(record, TOK)
+    for side in preference.SIDES:
+        weighted = example[f"{side}_targets"][example[f"{side}_weights"] > 0]
+        assert TOK.decode(weighted[:-1].tolist()) == record[side] and weighted[-1] == END  # not the earlier "hi"
+        n = int(example[f"{side}_segment_ids"].sum())
+        np.testing.assert_array_equal(example[f"{side}_inputs"][:len(prompt)], prompt)  # the whole conversation
+        assert n == len(prompt) + len(TOK.encode(record[side])) + 1
+    # a one-turn prompt as text or as one user message: the same rows
+    flat = {"prompt": "And 2+2?", "chosen": "4", "rejected": "five"}
+    listed = dict(flat, prompt=[{"role": "user", "content": "And 2+2?"}])
+    a, b = (preference.render_pair(r, TOK, seq_len=SEQ_LEN, too_long="drop")[0] for r in (flat, listed))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # the prompt must be a conversation the assistant answers next
+    for bad, message in ((CONVERSATION[:3], "must end with a user turn"),
+                         ([{"role": "bot", "content": "x"}], "prompt[0].role='bot'"),
+                         ([CONVERSATION[1], CONVERSATION[0]], "prompt[1] is a system message"), ([], "non-empty list")):
+        with pytest.raises(formats.FormatError, match=re.escape(message)):
+            formats.validate(dict(record, prompt=bad), "preference")
+
+
+def test_conversational_prompts_reach_rl_prompts_and_on_policy_pairs(tmp_path):
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": CONVERSATION, "chosen": "4", "rejected": "5"},
+                                                   {"prompt": "Say hi.", "chosen": "hi", "rejected": "ho"}])
+    problems, _ = prompts_data.read_prompts(path, TOK, max_prompt_len=SEQ_LEN, strict=True)
+    assert [list(p.messages) for p in problems] == [CONVERSATION, [CONVERSATION[1]]]
+    assert [p.reference for p in problems] == ["4", "hi"]
+    np.testing.assert_array_equal(problems[0].prompt, preference.prompt_ids({"prompt": CONVERSATION}, TOK))
+    # sample_pairs writes the prompt back as it came: messages, or the text of a single user turn
+    assert [pairs.prompt_field(p) for p in problems] == [CONVERSATION, "Say hi."]

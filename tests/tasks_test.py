@@ -101,6 +101,20 @@ def test_a_held_out_set_disjoint_from_an_existing_dataset(tmp_path):
         assert run.returncode != 0 and message in run.stderr and not (tmp_path / "c").exists()
 
 
+def test_excluded_questions_of_every_record_shape(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_tasks
+    records = [{"prompt": "q1", "chosen": "a", "rejected": "b"},
+               {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"},
+                           {"role": "assistant", "content": "x"}, {"role": "user", "content": "q2b"}],
+                "chosen": "a", "rejected": "b"},
+               {"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a"}]},
+               {"prompt": "q4", "response": "a"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert make_tasks.questions([str(path)]) == {"q1", "q2", "q3", "q4"}
+
+
 def test_exact_match_and_errors():
     assert tasks.exact_match("42", "42") and tasks.exact_match(" 42 \n", "42")
     assert not tasks.exact_match("042", "42") and not tasks.exact_match("Abc", "abc") and not tasks.exact_match(None, "1")
