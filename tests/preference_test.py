@@ -347,13 +347,17 @@ def test_reward_run_warm_starts_trains_and_reports(reward_run, sft_run):
 
 # ---- scripts/score.py -----------------------------------------------------------------------------
 
-def _score(monkeypatch, capsys, **flag_values):
+def _main(script, monkeypatch, capsys, **flag_values):
+    """(exit code, captured output) of a script's main() on these flags (a fresh FlagValues patched in)."""
     fv = flags.FlagValues()
-    score.define_flags(fv)
-    fv(["score.py"] + [f"--{k}={v}" for k, v in flag_values.items()])
-    monkeypatch.setattr(score, "FLAGS", fv)
-    rc = score.main([])
+    script.define_flags(fv)
+    fv([script.__name__] + [f"--{k}={v}" for k, v in flag_values.items()])
+    monkeypatch.setattr(script, "FLAGS", fv)
+    rc = script.main([])
     return rc, capsys.readouterr()
+
+
+_score = functools.partial(_main, score)
 
 
 def test_score_matches_the_training_objective(reward_run, task_files, tmp_path, monkeypatch, capsys):
@@ -448,13 +452,7 @@ def test_choose_pairs_the_best_finished_sample_with_the_worst():
     assert pairs.choose(drawn([1.0, 0.5, 0.0], texts=["a", "b", " "])) == (0, 1)  # empty text: never a side
 
 
-def _sample_pairs(monkeypatch, capsys, **flag_values):
-    fv = flags.FlagValues()
-    sample_pairs.define_flags(fv)
-    fv(["sample_pairs.py"] + [f"--{k}={v}" for k, v in flag_values.items()])
-    monkeypatch.setattr(sample_pairs, "FLAGS", fv)
-    rc = sample_pairs.main([])
-    return rc, capsys.readouterr()
+_sample_pairs = functools.partial(_main, sample_pairs)
 
 
 def test_sample_pairs_from_the_policy_feed_dpo(task_files, sft_run, reward_run, tmp_path, monkeypatch, capsys, say_x):
