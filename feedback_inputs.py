@@ -108,6 +108,11 @@ def check_rl(config) -> None:
     rows = int(config.data.batch_size) * int(r.group_size)
     if int(r.minibatch) < 0 or (int(r.minibatch) and rows % int(r.minibatch)):
         raise ValueError(f"rl.minibatch={r.minibatch} must divide data.batch_size x rl.group_size = {rows} rows")
+    if not float(r.ptx_coef) >= 0 or (float(r.ptx_coef) > 0 and not r.ptx_path):
+        raise ValueError(f"rl.ptx_coef={r.ptx_coef!r} must be >= 0, and > 0 needs rl.ptx_path (SFT chat records); "
+                         f"rl.ptx_path={r.ptx_path!r}")
+    if float(r.ptx_coef) > 0 and int(r.ptx_rows) < 1:
+        raise ValueError(f"rl.ptx_rows={r.ptx_rows!r} must be >= 1 with rl.ptx_coef > 0")
     if int(config.optim.grad_accum_steps) != 1:
         raise ValueError(f"optim.grad_accum_steps={config.optim.grad_accum_steps}: RL modes update on rl.minibatch "
                          f"rows (set rl.minibatch instead; grad_accum_steps must be 1)")
@@ -142,7 +147,24 @@ def rl_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
                                         width=int(r.max_prompt_len) + int(r.max_new_tokens),
                                         max_new_tokens=int(r.max_new_tokens), batch_size=micro_batch)
         extra = _on_language_model(em)
-    return inputs.Inputs(tok, data_iter, [], extra_eval=extra, prompts=train)
+    return inputs.Inputs(tok, data_iter, [], extra_eval=extra, prompts=train, ptx_rows=_ptx_rows(config, tok))
+
+
+def _ptx_rows(config, tok) -> dict | None:
+    """rl.ptx_path's chat records as mode 'sft' trains on them (assistant turns weighted, packed into
+    data.seq_len windows), stacked [M, seq_len]; None without the PPO-ptx term."""
+    r = config.rl
+    if not float(r.ptx_coef) > 0:
+        return None
+    records, stats = sft_data.read_split(r.ptx_path, strict=r.strict)
+    rendered = sft_data.render_split(records, tok, stats, seq_len=int(config.data.seq_len), too_long="truncate",
+                                     train_on="assistant", strict=r.strict)
+    rows = sft_data.make_rows(rendered, seq_len=int(config.data.seq_len), pad_id=tok.pad_id, pack=True, fit="first")
+    if not rows:
+        raise sources.DataError(f"rl.ptx_path={r.ptx_path!r}: no SFT conversation to train on ({stats.summary()})")
+    log.info("rl: PPO-ptx term x %s on %d SFT rows (%d conversations) from %s", r.ptx_coef, len(rows),
+             len(rendered), r.ptx_path)
+    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
 
 class _on_language_model:

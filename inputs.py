@@ -122,6 +122,7 @@ class Inputs:
     extra_eval: Callable | None = None
     prompts: list | None = None  # modes 'grpo' / 'ppo': the training prompts (data/sft.Problem) the iterator indexes
     old_rows: object = None  # continual.replay_path's rows (replay, EWC's Fisher), built like the mode's own rows
+    ptx_rows: dict | None = None  # modes 'grpo' / 'ppo' with rl.ptx_coef: the SFT rows [M, seq_len] of the ptx term
 
 
 def _old_rows(config, make_rows: Callable):

@@ -142,7 +142,7 @@ MODES.update({
 def _rl_clip(config) -> dict:
     r = config.rl
     return {"eps_low": float(r.eps_low), "eps_high": float(r.eps_high), "dual_clip": float(r.dual_clip),
-            "aggregation": r.aggregation, "max_len": int(r.max_new_tokens)}
+            "aggregation": r.aggregation, "max_len": int(r.max_new_tokens), "ptx_coef": float(r.get("ptx_coef", 0.0))}
 
 
 def _rl_rows(config) -> tuple[int, str]:
@@ -170,8 +170,9 @@ _RL_COMMON = dict(
     headline=("rl/reward_mean", "rl/kl", "eval/exact_match"),
     must_match=("rl.group_size", "rl.max_prompt_len", "rl.max_new_tokens", "rl.minibatch", "rl.epochs", "rl.val_path",
                 "rl.share_prompts"),
-    added_defaults={"rl.share_prompts": False},  # runs before it had one model row per completion
-    paths=("data.path", "rl.val_path", "rl.reward_model"), example_unit="prompts", on_policy=True,
+    # runs before these fields: one model row per completion, no SFT term
+    added_defaults={"rl.share_prompts": False, "rl.ptx_coef": 0.0, "rl.ptx_path": "", "rl.ptx_rows": 8},
+    paths=("data.path", "rl.val_path", "rl.reward_model", "rl.ptx_path"), example_unit="prompts", on_policy=True,
     updates_per_step=_rl_updates, device_batch=_rl_rows, predictions=predictions.rl)
 MODES.update({
     "grpo": Mode(model=_causal_model, objective=rl_objectives.grpo, lora=True,

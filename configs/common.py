@@ -123,6 +123,9 @@ def base() -> ml_collections.ConfigDict:
     # whole groups that split over the data-parallel devices; False: one model row per completion
     l.rewards = ("exact_match",)  # programmatic rewards added up (rl/rewards.PROGRAMMATIC): 'exact_match', 'format'
     l.reward_model = ""  # a mode 'reward' run's workdir: its score is the reward (instead of rl.rewards)
+    l.ptx_coef = 0.0  # + coef x the mean token NLL of rl.ptx_rows SFT rows in every update (InstructGPT's PPO-ptx)
+    l.ptx_path = ""  # chat JSONL (SFT records) those rows come from, rendered as mode 'sft' renders them
+    l.ptx_rows = 8  # SFT rows (data.seq_len tokens) per update, drawn by (seed, iteration, epoch, update)
     l.length_penalty = 0.0  # reward -= coef * max(0, completion tokens - length_target)
     l.length_target = 0  # tokens a completion may use before the length penalty starts
     l.kl_coef = 0.04  # KL-to-reference coefficient (GRPO: beta in the loss; PPO: per-token reward penalty); 0 = no reference

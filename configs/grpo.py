@@ -14,7 +14,8 @@ Runtime:   1 min 11 s idle on a 2-core AVX512-BF16 Zen 5 with one model row per 
            (60 iterations x 16 prompts x 8 samples x 16 new tokens)
 Result:    held-out exact match 0.56 val / 0.585 test from 0.48 / 0.53 (SFT, 526 steps); KL to the SFT
            model 0.073 nats per answer (scripts/policy_kl.py); from the 1,000-step SFT model on 2,000
-           held-out problems 0.6195-0.6125 against SFT's 0.6135: no significant gain (README)
+           held-out problems 0.6195-0.6125 against SFT's 0.6135: no significant gain (README); with
+           --config.rl.ptx_coef=1.0 --config.rl.ptx_path=datasets/tasks/train.jsonl (PPO-ptx) 0.619
 """
 
 from configs import common, rl_common

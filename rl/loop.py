@@ -12,7 +12,8 @@ One iteration (= one `step` of the run: checkpoints, logs, evals and train.steps
 4. advantages: GRPO's group-normalised ones; PPO's GAE over per-token rewards (the sequence reward on
    the last token minus kl_coef * KL per token), whitened;
 5. `rl.epochs` passes of shuffled minibatches of `rl.minibatch` rows through the jitted train step
-   (steps.make_train_step with the mode's loss: rl/objectives.py);
+   (steps.make_train_step with the mode's loss: rl/objectives.py); with `rl.ptx_coef` each update also
+   gets `rl.ptx_rows` SFT rows of `rl.ptx_path` for the PPO-ptx term;
 6. metrics (JSONL + TensorBoard), guardrails (rl/guardrails.py), PPO's adaptive KL coefficient
    (Ziegler et al. 2019), evaluation and checkpoints (with the KL coefficient as JSON `extra`).
 Everything random derives from (seed, iteration), so N iterations + resume + N more = 2N straight.
@@ -136,6 +137,10 @@ def iterate(run) -> int:
     forward = _forward(run.model, run.mesh, run.rules)
     ref = reference(run)
     ref_forward = _forward(ref[0], run.mesh, run.rules) if ref else None
+    ptx = run.inputs.ptx_rows  # the PPO-ptx term's SFT rows (rl.ptx_coef > 0), else None
+    if ptx is not None and int(r.ptx_rows) % sharding.data_parallel_size(run.mesh):
+        raise ValueError(f"rl.ptx_rows={r.ptx_rows} must split evenly over the "
+                         f"{sharding.data_parallel_size(run.mesh)} data-parallel devices")
     kl_coef = float(r.kl_coef)
     if run.start_step:
         kl_coef = float(checkpoint.restore_extra(run.mngr, run.start_step)["kl_coef"])
@@ -226,7 +231,12 @@ def iterate(run) -> int:
             order = np.random.default_rng([int(config.seed), step, epoch]).permutation(n_rows // unit)
             for lo in range(0, n_rows // unit, per_update):
                 idx = order[lo:lo + per_update]
-                mb = put_rows({k: v[idx] for k, v in batch.items()}, run.batch_sharding)
+                rows = {k: v[idx] for k, v in batch.items()}
+                if ptx is not None:  # the update's SFT rows, drawn by (seed, iteration, epoch, update): resumable
+                    pick = np.random.default_rng([int(config.seed), step, epoch, lo, 1]).integers(
+                        0, len(ptx["inputs"]), int(r.ptx_rows))
+                    rows.update({rl_objectives.PTX + k: v[pick] for k, v in ptx.items()})
+                mb = put_rows(rows, run.batch_sharding)
                 run.state, m = train_step(run.state, mb)
                 collected.append(m)
         collected = decode.to_host(collected)
@@ -253,6 +263,8 @@ def iterate(run) -> int:
             "perf/iteration_s": time.time() - t0})
         if is_ppo:
             scalars["rl/value_loss"] = mean("value_loss")
+        if ptx is not None:
+            scalars["rl/ptx_loss"] = mean("ptx_loss")
         action = run.nonfinite.check(step, int(collected[-1]["dropped"]), int(collected[-1]["last_dropped"]))
         run.write(step, scalars)
         guardrails.apply(guardrails.check(step, scalars, r), r.on_anomaly)

@@ -13,6 +13,8 @@ of those tokens before this iteration's updates: the importance-ratio denominato
 A per-group batch (rl/groups.py: one model row per prompt, per-token arrays [P, G, T]) is scored at each
 completion token's `src` position and then read as rows [P * G, T]: the same losses on the same numbers.
 Metrics are means over the masked tokens (a minibatch's); the loop averages them over minibatches.
+With `ptx_coef` > 0 the batch also holds SFT rows (`ptx_*` keys: inputs/targets/positions/segment_ids/
+weights [R, S]) and either loss adds ptx_coef x their mean token NLL (InstructGPT's PPO-ptx).
 Both also report the gap between these log-probs and the sampler's (`sampler_logp`, over every
 completion token): at an iteration's first minibatch the params are the ones that sampled, so it
 is the sampler/trainer consistency check.
@@ -23,8 +25,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from objectives import token_nll
+from objectives import token_nll, weighted_nll
 from rl import groups, losses
+
+PTX = "ptx_"  # batch keys of the SFT rows of the PPO-ptx term (rl.ptx_coef): ptx_inputs, ptx_targets, ...
 
 
 def _apply(model, params, batch, rng):
@@ -39,6 +43,25 @@ def _apply(model, params, batch, rng):
     src = batch["src"]
     return (groups.gather(logits, src), None if values is None else groups.gather(values, src),
             groups.flat(batch))
+
+
+def _split_ptx(batch: dict) -> tuple[dict, dict]:
+    """(the rollout batch, the PPO-ptx SFT rows without their prefix; {} when the batch has none)."""
+    ptx = {k[len(PTX):]: v for k, v in batch.items() if k.startswith(PTX)}
+    return {k: v for k, v in batch.items() if not k.startswith(PTX)}, ptx
+
+
+def _with_ptx(loss, metrics: dict, model, params, ptx: dict, rng, coef: float):
+    """loss + coef x the mean token NLL of the SFT rows (InstructGPT's PPO-ptx: the policy keeps its
+    supervised behaviour while RL moves it); the NLL is logged as `ptx_loss`."""
+    if not ptx:
+        return loss, metrics
+    rngs = None if rng is None else {"dropout": jax.random.fold_in(rng, 1)}
+    out = model.apply({"params": params}, ptx["inputs"], ptx["positions"], ptx["segment_ids"],
+                      deterministic=rng is None, rngs=rngs)
+    nll, _, _, _ = weighted_nll(out[0] if isinstance(out, tuple) else out, ptx["targets"], ptx["weights"])
+    loss = loss + coef * nll
+    return loss, dict(metrics, loss=loss, ptx_loss=nll)
 
 
 def _policy_metrics(logits_NxLxV, logp_NxL, old_NxL, batch, clip_low_NxL, clip_high_NxL) -> dict:
@@ -56,8 +79,9 @@ def _policy_metrics(logits_NxLxV, logp_NxL, old_NxL, batch, clip_low_NxL, clip_h
 
 
 def grpo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip: float, beta: float,
-         kl_estimator: str, aggregation: str, max_len: int, single_update: bool = False):
+         kl_estimator: str, aggregation: str, max_len: int, single_update: bool = False, ptx_coef: float = 0.0):
     """GRPO (Shao et al. 2024) with clip-higher (DAPO) and the aggregation of `aggregation`."""
+    batch, ptx = _split_ptx(batch)
     logits_NxLxV, _, batch = _apply(model, params, batch, rng)
     logp_NxL = -token_nll(logits_NxLxV, batch["targets"])
     old_NxL = jax.lax.stop_gradient(logp_NxL) if single_update else batch["old_logp"]
@@ -72,12 +96,13 @@ def grpo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_cli
         metrics["kl"] = losses.masked_mean(losses.kl_estimate(logp_NxL, batch["ref_logp"], "k3"), batch["mask"])
     loss = losses.aggregate(per_token_NxL, batch["mask"], aggregation, max_len)
     metrics.update(loss=loss, pg_loss=losses.aggregate(pg_NxL, batch["mask"], aggregation, max_len))
-    return loss, metrics
+    return _with_ptx(loss, metrics, model, params, ptx, rng, ptx_coef)
 
 
 def ppo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip: float, value_clip: float,
-        vf_coef: float, entropy_coef: float, aggregation: str, max_len: int):
+        vf_coef: float, entropy_coef: float, aggregation: str, max_len: int, ptx_coef: float = 0.0):
     """PPO (Schulman et al. 2017) with a value head on the policy's trunk (rl/ppo's critic)."""
+    batch, ptx = _split_ptx(batch)
     logits_NxLxV, values_NxL, batch = _apply(model, params, batch, rng)
     logp_NxL = -token_nll(logits_NxLxV, batch["targets"])
     mask_NxL = batch["mask"]
@@ -91,7 +116,7 @@ def ppo(params, batch, rng, *, model, eps_low: float, eps_high: float, dual_clip
     if entropy_coef:
         loss = loss - entropy_coef * losses.aggregate(losses.entropy(logits_NxLxV), mask_NxL, aggregation, max_len)
     metrics.update(loss=loss, pg_loss=pg, value_loss=vf)
-    return loss, metrics
+    return _with_ptx(loss, metrics, model, params, ptx, rng, ptx_coef)
 
 
 def token_logps(model, params, batch):

@@ -18,6 +18,7 @@ from conftest import tiny_config
 import checkpoint
 import evaluation
 import modes
+import objectives
 import serving
 import sharding
 import steps
@@ -30,6 +31,7 @@ from data.sft import Problem
 from data.tokenizer import ByteTokenizer
 from model import build, decode, lora
 from rl import guardrails, loop, reference, rewards, rollout
+from rl import objectives as rl_objectives
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import merge_lora  # noqa: E402
@@ -112,7 +114,9 @@ def test_adaptive_kl_moves_toward_the_target():
 @pytest.mark.parametrize("field,value,message", [
     ("rl__kl_estimator", "k9", "rl.kl_estimator='k9'"), ("rl__aggregation", "sum", "rl.aggregation='sum'"),
     ("rl__minibatch", 5, "rl.minibatch=5"), ("rl__rewards", ("bogus",), "'bogus' is not"),
-    ("rl__temperature", 0.0, "rl.temperature=0.0"), ("rl__on_anomaly", "panic", "rl.on_anomaly='panic'")])
+    ("rl__temperature", 0.0, "rl.temperature=0.0"), ("rl__on_anomaly", "panic", "rl.on_anomaly='panic'"),
+    ("rl__ptx_coef", 0.5, "rl.ptx_coef=0.5 must be >= 0, and > 0 needs rl.ptx_path"),
+    ("rl__ptx_coef", -1.0, "rl.ptx_coef=-1.0")])
 def test_bad_rl_values_name_the_field_and_write_nothing(tmp_path, say_x, field, value, message):
     work = tmp_path / "run"
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -250,25 +254,87 @@ def test_ppo_with_lora_trains_adapters_and_value_head_on_a_frozen_base(tmp_path,
                                np.asarray(served.model.apply({"params": served.params}, ids_1xL)), atol=1e-4)
 
 
+def _ptx_file(tmp_path) -> str:
+    """SFT chat records for the PPO-ptx term: 'say x <word>' answered 'x'."""
+    path = tmp_path / "ptx.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say x {w}"},
+                                                     {"role": "assistant", "content": "x"}]}) + "\n"
+                            for w in ("abc", "bcd", "cde", "def", "efa", "fab")))
+    return str(path)
+
+
 @pytest.mark.parametrize("module,rank", [(grpo_config, 4), (ppo_config, 0), (ppo_config, 4)],
-                         ids=["grpo_lora", "ppo_separate_critic", "ppo_lora_separate_critic"])
+                         ids=["grpo_lora_ptx", "ppo_separate_critic", "ppo_lora_separate_critic"])
 def test_resume_is_exact(tmp_path, say_x, module, rank):
     # one model row per completion (2 groups per update over 8 devices); plain GRPO and PPO with one row per
     # prompt: tests/rl_groups_test.py
     # stop after 1 iteration, 2 more after the resume: the restored state (params, optimizer, adaptive KL
-    # coefficient, prompt iterator) feeds the first resumed iteration and that one's the second
+    # coefficient, prompt iterator) feeds the first resumed iteration and that one's the second; GRPO also
+    # with the PPO-ptx term, whose SFT rows are drawn by (seed, iteration, epoch, update)
     kw = dict(train__steps=3, train__eval_every=100, train__checkpoint_every=100, rl__kl_target=0.01,
               lora__rank=rank)
     if module is ppo_config:
         kw["rl__critic"] = "separate"
+    else:
+        kw.update(rl__ptx_coef=0.5, rl__ptx_path=_ptx_file(tmp_path), rl__ptx_rows=8)
     straight, stopped = str(tmp_path / "a"), str(tmp_path / "b")
     train.train_and_evaluate(_cfg(tmp_path, module, **kw), straight)
     train.train_and_evaluate(_cfg(tmp_path, module, train__stop_after=1, **kw), stopped)
     train.train_and_evaluate(_cfg(tmp_path, module, **kw), stopped)  # resumes at 1
-    for key in ("rl/reward_mean", "train/loss", "rl/kl_coef", "rl/length_mean"):
+    keys = ("rl/reward_mean", "train/loss", "rl/kl_coef", "rl/length_mean") + (("rl/ptx_loss",) if module is
+                                                                                 grpo_config else ())
+    for key in keys:
         a = [r[key] for r in read_jsonl(os.path.join(straight, "metrics.jsonl")) if key in r]
         b = [r[key] for r in read_jsonl(os.path.join(stopped, "metrics.jsonl")) if key in r]
         assert a == b and len(a) == 3, key
     pa, pb = (jax.tree.leaves(checkpoint.load_for_inference(w)[1]) for w in (straight, stopped))
     for x, y in zip(pa, pb):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("objective", ["grpo", "ppo"])
+def test_the_ptx_term_adds_coef_times_the_sft_nll_of_its_rows(objective):
+    """PPO-ptx: the RL loss + ptx_coef x the mean token NLL of the SFT rows, exactly the causal LM loss mode
+    'sft' trains with on those rows (value and gradient); logged as ptx_loss."""
+    tok = ByteTokenizer()
+    cfg = tiny_config("unused", grpo_config)
+    lm = build.causal_lm(cfg, tok.vocab_size, tok.base_size)
+    model = build.policy_value(cfg, tok.vocab_size) if objective == "ppo" else lm
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    lm_params = params["backbone"] if objective == "ppo" else params
+    end = tok.special_id(chat.END_TOKEN)
+    probs = [Problem(np.array([5, 6, 7], np.int32), "ab", "k"), Problem(np.array([9, 8], np.int32), "c", "k")]
+    outs = [decode.Completion(tokens=[97, 98, end], logprobs=[-1.0] * 3, finish_reason="stop", prompt_tokens=3),
+            decode.Completion(tokens=[99, end], logprobs=[-0.5] * 2, finish_reason="stop", prompt_tokens=2)]
+    rows = rollout.to_rows(probs, outs, group=1, width=8, pad_id=0, stop_ids=[end], detokenize=tok.decode,
+                           mask_truncated=False).rows
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    batch.update(old_logp=jnp.asarray(rows["sampler_logp"]), advantages=jnp.array([1.0, -1.0]))
+    if objective == "ppo":
+        batch["advantages"] = jnp.asarray(rows["mask"]) * 0.3
+        batch.update(returns=jnp.asarray(rows["mask"]), old_values=jnp.zeros((2, 8)))
+        kw = dict(value_clip=0.2, vf_coef=0.1, entropy_coef=0.0)
+        fn = rl_objectives.ppo
+    else:
+        kw = dict(beta=0.0, kl_estimator="k3")
+        fn = rl_objectives.grpo
+    kw.update(eps_low=0.2, eps_high=0.2, dual_clip=0.0, aggregation="token_mean", max_len=8)
+    conv = [chat.render({"prompt": "say x", "response": "x"}, tok), chat.render({"prompt": "hi", "response": "yo"}, tok)]
+    sft_rows = chat.stack(chat.pack_conversations(conv, 16, pad_id=tok.pad_id, fit="first"))
+    sft_rows = {k: jnp.asarray(v) for k, v in sft_rows.items()}
+    with_ptx = dict(batch, **{rl_objectives.PTX + k: v for k, v in sft_rows.items()})
+    plain = lambda p: fn(p, batch, None, model=model, **kw)  # noqa: E731
+    mixed = lambda p: fn(p, with_ptx, None, model=model, ptx_coef=0.5, **kw)  # noqa: E731
+    sft = lambda p: objectives.causal_lm(p, sft_rows, None, model=lm)  # noqa: E731
+    (l0, m0), (l1, m1) = plain(params), mixed(params)
+    nll = sft(lm_params)[0]
+    np.testing.assert_allclose(float(m1["ptx_loss"]), float(nll), rtol=1e-6)
+    np.testing.assert_allclose(float(l1), float(l0) + 0.5 * float(nll), rtol=1e-5)
+    assert float(m1["loss"]) == float(l1) and "ptx_loss" not in m0
+    g0, g1 = jax.grad(lambda p: plain(p)[0])(params), jax.grad(lambda p: mixed(p)[0])(params)
+    g_sft = jax.grad(lambda p: sft(p)[0])(lm_params)
+    g1_lm, g0_lm = (g["backbone"] if objective == "ppo" else g for g in (g1, g0))
+    for a, b, c in zip(jax.tree.leaves(g1_lm), jax.tree.leaves(g0_lm), jax.tree.leaves(g_sft)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b) + 0.5 * np.asarray(c), rtol=1e-4, atol=1e-6)
