@@ -102,17 +102,23 @@ def test_a_held_out_set_disjoint_from_an_existing_dataset(tmp_path):
 
 
 def test_excluded_questions_of_every_record_shape(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import make_tasks
-    records = [{"prompt": "q1", "chosen": "a", "rejected": "b"},
-               {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"},
-                           {"role": "assistant", "content": "x"}, {"role": "user", "content": "q2b"}],
+    """--exclude reads the question of a preference record (its prompt text, or a conversational prompt's
+    first user turn), a chat record and a prompt/response record."""
+    first = [p["question"] for p in tasks.make_splits(0, {"test": 4})["test"]]
+    assert set(first) <= {p["question"] for p in tasks.make_splits(0, {"test": 50})["test"]}  # drawn unless excluded
+    records = [{"prompt": first[0], "chosen": "a", "rejected": "b"},
+               {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": first[1]},
+                           {"role": "assistant", "content": "x"}, {"role": "user", "content": "more?"}],
                 "chosen": "a", "rejected": "b"},
-               {"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a"}]},
-               {"prompt": "q4", "response": "a"}]
+               {"messages": [{"role": "user", "content": first[2]}, {"role": "assistant", "content": "a"}]},
+               {"prompt": first[3], "response": "a"}]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert make_tasks.questions([str(path)]) == {"q1", "q2", "q3", "q4"}
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tasks.py"), f"--out={tmp_path / 'b'}",
+                    "--seed=0", "--n_train=0", "--n_val=0", "--n_test=50", f"--exclude={path}"],
+                   check=True, capture_output=True, cwd=ROOT)
+    drawn = [json.loads(x)["messages"][0]["content"] for x in open(tmp_path / "b" / "test.jsonl")]
+    assert len(drawn) == 50 and not set(first) & set(drawn)
 
 
 def test_exact_match_and_errors():
