@@ -10,7 +10,8 @@ Schemas (one JSON object a line; extra fields are kept):
       {"prompt": str, "response": str}.
 - 'preference': {"prompt": str | [messages], "chosen": str, "rejected": str}, chosen != rejected; a
       list prompt is the conversation so far (the 'chat' message rules, ending with a user turn) and
-      chosen / rejected are the next assistant reply.
+      chosen / rejected are the next assistant reply, as text or (TRL's conversational form) as a
+      list of that one message [{"role": "assistant", "content": str}] (`reply_text` reads either).
 
 `validate(record, fmt)` returns the record or raises `FormatError(reason, detail)`: `reason`
 is a short name counted in the manifest ('missing field', 'wrong type', 'empty text',
@@ -118,6 +119,21 @@ def _messages(messages, field: str) -> list[str]:
     return roles
 
 
+def reply_text(value) -> str:
+    """A preference side's text: the string itself, or the content of a one-assistant-message list."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
+        return value[0]["content"]
+    return value
+
+
+def _reply(r: dict, field: str) -> str:
+    if isinstance(r.get(field), list) and not isinstance(reply_text(r[field]), str):
+        raise FormatError("wrong type", f"{field!r} is a list but not one assistant message "
+                          f"[{{'role': 'assistant', 'content': str}}]: {r[field]!r:.200}")
+    return _string({field: reply_text(r[field])} if field in r else {}, field)
+
+
 def _preference(r: dict) -> None:
     if isinstance(r.get("prompt"), list):
         roles = _messages(r["prompt"], "prompt")
@@ -126,7 +142,7 @@ def _preference(r: dict) -> None:
                               f"(chosen and rejected are the assistant's reply to it)")
     else:
         _string(r, "prompt")
-    chosen, rejected = _string(r, "chosen"), _string(r, "rejected")
+    chosen, rejected = _reply(r, "chosen"), _reply(r, "rejected")
     if chosen == rejected:
         raise FormatError("chosen equals rejected", "'chosen' and 'rejected' are identical")
 
@@ -157,7 +173,7 @@ def record_text(record: dict, fmt: str) -> str:
     elif fmt == "preference":
         prompt = record["prompt"]
         parts = [m["content"] for m in prompt] if isinstance(prompt, list) else [prompt]
-        parts += [record["chosen"], record["rejected"]]
+        parts += [reply_text(record["chosen"]), reply_text(record["rejected"])]
     else:
         raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
     return "\n".join(p for p in parts if p)

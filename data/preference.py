@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data import chat
+from data import chat, formats
 from data.pipeline import pack_window
 from data.sources import ReadStats
 from data.tokenizer import Tokenizer
@@ -41,7 +41,7 @@ def prompt_messages(record: dict) -> list[dict]:
 
 def conversation(record: dict, side: str) -> dict:
     """The chat record of one side of a preference record (extra fields dropped)."""
-    return {"messages": prompt_messages(record) + [{"role": "assistant", "content": record[side]}]}
+    return {"messages": prompt_messages(record) + [{"role": "assistant", "content": formats.reply_text(record[side])}]}
 
 
 def prompt_ids(record: dict, tok: Tokenizer) -> np.ndarray:

@@ -37,10 +37,11 @@ def _messages_and_answer(record) -> tuple[list[dict], str]:
     if isinstance(prompt, list) and "chosen" in record:  # a conversational preference record
         formats.validate(record, "preference")
         messages = [dict(m) for m in prompt]
-        return messages, reference_answer(record, [{"role": "assistant", "content": record["chosen"]}])
+        return messages, reference_answer(record, [{"role": "assistant",
+                                                    "content": formats.reply_text(record["chosen"])}])
     if not isinstance(prompt, str) or not prompt.strip():
         raise formats.FormatError("missing field", f"'prompt' must be a non-empty string, got {prompt!r}")
-    fallback = record.get("chosen", "")
+    fallback = formats.reply_text(record.get("chosen", ""))
     answer = reference_answer(record, [{"role": "assistant", "content": fallback if isinstance(fallback, str) else ""}])
     return [{"role": "user", "content": prompt}], answer
 

@@ -539,6 +539,17 @@ def test_a_conversational_pair_weights_only_the_last_reply():
     listed = dict(flat, prompt=[{"role": "user", "content": "And 2+2?"}])
     a, b = (preference.render_pair(r, TOK, seq_len=SEQ_LEN, too_long="drop")[0] for r in (flat, listed))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # TRL's conversational form: each side a list of the one assistant message; the same rows
+    trl = dict(record, chosen=[{"role": "assistant", "content": "4"}],
+               rejected=[{"role": "assistant", "content": "five"}])
+    assert formats.record_text(trl, "preference") == formats.record_text(record, "preference")
+    c, d = (preference.render_pair(r, TOK, seq_len=SEQ_LEN, too_long="drop")[0] for r in (record, trl))
+    assert all(np.array_equal(c[k], d[k]) for k in c)
+    for bad_side in ([{"role": "user", "content": "4"}], [], [{"role": "assistant", "content": "4"}] * 2):
+        with pytest.raises(formats.FormatError, match="'chosen' is a list but not one assistant message"):
+            formats.validate(dict(record, chosen=bad_side), "preference")
+    with pytest.raises(formats.FormatError, match="chosen equals rejected"):
+        formats.validate(dict(trl, rejected="4"), "preference")
     # the prompt must be a conversation the assistant answers next
     for bad, message in ((CONVERSATION[:3], "must end with a user turn"),
                          ([{"role": "bot", "content": "x"}], "prompt[0].role='bot'"),
@@ -548,7 +559,8 @@ def test_a_conversational_pair_weights_only_the_last_reply():
 
 
 def test_conversational_prompts_reach_rl_prompts_and_on_policy_pairs(tmp_path):
-    path = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": CONVERSATION, "chosen": "4", "rejected": "5"},
+    trl_side = [{"role": "assistant", "content": "4"}]  # TRL's conversational form of a side
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": CONVERSATION, "chosen": trl_side, "rejected": "5"},
                                                    {"prompt": "Say hi.", "chosen": "hi", "rejected": "ho"}])
     problems, _ = prompts_data.read_prompts(path, TOK, max_prompt_len=SEQ_LEN, strict=True)
     assert [list(p.messages) for p in problems] == [CONVERSATION, [CONVERSATION[1]]]
