@@ -262,8 +262,7 @@ def test_small_queue_429_key_401_disconnects_free_slots(run, decoder, monkeypatc
     """Both slots busy with long streams, one request waiting, the next one is refused with 429;
     closing the streams (clients gone) frees both slots long before their 1,000 tokens."""
     # 20 ms a decode call: at most 200 tokens/s a slot, so the client's steps between starting the streams and
-    # closing them may take 2.5 s before the two streams make the 1,000 tokens the check allows (at 5 ms:
-    # 0.6 s; this test failed once under xdist beside the RL tests, the failing check not recorded)
+    # closing them may take 2.5 s before the two streams make the 1,000 tokens the check allows (at 5 ms: 0.6 s)
     slow_down(monkeypatch, decoder, delay_s=0.02)
     with serve(run, decoder, max_queue=1, api_key="sekret", chat=False) as (url, engine):
         with pytest.raises(openai.AuthenticationError):
@@ -274,10 +273,13 @@ def test_small_queue_429_key_401_disconnects_free_slots(run, decoder, monkeypatc
         assert health(url)["free"] == SLOTS  # /health needs no key
 
         before = engine.stats()["generated_tokens"]
-        streams = [c.completions.create(model=run.name, prompt="say a", max_tokens=1000, temperature=0, stream=True)
-                   for _ in range(SLOTS)]
-        for s in streams:
-            next(iter(s))  # its first token came: it holds a slot
+        # one at a time: a stream's response starts before the engine admits it, so a second one started at once
+        # can find the first still waiting and be refused by max_queue=1 (a fresh clone's suite did, under load)
+        streams = []
+        for _ in range(SLOTS):
+            streams.append(c.completions.create(model=run.name, prompt="say a", max_tokens=1000, temperature=0,
+                                                stream=True))
+            next(iter(streams[-1]))  # its first token came: it holds a slot
         assert health(url)["busy"] == SLOTS
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(c.completions.create, model=run.name, prompt="say b", max_tokens=2)
