@@ -11,6 +11,7 @@ import logging
 import numpy as np
 
 import inputs
+import sharding
 import task_eval
 from data import formats, pipeline, preference as preference_data, prompts as prompts_data, sft as sft_data, sources
 from model import build
@@ -128,6 +129,8 @@ def rl_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
     (checkpointed like every mode's), and the exact match of greedy answers to held-out prompts."""
     check_rl(config)
     r = config.rl
+    if float(r.ptx_coef) > 0:  # the ptx rows are a batch of their own: split over the mesh like every batch
+        sharding.check_batch_size(int(r.ptx_rows), sharding.make_mesh(config.mesh), "rl.ptx_rows")
     tok = inputs.run_tokenizer(config, workdir, _prompt_texts(config.data.path) if not config.init_from else None)
     inputs.chat_template(workdir)
     read = functools.partial(prompts_data.read_prompts, tok=tok, max_prompt_len=int(r.max_prompt_len), strict=r.strict)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data import chat, formats
+from data import chat, formats, preference
 from data.sft import Problem, Problems, reference_answer
 from data.sources import DataError, ReadStats, Source, source_records
 from data.tokenizer import Tokenizer
@@ -36,14 +36,11 @@ def _messages_and_answer(record) -> tuple[list[dict], str]:
     prompt = record.get("prompt")
     if isinstance(prompt, list) and "chosen" in record:  # a conversational preference record
         formats.validate(record, "preference")
-        messages = [dict(m) for m in prompt]
-        return messages, reference_answer(record, [{"role": "assistant",
-                                                    "content": formats.reply_text(record["chosen"])}])
-    if not isinstance(prompt, str) or not prompt.strip():
+    elif not isinstance(prompt, str) or not prompt.strip():
         raise formats.FormatError("missing field", f"'prompt' must be a non-empty string, got {prompt!r}")
     fallback = formats.reply_text(record.get("chosen", ""))
     answer = reference_answer(record, [{"role": "assistant", "content": fallback if isinstance(fallback, str) else ""}])
-    return [{"role": "user", "content": prompt}], answer
+    return preference.prompt_messages(record), answer
 
 
 def read_prompts(path: str, tok: Tokenizer, *, max_prompt_len: int, strict: bool) -> tuple[list[Problem], ReadStats]:

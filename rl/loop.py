@@ -138,9 +138,6 @@ def iterate(run) -> int:
     ref = reference(run)
     ref_forward = _forward(ref[0], run.mesh, run.rules) if ref else None
     ptx = run.inputs.ptx_rows  # the PPO-ptx term's SFT rows (rl.ptx_coef > 0), else None
-    if ptx is not None and int(r.ptx_rows) % sharding.data_parallel_size(run.mesh):
-        raise ValueError(f"rl.ptx_rows={r.ptx_rows} must split evenly over the "
-                         f"{sharding.data_parallel_size(run.mesh)} data-parallel devices")
     kl_coef = float(r.kl_coef)
     if run.start_step:
         kl_coef = float(checkpoint.restore_extra(run.mngr, run.start_step)["kl_coef"])

@@ -254,6 +254,14 @@ def test_ppo_with_lora_trains_adapters_and_value_head_on_a_frozen_base(tmp_path,
                                np.asarray(served.model.apply({"params": served.params}, ids_1xL)), atol=1e-4)
 
 
+def test_ptx_rows_that_do_not_split_over_the_mesh_are_refused_before_anything_is_written(tmp_path, say_x):
+    work = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"rl\.ptx_rows=3 is not divisible by 8 data-parallel devices"):
+        train.train_and_evaluate(_cfg(tmp_path, grpo_config, rl__ptx_coef=0.5, rl__ptx_path=_ptx_file(tmp_path),
+                                      rl__ptx_rows=3), str(work))
+    assert not (work / "checkpoints").exists() and not (work / "tokenizer.json").exists()
+
+
 def _ptx_file(tmp_path) -> str:
     """SFT chat records for the PPO-ptx term: 'say x <word>' answered 'x'."""
     path = tmp_path / "ptx.jsonl"
