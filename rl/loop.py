@@ -159,12 +159,8 @@ def iterate(run) -> int:
         answers = [p.reference for p in ro.problem]
         finishes = ro.finishes
         if scorer is not None:
-            ids = np.concatenate([ro.rows["inputs"], ro.rows["targets"][:, -1:]], axis=1)
-            seg = np.concatenate([ro.rows["segment_ids"], ro.rows["segment_ids"][:, -1:]], axis=1)
-            last = ro.rows["segment_ids"].sum(axis=1)  # the last real token's index in ids
-            ids[np.arange(n_rows), last] = ro.rows["targets"][np.arange(n_rows), last - 1]
-            seg[np.arange(n_rows), last] = 1
-            rewards_N = scorer(ids, seg)
+            rewards_N = scorer(*rewards_lib.completion_rows(batch_problems, [o.tokens for o in outs], group,
+                                                            width + 1, tok.pad_id))
         else:
             rewards_N = rewards_lib.programmatic(r.rewards, ro.texts, answers, finishes, ro.lengths,
                                                  length_penalty=float(r.length_penalty),

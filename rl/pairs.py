@@ -65,18 +65,6 @@ def prompt_field(problem: Problem):
     return messages
 
 
-def conversation_rows(problems: list[Problem], completions: list, samples: int, width: int, pad_id: int):
-    """Right-padded [N, width] token rows prompt + completion (token lists, a stop token included:
-    `samples` per problem) and their segment ids: what a reward model scores (rl/rewards.py)."""
-    ids = np.full((len(completions), width), pad_id, np.int32)
-    seg = np.zeros((len(completions), width), np.int32)
-    for i, tokens in enumerate(completions):
-        row = np.concatenate([problems[i // samples].prompt, np.asarray(tokens, np.int32)])
-        ids[i, :len(row)] = row
-        seg[i, :len(row)] = 1
-    return ids, seg
-
-
 def sample_pairs(model, params, problems: list[Problem], tok, *, samples: int, sampling: Sampling,
                  max_new_tokens: int, max_prompt_len: int, seed: int = 0, batch_rows: int = 64,
                  reward_names=("exact_match",), scorer=None, min_gap: float = 0.0) -> tuple[list[dict], dict]:
@@ -105,7 +93,7 @@ def sample_pairs(model, params, problems: list[Problem], tok, *, samples: int, s
         texts = [tok.decode([t for t in o.tokens if t != end_id]) for o in outs]
         finishes = [o.finish_reason for o in outs]
         if scorer is not None:
-            r_N = scorer(*conversation_rows(chunk, [o.tokens for o in outs], samples, width, tok.pad_id))
+            r_N = scorer(*rewards_lib.completion_rows(chunk, [o.tokens for o in outs], samples, width, tok.pad_id))
         else:
             lengths = np.asarray([len(o.tokens) for o in outs], np.int32)
             answers = [chunk[i // samples].reference for i in range(len(outs))]

@@ -75,6 +75,21 @@ def place_on_last_token(rewards_N: np.ndarray, mask_NxL: np.ndarray) -> np.ndarr
     return out
 
 
+def completion_rows(problems: list, completions: list, group: int, width: int, pad_id: int):
+    """Right-padded [N, width] token rows prompt + completion (token lists, the stop token included when
+    sampled; `group` per problem, problem-major) and their segment ids (1 on real tokens): the rows a
+    reward model scores, for the RL loop and rl/pairs alike."""
+    ids = np.full((len(completions), width), pad_id, np.int32)
+    seg = np.zeros((len(completions), width), np.int32)
+    for i, tokens in enumerate(completions):
+        row = np.concatenate([np.asarray(problems[i // group].prompt, np.int32), np.asarray(tokens, np.int32)])
+        if len(row) > width:
+            raise ValueError(f"row {i}: prompt + completion are {len(row)} tokens > width {width}")
+        ids[i, :len(row)] = row
+        seg[i, :len(row)] = 1
+    return ids, seg
+
+
 class RewardModelScorer:
     """A trained reward model (mode 'reward' run) scoring token rows; compiled once per row shape."""
 

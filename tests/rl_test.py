@@ -76,6 +76,17 @@ def test_rows_put_the_completion_mask_logps_and_reward_on_the_right_tokens():
     assert token_rewards[0, 4] == 1.0 and token_rewards[0].sum() == 1.0  # on <|end|>, the stopping token
     assert token_rewards[1, 3] == 0.5 and token_rewards[1].sum() == 0.5  # on the last token of a truncated one
     assert rewards.place_on_last_token(np.array([2.0]), np.zeros((1, 4))).sum() == 0  # no completion: nothing
+    # a reward model scores the very tokens the trainer trains on: prompt + completion, right-padded
+    ids, seg = rewards.completion_rows(probs, [o.tokens for o in outs], 1, 9, 0)
+    np.testing.assert_array_equal(ids[0], [5, 6, 7, 97, 98, end, 0, 0, 0])
+    np.testing.assert_array_equal(seg[0], [1, 1, 1, 1, 1, 1, 0, 0, 0])
+    for i in range(2):
+        m = int(ro.rows["segment_ids"][i].sum())
+        np.testing.assert_array_equal(ids[i, 1:m + 1], ro.rows["targets"][i, :m])
+        np.testing.assert_array_equal(ids[i, :m], ro.rows["inputs"][i, :m])
+        assert seg[i].sum() == m + 1
+    with pytest.raises(ValueError, match="row 0: prompt \\+ completion are 6 tokens > width 5"):
+        rewards.completion_rows(probs, [o.tokens for o in outs], 1, 5, 0)
 
 
 def test_programmatic_rewards_and_bad_names():
