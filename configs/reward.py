@@ -13,7 +13,8 @@ Runtime:   2 min 31 s idle on a 2-core AVX512-BF16 Zen 5 (2026-12-06; 1,000 step
            tokens); the earlier 400-step recipe took 1 min 5 s there and 35 min on a loaded Zen 2
 Result:    pairwise accuracy 0.795 val / 0.795 test from the 1,000-step SFT model (test: sort 0.98,
            reverse 1.00, count 0.73, add 0.50 = chance); 400 steps stopped underfitted (train loss 0.67,
-           0.66 / 0.685); 2,000 steps or every wrong answer as a pair (25k pairs) plateau at 0.78-0.81.
+           0.66 / 0.685); 2,000 steps, every wrong answer as a pair (25k pairs) or 10x the problems (40k,
+           4,000 steps: 0.8145 on 2,000 test pairs) plateau at 0.78-0.82: count is ranked by its prior.
            README, Post-training, has the table
 """
 
