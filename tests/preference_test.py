@@ -500,7 +500,8 @@ def test_sample_pairs_from_the_policy_feed_dpo(task_files, sft_run, reward_run, 
 def test_ppo_rewards_each_completion_with_the_reward_models_score_of_it_alone(task_files, sft_run, reward_run,
                                                                              tmp_path, monkeypatch):
     """PPO against a reward-model run: the rows it scores are prompt + completion, right-padded, and each
-    reward is what the reward model gives that conversation alone (padding and batch-mates change nothing)."""
+    reward is what the reward model gives that conversation alone (more padding and no batch-mates change
+    nothing)."""
     calls = []
     real = rewards.RewardModelScorer.__call__
 
@@ -514,23 +515,27 @@ def test_ppo_rewards_each_completion_with_the_reward_models_score_of_it_alone(ta
     cfg = tiny_config(task_files["train_pref"], ppo_config, init_from=sft_run, rl__reward_model=reward_run[0],
                       rl__rewards=(), rl__val_path=task_files["val_pref"], rl__eval_generate=0,
                       rl__max_prompt_len=SEQ_LEN, rl__max_new_tokens=8, data__batch_size=4, rl__group_size=2,
-                      rl__minibatch=8, train__steps=2, train__log_every=1)
+                      rl__minibatch=8, train__steps=1, train__log_every=1)
     train.train_and_evaluate(cfg, run)
     logged = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if "rl/reward_mean" in r]
-    assert len(calls) == len(logged) == 2
-    prompts = {tuple(p.prompt) for p in prompts_data.read_prompts(task_files["train_pref"], TOK,
-                                                                  max_prompt_len=SEQ_LEN, strict=False)[0]}
+    assert len(calls) == len(logged) == 1
+    (ids, seg, out), row = calls[0], logged[0]
+    width = SEQ_LEN + 8
+    assert ids.shape == (8, width) and out.std() > 1e-3  # rows score apart, far beyond the tolerance below
+    assert row["rl/reward_mean"] == pytest.approx(float(out.mean()), rel=1e-5, abs=1e-6)
+    prompts = [tuple(p.prompt) for p in prompts_data.read_prompts(task_files["train_pref"], TOK,
+                                                                  max_prompt_len=SEQ_LEN, strict=False)[0]]
     alone = rewards.RewardModelScorer(reward_run[0], TOK)
-    for (ids, seg, out), row in zip(calls, logged):
-        assert ids.shape == (8, SEQ_LEN + 8)
-        assert row["rl/reward_mean"] == pytest.approx(float(out.mean()), rel=1e-5, abs=1e-6)
-        assert out.std() > 1e-3  # the rows score apart, far beyond the tolerance below
-        for i in range(len(ids)):
-            n = int(seg[i].sum())
-            assert seg[i, :n].all() and (ids[i, n:] == TOK.pad_id).all()  # real tokens first, then padding
-            assert any(tuple(ids[i, :len(p)]) == p for p in prompts)  # it starts with a training prompt
-            assert ids[i, n - 1] == END or n - max(len(p) for p in prompts if tuple(ids[i, :len(p)]) == p) == 8
-            np.testing.assert_allclose(alone(ids[i:i + 1, :n], seg[i:i + 1, :n]), out[i:i + 1], rtol=1e-4, atol=1e-5)
+    for i in range(len(ids)):
+        n = int(seg[i].sum())
+        assert seg[i, :n].all() and (ids[i, n:] == TOK.pad_id).all()  # real tokens first, then padding
+        starts = [p for p in prompts if tuple(ids[i, :len(p)]) == p]
+        assert starts  # a training prompt, then its completion: ended by <|end|> or cut at max_new_tokens
+        assert ids[i, n - 1] == END or n - len(starts[0]) == 8
+        padded = np.full((1, width + 16), TOK.pad_id, np.int32)
+        padded[0, :n] = ids[i, :n]
+        np.testing.assert_allclose(alone(padded, (padded != TOK.pad_id).astype(np.int32)), out[i:i + 1],
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_sample_pairs_errors_exit_1_and_write_nothing(task_files, sft_run, reward_run, tmp_path, monkeypatch,
