@@ -132,7 +132,7 @@ def sequential_wanda(workdir: str, config_dict: dict, params, weights: dict, cal
         todo = [k for k in weights if k not in scanned and _layer_of(k) == layer]
         if not todo and (layer is None or not scanned):
             continue
-        norms = calibration_norms(workdir, config_dict, _with_tensors(params, pruned), calib)
+        norms = calibration_norms(workdir, config_dict, with_tensors(params, pruned), calib)
         masks = prune.oneshot_masks(weights, method="wanda", sparsity=sparsity, scope=scope, nm=nm_pair,
                                     norms={k: norms[k] for k in weights if k in norms})
         for k in todo:
@@ -144,7 +144,7 @@ def sequential_wanda(workdir: str, config_dict: dict, params, weights: dict, cal
     return pruned
 
 
-def _with_tensors(params, tensors: dict):
+def with_tensors(params, tensors: dict):
     """params with the named tensors replaced (dense)."""
     import jax
     return jax.tree_util.tree_map_with_path(
