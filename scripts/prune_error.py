@@ -97,6 +97,8 @@ def mixed_losses(workdir: str, sparsity: float, calib: int, max_batches: int) ->
 
     config_dict, params, step = checkpoint.load_for_inference(workdir)
     params = jax.tree.map(np.asarray, params)
+    if evaluation.config_from_saved(config_dict).model.scan_layers:
+        raise ValueError(f"--workdir={workdir!r} has model.scan_layers=True: this script reads per-layer kernels")
     weights = prune.prunable_tensors(params, False, False)
     norms = prune_script.calibration_norms(workdir, config_dict, params, calib)
     masks = {"magnitude": prune.magnitude_masks({n: jnp.abs(w) for n, w in weights.items()}, sparsity, "layer"),
