@@ -92,7 +92,6 @@ def mixed_losses(workdir: str, sparsity: float, calib: int, max_batches: int) ->
     import tempfile
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     config_dict, params, step = checkpoint.load_for_inference(workdir)
@@ -101,19 +100,20 @@ def mixed_losses(workdir: str, sparsity: float, calib: int, max_batches: int) ->
         raise ValueError(f"--workdir={workdir!r} has model.scan_layers=True: this script reads per-layer kernels")
     weights = prune.prunable_tensors(params, False, False)
     norms = prune_script.calibration_norms(workdir, config_dict, params, calib)
-    masks = {"magnitude": prune.magnitude_masks({n: jnp.abs(w) for n, w in weights.items()}, sparsity, "layer"),
-             "wanda": {n: prune.column_mask(prune.wanda_scores(jnp.asarray(w), jnp.asarray(norms[n])), sparsity)
-                       for n, w in weights.items()}}
-    groups = [g for g in GROUPS if any(group_of(n) == g for n in weights)]
-    variants = {"magnitude": lambda n: "magnitude", "wanda": lambda n: "wanda"}
-    for g in groups:
-        variants[f"wanda on {g}"] = lambda n, g=g: "wanda" if group_of(n) == g else "magnitude"
+    # scripts/prune.py's one-shot masks at each method's default comparison group
+    masks = {m: prune.oneshot_masks(weights, method=m, sparsity=sparsity, norms=norms)
+             for m in ("magnitude", "wanda")}
+    # variant -> the kernels that take Wanda's masks (magnitude's on the rest)
+    variants = {"magnitude": set(), "wanda": set(weights)}
+    for g in GROUPS:
+        if any(group_of(n) == g for n in weights):
+            variants[f"wanda on {g}"] = {n for n in weights if group_of(n) == g}
     losses = {"dense": float(evaluation.evaluate_run(workdir, max_batches=max_batches)["eval/loss"])}
     tmp = tempfile.mkdtemp(prefix="prune_mixed_")
     try:
-        for i, (variant, method_of) in enumerate(variants.items()):
-            pruned = {n: np.where(np.asarray(masks[method_of(n)][n]), w, 0.0).astype(w.dtype)
-                      for n, w in weights.items()}
+        for i, (variant, wanda_kernels) in enumerate(variants.items()):
+            pruned = {n: np.where(np.asarray(masks["wanda" if n in wanda_kernels else "magnitude"][n]), w, 0.0)
+                      .astype(w.dtype) for n, w in weights.items()}
             run = os.path.join(tmp, str(i))
             checkpoint.save_run(run, step, prune_script.with_tensors(params, pruned), config_dict, workdir)
             losses[variant] = float(evaluation.evaluate_run(run, max_batches=max_batches)["eval/loss"])
@@ -133,7 +133,8 @@ def main(argv):
         for variant, loss in out["loss"].items():
             print(f"{variant:36s} val loss {loss:.4f}  {100 * (loss / dense - 1):+.2f}%")
         for name, share in out["cut_rows"].items():
-            print(f"{name:48s} input rows >= 90% removed: magnitude {share['magnitude']:.3f}  wanda {share['wanda']:.3f}")
+            print(f"{name:48s} input rows >= 90% removed: magnitude {share['magnitude']:.3f}  "
+                  f"wanda {share['wanda']:.3f}")
         if FLAGS.json:
             with open(FLAGS.json, "w") as f:
                 json.dump(out, f, indent=1)
