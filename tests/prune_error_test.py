@@ -55,3 +55,14 @@ def test_mixed_masks_per_kernel_group_match_the_prune_scripts_runs(corpus_dir, t
         loss = evaluation.evaluate_run(pruned, max_batches=1)["eval/loss"]
         assert loss == pytest.approx(out["loss"][method], rel=1e-6), method
     assert all(0.0 <= v <= 1.0 for shares in out["cut_rows"].values() for v in shares.values())
+
+
+def test_a_scanned_model_is_refused_by_name(corpus_dir, tmp_path):
+    """Both reports read per-layer kernels: a run with model.scan_layers=True is an error naming it."""
+    run = str(tmp_path / "scanned")
+    train.train_and_evaluate(tiny_config(corpus_dir, train__steps=3, train__eval_every=3, train__eval_batches=1,
+                                         model__d_model=64, model__d_ff=128, model__scan_layers=True), run)
+    for report in (lambda: prune_error.layer_errors(run, 0.5, calib=1),
+                   lambda: prune_error.mixed_losses(run, 0.5, calib=1, max_batches=1)):
+        with pytest.raises(ValueError, match="has model.scan_layers=True: this script reads per-layer kernels"):
+            report()
