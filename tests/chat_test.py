@@ -160,12 +160,14 @@ def test_packed_equals_one_conversation_per_row_under_the_model(fit):
     cfg = ModelConfig(vocab_size=TOK.vocab_size, num_tokens=TOK.vocab_size, d_model=32, n_layers=2, n_heads=4,
                       n_kv_heads=2, d_ff=64, dtype="float32")
     model = Transformer(cfg)
-    params = model.init(jax.random.PRNGKey(0), jnp.asarray(single["inputs"][:1]))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.asarray(single["inputs"][:1]))["params"]
+
+    @jax.jit  # one compile per batch shape instead of one per operation
+    def nll(inputs, positions, segment_ids, targets):
+        return token_nll(model.apply({"params": params}, inputs, positions, segment_ids), targets)
 
     def per_token(batch):
-        logits = model.apply({"params": params}, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
-                             jnp.asarray(batch["segment_ids"]))
-        return np.asarray(token_nll(logits, jnp.asarray(batch["targets"]))) * batch["weights"]
+        return np.asarray(nll(*(batch[k] for k in ("inputs", "positions", "segment_ids", "targets")))) * batch["weights"]
 
     nll_packed, nll_single = per_token(packed), per_token(single)
     got = []
@@ -198,7 +200,7 @@ def test_causal_lm_trains_lora_on_packed_task_conversations():
     cfg = ModelConfig(vocab_size=TOK.vocab_size, num_tokens=TOK.vocab_size, d_model=32, n_layers=2, n_heads=4,
                       n_kv_heads=2, d_ff=64, dtype="float32")
     model = Transformer(cfg)
-    base = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch["inputs"][:1])["params"])
+    base = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch["inputs"][:1])["params"])
     lora = init_lora(base, rank=4, targets=("attn/query", "attn/value", "mlp/down"), key=jax.random.PRNGKey(1))
     tx = optax.adam(3e-2)
     opt_state = tx.init(lora)

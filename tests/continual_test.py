@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,8 +83,7 @@ def test_fisher_equals_a_direct_per_example_computation(corpus_dir):
     from data import tokenizer as tokenizer_lib
     tok = tokenizer_lib.build_tokenizer("byte", [])
     model = build.causal_lm(config, tok.vocab_size, tok.base_size)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 32), jnp.int32))["params"]))(jax.random.key(0))
     stream = pipeline.tokenize_stream(["def f(x):\n    return x * 2\n" * 20, "import os\nprint(os.sep)\n" * 20], tok)
     rows = [pipeline.WindowSource(stream, 32)[i] for i in range(6)]
     objective = modes.get(config).loss(config)

@@ -116,8 +116,8 @@ def test_classify_on_a_test_file_matches_an_independent_count(tmp_path):
     rows = [classify_data.encode_example(tok, r["text"], None, cfg.data.seq_len, "first") for r in records]
     batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     model = heads.Classifier(build.model_config(cfg, tok.vocab_size), len(labels), pool="first")
-    logits = model.apply({"params": jax.device_get(params)}, batch["inputs"], batch["positions"],
-                         batch["segment_ids"], batch["token_types"])
+    logits = jax.jit(model.apply)({"params": jax.device_get(params)}, batch["inputs"], batch["positions"],
+                                  batch["segment_ids"], batch["token_types"])
     truth = np.array([labels.index(r["label"]) for r in records])
     accuracy = float(np.mean(np.argmax(np.asarray(logits), -1) == truth))
     assert out["eval/accuracy"] == pytest.approx(accuracy, abs=1e-9)

@@ -19,7 +19,7 @@ def _model(**kw):
                                 d_ff=64, dtype="float32"), **kw})
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 60)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), tokens)["params"])
     return model, params, tokens
 
 
@@ -28,8 +28,8 @@ def test_zero_b_is_exactly_the_base_model(scan):
     model, params, tokens = _model(scan_layers=scan)
     lora = init_lora(params, rank=4, targets=TARGETS, key=jax.random.PRNGKey(2))
     assert len(jax.tree.leaves(lora)) == 2 * 7 * (1 if scan else 2)  # A and B per kernel (scan: stacked layers)
-    base = model.apply({"params": params}, tokens)
-    adapted = model.apply({"params": apply_lora(params, lora, alpha=8.0, rank=4)}, tokens)
+    base = jax.jit(model.apply)({"params": params}, tokens)  # jitted: one compile, not one per op
+    adapted = jax.jit(lambda p, a: model.apply({"params": apply_lora(p, a, alpha=8.0, rank=4)}, tokens))(params, lora)
     np.testing.assert_array_equal(np.asarray(base), np.asarray(adapted))
 
 

@@ -1,5 +1,6 @@
 """Optimizer: LR schedules, the weight-decay mask, gradient accumulation and clipping."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,9 +232,7 @@ def test_muon_takes_the_block_matrices_only(corpus_dir, scan):
     from model import build
     config = tiny_config(corpus_dir, model__scan_layers=scan, model__tie_embeddings=False)
     model = build.transformer(config, 267)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(jax.random.key(0))
     labels = jax.tree_util.tree_leaves_with_path(optim.muon_labels(params))
     muon = sorted("/".join(str(k.key) for k in path) for path, label in labels if label == "muon")
     assert muon and all(p.split("/")[-1] == "kernel" and ("layers" in p or "layer_" in p) for p in muon)
@@ -242,16 +241,16 @@ def test_muon_takes_the_block_matrices_only(corpus_dir, scan):
                                                      if lab == "adamw"}
     tx, _ = optim.make_optimizer(ocfg(name="muon", schedule="constant", warmup_steps=0, clip_norm=0.0,
                                       weight_decay=0.0), 10)
-    state = tx.init(params)
+    state = jax.eval_shape(tx.init, params)  # sizes only
     n_muon = sum(x.size for x, lab in zip(jax.tree.leaves(params), jax.tree.leaves(optim.muon_labels(params)))
                  if lab == "muon")
     n_all = sum(x.size for x in jax.tree.leaves(params))
     ns_coeffs = 3  # Muon's Newton-Schulz coefficients live in its state
     assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == n_muon + 2 * (n_all - n_muon) + ns_coeffs
     # gradients with columns scaled 0.05..1: singular values spread far apart
-    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape)
-                         * jnp.linspace(0.05, 1.0, x.shape[-1]).reshape((1,) * (x.ndim - 1) + (-1,)), params)
-    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    grads = jax.jit(lambda p: jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape) * jnp.linspace(
+        0.05, 1.0, x.shape[-1]).reshape((1,) * (x.ndim - 1) + (-1,)), p))(params)
+    updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(grads, params)
     def pick(tree):
         return tree["layers"]["block"]["mlp"]["up"]["kernel"][0] if scan else tree["layer_0"]["mlp"]["up"]["kernel"]
     sv_in, sv_out = (np.linalg.svd(np.asarray(pick(t)), compute_uv=False) for t in (grads, updates))

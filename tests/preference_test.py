@@ -143,13 +143,14 @@ def test_bradley_terry_loss_margin_weights_gradient_and_centering():
     params = {"r": jnp.asarray(np.concatenate([rc, rr]))}
     margin = np.array([0.5, 0.0, 1.0, 0.0])
     want = np.mean([-math.log(1 / (1 + math.exp(-(c - r - m)))) for c, r, m in zip(rc[:3], rr[:3], margin[:3])])
-    loss, metrics = objectives.reward(params, batch, None, model=FixedRewards())
+    loss_fn = jax.jit(lambda p, coef: objectives.reward(p, batch, None, model=FixedRewards(), center_coef=coef))
+    loss, metrics = loss_fn(params, 0.0)
     assert float(loss) == pytest.approx(want, rel=1e-6) and float(metrics["pairs"]) == 3
     assert float(metrics["correct_sum"]) == 2 and float(metrics["margin_sum"]) == pytest.approx(1.0 - 1.0 + 0.5)
-    grad = np.asarray(jax.grad(lambda p: objectives.reward(p, batch, None, model=FixedRewards())[0])(params)["r"])
+    grad = np.asarray(jax.jit(jax.grad(lambda p: loss_fn(p, 0.0)[0]))(params)["r"])
     assert (grad[:3] < 0).all() and (grad[4:7] > 0).all()  # chosen pushed up, rejected down
     assert grad[3] == 0 and grad[7] == 0  # the zero-weight pair is ignored
-    centered, m2 = objectives.reward(params, batch, None, model=FixedRewards(), center_coef=0.1)
+    centered, m2 = loss_fn(params, 0.1)
     assert float(centered) == pytest.approx(want + 0.1 * np.mean((rc[:3] + rr[:3]) ** 2), rel=1e-6)
     assert float(m2["bt_loss"]) == pytest.approx(want, rel=1e-6)
 
@@ -424,14 +425,15 @@ def test_trimmed_pair_batches_give_the_same_log_probs_and_rewards():
     cfg = tiny_config("unused", sft_config, data__seq_len=SEQ_LEN)
     lm, rm = build.causal_lm(cfg, TOK.vocab_size, TOK.base_size), build.reward_model(cfg, TOK.vocab_size)
     dummy = jnp.zeros((1, SEQ_LEN), jnp.int32)
-    lm_params = nn.meta.unbox(lm.init(jax.random.PRNGKey(0), dummy)["params"])
-    rm_params = nn.meta.unbox(rm.init(jax.random.PRNGKey(1), dummy)["params"])
+    lm_params = nn.meta.unbox(jax.jit(lm.init)(jax.random.PRNGKey(0), dummy)["params"])
+    rm_params = nn.meta.unbox(jax.jit(rm.init)(jax.random.PRNGKey(1), dummy)["params"])
     rm_params["reward_head"]["out"]["kernel"] = jnp.ones_like(rm_params["reward_head"]["out"]["kernel"])  # not 0
+    logps = jax.jit(lambda rows: reference.sequence_logps(lm, lm_params, rows)[0])  # a compile per width, not per op
+    reward = jax.jit(lambda r: rm.apply({"params": rm_params}, r["inputs"], r["positions"], r["segment_ids"]))
     for side in preference.SIDES:
         full, short = ({k: b[f"{side}_{k}"] for k in reference.ROW_KEYS} for b in (batch, cut))
-        np.testing.assert_allclose(reference.sequence_logps(lm, lm_params, short)[0],
-                                   reference.sequence_logps(lm, lm_params, full)[0], rtol=1e-5, atol=1e-5)
-        rewards = [rm.apply({"params": rm_params}, r["inputs"], r["positions"], r["segment_ids"]) for r in (full, short)]
+        np.testing.assert_allclose(logps(short), logps(full), rtol=1e-5, atol=1e-5)
+        rewards = [reward(r) for r in (full, short)]
         np.testing.assert_allclose(rewards[1], rewards[0], rtol=1e-5, atol=1e-5)
 
 

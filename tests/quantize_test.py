@@ -100,7 +100,7 @@ def test_bad_specs_are_named():
     cfg = ModelConfig(vocab_size=64, num_tokens=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=48,
                       quant=quantize.QuantSpec(bits=4, group=32))
     with pytest.raises(ValueError, match="group 32 does not divide its input dim 48"):
-        Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+        jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))  # raised while tracing
 
 
 def _tiny_cfg(scan):
@@ -114,20 +114,21 @@ def test_qat_forward_equals_ptq_forward(scan):
     same logits: QAT trains exactly what will be deployed."""
     cfg = _tiny_cfg(scan)
     tokens_BxL = jnp.arange(24).reshape(2, 12) % 60
-    params = nn.meta.unbox(Transformer(cfg).init(jax.random.key(0), tokens_BxL)["params"])
+    params = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens_BxL)["params"])
     spec = quantize.QuantSpec(bits=4, group=16, embed_bits=8)
     fake = Transformer(dataclasses.replace(cfg, quant=spec))
     stored = Transformer(dataclasses.replace(cfg, quant=dataclasses.replace(spec, stored=True)))
     abstract = jax.eval_shape(stored.init, jax.random.key(0), tokens_BxL)["params"]
     qparams, report = ptq.quantize_params(params, abstract, "rtn", group=16)
     assert len(report) == (7 if scan else 2 * 7) + 1  # 7 kernels a layer (scan: one stacked node each) + embedding
-    logits_fake = fake.apply({"params": params}, tokens_BxL)
-    logits_ptq = stored.apply({"params": qparams}, tokens_BxL)
+    forward = lambda model, p: jax.jit(model.apply)({"params": p}, tokens_BxL)  # noqa: E731 (one compile, not one per op)
+    logits_fake = forward(fake, params)
+    logits_ptq = forward(stored, qparams)
     np.testing.assert_allclose(logits_fake, logits_ptq, atol=1e-5)
-    logits_float = Transformer(cfg).apply({"params": params}, tokens_BxL)
+    logits_float = forward(Transformer(cfg), params)
     assert float(jnp.abs(logits_float - logits_ptq).max()) > 1e-4  # it did quantize
     # straight-through: the QAT gradient reaches every float kernel
-    grads = jax.grad(lambda p: fake.apply({"params": p}, tokens_BxL)[..., :60].sum())(params)
+    grads = jax.jit(jax.grad(lambda p: fake.apply({"params": p}, tokens_BxL)[..., :60].sum()))(params)
     assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
 
 
@@ -255,7 +256,7 @@ def test_calibration_of_a_scanned_model_stacks_the_layers_grams():
     equal to the unscanned twin's per layer, and equal to the Gram matrix of the inputs computed by hand."""
     tokens_BxL = jnp.arange(40).reshape(2, 20) % 60
     loop_cfg, scan_cfg = _tiny_cfg(False), _tiny_cfg(True)
-    scan_params = nn.meta.unbox(Transformer(scan_cfg).init(jax.random.key(3), tokens_BxL)["params"])
+    scan_params = nn.meta.unbox(jax.jit(Transformer(scan_cfg).init)(jax.random.key(3), tokens_BxL)["params"])
     loop_params = {k: v for k, v in scan_params.items() if k != "layers"}
     for i in range(2):
         loop_params[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], scan_params["layers"]["block"])

@@ -61,6 +61,10 @@ def _on_tokens(x_NxL, completion_NxL):
     return np.asarray(x_NxL)[np.asarray(completion_NxL) > 0]
 
 
+def _init(model, seed: int):
+    return jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(jax.random.key(seed))
+
+
 CFG = dict(vocab_size=64, num_tokens=60, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, init_std=0.3,
            dtype="float32")
 
@@ -77,9 +81,10 @@ def test_one_row_per_prompt_scores_and_trains_as_one_row_per_completion(variant,
     np.testing.assert_array_equal(_on_tokens(ro.rows["targets"], comp_rows),
                                   _on_tokens(groups.per_row(packed["targets"]), comp_packed))
     model = Transformer(ModelConfig(**{**CFG, **variant}))
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-    a, _ = objectives.token_logps(model, params, ro.rows)
-    b, _ = objectives.token_logps(model, params, packed)
+    params = _init(model, 0)
+    logps = jax.jit(functools.partial(objectives.token_logps, model))  # jitted: one compile, not one per op
+    a, _ = logps(params, ro.rows)
+    b, _ = logps(params, packed)
     assert b.shape == packed["src"].shape
     np.testing.assert_allclose(_on_tokens(a, comp_rows), _on_tokens(groups.per_row(b), comp_packed), atol=2e-5)
 
@@ -91,7 +96,7 @@ def test_one_row_per_prompt_scores_and_trains_as_one_row_per_completion(variant,
                   ref_logp=np.asarray(b) - 0.1 * packed["completion"], old_logp=np.asarray(b) + 0.05)
     loss = functools.partial(objectives.grpo, rng=None, model=model, eps_low=0.2, eps_high=0.28, dual_clip=0.0,
                              beta=0.04, kl_estimator="k3", aggregation=aggregation, max_len=6)
-    grad = jax.value_and_grad(loss, has_aux=True)
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (la, ma), ga = grad(params, rows)
     (lb, mb), gb = grad(params, packed)
     np.testing.assert_allclose(float(la), float(lb), rtol=1e-5, atol=1e-6)
@@ -104,9 +109,10 @@ def test_one_row_per_prompt_scores_and_trains_as_one_row_per_completion(variant,
 def test_ppo_values_and_loss_per_prompt_equal_per_completion():
     ro, packed = _rollout(seed=1)
     model = heads.PolicyValue(ModelConfig(**CFG))
-    params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
-    la, va = objectives.token_logps(model, params, ro.rows)
-    lb, vb = objectives.token_logps(model, params, packed)
+    params = _init(model, 1)
+    logps = jax.jit(functools.partial(objectives.token_logps, model))
+    la, va = logps(params, ro.rows)
+    lb, vb = logps(params, packed)
     comp_rows, comp_packed = ro.rows["completion"], groups.per_row(packed["completion"])
     np.testing.assert_allclose(_on_tokens(va, comp_rows), _on_tokens(groups.per_row(vb), comp_packed), atol=2e-5)
     extra = {}
@@ -119,7 +125,7 @@ def test_ppo_values_and_loss_per_prompt_equal_per_completion():
     packed = dict(packed, **{k: groups.per_group(x, G) for k, x in extra["packed"].items()})
     loss = functools.partial(objectives.ppo, rng=None, model=model, eps_low=0.2, eps_high=0.2, dual_clip=3.0,
                              value_clip=0.2, vf_coef=0.1, entropy_coef=0.01, aggregation="token_mean", max_len=6)
-    grad = jax.value_and_grad(loss, has_aux=True)
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (la, _), ga = grad(params, rows)
     (lb, _), gb = grad(params, packed)
     np.testing.assert_allclose(float(la), float(lb), rtol=1e-5, atol=1e-6)

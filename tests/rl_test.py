@@ -319,9 +319,8 @@ def test_the_ptx_term_adds_coef_times_the_sft_nll_of_its_rows(objective):
     cfg = tiny_config("unused", grpo_config)
     lm = build.causal_lm(cfg, tok.vocab_size, tok.base_size)
     model = build.policy_value(cfg, tok.vocab_size) if objective == "ppo" else lm
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
+    params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 16), jnp.int32))["params"]))(
+        jax.random.PRNGKey(0))
     lm_params = params["backbone"] if objective == "ppo" else params
     end = tok.special_id(chat.END_TOKEN)
     probs = [Problem(np.array([5, 6, 7], np.int32), "ab", "k"), Problem(np.array([9, 8], np.int32), "c", "k")]
@@ -344,16 +343,18 @@ def test_the_ptx_term_adds_coef_times_the_sft_nll_of_its_rows(objective):
     sft_rows = chat.stack(chat.pack_conversations(conv, 16, pad_id=tok.pad_id, fit="first"))
     sft_rows = {k: jnp.asarray(v) for k, v in sft_rows.items()}
     with_ptx = dict(batch, **{rl_objectives.PTX + k: v for k, v in sft_rows.items()})
-    plain = lambda p: fn(p, batch, None, model=model, **kw)  # noqa: E731
-    mixed = lambda p: fn(p, with_ptx, None, model=model, ptx_coef=0.5, **kw)  # noqa: E731
-    sft = lambda p: objectives.causal_lm(p, sft_rows, None, model=lm)  # noqa: E731
+    # jitted: a compile per function instead of one per operation
+    plain = jax.jit(lambda p: fn(p, batch, None, model=model, **kw))
+    mixed = jax.jit(lambda p: fn(p, with_ptx, None, model=model, ptx_coef=0.5, **kw))
+    sft = jax.jit(lambda p: objectives.causal_lm(p, sft_rows, None, model=lm))
     (l0, m0), (l1, m1) = plain(params), mixed(params)
     nll = sft(lm_params)[0]
     np.testing.assert_allclose(float(m1["ptx_loss"]), float(nll), rtol=1e-6)
     np.testing.assert_allclose(float(l1), float(l0) + 0.5 * float(nll), rtol=1e-5)
     assert float(m1["loss"]) == float(l1) and "ptx_loss" not in m0
-    g0, g1 = jax.grad(lambda p: plain(p)[0])(params), jax.grad(lambda p: mixed(p)[0])(params)
-    g_sft = jax.grad(lambda p: sft(p)[0])(lm_params)
+    g0 = jax.jit(jax.grad(lambda p: plain(p)[0]))(params)
+    g1 = jax.jit(jax.grad(lambda p: mixed(p)[0]))(params)
+    g_sft = jax.jit(jax.grad(lambda p: sft(p)[0]))(lm_params)
     g1_lm, g0_lm = (g["backbone"] if objective == "ppo" else g for g in (g1, g0))
     for a, b, c in zip(jax.tree.leaves(g1_lm), jax.tree.leaves(g0_lm), jax.tree.leaves(g_sft)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) + 0.5 * np.asarray(c), rtol=1e-4, atol=1e-6)
