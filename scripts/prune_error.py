@@ -42,30 +42,30 @@ def removed_error(w_KxM, keep_KxM, gram_KxK) -> float:
     return float(np.trace(removed_KxM.T @ np.asarray(gram_KxK, np.float64) @ removed_KxM))
 
 
-def layer_errors(workdir: str, sparsity: float, calib: int) -> dict:
-    """name -> {'magnitude': error, 'wanda': error} (float64), plus 'total'."""
+def _per_layer_run(workdir: str):
+    """(saved config, params as numpy, step, prunable kernels by name) of an unscanned run; a scanned run
+    (kernels stacked over layers) is refused by name."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    config_dict, params, _ = checkpoint.load_for_inference(workdir)
-    params = jax.tree.map(np.asarray, params)
-    config = evaluation.config_from_saved(config_dict)
-    if config.model.scan_layers:
+    config_dict, params, step = checkpoint.load_for_inference(workdir)
+    if evaluation.config_from_saved(config_dict).model.scan_layers:
         raise ValueError(f"--workdir={workdir!r} has model.scan_layers=True: this script reads per-layer kernels")
-    weights = prune.prunable_tensors(params, False, False)
+    params = jax.tree.map(np.asarray, params)
+    return config_dict, params, step, prune.prunable_tensors(params, False, False)
+
+
+def layer_errors(workdir: str, sparsity: float, calib: int) -> dict:
+    """name -> {'magnitude': error, 'wanda': error} (float64), plus 'total'."""
+    import numpy as np
+
+    config_dict, params, _, weights = _per_layer_run(workdir)
     grams = prune_script.calibration_stats(workdir, config_dict, params, calib, "gram")
-    out, total = {}, {"magnitude": 0.0, "wanda": 0.0}
-    for name, w in weights.items():
-        gram_KxK = grams[name]
-        norm_K = np.sqrt(np.diag(gram_KxK))
-        masks = {"magnitude": prune.magnitude_masks({name: jnp.abs(w)}, sparsity, "layer")[name],
-                 "wanda": prune.column_mask(prune.wanda_scores(jnp.asarray(w), jnp.asarray(norm_K)), sparsity)}
-        out[name] = {}
-        for method, keep in masks.items():
-            out[name][method] = removed_error(w, keep, gram_KxK)
-            total[method] += out[name][method]
-    out["total"] = total
+    norms = {name: np.sqrt(np.diag(gram_KxK)) for name, gram_KxK in grams.items()}  # ||x_k|| from G's diagonal
+    # scripts/prune.py's one-shot masks at each method's default comparison group
+    masks = {m: prune.oneshot_masks(weights, method=m, sparsity=sparsity, norms=norms) for m in ("magnitude", "wanda")}
+    out = {name: {m: removed_error(w, masks[m][name], grams[name]) for m in masks} for name, w in weights.items()}
+    out["total"] = {m: sum(out[name][m] for name in weights) for m in masks}
     return out
 
 
@@ -91,14 +91,9 @@ def mixed_losses(workdir: str, sparsity: float, calib: int, max_batches: int) ->
     import shutil
     import tempfile
 
-    import jax
     import numpy as np
 
-    config_dict, params, step = checkpoint.load_for_inference(workdir)
-    params = jax.tree.map(np.asarray, params)
-    if evaluation.config_from_saved(config_dict).model.scan_layers:
-        raise ValueError(f"--workdir={workdir!r} has model.scan_layers=True: this script reads per-layer kernels")
-    weights = prune.prunable_tensors(params, False, False)
+    config_dict, params, step, weights = _per_layer_run(workdir)
     norms = prune_script.calibration_norms(workdir, config_dict, params, calib)
     # scripts/prune.py's one-shot masks at each method's default comparison group
     masks = {m: prune.oneshot_masks(weights, method=m, sparsity=sparsity, norms=norms)
