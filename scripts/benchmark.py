@@ -216,7 +216,8 @@ def make_jax_step(config, num_tokens: int, eval_only: bool = False):
 
 
 def bench_compile(config, num_tokens: int, n_layers: int, steps_timed: int, rounds: int) -> dict:
-    """Per COMPILE_VARIANTS: seconds to trace + compile the train step, XLA's temporary buffer
+    """Per COMPILE_VARIANTS: seconds to trace + compile the train step (never served by JAX's persistent
+    compilation cache: main turns it off), XLA's temporary buffer
     bytes (where activations kept for the backward pass live) and ms per step (the variants'
     steps timed in alternating blocks, median over `rounds`)."""
     import copy
@@ -297,6 +298,9 @@ def main(argv):
         print(json.dumps(bench_data(config)))
         return
     if FLAGS.what == "compile":
+        # compile_s must time XLA compiling, not a load from JAX's persistent compilation cache (which
+        # JAX_COMPILATION_CACHE_DIR in the environment turns on): off before this process compiles anything
+        jax.config.update("jax_enable_compilation_cache", False)
         print(json.dumps(bench_compile(config, num_tokens, FLAGS.layers, FLAGS.steps, FLAGS.rounds)))
         return
     if FLAGS.what == "decode":

@@ -10,10 +10,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _benchmark(*args):
+def _benchmark(*args, env=None):
     """scripts/benchmark.py on one CPU device (as a user runs it) -> (its last JSON line, stderr)."""
     out = subprocess.run([sys.executable, "scripts/benchmark.py", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, XLA_FLAGS=""))
+                         text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", **(env or {})))
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
@@ -56,9 +56,14 @@ def test_measure_peak_with_pytorch_in_its_own_process():
     assert row["torch"]["threads"] == 2 and row["cpu"]  # --torch-threads' default
 
 
-def test_benchmark_compile_variants():
+def test_benchmark_compile_variants(tmp_path):
+    # a persistent compilation cache turned on from the environment must not serve the timed compiles
+    # (it would report the load of a cached program as its compile time): nothing is written to it
+    cache = tmp_path / "xla_cache"
     r, _ = _benchmark("--config=configs/pretrain_causal.py:tiny", "--what=compile", "--layers=3", "--steps=1",
-                      "--rounds=1")
+                      "--rounds=1", env={"JAX_COMPILATION_CACHE_DIR": str(cache),
+                                         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+    assert not (cache.exists() and os.listdir(cache)), sorted(os.listdir(cache))
     assert r["what"] == "compile" and r["n_layers"] == 3
     rows = {(x["scan_layers"], x["remat"]): x for x in r["rows"]}
     assert set(rows) == {(False, "none"), (True, "none"), (False, "full"), (True, "full"), (True, "dots")}
