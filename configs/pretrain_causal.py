@@ -5,8 +5,9 @@ Command:   python train.py --config=configs/pretrain_causal.py --workdir=runs/ca
            `:125m`, `:1b`, ... pick a size from configs/common.MODEL_SIZES)
 Runtime:   about 2.2 minutes on 2 idle CPU cores with AVX512-BF16 (600 steps x 16 x 256 = 2.5M
            tokens at ~20k tokens/s; 132 s measured end to end, start-up and evals included); about
-           10 minutes on a 2-core AMD Zen 2 without bf16 instructions (~4.5k tokens/s; 9 min 50 s)
-Result:    val loss 1.41 nats/byte (1.409; seeds 1 and 2: 1.411, 1.403; 1.414 on the Zen 2) (from
+           10 minutes on a 2-core AMD Zen 2 or Zen 3 without bf16 instructions (~4.5k tokens/s; 9 min
+           50 s on the Zen 2; ~4.2k tokens/s, 10 min 24 s via `make train` on the Zen 3)
+Result:    val loss 1.41 nats/byte (1.409; seeds 1 and 2: 1.411, 1.403; 1.414 on the Zen 2 and the Zen 3) (from
            5.6 at init), the same to 4 digits on every rerun on one machine;
            samples from scripts/generate.py look like Python: indented defs, `self.` calls,
            decorators, string literals.
