@@ -303,6 +303,15 @@ def open_read_only(workdir: str) -> ocp.CheckpointManager:
     return mngr
 
 
+def has_checkpoint(workdir: str) -> bool:
+    """Whether `workdir` holds a complete checkpoint (a run to resume), without creating anything."""
+    try:
+        open_read_only(workdir).close()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
     """A logging filter: False for Orbax's 'Given directory is read only=DIR' warning, which every
     read-only manager logs (through absl). Expected here, not news."""

@@ -3,7 +3,8 @@ iterator and eval batches (`Inputs`), and how other data replaces a mode's valid
 (scripts/evaluate.py --data). modes.py names, per mode, which builders here it uses; the post-training
 modes' builders (preference pairs, RL prompts) are in feedback_inputs.py.
 
-The run's tokenizer is saved in WORKDIR/tokenizer.json: a resumed run reuses it, a warm start
+The run's tokenizer is saved in WORKDIR/tokenizer.json: a resumed run reuses it (one left in a workdir
+without a checkpoint, by a start that failed, is replaced), a warm start
 (`init_from`) takes the source run's (its embedding rows are indexed by that tokenizer's ids),
 and only a new run from scratch builds one from its training data.
 """
@@ -66,7 +67,11 @@ def run_tokenizer(config, workdir: str, texts: list[str] | None = None,
     config or prepared dataset now names another). A warm start: init_from's (_source_tokenizer). A new
     run: the prepared dataset's (`data_tok`), or one built from the training `texts` by data.tokenizer."""
     tok_path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(tok_path):
+    if os.path.exists(tok_path) and not checkpoint.has_checkpoint(workdir):
+        # left by a start that failed or stopped before its first checkpoint: not this run's; rebuilt below
+        log.warning("workdir %r has a tokenizer.json but no checkpoint (a start that stopped before saving "
+                    "one): replaced by this run's tokenizer", workdir)
+    elif os.path.exists(tok_path):
         if data_tok is not None:  # refused unless it is the prepared dataset's tokenizer the run trained with
             prepared.use_tokenizer_in_workdir(data_tok, workdir, write=False)
             return data_tok

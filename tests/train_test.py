@@ -154,6 +154,21 @@ def test_bad_inputs_named(corpus_dir, tmp_path):
         train.train_and_evaluate(tiny_config(corpus_dir, mesh__data=3), str(tmp_path / "w4"))
 
 
+def test_a_failed_start_leaves_no_tokenizer_for_the_next_run(corpus_dir, tmp_path):
+    """A start that fails after building its tokenizer (here: too little data for one window) leaves
+    tokenizer.json behind; the next run in that workdir, with no checkpoint to resume, builds its own
+    from its data instead of reusing that one (an 8-character vocabulary: most of its text <unk>)."""
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hello world\n")
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="windows"):
+        train.train_and_evaluate(tiny_config(str(tiny), data__split="tail", data__tokenizer="char"), workdir)
+    assert os.path.exists(os.path.join(workdir, "tokenizer.json"))
+    train.train_and_evaluate(tiny_config(corpus_dir, data__tokenizer="char", train__steps=3), workdir)
+    chars = json.load(open(os.path.join(workdir, "tokenizer.json")))["chars"]
+    assert "{" in chars and "Q" in chars and len(chars) > 60
+
+
 def test_cli_overrides_and_unknown_key(tmp_path):
     base = [sys.executable, "train.py", "--config=configs/pretrain_causal.py:tiny", f"--workdir={tmp_path}"]
     bad = subprocess.run(base + ["--config.optim.lrr=0.1"], cwd=ROOT, capture_output=True, text=True)
