@@ -127,7 +127,7 @@ def _decode(raw: bytes, stats: ReadStats) -> str | None:
         stats.skip("binary")
         return None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a leading byte-order mark is encoding, not text (JSONL's first record)
     except UnicodeDecodeError:
         stats.skip("not utf-8")
         return None

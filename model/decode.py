@@ -351,6 +351,34 @@ def to_host(tree):
                         tree)
 
 
+class _Programs:
+    """A decoder's jitted functions: they depend only on the model config, batch, cache length and n_top
+    (params and state are arguments), and on the mesh and logical rules the calls run under."""
+
+    def __init__(self, cfg, batch: int, cache_len: int, n_top: int):
+        dec_model = Transformer(cfg, decode=True)
+        self.prefill_rows = jax.jit(functools.partial(prefill_rows, dec_model, cache_len, n_top))
+        self.insert = jax.jit(functools.partial(insert, dec_model), donate_argnums=(0,))
+        # no donation: a resized cache cannot reuse the old one's buffers
+        self.resize = jax.jit(functools.partial(resize, dec_model), static_argnums=(0,))
+        # a fresh state holds the smallest window; prefill and steps resize it to what its rows need
+        self.empty = jax.jit(functools.partial(empty_state, dec_model, batch, _window(2, cache_len)))
+        self.steps = {}  # (chunk, window, rows) -> the compiled decode loop
+        self.loop_options = loop_compiler_options(cfg.compute_dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _shared_programs(cfg, batch: int, cache_len: int, n_top: int, mesh, rules: tuple) -> _Programs:
+    """One _Programs per distinct (config, batch, cache_len, n_top, mesh, rules) in a process, so a second
+    decoder of the same settings (an RL run's rollouts after a resume, each model an evaluation scores,
+    every compression variant of one model) reuses the traced and compiled programs instead of tracing
+    and compiling them again. The key is every input the programs close over or run under: the config
+    (a frozen dataclass, compared by value), the sizes, and the mesh and logical-axis rules that
+    `Decoder._context` enters (JAX's trace cache does not see Flax's rules, so they must be in the key)."""
+    del mesh, rules  # in the key only: the calls enter them (Decoder._context)
+    return _Programs(cfg, batch, cache_len, n_top)
+
+
 class Decoder:
     """Compiled prefill / decode functions for one model, batch size (decode slots) and cache length.
 
@@ -376,14 +404,13 @@ class Decoder:
         self.mesh, self.rules = mesh, tuple(rules)
         self._prepare = jax.jit(functools.partial(prepare, model))
         self._prepared = None  # ([weakrefs to the params' leaves], prepared params) of the last prepare
-        self._prefill_rows = jax.jit(functools.partial(prefill_rows, self.dec_model, cache_len, n_top))
-        self._insert = jax.jit(functools.partial(insert, self.dec_model), donate_argnums=(0,))
-        # no donation: a resized cache cannot reuse the old one's buffers
-        self._resize = jax.jit(functools.partial(resize, self.dec_model), static_argnums=(0,))
-        self._steps = {}
-        self._loop_options = loop_compiler_options(cfg.compute_dtype)
-        # a fresh state holds the smallest window; prefill and steps resize it to what its rows need
-        self._empty = jax.jit(functools.partial(empty_state, self.dec_model, batch, _window(2, cache_len)))
+        try:  # the compiled programs of an equal decoder made earlier in this process, if any
+            programs = _shared_programs(cfg, batch, cache_len, n_top, mesh, self.rules)
+        except TypeError:  # unhashable rules (lists): programs of its own
+            programs = _Programs(cfg, batch, cache_len, n_top)
+        self._prefill_rows, self._insert, self._resize, self._empty, self._steps, self._loop_options = (
+            programs.prefill_rows, programs.insert, programs.resize, programs.empty, programs.steps,
+            programs.loop_options)
 
     def _context(self):
         """The mesh and logical rules (sharding.activate's two lines: model/ cannot import sharding.py)."""

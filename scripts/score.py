@@ -89,7 +89,7 @@ def read_records(path: str) -> list[tuple[str, dict, tuple[str, ...]]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--data={path}: no such file")
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark is not part of record 1
         for n, line in enumerate(f, 1):
             where = f"{path}:{n}"
             if not line.strip():

@@ -86,6 +86,29 @@ def test_lora_adapters_are_decoded_unmerged_as_the_training_forward_applies_them
     assert [o.tokens for o in outs] != [o.tokens for o in plain]  # the adapters do change the text
 
 
+def test_equal_decoders_share_their_compiled_programs_and_different_ones_do_not():
+    """A second decoder of equal settings (another module object, equal config) reuses the first one's
+    traced programs: it generates the same tokens without tracing anything again. Any difference the
+    programs depend on (config, n_top, the int8 cache, logical rules) gets programs of its own."""
+    model = _model(n_layers=1)
+    params = _params(model)
+    a = decode.Decoder(model, batch=2, cache_len=24)
+    first = a.generate(params, PROMPTS[:2], max_new_tokens=6, sampling=sampling.GREEDY)
+    traced = (a._prefill_rows._cache_size(), {k: f._cache_size() for k, f in a._steps.items()})
+    b = decode.Decoder(_model(n_layers=1), batch=2, cache_len=24)
+    assert b._prefill_rows is a._prefill_rows and b._steps is a._steps
+    again = b.generate(params, PROMPTS[:2], max_new_tokens=6, sampling=sampling.GREEDY)
+    assert [o.tokens for o in again] == [o.tokens for o in first]
+    assert (b._prefill_rows._cache_size(), {k: f._cache_size() for k, f in b._steps.items()}) == traced
+    for other in (decode.Decoder(_model(n_layers=1, norm="layer"), batch=2, cache_len=24),
+                  decode.Decoder(model, batch=2, cache_len=24, n_top=3),
+                  decode.Decoder(model, batch=2, cache_len=24, kv_int8=True),
+                  decode.Decoder(model, batch=2, cache_len=32),
+                  decode.Decoder(model, batch=2, cache_len=24, mesh=jax.make_mesh((1,), ("data",)),
+                                 rules=(("batch", "data"),))):
+        assert other._prefill_rows is not a._prefill_rows and other._steps is not a._steps
+
+
 def _probs_support(probs, **kw):
     logits_1xV = jnp.log(jnp.asarray([probs], jnp.float32))
     rows = jax.tree.map(jnp.asarray, sampling.stack([Sampling(**kw)]))

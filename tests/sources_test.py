@@ -35,6 +35,17 @@ def test_gzip_parquet_glob_and_jsonl_fields(tmp_path):
         list(sources.source_documents(Source(path=str(tmp_path / "missing")), ReadStats()))
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Files saved with a UTF-8 byte-order mark (Windows editors): a JSONL file keeps its first record
+    (json.loads refuses a line that starts with one) and a text file does not start with U+FEFF."""
+    bom = "\ufeff".encode("utf-8")
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\r\n{"text": "second"}\r\n')
+    (tmp_path / "b.txt").write_bytes(bom + "plain".encode("utf-8"))
+    stats = ReadStats()
+    docs = list(sources.source_documents(Source(path=str(tmp_path)), stats))
+    assert [d.text for d in docs] == ["first", "second", "plain"] and not stats.skipped
+
+
 def test_bad_files_are_counted_by_name(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\x89PNG\x00\x00data")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
