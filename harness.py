@@ -158,6 +158,16 @@ def prune_scalars(params, pcfg) -> dict:
     return {("prune/sparsity" if k == "global" else f"prune/sparsity/{k}"): v for k, v in report.items()}
 
 
+def _check_counts(config) -> None:
+    """Counts that must be positive integers, named with their value (a 0 or negative one otherwise fails
+    later as another field's error, a library's message without the field, or a division by zero)."""
+    for field in ("train.steps", "data.batch_size", "data.seq_len"):
+        section, name = field.split(".")
+        value = config[section][name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field}={value!r} must be a positive integer")
+
+
 def _checked_config(config) -> tuple[modes.Mode, int, int]:
     """(mode, micro-batches per update, micro-batch) after every check that needs no file or device."""
     mode = modes.get(config)
@@ -193,6 +203,7 @@ def _resume_step(workdir: str, config_dict: dict, mode: modes.Mode) -> int | Non
 @contextlib.contextmanager
 def open_run(config, workdir: str, process_t0: float | None = None):
     """Set up a run (resumed from `workdir` when it holds a checkpoint) and yield its `Run`."""
+    _check_counts(config)
     total_steps = int(config.train.steps)  # RL modes: iterations, each of mode.updates_per_step optimizer updates
     tx, schedule, frozen = modes.optimizer(config)  # refuses lora.rank in a mode without adapters
     scale = loss_scale.initial(config.model.dtype, config.optim)  # None unless model.dtype='float16'
