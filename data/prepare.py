@@ -171,10 +171,46 @@ def encode_all(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     return [tok.encode(t) for t in texts]
 
 
+def check_config(config) -> None:
+    """Threshold values that would silently turn a filter off or make no sense, named with their value."""
+    k, d = config.clean, config.dedup
+    lengths = {"max_top_ngram_fraction": 3, "max_dup_ngram_fraction": 6}  # n = 2..4, n = 5..10
+    for name, n in lengths.items():
+        values = tuple(k[name])
+        if len(values) != n or not all(0 <= float(v) <= 1 for v in values):
+            raise DataError(f"clean.{name}={values}: expected {n} fractions in [0, 1] (one per n-gram size)")
+    for name in ("min_alnum_fraction", "max_dup_line_fraction", "max_dup_line_char_fraction"):
+        if not 0 <= float(k[name]) <= 1:
+            raise DataError(f"clean.{name}={k[name]!r}: expected a fraction in [0, 1]")
+    for name in ("min_chars", "max_chars", "min_words"):
+        if int(k[name]) < 0:
+            raise DataError(f"clean.{name}={k[name]!r}: expected >= 0")
+    if not 0 < float(d.threshold) <= 1:
+        raise DataError(f"dedup.threshold={d.threshold!r}: expected a Jaccard similarity in (0, 1]")
+    for name in ("ngram", "num_perm"):
+        if int(d[name]) < 1:
+            raise DataError(f"dedup.{name}={d[name]!r}: expected >= 1")
+    if not float(config.output.shard_mb) > 0:
+        raise DataError(f"output.shard_mb={config.output.shard_mb!r}: expected > 0")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """The dataset goes into a new or empty directory: a rerun into an old dataset would leave its extra
+    shards beside the new ones, and an output inside a source directory would be collected as data by
+    the next run (then the same inputs no longer give the same dataset)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"--out={out_dir!r} is a file, not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise DataError(f"--out={out_dir!r} is not empty ({len(os.listdir(out_dir))} entries): give a new or empty "
+                        f"directory (remove an old dataset first to rebuild it)")
+
+
 def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], None] = print) -> dict:
     """Runs every phase; writes the dataset into out_dir and returns its manifest."""
     if config.format not in ("text",) + formats.FORMATS:
         raise DataError(f"format={config.format!r}: expected 'text' or one of {formats.FORMATS}")
+    check_config(config)
+    check_out_dir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     phases = _Phases(log)
 
@@ -187,6 +223,10 @@ def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], 
     nbytes = sum(len(d.text.encode("utf-8")) for d in docs)
     kept, clean_entry = clean_docs(docs, config.clean, config.format)
     phases.done("clean", nbytes, f"{len(kept)} kept, removed {clean_entry['removed'] or 'none'}")
+    if not kept:
+        raise DataError(f"cleaning removed all {len(docs)} documents ({clean_entry['removed']}): loosen the clean.* "
+                        f"thresholds that removed them (clean.min_words counts whitespace-separated words: text "
+                        f"in scripts written without spaces has few)")
 
     nbytes = sum(len(d.text.encode("utf-8")) for d in kept)
     kept, reps, dedup_entry = deduplicate(kept, config.dedup)
@@ -214,13 +254,19 @@ def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], 
     dtype = prepared.token_dtype(tok.vocab_size)
     shard_bytes = int(config.output.shard_mb * 2**20)
     split_entries = {}
-    for s in prepared.SPLITS:
-        idx = by_split[s]
+    unk_id = tok.special_id("<unk>")
+    for split in prepared.SPLITS:
+        idx = by_split[split]
         records = [kept[i].record for i in idx] if config.format != "text" else None
-        entry = prepared.write_split(out_dir, s, [ids[i] for i in idx], dtype, shard_bytes, records)
+        entry = prepared.write_split(out_dir, split, [ids[i] for i in idx], dtype, shard_bytes, records)
         entry["tokens"] = int(sum(len(ids[i]) for i in idx))
+        # characters a char tokenizer (vocabulary from the train split) does not have: counted, never silent
+        entry["unknown_tokens"] = int(sum(np.count_nonzero(ids[i] == unk_id) for i in idx))
+        if entry["unknown_tokens"]:
+            log(f"warning: {entry['unknown_tokens']} of the {split} split's {entry['tokens']} tokens are <unk> "
+                f"(characters the {tok.kind} tokenizer, built from the train split, does not have)")
         entry["bytes"] = int(sum(len(all_texts[i].encode("utf-8")) for i in idx))
-        split_entries[s] = entry
+        split_entries[split] = entry
     tok_bytes = tokenizer_json_bytes(tok)
     with open(os.path.join(out_dir, prepared.TOKENIZER), "wb") as f:
         f.write(tok_bytes)

@@ -8,7 +8,7 @@ Prints one line per phase (seconds, MB/s) and a summary; writes manifest.json, r
 tokenizer.json and ArrayRecord token shards into --out (see data/prepared.py). Train on it with
 `python train.py --config=configs/pretrain_causal.py --config.data.path=OUT --workdir=...`.
 --strict turns the first malformed record into an error naming its file and line.
-The same inputs and config give byte-identical outputs.
+The same inputs and config give byte-identical outputs. --out must be new or empty.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         m = prepare.prepare(FLAGS.config, FLAGS.out, strict=FLAGS.strict)
-    except DataError as e:
-        sys.exit(f"prepare_data: {e}")
+    except (DataError, ValueError, OSError) as e:  # bad inputs, config values (tokenizer, dedup), paths
+        if os.environ.get("LMSTACK_TRACEBACK"):
+            raise
+        sys.exit(f"prepare_data: {e}\n(LMSTACK_TRACEBACK=1 shows the traceback)")
     total = sum(t["seconds"] for t in m["_timings"])
     d = m["documents"]
     splits = ", ".join(f"{k} {v['documents']} docs / {v['tokens']:,} tokens" for k, v in m["splits"].items())

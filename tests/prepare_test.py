@@ -142,6 +142,48 @@ def test_bad_input_end_to_end(tmp_path, corpus_dir):
         prepare.prepare(data_config(src), str(tmp_path / "strict"), strict=True, log=quiet)
 
 
+def test_bad_settings_and_outputs_are_refused_by_name(tmp_path, corpus_dir):
+    """Thresholds that would silently switch a filter off, an output directory that is not new or empty
+    (a rerun into it would mix datasets; one inside a source would be collected next time), and
+    cleaning that removes everything: errors naming the value, nothing written."""
+    for key, value, match in (("clean__max_top_ngram_fraction", (0.5,), "max_top_ngram_fraction=\\(0.5,\\)"),
+                              ("clean__max_dup_ngram_fraction", (), "max_dup_ngram_fraction=\\(\\)"),
+                              ("clean__min_chars", -1, "min_chars=-1"), ("dedup__threshold", 1.5, "threshold=1.5"),
+                              ("dedup__ngram", 0, "ngram=0"), ("output__shard_mb", 0.0, "shard_mb=0.0")):
+        out = tmp_path / f"out_{key}"
+        with pytest.raises(DataError, match=match):
+            prepare.prepare(data_config(corpus_dir, **{key: value}), str(out), log=quiet)
+        assert not out.exists()
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="is not empty"):
+        prepare.prepare(data_config(corpus_dir), str(used), log=quiet)
+    assert os.listdir(used) == ["notes.txt"]
+    src = tmp_path / "zh"
+    src.mkdir()
+    for i in range(4):  # no spaces: 6 whitespace-separated "words" (lines) a document
+        (src / f"{i}.txt").write_text("".join(f"机器学习是人工智能的一个分支{i}{k}" * 4 + "\n" for k in range(6)))
+    with pytest.raises(DataError, match=r"cleaning removed all 4 documents .*too few words.*min_words"):
+        prepare.prepare(data_config(src, clean__min_words=50), str(tmp_path / "zh_out"), log=quiet)  # the default
+
+
+def test_characters_a_char_vocabulary_lacks_are_counted(tmp_path):
+    """The char tokenizer's vocabulary comes from the train split: a val document's other characters
+    become <unk>, counted per split in the manifest (and logged), not silently."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"{i}.txt").write_text(" ".join(f"word{i}x{j}" for j in range(60)) + "\n")
+    (src / "greek.txt").write_text(" ".join(f"αβγ{j}δε" for j in range(60)) + "\n")
+    lines = []
+    m = prepare.prepare(data_config(src, tokenizer__kind="char", split__ratios=(0.5, 0.5, 0.0), split__salt="a"),
+                        str(tmp_path / "out"), log=lines.append)  # this salt puts the Greek document in val
+    assert m["splits"]["train"]["unknown_tokens"] == 0
+    assert m["splits"]["val"]["unknown_tokens"] == 5 * 60  # its Greek letters; digits and spaces are known
+    assert any("<unk>" in line and "val" in line for line in lines)
+
+
 def test_task_dataset_records_are_aligned(tmp_path):
     lines = [json.dumps({"text": f"review number {i} says " + " ".join(f"w{i}x{j}" for j in range(30)),
                          "label": i % 3}) for i in range(40)]
