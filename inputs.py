@@ -109,10 +109,11 @@ def prepare_data(config, workdir: str):
     train = pipeline.tokenize_stream(train_texts, tok)
     val = pipeline.tokenize_stream(val_texts, tok)
     log.info("tokens: %d train, %d val (%s tokenizer, %d ids)", len(train), len(val), tok.kind, tok.vocab_size)
-    unknown = int(np.count_nonzero(train.tokens == tok.special_id("<unk>")))
-    if unknown:
-        log.warning("%d of %d training tokens (%.2f%%) are <unk>: characters the %s tokenizer does not have",
-                    unknown, len(train), 100 * unknown / max(len(train), 1), tok.kind)
+    for name, stream in (("training", train), ("validation", val)):  # a char vocabulary: the train split's
+        unknown = int(np.count_nonzero(stream.tokens == tok.special_id("<unk>")))
+        if unknown:
+            log.warning("%d of %d %s tokens (%.2f%%) are <unk>: characters the %s tokenizer does not have",
+                        unknown, len(stream), name, 100 * unknown / max(len(stream), 1), tok.kind)
     return tok, train, val
 
 

@@ -39,6 +39,22 @@ def _corpus(path, alphabet: str, seed: int) -> str:
     return str(path)
 
 
+def test_validation_characters_a_char_vocabulary_lacks_are_counted(tmp_path, caplog):
+    """The char vocabulary comes from the training split: characters only the validation split has are
+    <unk> there, and the log says how many (they were scored silently)."""
+    src = _corpus(tmp_path / "a", "abcdefghij", 0)
+    with open(os.path.join(src, "doc0.txt"), "a") as f:
+        f.write("αβγδ" * 5 + "\n")  # the end of a document: 'tail' holds it out for validation
+    config = tiny_config(src, data__tokenizer="char", data__split="tail")
+    with caplog.at_level(logging.WARNING, logger="lmstack"):
+        os.makedirs(tmp_path / "run")
+        tok, train_stream, val = inputs.prepare_data(config, str(tmp_path / "run"))
+    # the 20 Greek letters, and every newline: 'tail' holds out the end of each document, its newline too
+    unknown = int(np.count_nonzero(val.tokens == tok.special_id("<unk>")))
+    assert unknown == 20 + 13
+    assert f"{unknown} of {len(val)} validation tokens" in caplog.text and "training tokens" not in caplog.text
+
+
 def test_warm_start_keeps_the_source_runs_tokenizer(tmp_path, caplog):
     # two char vocabularies that differ but pad to the same 64 embedding rows
     a = _corpus(tmp_path / "a", "abcdefghij", 0)
