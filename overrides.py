@@ -8,6 +8,8 @@ value; an unknown field or a value that does not parse raises naming both.
 from __future__ import annotations
 
 import ast
+import os
+import sys
 
 import ml_collections
 
@@ -78,3 +80,23 @@ def split_argv(argv: list[str], prefix: str = "--config.") -> tuple[dict, list[s
         else:
             rest.append(arg)
     return fields, rest
+
+
+def flags_parser(prog: str):
+    """An `app.run(main, flags_parser=...)` parser: absl's, except that a `--config.x.y=` override naming a
+    field that does not exist (ml_collections raises AttributeError / KeyError while the flags are parsed:
+    a traceback) prints one line with its suggestion and exits 1. LMSTACK_TRACEBACK=1 keeps the traceback."""
+    from absl import app
+
+    def parse(argv):
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError) as e:
+            if os.environ.get("LMSTACK_TRACEBACK"):
+                raise
+            detail = e
+            while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError("'x'\nDid you ..."))
+                detail = detail.args[0]
+            detail = " ".join(str(detail).split())
+            sys.exit(f"{prog}: error: a --config.* override names a field that does not exist: {detail}")
+    return parse

@@ -24,6 +24,7 @@ import checkpoint  # noqa: E402
 import continual  # noqa: E402
 import harness  # noqa: E402
 import hostenv  # noqa: E402
+import overrides  # noqa: E402
 import resilience  # noqa: E402
 import sharding  # noqa: E402
 import steps  # noqa: E402
@@ -121,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=overrides.flags_parser('train.py'))

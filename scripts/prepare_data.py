@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import overrides  # noqa: E402
 from data import prepare  # noqa: E402
 from data.sources import DataError  # noqa: E402
 
@@ -50,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=overrides.flags_parser('prepare_data'))
