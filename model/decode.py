@@ -605,6 +605,9 @@ class Decoder:
         seeds = list(seeds) if isinstance(seeds, (list, tuple)) else [int(seeds) + i for i in range(len(prompts))]
         if len(settings) != len(prompts) or len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(settings)} sampling settings and {len(seeds)} seeds")
+        bad = [x for x in seeds if not 0 <= int(x) < 2**32]
+        if bad:  # a row's seed is a uint32 (random draws: key(seed) folded with the token's index)
+            raise ValueError(f"seed={bad[0]} must be in [0, 2**32)")
         dparams = self.prepare(params)
         out = []
         for lo in range(0, len(prompts), self.batch):

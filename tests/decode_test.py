@@ -328,6 +328,12 @@ def test_bad_requests_are_named():
         dec.generate(params, [np.arange(3)], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p=1.5"):
         Sampling(top_p=1.5)
+    for field, value in (("top_k", 2**31), ("frequency_penalty", float("nan")), ("presence_penalty", float("inf")),
+                         ("temperature", float("inf"))):  # would overflow the int32 rows / make the logits NaN
+        with pytest.raises(ValueError, match=f"sampling {field}="):
+            Sampling(**{field: value})
+    with pytest.raises(ValueError, match="seed=-1"):
+        dec.generate(params, [np.arange(3)], max_new_tokens=2, seeds=[-1])
     with pytest.raises(ValueError, match="cache_len=100 exceeds model.max_len=64"):
         decode.Decoder(_model(pos="learned", max_len=64), batch=1, cache_len=100)
 
