@@ -41,7 +41,7 @@ from data.tokenizer import Tokenizer
 from model.sampling import Sampling
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                413: "invalid_request_error", 429: "rate_limit_error"}
+                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 
 class ApiError(Exception):
@@ -134,8 +134,9 @@ def _sampling(body: dict) -> Sampling:
                         repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
                         presence_penalty=_field(body, "presence_penalty", float, 0.0),
                         frequency_penalty=_field(body, "frequency_penalty", float, 0.0))
-    except ValueError as e:
-        raise ApiError(400, str(e), code="invalid_value") from None
+    except ValueError as e:  # "sampling NAME=VALUE is out of range (...)": NAME is the request's field
+        name = str(e).split("=")[0].removeprefix("sampling ")
+        raise ApiError(400, str(e), param=name, code="invalid_value") from None
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -239,7 +240,11 @@ class _Api:
         prompts = []
         for i, item in enumerate(items):
             if isinstance(item, str):
-                ids = [int(x) for x in self.tok.encode(item)]
+                try:
+                    ids = [int(x) for x in self.tok.encode(item)]
+                except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in the JSON): not text
+                    raise ApiError(400, f"prompt[{i}] is not valid Unicode text ({e.reason} at character "
+                                   f"{e.start})", param="prompt", code="invalid_value") from None
             elif all(is_id(x) for x in item):
                 bad = [x for x in item if not 0 <= x < self.tok.vocab_size]
                 if bad:

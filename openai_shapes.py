@@ -86,9 +86,16 @@ class TextView(_View):
         offsets = [len(serving.settled(self.tok.decode(choice.tokens[:i]))) for i in range(start, end)]
         return {"tokens": [self.token_text(t) for t in choice.tokens[start:end]],
                 "token_logprobs": [_num(x) for x in choice.logprobs[start:end]],
-                "top_logprobs": [{self.token_text(i): _num(lp) for i, lp in top[:self.k]}
-                                 for top in choice.top[start:end]],
+                "top_logprobs": [self._top(top) for top in choice.top[start:end]],
                 "text_offset": [o if limit is None else min(o, limit) for o in offsets]}
+
+    def _top(self, top) -> dict:
+        """{token text: log-prob} of the k most likely, most likely first. Tokens whose text is the same (a
+        byte of a partial UTF-8 character shows as U+FFFD) share one key: the likelier one's value."""
+        out = {}
+        for i, lp in top[:self.k]:
+            out.setdefault(self.token_text(i), _num(lp))
+        return out
 
     def chunk(self, choice: Choice, u: serving.Update) -> dict:
         end = len(choice.tokens)

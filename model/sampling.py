@@ -37,14 +37,17 @@ class Sampling:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the output
 
     def __post_init__(self):
-        checks = {"temperature": self.temperature >= 0, "top_k": self.top_k >= 0,
-                  "top_p": 0 < self.top_p <= 1, "min_p": 0 <= self.min_p <= 1,
-                  "repetition_penalty": self.repetition_penalty > 0}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"sampling {name}={getattr(self, name)!r} is out of range "
-                                 f"(temperature >= 0, top_k >= 0, 0 < top_p <= 1, 0 <= min_p <= 1, "
-                                 f"repetition_penalty > 0)")
+        # every value a finite number (NaN / inf penalties turned the logits into NaN: garbage tokens), top_k
+        # within the int32 the rows hold (a larger one overflowed inside the decoder, failing its whole batch)
+        checks = {"temperature": (self.temperature >= 0, "temperature >= 0"),
+                  "top_k": (0 <= self.top_k < 2**31, "0 <= top_k < 2**31"),
+                  "top_p": (0 < self.top_p <= 1, "0 < top_p <= 1"), "min_p": (0 <= self.min_p <= 1, "0 <= min_p <= 1"),
+                  "repetition_penalty": (self.repetition_penalty > 0, "repetition_penalty > 0"),
+                  "presence_penalty": (True, ""), "frequency_penalty": (True, "")}
+        for name, (ok, rule) in checks.items():
+            value = getattr(self, name)
+            if not ok or not np.isfinite(value):
+                raise ValueError(f"sampling {name}={value!r} is out of range (a finite number{', ' + rule if rule else ''})")
 
 
 GREEDY = Sampling(temperature=0.0)

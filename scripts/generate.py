@@ -71,10 +71,50 @@ def load(workdir: str, step: int | None = None):
 def chat_prompt(workdir: str, text: str, tok) -> np.ndarray:
     template = os.path.join(workdir, "chat_template.json")
     if not os.path.exists(template):
-        raise app.UsageError(f"--chat: {template} not found (is {workdir} an SFT run?)")
+        raise ValueError(f"--chat: {template} not found (is {workdir} an SFT run?)")
     with open(template) as f:
         chat.check_template_spec(json.load(f))
     return chat.render_prompt([{"role": "user", "content": text}], tok)
+
+
+MAX_AUTO_CONTEXT = 65_536
+
+
+def _setup():
+    """(decoder, prompt ids, stop ids, text shown first, sampling, params, tokenizer) from the flags."""
+    if not FLAGS.workdir:
+        raise ValueError("--workdir is required")
+    if not os.path.isdir(FLAGS.workdir):
+        raise ValueError(f"--workdir={FLAGS.workdir}: no such directory")
+    if not 0 <= FLAGS.seed <= 2**32 - max(FLAGS.num_samples, 1):  # sample i draws with seed + i, a uint32
+        raise ValueError(f"--seed={FLAGS.seed} must be in [0, 2**32 - num_samples]")
+    text = FLAGS.prompt
+    if text == "-" or (text is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+    text = text or ""
+    config, model, params, tok, step = load(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
+    if FLAGS.chat:
+        prompt, stop_ids, shown = chat_prompt(FLAGS.workdir, text, tok), [tok.special_id(chat.END_TOKEN)], ""
+    else:
+        prompt = tok.encode(text) if text else np.array([tok.eos_id], np.int32)
+        stop_ids, shown = [tok.eos_id], text
+    context = FLAGS.context or max(int(config.data.seq_len), len(prompt) + FLAGS.max_new_tokens)
+    if not FLAGS.context and context > MAX_AUTO_CONTEXT:  # the KV cache is allocated for the whole context
+        raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} with a {len(prompt)}-token prompt needs a KV cache "
+                         f"of {context} tokens (more than {MAX_AUTO_CONTEXT} is never chosen for you): give --context "
+                         f"to set it, or fewer new tokens")
+    settings = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
+                        repetition_penalty=FLAGS.repetition_penalty, presence_penalty=FLAGS.presence_penalty,
+                        frequency_penalty=FLAGS.frequency_penalty)
+    decoder = decode.Decoder(model, batch=1, cache_len=context, kv_int8=FLAGS.kv_int8)
+    decoder.check_prompt(prompt, FLAGS.max_new_tokens)
+    print(f"# {FLAGS.workdir} step {step}, prompt {text!r} ({len(prompt)} tokens), context {context}",
+          file=sys.stderr)
+    unknown = int(np.count_nonzero(np.asarray(prompt) == tok.special_id("<unk>")))
+    if unknown:  # a char vocabulary (the training data's characters) lacks some of the prompt's
+        print(f"# warning: {unknown} of the prompt's {len(prompt)} tokens are <unk>: characters the run's "
+              f"{tok.kind} tokenizer does not have", file=sys.stderr)
+    return decoder, prompt, stop_ids, shown, settings, params, tok
 
 
 class Printer:
@@ -112,31 +152,10 @@ class Printer:
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
-    if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    if not os.path.isdir(FLAGS.workdir):
-        raise app.UsageError(f"--workdir={FLAGS.workdir}: no such directory")
-    text = FLAGS.prompt
-    if text == "-" or (text is None and not sys.stdin.isatty()):
-        text = sys.stdin.read()
-    text = text or ""
-    config, model, params, tok, step = load(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
-    if FLAGS.chat:
-        prompt, stop_ids, shown = chat_prompt(FLAGS.workdir, text, tok), [tok.special_id(chat.END_TOKEN)], ""
-    else:
-        prompt = tok.encode(text) if text else np.array([tok.eos_id], np.int32)
-        stop_ids, shown = [tok.eos_id], text
-    context = FLAGS.context or max(int(config.data.seq_len), len(prompt) + FLAGS.max_new_tokens)
-    try:
-        settings = Sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
-                            repetition_penalty=FLAGS.repetition_penalty, presence_penalty=FLAGS.presence_penalty,
-                            frequency_penalty=FLAGS.frequency_penalty)
-        decoder = decode.Decoder(model, batch=1, cache_len=context, kv_int8=FLAGS.kv_int8)
-        decoder.check_prompt(prompt, FLAGS.max_new_tokens)
-    except ValueError as e:
-        raise app.UsageError(str(e))
-    print(f"# {FLAGS.workdir} step {step}, prompt {text!r} ({len(prompt)} tokens), context {context}",
-          file=sys.stderr)
+    try:  # bad flags, a workdir that is not a finished run: one line (not absl's whole help text)
+        decoder, prompt, stop_ids, shown, settings, params, tok = _setup()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"generate.py: error: {e}") from None
     for i in range(FLAGS.num_samples):
         sys.stdout.write(shown)
         printer = Printer(tok, stop_ids, FLAGS.stop)

@@ -69,14 +69,24 @@ def test_same_seed_same_sample(run, capsys, monkeypatch):
     assert a == b and a != c and a.startswith("ab")
 
 
-def test_bad_flags_are_named(run, capsys, monkeypatch):
-    from absl import app
-    with pytest.raises(app.UsageError, match="top_p=1.5"):
-        _main(run, capsys, monkeypatch, prompt="ab", top_p=1.5)
-    with pytest.raises(app.UsageError, match="chat_template.json not found"):
-        _main(run, capsys, monkeypatch, prompt="ab", chat=True)
-    with pytest.raises(app.UsageError, match="no such directory"):
+def test_bad_flags_are_named(run, capsys, monkeypatch, tmp_path):
+    """One `generate.py: error: ...` line each (SystemExit's message), not absl's help text or a traceback."""
+    for flag_values, match in ((dict(top_p=1.5), "top_p=1.5"), (dict(chat=True), "chat_template.json not found"),
+                               (dict(prompt="ab" * 40, context=50), "no room in a context of 50"),
+                               (dict(seed=-1), "seed=-1"), (dict(frequency_penalty=float("inf")), "frequency_penalty"),
+                               (dict(top_k=2**40), "top_k"), (dict(max_new_tokens=10**8), "--context to set it"),
+                               (dict(chat=True, prompt=""), "chat_template.json")):
+        with pytest.raises(SystemExit, match=f"^generate.py: error: .*{match}"):
+            _main(run, capsys, monkeypatch, **{"prompt": "ab", **flag_values})
+    with pytest.raises(SystemExit, match="^generate.py: error: .*no such directory"):
         _main(run + "-missing", capsys, monkeypatch, prompt="ab")
+    with pytest.raises(SystemExit, match="^generate.py: error: no checkpoints directory"):
+        _main(str(tmp_path), capsys, monkeypatch, prompt="ab")  # a directory, not a run
+
+
+def test_prompt_characters_the_vocabulary_lacks_are_named(run, capsys, monkeypatch):
+    out = _main(run, capsys, monkeypatch, prompt="abZé", temperature=0, max_new_tokens=2)
+    assert "2 of the prompt's 4 tokens are <unk>" in out.err  # the run's char vocabulary is a-h
 
 
 def test_tokenizer_round_trip_is_what_the_printer_shows():

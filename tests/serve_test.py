@@ -243,7 +243,32 @@ def test_bad_requests_get_openai_errors(server, run):
     assert e.value.status_code == 413
     status, body = raw_post(url, "/v1/nothing", b"{}")
     assert status == 404 and body["error"]["type"] == "invalid_request_error"
+    # values the decoder cannot hold or that make its logits NaN are refused, naming the field; before,
+    # a top_k past int32 failed inside the engine and took every request in flight down with it
+    for field, text in (("top_k", "99999999999999"), ("frequency_penalty", "NaN"), ("presence_penalty", "Infinity"),
+                        ("temperature", "Infinity")):
+        status, body = raw_post(url, "/v1/completions", f'{{"prompt": "hi", "max_tokens": 2, "{field}": {text}}}'.encode())
+        assert status == 400 and body["error"]["param"] == field, (field, body)
+    status, body = raw_post(url, "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}')
+    assert status == 400 and body["error"]["param"] == "prompt" and "not valid Unicode" in body["error"]["message"]
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+    conn.request("GET", "/v1/completions")
+    response = conn.getresponse()
+    assert response.status == 405 and json.loads(response.read())["error"]["type"] == "invalid_request_error"
     assert health(url)["busy"] == 0
+
+
+def test_completion_top_logprobs_keep_the_likelier_of_tokens_shown_alike():
+    """Completions' top_logprobs is {token text: log-prob}: two bytes of partial UTF-8 characters both show as
+    U+FFFD, and the key keeps the likelier one's value (the later, less likely one overwrote it)."""
+    import openai_shapes
+    from data.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    view = openai_shapes.TextView("m", tok, 3)
+    a = int(tok.encode("A")[0])
+    hi = [t for t in range(tok.vocab_size) if view.token_text(t) == "\ufffd"][:2]  # bytes >= 0x80 alone
+    assert len(hi) == 2
+    assert view._top([(hi[0], -1.0), (hi[1], -1.1), (a, -2.0)]) == {"\ufffd": -1.0, "A": -2.0}
 
 
 def slow_down(monkeypatch, decoder, delay_s: float = 0.005):
