@@ -58,9 +58,10 @@ def scored_data(config, data: str) -> dict:
     data.path (not a file of its own)."""
     if data:
         return {"data": data}
-    section = config.get(config.mode)
-    if section is not None and section.get("val_path"):  # classify / qa / sft with a validation file
-        return {"data": section.val_path}
+    for field in modes.get(config).paths:  # the mode's validation file, if the run had one (classify.val_path,
+        section, name = field.split(".")    # pref.val_path for reward / dpo, rl.val_path for grpo / ppo, ...)
+        if name == "val_path" and config.get(section) is not None and config[section].get("val_path"):
+            return {"data": config[section].val_path}
     path = config.data.path or "the embedded corpus"
     text = modes.get(config).text_corpus
     if text and prepared.is_prepared(config.data.path):

@@ -162,7 +162,8 @@ def dpo(params, batch, rng, *, model, loss: str = "sigmoid", beta: float = 0.1, 
     refc_B, refr_B = batch["ref_chosen_logp"], batch["ref_rejected_logp"]
     if loss == "simpo":
         ac_B, ar_B = pc_B / jnp.maximum(nc_B, 1.0), pr_B / jnp.maximum(nr_B, 1.0)
-        loss_B = rl_losses.preference_loss("simpo", ac_B, ar_B, None, None, beta=beta, simpo_gamma=simpo_gamma)
+        loss_B = rl_losses.preference_loss("simpo", ac_B, ar_B, None, None, beta=beta, simpo_gamma=simpo_gamma,
+                                           label_smoothing=label_smoothing)
         reward_c_B, reward_r_B = beta * ac_B, beta * ar_B
     else:
         loss_B = rl_losses.preference_loss(loss, pc_B, pr_B, refc_B, refr_B, beta=beta,

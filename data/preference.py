@@ -78,7 +78,7 @@ def render_pair(record: dict, tok: Tokenizer, *, seq_len: int, too_long: str) ->
     """One preference record -> (example, 'rendered' | 'truncated') or (None, the reason it was dropped)."""
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long={too_long!r}: expected one of {TOO_LONG}")
-    example, status = {}, "rendered"
+    example, status, kept = {}, "rendered", []
     for side in SIDES:
         ids, mask = render_side(record, side, tok)
         if len(ids) > seq_len:
@@ -88,8 +88,11 @@ def render_pair(record: dict, tok: Tokenizer, *, seq_len: int, too_long: str) ->
             status = "truncated"
             if not mask[1:].any():
                 return None, "no response tokens after truncation"
+        kept.append(ids)
         for k, v in _side_row(ids, mask, seq_len, tok.pad_id).items():
             example[f"{side}_{k}"] = v
+    if status == "truncated" and np.array_equal(kept[0], kept[1]):  # they differed only past the cut
+        return None, "sides equal after truncation"
     example["margin"] = np.float32(margin_of(record))
     example["weight"] = np.float32(1.0)
     return example, status

@@ -23,8 +23,9 @@ LETTERS = string.ascii_lowercase
 
 
 def exact_match(prediction: str, answer: str) -> bool:
-    """True iff the prediction is the answer, ignoring surrounding whitespace (case and inner text exact)."""
-    return isinstance(prediction, str) and prediction.strip() == str(answer).strip()
+    """True iff the prediction is the answer, ignoring surrounding whitespace (case and inner text exact).
+    An empty answer (a prompt record without one) is never matched: an empty reply is not its answer."""
+    return isinstance(prediction, str) and bool(str(answer).strip()) and prediction.strip() == str(answer).strip()
 
 
 def _word(rng: random.Random, lo: int = 4, hi: int = 9) -> str:

@@ -7,8 +7,9 @@ Records (JSONL, any other fields kept as they are):
 - {"prompt", "chosen", "rejected"}: "reward_chosen" and "reward_rejected" are added, and the summary
   gives the file's pairwise accuracy (r_chosen > r_rejected, as the training eval counts it).
 Each response is rendered exactly as training rendered a pair's side (data/preference.py): the chat
-`<|user|> prompt <|end|> <|assistant|> response <|end|>` of data/chat.py, cut to the run's
-data.seq_len + 1 tokens (counted as 'truncated'; the reward is then read at the last kept input token),
+`<|user|> prompt <|end|> <|assistant|> response <|end|>` of data/chat.py, its first data.seq_len tokens
+the inputs (a longer one is counted as 'truncated', as training counts it; the reward is then read at
+the last kept input token),
 and scored at its last token by the run's RewardModel (model/build.reward_model, the saved config, the
 latest checkpoint or --step). Batches of --batch_size rows, the last one padded: one compile.
 
@@ -119,7 +120,7 @@ def render(record: dict, field: str, tok, seq_len: int) -> tuple[dict[str, np.nd
     """One response as a training row (data/preference.py's side of a pair) and whether it was cut."""
     ids, _ = chat.render(preference.conversation(record, field), tok)
     width = seq_len + 1
-    cut = len(ids) > width
+    cut = len(ids) > seq_len  # as training counts a side: its last token is then no input, the reward is read before it
     ids = ids[:width]
     tokens = np.concatenate([ids, np.full(width - len(ids), tok.pad_id, np.int32)]).astype(np.int32)
     segments = np.concatenate([np.ones(len(ids), np.int32), np.zeros(width - len(ids), np.int32)])

@@ -210,3 +210,15 @@ def test_qa_predictions_explain_exact_match_and_f1(tmp_path):
     assert 100 * np.mean([r["exact_match"] for r in rows]) == pytest.approx(out["eval/exact_match"])
     assert 100 * np.mean([r["f1"] for r in rows]) == pytest.approx(out["eval/f1"])
     assert set(rows[0]) == {"id", "question", "prediction", "answers", "exact_match", "f1"}
+
+
+def test_the_scored_data_is_each_modes_validation_file():
+    """"data" names the file the eval set came from: the mode's own validation field (reward / dpo read
+    pref.val_path, grpo / ppo rl.val_path; they were reported as a hash share of data.path)."""
+    from configs import dpo, grpo, ppo, reward
+    for module, field in ((reward, "pref"), (dpo, "pref"), (grpo, "rl"), (ppo, "rl"), (finetune_classify, "classify")):
+        c = module.get_config()
+        c[field].val_path = "given/val.jsonl"
+        assert evaluation.scored_data(c, "") == {"data": "given/val.jsonl"}, c.mode
+        c[field].val_path = ""
+        assert evaluation.scored_data(c, "")["held_out"].startswith("held out from data.path"), c.mode

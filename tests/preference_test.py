@@ -84,11 +84,13 @@ def test_truncation_drops_and_bad_margins_are_counted_or_named():
     short = {"prompt": "p", "chosen": "a", "rejected": "b"}
     long_ = {"prompt": "p", "chosen": "c" * 80, "rejected": "b"}  # 85 tokens > seq_len + 1
     cut = {"prompt": "q" * 80, "chosen": "a", "rejected": "b"}  # no response token survives
-    records = [("f.jsonl:1", short), ("f.jsonl:2", long_), ("f.jsonl:3", cut)]
+    alike = {"prompt": "p", "chosen": "x" * 80 + "A", "rejected": "x" * 80 + "B"}  # differ only past the cut
+    records = [("f.jsonl:1", short), ("f.jsonl:2", long_), ("f.jsonl:3", cut), ("f.jsonl:4", alike)]
     stats = ReadStats()
     examples = preference.render_split(records, TOK, stats, seq_len=SEQ_LEN, too_long="truncate")
-    assert len(examples) == 2
-    assert stats.skipped == {"truncated": 1, "no response tokens after truncation": 1}
+    assert len(examples) == 2  # an equal pair has no preference to learn and is never ranked right: dropped
+    assert stats.skipped == {"truncated": 1, "no response tokens after truncation": 1,
+                             "sides equal after truncation": 1}
     full, _ = chat.render(preference.conversation(long_, "chosen"), TOK)
     ex = examples[1]
     np.testing.assert_array_equal(ex["chosen_inputs"], full[:SEQ_LEN])  # the seq_len tokens kept, all inputs
@@ -98,7 +100,7 @@ def test_truncation_drops_and_bad_margins_are_counted_or_named():
     _check_side(ex, "rejected", long_)  # the short side is whole
     stats = ReadStats()
     assert len(preference.render_split(records, TOK, stats, seq_len=SEQ_LEN, too_long="drop")) == 1
-    assert stats.skipped == {"too long": 2}
+    assert stats.skipped == {"too long": 3}
     for bad in ("x", True, float("inf")):
         with pytest.raises(ValueError, match=re.escape(f"f.jsonl:7: margin={bad!r}")):
             preference.render_split([("f.jsonl:7", {**short, "margin": bad})], TOK, ReadStats(),
@@ -111,6 +113,11 @@ def test_a_side_of_seq_len_plus_one_tokens_still_ends_on_end_token():
     example, status = preference.render_pair(record, TOK, seq_len=n - 1, too_long="truncate")
     last = int(np.max(np.nonzero(example["chosen_segment_ids"])[0]))
     assert example["chosen_inputs"][last] == END or status != "rendered"
+    # scripts/score.py reads the same token and counts the side as cut exactly when training does
+    row, cut = score.render(record, "chosen", TOK, n - 1)
+    np.testing.assert_array_equal(row["inputs"], example["chosen_inputs"])
+    assert cut == (status == "truncated")
+    assert score.render(record, "chosen", TOK, n)[1] is False
 
 
 # ---- Objectives on hand-built batches -------------------------------------------------------------
@@ -181,7 +188,10 @@ def at_reference():
         return {"sigmoid": dpo(loss="sigmoid", beta=0.1), "ipo": dpo(loss="ipo", beta=0.1),
                 "rpo": dpo(loss="sigmoid", beta=0.1, nll_coef=0.5),
                 "simpo": objectives.dpo(params, simpo_batch, None, model=model, loss="simpo", beta=SIMPO_BETA,
-                                        simpo_gamma=SIMPO_GAMMA), "logits": logits}
+                                        simpo_gamma=SIMPO_GAMMA),
+                "simpo_smoothed": objectives.dpo(params, simpo_batch, None, model=model, loss="simpo",
+                                                 beta=SIMPO_BETA, simpo_gamma=SIMPO_GAMMA, label_smoothing=0.1),
+                "logits": logits}
     return batch, jax.device_get(run(params, batch))
 
 
@@ -196,6 +206,8 @@ def test_dpo_at_the_reference_and_simpo_by_hand(at_reference):
     z = SIMPO_BETA * (lp["chosen"] / n["chosen"] - lp["rejected"] / n["rejected"]) - SIMPO_GAMMA
     want = np.mean(np.log1p(np.exp(-z[:3])))  # the zero-weight pair left out
     assert float(out["simpo"][0]) == pytest.approx(want, rel=1e-5)
+    smoothed = np.mean(0.9 * np.log1p(np.exp(-z[:3])) + 0.1 * np.log1p(np.exp(z[:3])))  # dpo.label_smoothing
+    assert float(out["simpo_smoothed"][0]) == pytest.approx(smoothed, rel=1e-5)  # (it was ignored for simpo)
     assert abs(want - math.log1p(math.exp(SIMPO_GAMMA))) > 1e-3  # the normalised log-probs mattered
 
 

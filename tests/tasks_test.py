@@ -124,6 +124,7 @@ def test_excluded_questions_of_every_record_shape(tmp_path):
 def test_exact_match_and_errors():
     assert tasks.exact_match("42", "42") and tasks.exact_match(" 42 \n", "42")
     assert not tasks.exact_match("042", "42") and not tasks.exact_match("Abc", "abc") and not tasks.exact_match(None, "1")
+    assert not tasks.exact_match("", "") and not tasks.exact_match("  ", "")  # no answer: nothing matches it
     with pytest.raises(ValueError, match="expected one of"):
         tasks.make_splits(0, {"train": 2}, kinds=("divide",))
     a, b = tasks.make_splits(7, {"train": 20, "test": 5}), tasks.make_splits(7, {"train": 20, "test": 5})
