@@ -24,14 +24,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-import checkpoint  # noqa: E402
-from data import chat, tokenizer as tokenizer_lib  # noqa: E402
-from model import build, decode  # noqa: E402
+import serving  # noqa: E402
+from data import chat  # noqa: E402
+from model import decode  # noqa: E402
 from model.sampling import Sampling  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -60,12 +59,10 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 
 def load(workdir: str, step: int | None = None):
-    """(config, model, params, tokenizer, step) of a run, the model LoRA-wrapped when the run used LoRA."""
-    config_dict, params, step = checkpoint.load_for_inference(workdir, step)
-    config = ml_collections.ConfigDict(config_dict)
-    tok = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
-    model = build.causal_lm(config, tok.vocab_size, tok.base_size)
-    return config, model, params, tok, step
+    """(config, model, params, tokenizer, step) of a run, the model LoRA-wrapped when the run used LoRA; the
+    server's loader (serving.load_run): a PPO run's policy is its backbone, a non-LM run is refused by name."""
+    run = serving.load_run(workdir, step)
+    return run.config, run.model, run.params, run.tokenizer, run.step
 
 
 def chat_prompt(workdir: str, text: str, tok) -> np.ndarray:

@@ -34,6 +34,7 @@ from rl import guardrails, loop, reference, rewards, rollout
 from rl import objectives as rl_objectives
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+import generate  # noqa: E402
 import merge_lora  # noqa: E402
 import policy_kl  # noqa: E402
 
@@ -172,6 +173,11 @@ def test_ppo_learns_a_trivial_reward(tmp_path, say_x):
     assert "rl/value_loss" in rows[-1] and "rl/explained_variance" in rows[-1]
     first, last = np.mean([r["rl/reward_mean"] for r in rows[:2]]), np.mean([r["rl/reward_mean"] for r in rows[-2:]])
     assert last > first + 0.1, [r["rl/reward_mean"] for r in rows]
+    # scripts/generate.py samples the run's policy (the backbone under its value head; it read the whole
+    # params tree before, and failed on every PPO run without LoRA)
+    _, model, params, tok, _ = generate.load(work)
+    out = decode.Decoder(model, batch=1, cache_len=32).generate(params, [tok.encode("Say")], max_new_tokens=4)[0]
+    assert 1 <= len(out.tokens) <= 4
 
 
 def _ppo_init(tmp_path, **kw):
