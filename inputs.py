@@ -93,6 +93,28 @@ def run_tokenizer(config, workdir: str, texts: list[str] | None = None,
     return tok
 
 
+def warn_skipped(what: str, stats: sources.ReadStats) -> None:
+    """Validation records left out of the scores, as a warning (scripts/evaluate.py shows warnings only)."""
+    left_out = {k: n for k, n in stats.skipped.items() if k != "truncated"}  # SFT counts kept, cut ones there too
+    if left_out:
+        log.warning("%s: %d validation records not scored: %s", what, sum(left_out.values()), left_out)
+
+
+def count_unknown(tok: tokenizer_lib.Tokenizer, what: str, train_texts: list[str], val_texts: list[str]) -> None:
+    """Log how many characters of each split the tokenizer maps to <unk>. Only a char vocabulary has any
+    (built from a training split, or a warm start's source run's): task text it lacks is otherwise scored
+    and trained on as <unk> silently."""
+    if tok.kind != "char":
+        return
+    unk = tok.special_id("<unk>")
+    for name, texts in (("training", train_texts), ("validation", val_texts)):
+        ids = [tok.encode(t) for t in texts]
+        unknown, total = sum(int(np.count_nonzero(x == unk)) for x in ids), sum(len(x) for x in ids)
+        if unknown:
+            log.warning("%s: %d of the %s split's %d characters (%.2f%%) are <unk>: the char tokenizer does not "
+                        "have them", what, unknown, name, total, 100 * unknown / max(total, 1))
+
+
 def prepare_data(config, workdir: str):
     """Documents -> split -> the run's tokenizer (run_tokenizer) -> token streams."""
     if prepared.is_prepared(config.data.path):  # a scripts/prepare_data.py directory: its tokenizer + shards
@@ -189,8 +211,13 @@ def mlm_source(config, tok, stream: pipeline.TokenStream, seed: int) -> mlm_data
 
 def mlm_eval_batches(config, tok, stream: pipeline.TokenStream, micro_batch: int) -> list[dict]:
     """Eval batches of a token stream: the validation split, or any text scripts/evaluate.py is given."""
-    return mlm_data.eval_batches(mlm_source(config, tok, stream, config.seed + 1), batch_size=micro_batch,
-                                 max_batches=config.train.eval_batches)
+    try:
+        source = mlm_source(config, tok, stream, config.seed + 1)
+    except sources.DataError as e:  # e.g. NSP's two documents: say it is the validation text that has too few
+        raise sources.DataError(f"the validation text: {e} (with data.split='hash' a larger data.val_fraction holds "
+                                f"out more documents; data.split='tail' holds out part of every one; or "
+                                f"mlm.nsp=False)") from None
+    return mlm_data.eval_batches(source, batch_size=micro_batch, max_batches=config.train.eval_batches)
 
 
 def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
@@ -231,16 +258,24 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     train_recs, stats, val_recs, val_stats = train_val_records(config, c, "classification")
     labels_path = os.path.join(workdir, "labels.json")
     labels = classify_data.build_labels(train_recs)
-    if os.path.exists(labels_path):
+    if len(labels) < 2:
+        raise sources.DataError(f"{config.data.path!r}: a classifier needs >= 2 labels, found {labels}")
+    # a resumed (or evaluated) run's head rows are its saved labels' ids; a labels.json left by a start that failed
+    # before any checkpoint is not a run's and is replaced
+    if checkpoint.has_checkpoint(workdir):
+        if not os.path.exists(labels_path):
+            raise checkpoint.IncompatibleCheckpointError(
+                f"{labels_path} is missing: the checkpoint's classifier rows belong to the labels it listed, which "
+                f"cannot be rebuilt safely from data.path (it may have changed)")
         saved = classify_data.load_labels(labels_path)
         if saved != labels:
             raise checkpoint.IncompatibleCheckpointError(
                 f"{labels_path} holds labels {saved} but the training split has {labels}")
     elif jax.process_index() == 0:
         classify_data.save_labels(labels, labels_path)
-    if len(labels) < 2:
-        raise sources.DataError(f"{config.data.path!r}: a classifier needs >= 2 labels, found {labels}")
     tok = run_tokenizer(config, workdir, [formats.record_text(r, "classification") for _, r in train_recs])
+    count_unknown(tok, "classify", [formats.record_text(r, "classification") for _, r in train_recs],
+                  [formats.record_text(r, "classification") for _, r in val_recs])
     pool = "last" if config.model.causal else "first"
     make = functools.partial(classify_data.make_source, tok=tok, labels=labels, seq_len=config.data.seq_len,
                              pool=pool, strict=c.strict)
@@ -248,6 +283,7 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     log.info("classify: %d labels; train %d examples (skipped: %s); validation %d (skipped: %s)", len(labels),
              len(train_src), stats.skipped or "none", len(val_src), val_stats.skipped or "none")
     log.info("classify: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
+    warn_skipped("classify", val_stats)
     data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
                                           what="classification examples", **host_block(config, micro_batch))
     eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
@@ -263,6 +299,8 @@ def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
         train_exs, val_exs = hash_held_out(train_exs, lambda ex: ex.context, config)
         val_stats = sources.ReadStats()
     tok = run_tokenizer(config, workdir, [ex.context + "\n" + ex.question for ex in train_exs])
+    count_unknown(tok, "qa", [ex.context + "\n" + ex.question for ex in train_exs],
+                  [ex.context + "\n" + ex.question for ex in val_exs])
     make = functools.partial(qa_data.make_features, tok=tok, seq_len=config.data.seq_len,
                              max_query_len=c.max_query_len, doc_stride=c.doc_stride)
     train_src, val_src = make(train_exs), make(val_exs)
@@ -270,6 +308,13 @@ def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
              len(train_exs), len(train_src), stats.skipped or "none", len(val_exs), len(val_src),
              val_stats.skipped or "none")
     log.info("qa: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
+    warn_skipped("qa", val_stats)
+    for name, src in (("train", train_src), ("validation", val_src)):
+        unplaced, longer = src.unreachable(int(c.max_answer_len))
+        if unplaced or longer:
+            log.warning("qa: %s: %d of %d answers in no window (labelled 'no answer' in every window: longer than "
+                        "a window's context room or cut off), %d longer than qa.max_answer_len=%d tokens (never an "
+                        "exact match)", name, unplaced, len(src.examples), longer, int(c.max_answer_len))
     data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
                                           what="QA windows", **host_block(config, micro_batch))
     eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
@@ -292,6 +337,8 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     f = config.sft
     train_recs, stats, val_recs, val_stats = train_val_records(config, f, "chat")
     tok = run_tokenizer(config, workdir, [formats.record_text(r, "chat") for _, r in train_recs])
+    count_unknown(tok, "sft", [formats.record_text(r, "chat") for _, r in train_recs],
+                  [formats.record_text(r, "chat") for _, r in val_recs])
     chat_template(workdir)
     seq_len = config.data.seq_len
     render = functools.partial(sft_data.render_split, tok=tok, seq_len=seq_len, too_long=f.too_long,
@@ -304,6 +351,7 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
              val_stats.skipped or "none")
     if not val_rows:
         raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()})")
+    warn_skipped("sft", val_stats)
     old, replay = _old_rows(config, lambda p: rows(render(formats.read_split(p, "chat", strict=f.strict)[0],
                                                           stats=sources.ReadStats())))
     data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,

@@ -149,6 +149,12 @@ class QAFeatures:
     offsets: np.ndarray  # [N, seq_len, 2] character spans in the example's context; -1 outside it
     examples: list[QAExample]
     truncation: Truncation | None = None  # questions cut to qa.max_query_len tokens (contexts are windowed)
+    unplaced: int = 0  # examples whose answer no window holds whole (longer than a window's room, or cut)
+    answer_lengths: list[int] = dataclasses.field(default_factory=list)  # tokens of each placed answer
+
+    def unreachable(self, max_answer_len: int) -> tuple[int, int]:
+        """(answers no window holds, answers longer than the eval's longest span): neither can be predicted."""
+        return self.unplaced, sum(n > max_answer_len for n in self.answer_lengths)
 
     def __len__(self) -> int:
         return len(self.example_index)
@@ -163,12 +169,18 @@ def make_features(examples: list[QAExample], tok: Tokenizer, *, seq_len: int, ma
                   doc_stride: int) -> QAFeatures:
     context_room(seq_len, max_query_len, doc_stride)
     truncation = Truncation("questions", max_query_len)
-    rows, offsets, owner = [], [], []
+    rows, offsets, owner, unplaced, lengths = [], [], [], 0, []
     for i, ex in enumerate(examples):
         truncation.add(len(tok.encode(ex.question)))
         feats, offs = encode_example(tok, ex, seq_len=seq_len, max_query_len=max_query_len, doc_stride=doc_stride)
         rows += feats
         offsets += offs
         owner += [i] * len(feats)
+        placed = [f for f in feats if f["start"] > 0]  # 0 is <cls>: "not in this window"
+        if placed:
+            lengths.append(int(placed[0]["end"] - placed[0]["start"]) + 1)
+        else:
+            unplaced += 1
     arrays = {k: np.stack([r[k] for r in rows]) for k in ARRAY_KEYS}
-    return QAFeatures(arrays, np.array(owner, np.int32), np.stack(offsets), list(examples), truncation)
+    return QAFeatures(arrays, np.array(owner, np.int32), np.stack(offsets), list(examples), truncation, unplaced,
+                      lengths)

@@ -342,5 +342,7 @@ def read_documents(path: str, text_field: str = "text") -> tuple[list[Document],
         src = Source(kind="stdlib")
     docs = list(source_documents(src, stats))
     if not docs:
-        raise DataError(f"data.path {path!r} holds no usable text documents ({stats.summary()})")
+        raise DataError(f"data.path {path!r} holds no usable text documents ({stats.summary()}; files are read "
+                        f"by extension: {', '.join(TEXT_EXTENSIONS)}, .parquet, any of them .gz; a JSONL record's "
+                        f"text is its data.text_field={text_field!r})")
     return docs, stats

@@ -53,6 +53,31 @@ def test_encoding_pairs_types_and_pooling():
     assert list(dec["inputs"][:3]) == [ord("h"), ord("i"), tok.eos_id] and dec["segment_ids"].sum() == 3
 
 
+def test_labels_left_by_a_failed_start_do_not_block_the_next(tmp_path, caplog):
+    """A start refused for its data (one label) leaves no labels.json that the corrected run trips on; and
+    text a char vocabulary lacks (here a warm start's, or the train split's) is counted per split."""
+    import inputs
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"text": f"text {i}", "label": "pos"}) + "\n" for i in range(8)))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    classify_data.save_labels(["pos"], str(workdir / "labels.json"))  # as an earlier version left it
+    with pytest.raises(DataError, match="needs >= 2 labels"):
+        inputs.classify_inputs(_cfg(str(one), ""), str(workdir), 8)
+    good = _write_task(tmp_path / "train.jsonl", 48, 0)
+    val = _write_task(tmp_path / "val.jsonl", 12, 1, extra=[json.dumps({"text": "ZZZ", "label": "low"})])
+    with caplog.at_level(logging.WARNING, logger="lmstack"):
+        out = inputs.classify_inputs(_cfg(good, val, data__tokenizer="char"), str(workdir), 8)
+    assert out.num_classes == 3 and classify_data.load_labels(str(workdir / "labels.json")) == ["digit", "high", "low"]
+    assert "classify: 3 of the validation split's" in caplog.text and "training split" not in caplog.text
+    # once the workdir holds a checkpoint its labels.json is the head's: never rebuilt from data.path
+    checkpoint.save_params(str(workdir), 1, {"w": np.zeros(2, np.float32)}, {"mode": "classify"})
+    os.remove(workdir / "labels.json")
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="labels.json is missing"):
+        inputs.classify_inputs(_cfg(good, val, data__tokenizer="char"), str(workdir), 8)
+    assert not (workdir / "labels.json").exists()
+
+
 def test_labels_sorted_and_macro_f1():
     recs = [("f:1", {"label": "b"}), ("f:2", {"label": 2}), ("f:3", {"label": "a"}), ("f:4", {"label": 10})]
     assert classify_data.build_labels(recs) == [2, 10, "a", "b"]
@@ -81,6 +106,8 @@ def test_bad_inputs_named_or_counted(tmp_path, caplog):
     assert out["step"] == 3
     text = caplog.text
     assert "'classification: missing field': 1" in text and "'unknown label': 1" in text
+    # a warning (what scripts/evaluate.py prints): the scores leave that record out
+    assert any(r.levelname == "WARNING" and "1 validation records not scored" in r.getMessage() for r in caplog.records)
 
 
 def test_warm_start_from_mlm_and_freeze(corpus_dir, tmp_path):

@@ -140,6 +140,15 @@ def test_bad_source_inputs():
     with pytest.raises(DataError, match="seq_len=4"):
         mlm_data.MlmSource([np.arange(10)] * 2, 4, seed=0, base_size=BASE, cls_id=CLS, sep_id=SEP, mask_id=MASK,
                            pad_id=PAD)
+    # a validation split of one document: the error says it is the validation text, and what to change
+    import inputs
+    from data import pipeline
+    from data.tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    one_doc = pipeline.tokenize_stream(["just one validation document"], tok)
+    with pytest.raises(DataError, match=r"^the validation text: NSP needs at least 2 documents.*data.val_fraction.*"
+                                        r"data.split='tail'.*mlm.nsp=False"):
+        inputs.mlm_eval_batches(tiny_config("unused", pretrain_mlm), tok, one_doc, 8)
 
 
 def _encoder(**kw):

@@ -92,6 +92,19 @@ def test_windows_labels_overlap_and_offsets(make_tok):
     assert any(inside) and [bool(f["start"]) for f in feats] == inside
 
 
+def test_answers_no_window_holds_or_longer_than_the_eval_span_are_counted():
+    """An answer longer than a window's context room is labelled 'no answer' in every window, and one longer
+    than qa.max_answer_len tokens can never be predicted: both are counted (they were silent)."""
+    tok = ByteTokenizer()
+    q = "Which?"
+    short, mid, long_ = "owl", "a" * 12, "b" * 40  # the room is 64 - len(q) - 3 = 55 bytes
+    ctx = lambda a: "x " * 5 + a + " y" * 5  # noqa: E731
+    exs = [qa_data.QAExample(str(i), q, ctx(a), ((a, 10),)) for i, a in enumerate((short, mid, long_ + "c" * 30))]
+    feats = qa_data.make_features(exs, tok, seq_len=64, max_query_len=8, doc_stride=8)
+    assert feats.unplaced == 1 and feats.answer_lengths == [3, 12]
+    assert feats.unreachable(10) == (1, 1) and feats.unreachable(20) == (1, 0)
+
+
 def test_byte_offsets_are_characters():
     ids, off = ByteTokenizer().encode_offsets("né 日x")
     assert len(ids) == 8  # n, é (2 bytes), space, 日 (3 bytes), x
