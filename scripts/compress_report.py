@@ -9,7 +9,8 @@ same rounded to bf16, int8, int4 round-to-nearest / GPTQ / AWQ (group --group), 
 magnitude and Wanda, one-shot 2:4, and each --variants entry (a trained run: QAT runs are quantized
 here at their own bits and group, gradually pruned runs exported compactly by scripts/prune.py at
 their own sparsity, whose magnitude masks are their zeros; others measured as they are). Variants
-are built under OUT (an existing OUT/<name> is reused). Columns: bytes on disk of the checkpoint, parameter bytes in memory once loaded (a pruned
+are built under OUT (an existing OUT/<name> is reused when OUT/variants.json says it was built from the same
+run, checkpoint step, group and calibration; otherwise the report is refused, naming both). Columns: bytes on disk of the checkpoint, parameter bytes in memory once loaded (a pruned
 checkpoint loads dense: XLA has no sparse kernels), validation loss on the first --max_batches
 batches of the run's validation split, bits per byte (byte tokenizer: loss / ln 2 per token),
 change relative to f32, and greedy decode tokens/s through the project's decoder (batch 1, median
@@ -36,6 +37,7 @@ import numpy as np  # noqa: E402
 import checkpoint  # noqa: E402
 import evaluation  # noqa: E402
 import serving  # noqa: E402
+from data import tokenizer as tokenizer_lib  # noqa: E402
 from model import decode  # noqa: E402
 
 import prune as prune_script  # noqa: E402  (scripts/ is on the path: this file's directory)
@@ -83,53 +85,96 @@ def decode_speed(run: serving.Run, new_tokens: int) -> float:
 
 
 def measure(name: str, workdir: str, max_batches: int, new_tokens: int) -> dict:
-    run = serving.load_run(workdir)  # what inference holds in memory (a ppo run: its policy)
-    disk = checkpoint.dir_bytes(os.path.join(workdir, "checkpoints", str(run.step)))
+    config, step = evaluation.load_run(workdir)
+    if config.mode in serving.LM_MODES:
+        run = serving.load_run(workdir)  # what inference holds in memory (a ppo run: its policy)
+        params, kind = run.params, run.tokenizer.kind
+    else:  # an encoder, classifier or reward model: size and quality (its mode's eval loss), no decoding
+        run, (_, params, _) = None, checkpoint.load_for_inference(workdir, step)
+        kind = tokenizer_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json")).kind
+    disk = checkpoint.dir_bytes(os.path.join(workdir, "checkpoints", str(step)))
     loss = float(evaluation.evaluate_run(workdir, max_batches=max_batches)["eval/loss"])
+    per_token_nll = config.mode in ("causal", "sft")  # other modes' eval loss is not bits per token
     return {"variant": name, "dir": os.path.abspath(workdir), "disk_bytes": disk,
-            "param_bytes": quantize_script.param_bytes(run.params), "val_loss": loss,
-            "bits_per_byte": loss / math.log(2) if run.tokenizer.kind == "byte" else None,
-            "decode_tokens_per_s": decode_speed(run, new_tokens) if new_tokens else None}
+            "param_bytes": quantize_script.param_bytes(params), "val_loss": loss,
+            "bits_per_byte": loss / math.log(2) if kind == "byte" and per_token_nll else None,
+            "decode_tokens_per_s": decode_speed(run, new_tokens) if new_tokens and run is not None else None}
+
+
+# which settings each planned variant is built with, besides its source run (the recipe a reused one must match)
+USES = {"int8": (), "int4_rtn": ("group",), "int4_gptq": ("group", "calib"), "int4_awq": ("group", "calib"),
+        "oneshot_50_magnitude": (), "oneshot_50_wanda": ("calib",), "oneshot_2of4_magnitude": (),
+        "oneshot_2of4_wanda": ("calib",)}
+RECIPES = "variants.json"  # OUT/variants.json: name -> the recipe its directory was built from
+
+
+def _recipe(source: str, **settings) -> dict:
+    """What a variant is built from: the source run and its checkpoint step, and the settings it uses."""
+    return {"source": os.path.abspath(source), "step": evaluation.load_run(source)[1], **settings}
+
+
+class _Variants:
+    """OUT/<name> directories with the recipe each was built from. One present is reused only when its recipe
+    is this report's (the same source run, step, group, calibration); otherwise the report is refused before
+    anything is built: a reused variant of another run or group would be reported as this one's."""
+
+    def __init__(self, out: str):
+        self.out, self.path = out, os.path.join(out, RECIPES)
+        self.recipes = json.load(open(self.path)) if os.path.exists(self.path) else {}
+
+    def check(self, name: str, recipe: dict) -> None:
+        d = os.path.join(self.out, name)
+        if os.path.isdir(d) and self.recipes.get(name) != recipe:
+            was = self.recipes.get(name, "an unknown recipe (no entry in OUT/variants.json)")
+            raise ValueError(f"{d!r} was built from {was}, not this report's {recipe}: give another --out, or remove "
+                             f"{d!r} to rebuild it")
+
+    def get(self, name: str, recipe: dict, build) -> str:
+        d = os.path.join(self.out, name)
+        if not os.path.isdir(d):
+            build(d)
+            self.recipes[name] = recipe
+            with open(self.path + ".tmp", "w") as f:
+                json.dump(self.recipes, f, indent=1)
+            os.replace(self.path + ".tmp", self.path)
+        return d
 
 
 def build_variants(workdir: str, out: str, group: int, calib: int, trained: dict, only=None) -> dict:
-    """name -> directory to measure (built here unless present); `only`: the planned variants to build."""
+    """name -> directory to measure (built here unless present from the same recipe); `only`: the planned
+    variants to build."""
     plan = planned(group)
     unknown = sorted(set(only or ()) - set(plan) - {"bf16"})
     if unknown:
         raise ValueError(f"--only {unknown}: expected names among bf16, {', '.join(plan)}")
-    os.makedirs(out, exist_ok=True)
-    dirs = {"f32": os.path.join(out, "f32")}
-    if not os.path.isdir(dirs["f32"]):
-        params_copy(workdir, dirs["f32"])
+    settings = {"group": group, "calib": calib}
+    jobs = {"f32": (_recipe(workdir), lambda d: params_copy(workdir, d))}  # name -> (recipe, build(dir))
     if only is None or "bf16" in only:
-        dirs["bf16"] = os.path.join(out, "bf16")
-        if not os.path.isdir(dirs["bf16"]):
-            params_copy(workdir, dirs["bf16"], jnp.bfloat16)
+        jobs["bf16"] = (_recipe(workdir, dtype="bfloat16"), lambda d: params_copy(workdir, d, jnp.bfloat16))
     for name, make in plan.items():
-        if only is not None and name not in only:
-            continue
-        dirs[name] = os.path.join(out, name)
-        if not os.path.isdir(dirs[name]):
-            make(workdir, dirs[name], calib)
+        if only is None or name in only:
+            jobs[name] = (_recipe(workdir, **{k: settings[k] for k in USES[name]}),
+                          lambda d, make=make: make(workdir, d, calib))
+    dirs = {}
     for name, run in trained.items():
         config, _ = evaluation.load_run(run)
         if int(config.quant.bits) > 0 and not bool(config.quant.stored):  # QAT: deploy at its own grid
-            dirs[name] = os.path.join(out, name)
-            if not os.path.isdir(dirs[name]):
-                quantize_script.quantize_run(run, dirs[name], method="rtn", bits=int(config.quant.bits),
-                                             group=int(config.quant.group), embed_bits=int(config.quant.embed_bits))
+            jobs[name] = (_recipe(run, quantized="rtn"), lambda d, run=run, q=config.quant: quantize_script.quantize_run(
+                run, d, method="rtn", bits=int(q.bits), group=int(q.group), embed_bits=int(q.embed_bits)))
         elif config.get("prune") is not None and config.prune.method != "none":  # stored compactly, as exported
-            dirs[name] = os.path.join(out, name)
-            if not os.path.isdir(dirs[name]):
-                nm = f"{int(config.prune.n)}:{int(config.prune.m)}" if config.prune.method == "nm" else ""
-                prune_script.prune_run(run, dirs[name], method="magnitude", sparsity=float(config.prune.sparsity),
-                                       nm=nm, scope="" if nm else str(config.prune.scope),
-                                       include_embedding=bool(config.prune.include_embedding),
-                                       include_heads=bool(config.prune.include_heads))
+            pc = config.prune
+            nm = f"{int(pc.n)}:{int(pc.m)}" if pc.method == "nm" else ""
+            jobs[name] = (_recipe(run, exported="prune"), lambda d, run=run, pc=pc, nm=nm: prune_script.prune_run(
+                run, d, method="magnitude", sparsity=float(pc.sparsity), nm=nm, scope="" if nm else str(pc.scope),
+                include_embedding=bool(pc.include_embedding), include_heads=bool(pc.include_heads)))
         else:
             dirs[name] = run
-    return dirs
+    os.makedirs(out, exist_ok=True)
+    variants = _Variants(out)
+    for name, (recipe, _) in jobs.items():  # every reuse checked before anything is built
+        variants.check(name, recipe)
+    built = {name: variants.get(name, recipe, build) for name, (recipe, build) in jobs.items()}
+    return {**built, **dirs}
 
 
 def table(rows: list[dict]) -> str:

@@ -92,6 +92,21 @@ def test_gptq_act_order_keeps_the_stored_groups():
     np.testing.assert_allclose(scale_diag, scale_rtn, rtol=1e-6)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_keeps_a_pruned_kernels_zeros(act_order):
+    """A 50%-pruned kernel quantized by GPTQ: every pruned weight is still zero (the error updates used to
+    fill some), and the output error on the calibration inputs still beats round-to-nearest."""
+    x_NxK = _correlated_inputs()
+    h_KxK = x_NxK.T @ x_NxK
+    w_KxM = np.random.default_rng(4).normal(size=(64, 8)) * 0.05
+    w_KxM = np.where(np.abs(w_KxM) >= np.median(np.abs(w_KxM), axis=0), w_KxM, 0.0)  # magnitude, per column
+    q, scale = quantize.gptq(w_KxM, h_KxK, 4, 16, act_order=act_order)
+    assert np.all(q[w_KxM == 0] == 0) and np.mean(w_KxM == 0) == 0.5
+    q_rtn, scale_rtn = quantize.rtn(w_KxM, 4, 16)
+    assert quantize.output_error(w_KxM, quantize.dequantize(q, scale), h_KxK) < \
+        quantize.output_error(w_KxM, quantize.dequantize(q_rtn, scale_rtn), h_KxK)
+
+
 def test_bad_specs_are_named():
     with pytest.raises(ValueError, match="quant.bits=3"):
         quantize.QuantSpec(bits=3)
@@ -249,6 +264,14 @@ def test_compress_report_table(trained_run, corpus_dir, tmp_path):
     assert open(os.path.join(out, "report.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="'int3'"):
         compress_report.report(trained_run, out, only=["int3"])
+    # a variant under OUT is reused only if built from the same run, step and settings: another calibration
+    # count or another source run is refused before anything is built (it was reported as this one's)
+    before = sorted(os.listdir(out))
+    with pytest.raises(ValueError, match=r"oneshot_50_wanda' was built from .*'calib': 4.*'calib': 2"):
+        compress_report.report(trained_run, out, calib=2, only=["oneshot_50_wanda"])
+    with pytest.raises(ValueError, match=r"f32' was built from .*this report's \{'source': '.*qat'"):
+        compress_report.report(qat, out, only=["int8"])
+    assert sorted(os.listdir(out)) == before
 
 
 def test_calibration_of_a_scanned_model_stacks_the_layers_grams():
