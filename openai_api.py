@@ -142,7 +142,9 @@ def _sampling(body: dict) -> Sampling:
 def _refuse_unsupported(body: dict) -> None:
     for name, unsupported in (("echo", body.get("echo") is True), ("suffix", bool(body.get("suffix"))),
                               ("logit_bias", bool(body.get("logit_bias"))), ("tools", bool(body.get("tools"))),
-                              ("best_of", body.get("best_of") not in (None, body.get("n", 1)))):
+                              ("best_of", body.get("best_of") not in (None, body.get("n", 1))),
+                              # JSON mode / schemas would need constrained decoding; plain text is what it gives
+                              ("response_format", body.get("response_format") not in (None, {"type": "text"}))):
         if unsupported:
             raise ApiError(400, f"{name}={_show(body[name])} is not supported by this server", param=name,
                            code="unsupported")

@@ -102,6 +102,8 @@ def render_split(records: list[tuple[str, dict]], tok: Tokenizer, stats: ReadSta
                  too_long: str) -> list[dict]:
     """Examples of (where, record) pairs; truncations and drops are counted in `stats.skipped`
     ('truncated' pairs are kept, the others skipped). A bad margin raises naming the record."""
+    if too_long not in TOO_LONG:  # a config value: named as such, not as a fault of the first record
+        raise ValueError(f"pref.too_long={too_long!r}: expected one of {TOO_LONG}")
     out = []
     for where, record in records:
         try:

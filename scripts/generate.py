@@ -91,7 +91,8 @@ def _setup():
     text = text or ""
     config, model, params, tok, step = load(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
     if FLAGS.chat:
-        prompt, stop_ids, shown = chat_prompt(FLAGS.workdir, text, tok), [tok.special_id(chat.END_TOKEN)], ""
+        # the server's chat stop ids (openai_api.py): the turn's end, or <eos>
+        prompt, stop_ids, shown = chat_prompt(FLAGS.workdir, text, tok), [tok.special_id(chat.END_TOKEN), tok.eos_id], ""
     else:
         prompt = tok.encode(text) if text else np.array([tok.eos_id], np.int32)
         stop_ids, shown = [tok.eos_id], text

@@ -101,6 +101,8 @@ def test_truncation_drops_and_bad_margins_are_counted_or_named():
     stats = ReadStats()
     assert len(preference.render_split(records, TOK, stats, seq_len=SEQ_LEN, too_long="drop")) == 1
     assert stats.skipped == {"too long": 3}
+    with pytest.raises(ValueError, match=r"^pref.too_long='clip': expected one of"):  # the field, not record 1
+        preference.render_split(records, TOK, ReadStats(), seq_len=SEQ_LEN, too_long="clip")
     for bad in ("x", True, float("inf")):
         with pytest.raises(ValueError, match=re.escape(f"f.jsonl:7: margin={bad!r}")):
             preference.render_split([("f.jsonl:7", {**short, "margin": bad})], TOK, ReadStats(),

@@ -249,6 +249,10 @@ def test_bad_requests_get_openai_errors(server, run):
                         ("temperature", "Infinity")):
         status, body = raw_post(url, "/v1/completions", f'{{"prompt": "hi", "max_tokens": 2, "{field}": {text}}}'.encode())
         assert status == 400 and body["error"]["param"] == field, (field, body)
+    for field, value in (("echo", True), ("logit_bias", {"1": 2}), ("response_format", {"type": "json_object"}),
+                         ("best_of", 3)):  # what this server cannot do is refused, not silently ignored
+        status, body = raw_post(url, "/v1/completions", json.dumps({"prompt": "hi", field: value}).encode())
+        assert status == 400 and (body["error"]["param"], body["error"]["code"]) == (field, "unsupported")
     status, body = raw_post(url, "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}')
     assert status == 400 and body["error"]["param"] == "prompt" and "not valid Unicode" in body["error"]["message"]
     conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
