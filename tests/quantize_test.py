@@ -274,6 +274,22 @@ def test_compress_report_table(trained_run, corpus_dir, tmp_path):
     assert sorted(os.listdir(out)) == before
 
 
+def test_compress_report_on_an_encoder_run(corpus_dir, tmp_path):
+    """A run that does not generate text (MLM) gets the size and eval-loss columns, no decode speed or bits per
+    byte (it failed after building its variants before)."""
+    import compress_report
+    from configs import pretrain_mlm
+    run = str(tmp_path / "mlm")
+    train.train_and_evaluate(tiny_config(corpus_dir, pretrain_mlm, train__steps=3, train__eval_every=3,
+                                         train__eval_batches=1), run)
+    rows = compress_report.report(run, str(tmp_path / "out"), group=16, calib=2, max_batches=1, decode_tokens=4,
+                                  only=["int8"])
+    assert [r["variant"] for r in rows] == ["f32", "int8"]
+    assert all(r["decode_tokens_per_s"] is None and r["bits_per_byte"] is None and np.isfinite(r["val_loss"])
+               for r in rows)
+    assert rows[1]["param_bytes"] < rows[0]["param_bytes"] / 2
+
+
 def test_calibration_of_a_scanned_model_stacks_the_layers_grams():
     """ptq.calibrate sums x x^T of every kernel's inputs; under nn.scan the layers' matrices come stacked,
     equal to the unscanned twin's per layer, and equal to the Gram matrix of the inputs computed by hand."""
