@@ -92,6 +92,10 @@ def quantize_run(workdir: str, out: str, *, method: str, bits: int, group: int =
         "act_order": act_order and method == "gptq",
         "param_bytes_before": param_bytes(params), "param_bytes_after": param_bytes(qparams),
         "disk_bytes_before": checkpoint.dir_bytes(os.path.join(workdir, "checkpoints", str(at))), "kernels": kernels}
+    earlier = os.path.join(workdir, "compression.json")
+    if os.path.exists(earlier):  # a pruned run quantized: its pruning record travels with it (GPTQ keeps its zeros)
+        with open(earlier) as f:
+            manifest["source_compression"] = json.load(f)
 
     def files(run_dir: str) -> dict:
         manifest["disk_bytes_after"] = checkpoint.dir_bytes(os.path.join(run_dir, "checkpoints", str(at)))

@@ -342,6 +342,16 @@ def test_prune_script_end_to_end(trained_run, tmp_path):
     gen = subprocess.run([sys.executable, "scripts/generate.py", f"--workdir={out}", "--prompt=def ",
                           "--max_new_tokens=4"], cwd=ROOT, capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
+    # quantized by GPTQ, the pruned run keeps its zeros, and its pruning record travels in compression.json
+    import quantize as quantize_script  # scripts/quantize.py
+    both = str(tmp_path / "wanda_gptq")
+    manifest = quantize_script.quantize_run(out, both, method="gptq", bits=8, calib=4)
+    assert manifest["source_compression"]["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    _, pruned, _ = checkpoint.load_for_inference(out)
+    _, quantized, _ = checkpoint.load_for_inference(both)
+    kernel = lambda tree: tree["layer_0"]["mlp"]["up"]  # noqa: E731
+    zeros = np.asarray(kernel(pruned)["kernel"]) == 0
+    assert zeros.mean() == pytest.approx(0.5, abs=0.05) and np.all(np.asarray(kernel(quantized)["kernel_q"])[zeros] == 0)
 
 
 def test_prune_script_bad_input(trained_run, tmp_path):
