@@ -94,7 +94,8 @@ def run_trial(config, index: int, values: dict, sweep_dir: str) -> dict:
         last = train.train_and_evaluate(trial_config, workdir)
     except Exception as e:  # noqa: BLE001 - a bad value fails its trial, not the sweep
         log.exception("%s failed", name)
-        return dict(row, status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0],
+        # one line for the table, all of it kept: a multi-line message's detail follows its first line
+        return dict(row, status="failed", error=" ".join(f"{type(e).__name__}: {e}".split()),
                     wall_s=time.time() - t0, metrics={})
     wall = time.time() - t0
     metrics = {k: v for k, v in last.items() if k.startswith("eval/") or k == "step"}

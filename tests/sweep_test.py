@@ -55,7 +55,7 @@ def test_rerun_skips_finished_trials(swept, corpus_dir, monkeypatch):
 
     def stub(config, workdir):
         calls.append(os.path.basename(workdir))
-        raise RuntimeError("stub: no training here")
+        raise RuntimeError("stub: no training here,\nand the detail on the next line")
     monkeypatch.setattr(sweep.train, "train_and_evaluate", stub)
     again = sweep.run_sweep(_config(corpus_dir), sweep_dir, GRID)
     assert calls == [] and [r.get("reused") for r in again["rows"]] == [True] * 4
@@ -63,7 +63,8 @@ def test_rerun_skips_finished_trials(swept, corpus_dir, monkeypatch):
     # a changed base config is not "finished": its trials run again (here the stub fails them)
     changed = _config(corpus_dir)
     changed.train.steps = 3
-    with pytest.raises(RuntimeError, match="all 2 trials failed; first error: RuntimeError: stub"):
+    with pytest.raises(RuntimeError, match="all 2 trials failed; first error: RuntimeError: stub: no training "
+                                           "here, and the detail on the next line"):  # one line, nothing lost
         sweep.run_sweep(changed, sweep_dir, "optim.lr=1e-3;optim.warmup_steps=0,1")
     assert calls == ["trial_00_lr0.001_warmup_steps0", "trial_01_lr0.001_warmup_steps1"]
 
