@@ -17,6 +17,7 @@ identity): one evaluator called with a second, different model compiles that mod
 from __future__ import annotations
 
 import collections
+import logging
 from typing import Callable
 
 import jax
@@ -26,6 +27,8 @@ from data import chat, classify as classify_data, pipeline, qa as qa_data, qa_ev
 from data.sft import Problem
 from data.tokenizer import Tokenizer
 from model import decode, sampling
+
+log = logging.getLogger("lmstack")
 
 
 def per_model(build: Callable) -> Callable:
@@ -75,6 +78,11 @@ class ExactMatchEval:
         self.problems, self.tok, self.width, self.max_new_tokens = problems, tok, width, max_new_tokens
         self._decoder = per_model(lambda model: decode.Decoder(model, batch=batch_size, cache_len=width))
         self._last = _LastResult()
+        # prompts the decoder's context cannot hold whole: answered from their last width - 1 tokens (counted)
+        self.prompts_cut = sum(len(p.prompt) > width - 1 for p in problems)
+        if self.prompts_cut:
+            log.warning("exact match: %d of %d problems' prompts are longer than %d tokens: answered from their last "
+                        "%d", self.prompts_cut, len(problems), width - 1, width - 1)
 
     def _answers(self, model, params, keep: bool) -> list[str]:
         return self._last.get(model, params, lambda: answer(self._decoder(model), params, self.problems, self.tok,
@@ -90,7 +98,7 @@ class ExactMatchEval:
     def coverage(self) -> dict:
         return {"exact_match_scored": len(self.problems),
                 "exact_match_of": int(getattr(self.problems, "of", len(self.problems))),
-                "exact_match_unit": "problems"}
+                "exact_match_unit": "problems", "exact_match_prompts_cut": self.prompts_cut}
 
     def __call__(self, model, params) -> dict:
         if not self.problems:

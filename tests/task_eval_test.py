@@ -47,7 +47,12 @@ def test_exact_match_compiles_per_model_and_scores_the_model_it_is_given():
     rows = shared.predictions(b, params_b)
     assert [r["prediction"] for r in rows] == answers_b and all(r["correct"] for r in rows)
     assert rows[0]["prompt"] == [{"role": "user", "content": "ab"}] and [r["kind"] for r in rows] == ["p", "q", "p"]
-    assert shared.coverage() == {"exact_match_scored": 3, "exact_match_of": 3, "exact_match_unit": "problems"}
+    assert shared.coverage() == {"exact_match_scored": 3, "exact_match_of": 3, "exact_match_unit": "problems",
+                                 "exact_match_prompts_cut": 0}
+    # a context that cannot hold a prompt whole: it is answered from its tail, and counted
+    lengths = [len(p.prompt) for p in problems]
+    narrow = task_eval.exact_match_eval(problems, TOK, width=max(lengths), max_new_tokens=4, batch_size=4)
+    assert narrow.coverage()["exact_match_prompts_cut"] == lengths.count(max(lengths))
 
 
 def _qa_features():
