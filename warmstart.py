@@ -68,6 +68,9 @@ def unused_params(loaded: dict, source_where: str | None, unmatched: set[str]) -
     return out
 
 
+NEW_ZERO = "type_embed/embedding"  # params a warm start zeroes when the source has none (see _fill)
+
+
 def _fill(source: dict, target_tree, target_sh, init_from: str):
     """(target_tree with every source param of the same name loaded, loaded names, extended descriptions)."""
     target = flax.traverse_util.flatten_dict(dict(target_tree), sep="/")
@@ -78,7 +81,10 @@ def _fill(source: dict, target_tree, target_sh, init_from: str):
         raise checkpoint.IncompatibleCheckpointError(
             f"init_from={init_from!r}: parameter shapes differ:\n  " + "\n  ".join(bad))
     shardings = flax.traverse_util.flatten_dict(dict(target_sh), sep="/")
-    merged = {k: jax.device_put(fitted[k].astype(v.dtype), shardings[k]) if k in fitted else v
+    # a token-type table the source lacks (a causal LM under a sentence-pair classifier) starts at zero: the
+    # warm-started trunk then computes the source's function, and a frozen backbone carries no fixed noise
+    merged = {k: jax.device_put(fitted[k].astype(v.dtype), shardings[k]) if k in fitted
+              else jax.device_put(np.zeros(v.shape, v.dtype), shardings[k]) if k.endswith(NEW_ZERO) else v
               for k, v in target.items()}
     extended = [f"{k} {tuple(source[k].shape)} -> {tuple(target[k].shape)}" for k in sorted(fitted)
                 if tuple(source[k].shape) != tuple(target[k].shape)]
@@ -107,7 +113,7 @@ def warm_start_params(params, params_sh, init_from: str):
     also = [name for name in ("critic",) if where in ("backbone", "base") and name in params]
     for name in also:
         out[name] = _fill(source, params[name], params_sh[name], init_from)[0]
-    fresh = sorted(prefix + k for k in target if k not in source)
+    fresh = sorted(prefix + k + (" (zeros)" if k.endswith(NEW_ZERO) else "") for k in target if k not in source)
     fresh += sorted(k for k in params if where and k not in (where, *also))
     log.info("warm start from %s (step %d): loaded %d params into %s; extended: %s; re-initialised: %s; "
              "unused: %s", init_from, at, len(fitted), " and ".join([where or "the model"] + also),

@@ -4,6 +4,9 @@ import json
 import logging
 import os
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_config
@@ -108,6 +111,28 @@ def test_bad_inputs_named_or_counted(tmp_path, caplog):
     assert "'classification: missing field': 1" in text and "'unknown label': 1" in text
     # a warning (what scripts/evaluate.py prints): the scores leave that record out
     assert any(r.levelname == "WARNING" and "1 validation records not scored" in r.getMessage() for r in caplog.records)
+
+
+def test_a_causal_warm_start_zeroes_the_new_token_type_table(tmp_path):
+    """A causal LM under a sentence-pair classifier: the token-type table it lacks starts at zero (a random one
+    was added to every embedding, and under freeze_backbone stayed as fixed noise)."""
+    import optax
+    import sharding
+    import steps
+    import warmstart
+    from model import build
+    src_cfg = tiny_config("unused", model__n_layers=1)
+    source = build.transformer(src_cfg, ByteTokenizer().vocab_size)
+    src_params = nn.meta.unbox(jax.device_get(source.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]))
+    checkpoint.save_params(str(tmp_path / "src"), 1, src_params, json.loads(src_cfg.to_json()))
+    cfg = _cfg("unused", "", model__causal=True, model__n_layers=1, classify__freeze_backbone=True)
+    model = build.classifier(cfg, ByteTokenizer().vocab_size, 3)
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.logical_rules(cfg.sharding)
+    state, state_sh = steps.init_state(model, optax.sgd(0.1), mesh, rules, 0, 8)
+    assert float(jnp.abs(state.params["backbone"]["type_embed"]["embedding"]).max()) > 0  # its fresh init
+    params = warmstart.warm_start_params(state.params, state_sh.params, str(tmp_path / "src"))
+    assert not np.asarray(params["backbone"]["type_embed"]["embedding"]).any()
+    np.testing.assert_array_equal(params["backbone"]["embed"]["embedding"], src_params["embed"]["embedding"])
 
 
 def test_warm_start_from_mlm_and_freeze(corpus_dir, tmp_path):
