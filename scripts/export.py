@@ -56,12 +56,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
-import ml_collections  # noqa: E402
 from jax import export  # noqa: E402
 
-import checkpoint  # noqa: E402
-from data import tokenizer as tokenizer_lib  # noqa: E402
-from model import build, decode, sampling  # noqa: E402
+import serving  # noqa: E402
+from model import decode, sampling  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -223,13 +221,11 @@ def write_artifact(out: str, prefill_exp, step_exp, param_names, param_arrays, m
 def export_run(workdir: str, out: str, *, step: int | None = None, context: int = 0, chunk: int = 16,
                n_top: int = 0, platforms=None) -> str:
     """A training run's latest (or `step`) checkpoint -> the artifact in `out`; returns the manifest path."""
-    tok_path = os.path.join(workdir, "tokenizer.json")
-    if not os.path.exists(tok_path):
-        raise FileNotFoundError(f"{tok_path!r} not found: is {workdir!r} a training run's workdir?")
-    config_dict, params, at = checkpoint.load_for_inference(workdir, step)
-    config = ml_collections.ConfigDict(config_dict)
-    tok = tokenizer_lib.load_tokenizer(tok_path)
-    model = build.causal_lm(config, tok.vocab_size, tok.base_size)
+    if context < 0 or chunk < 1 or n_top < 0:
+        raise ValueError(f"context={context} (0 = the run's data.seq_len), chunk={chunk} and n_top={n_top}: expected "
+                         f"context >= 0, chunk >= 1, n_top >= 0")
+    run = serving.load_run(workdir, step)  # as the server and generate.py load it (a PPO run: its policy)
+    config, params, at, tok, model = run.config, run.params, run.step, run.tokenizer, run.model
     cache_len = context or int(config.data.seq_len)
     prefill_exp, step_exp, names, arrays, manifest = export_decoder(
         model, params, cache_len=cache_len, chunk=chunk, n_top=n_top, platforms=platforms)
@@ -244,8 +240,11 @@ def main(argv):
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
     platforms = [p for p in FLAGS.platforms.split(",") if p] or None
-    path = export_run(FLAGS.workdir, FLAGS.out, step=None if FLAGS.step < 0 else FLAGS.step, context=FLAGS.context,
-                      chunk=FLAGS.chunk, n_top=FLAGS.n_top, platforms=platforms)
+    try:
+        path = export_run(FLAGS.workdir, FLAGS.out, step=None if FLAGS.step < 0 else FLAGS.step,
+                          context=FLAGS.context, chunk=FLAGS.chunk, n_top=FLAGS.n_top, platforms=platforms)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"export.py: error: {e}") from None
     with open(path) as f:
         m = json.load(f)
     print(f"exported {FLAGS.workdir} (step {m['run']['step']}) to {FLAGS.out}: context {m['context']}, "

@@ -201,16 +201,19 @@ def _generate_group(art: Artifact, prompts, settings, seeds, max_new_tokens, sto
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
-    if not FLAGS.artifact:
-        raise app.UsageError("--artifact is required")
-    art = load(FLAGS.artifact)
-    tok = load_tokenizer(art)
-    prompt = [int(x) for x in tok.encode(FLAGS.prompt)] if FLAGS.prompt else [tok.eos_id]
-    settings = Settings(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
-                        repetition_penalty=FLAGS.repetition_penalty)
-    print(f"# {FLAGS.artifact} (context {art.manifest['context']}), prompt {FLAGS.prompt!r}", file=sys.stderr)
-    outs = generate(art, [prompt] * FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens, settings=settings,
-                    seeds=FLAGS.seed)
+    try:  # a missing artifact, bad sampling values, a prompt longer than the context: one line, no traceback
+        if not FLAGS.artifact:
+            raise ValueError("--artifact is required")
+        art = load(FLAGS.artifact)
+        tok = load_tokenizer(art)
+        prompt = [int(x) for x in tok.encode(FLAGS.prompt)] if FLAGS.prompt else [tok.eos_id]
+        settings = Settings(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
+                            repetition_penalty=FLAGS.repetition_penalty)
+        print(f"# {FLAGS.artifact} (context {art.manifest['context']}), prompt {FLAGS.prompt!r}", file=sys.stderr)
+        outs = generate(art, [prompt] * FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens, settings=settings,
+                        seeds=FLAGS.seed)
+    except (ValueError, FileNotFoundError, OverflowError) as e:
+        raise SystemExit(f"run_exported.py: error: {e}") from None
     for i, o in enumerate(outs):
         print(FLAGS.prompt + tok.decode(o.tokens))
         if i + 1 < len(outs):

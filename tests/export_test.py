@@ -133,6 +133,13 @@ def test_bad_inputs_fail_with_clear_errors(tiny, artifact, tmp_path):
         export.write_artifact(artifact.path, None, None, [], [], {})
     with pytest.raises(FileNotFoundError, match="no_run"):
         export.export_run(str(tmp_path / "no_run"), str(tmp_path / "out"))
+    for kw in (dict(chunk=0), dict(context=-5), dict(n_top=-1)):  # named before the run is read
+        with pytest.raises(ValueError, match=f"{next(iter(kw))}={next(iter(kw.values()))}"):
+            export.export_run(str(tmp_path / "no_run"), str(tmp_path / "out"), **kw)
+    cli = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_exported.py"), f"--artifact={missing}"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert cli.returncode == 1 and cli.stderr.strip().startswith("run_exported.py: error: artifact directory")
+    assert "Traceback" not in cli.stderr
     with pytest.raises(ValueError, match="exceeds model.max_len"):
         model = Transformer(ModelConfig(vocab_size=32, num_tokens=30, d_model=8, n_layers=1, n_heads=2, n_kv_heads=2,
                                         d_ff=16, pos="learned", max_len=8))
