@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 
+import checkpoint
 import inputs
 import sharding
 import task_eval
@@ -99,6 +100,15 @@ def check_rl(config) -> None:
         if not r.rewards:
             raise ValueError("rl.rewards is empty and rl.reward_model is '': name a programmatic reward or a reward-model run")
         rl_rewards.check_names(r.rewards)
+    else:  # its mode, before anything is written (a run of another mode failed only after set-up and model loads)
+        mngr = checkpoint.open_read_only(r.reward_model)
+        try:
+            mode = checkpoint.saved_config(mngr, mngr.latest_step()).get("mode")
+        finally:
+            mngr.close()
+        if mode != "reward":
+            raise ValueError(f"rl.reward_model={r.reward_model!r} is a mode={mode!r} run, not a reward model "
+                             f"(train one with configs/reward.py)")
     for name in ("group_size", "max_prompt_len", "max_new_tokens", "epochs"):
         if int(r[name]) < 1:
             raise ValueError(f"rl.{name}={r[name]!r} must be >= 1")

@@ -57,6 +57,15 @@ def _cfg(tmp_path, module, **kw):
     return tiny_config(train_path, module, **{**base, **kw})
 
 
+def test_a_reward_model_of_another_mode_is_refused_before_anything_is_written(tmp_path):
+    import feedback_inputs
+    checkpoint.save_params(str(tmp_path / "sft"), 1, {"w": np.zeros(2, np.float32)}, {"mode": "sft"})
+    config = _cfg(tmp_path, ppo_config, rl__reward_model=str(tmp_path / "sft"), rl__rewards=())
+    with pytest.raises(ValueError, match=r"rl.reward_model=.*sft' is a mode='sft' run, not a reward model"):
+        feedback_inputs.rl_inputs(config, str(tmp_path / "run"), 4)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_rows_put_the_completion_mask_logps_and_reward_on_the_right_tokens():
     tok = ByteTokenizer()
     end = tok.special_id(chat.END_TOKEN)
