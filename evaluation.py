@@ -119,7 +119,7 @@ def eval_inputs(config, workdir: str, micro_batch: int, data: str = "", split: s
     if mode.text_corpus and prepared.is_prepared(config.data.path):
         return mode.other_eval_data(config, workdir, micro_batch, config.data.path, split)
     raise ValueError(f"split='test': the run's data ({config.data.path or 'the embedded corpus'!r}) has no test "
-                     f"split; give the test data with data=PATH")
+                     f"split; give the test data with --data=PATH")
 
 
 # ---- A saved run --------------------------------------------------------------------------------

@@ -279,7 +279,15 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     pool = "last" if config.model.causal else "first"
     make = functools.partial(classify_data.make_source, tok=tok, labels=labels, seq_len=config.data.seq_len,
                              pool=pool, strict=c.strict)
-    train_src, val_src = make(train_recs, stats=stats), make(val_recs, stats=val_stats)
+    train_src = make(train_recs, stats=stats)
+    try:
+        val_src = make(val_recs, stats=val_stats)
+    except sources.DataError as e:
+        if c.val_path:
+            raise
+        raise sources.DataError(f"{e}: the record was held out of data.path for validation (data.val_fraction="
+                                f"{config.data.val_fraction}) and no training record has its label; give "
+                                f"classify.val_path, or classify.strict=False to skip such records") from None
     log.info("classify: %d labels; train %d examples (skipped: %s); validation %d (skipped: %s)", len(labels),
              len(train_src), stats.skipped or "none", len(val_src), val_stats.skipped or "none")
     log.info("classify: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())

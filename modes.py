@@ -243,4 +243,6 @@ def check_paths(config) -> None:
     for name in mode.paths + (("init_from",) if config.init_from else ()):
         value = _field(config, name)
         if value and not os.path.exists(os.path.expanduser(value)):
-            raise sources.DataError(f"{name}={value!r} does not exist (set --config.{name}=PATH)")
+            empty = (f", or --config.{name}= to hold out data.val_fraction of data.path instead"
+                     if name.endswith(".val_path") else "")
+            raise sources.DataError(f"{name}={value!r} does not exist (set --config.{name}=PATH{empty})")

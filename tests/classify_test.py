@@ -81,6 +81,20 @@ def test_labels_left_by_a_failed_start_do_not_block_the_next(tmp_path, caplog):
     assert not (workdir / "labels.json").exists()
 
 
+def test_a_label_only_the_held_out_share_has_is_explained(tmp_path):
+    """Without classify.val_path a hash share of data.path is validation: a label that only a held-out record
+    has is refused saying so (the user gave one file; 'unknown label' alone did not explain it)."""
+    import inputs
+    from data import pipeline
+    rare = next(f"rare text {i}" for i in range(1000) if pipeline.hash_unit(f"rare text {i}") < 0.2)
+    path = _write_task(tmp_path / "train.jsonl", 60, 0, extra=[json.dumps({"text": rare, "label": "rare"})])
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with pytest.raises(DataError, match=r"unknown label 'rare'.*held out of data.path for validation "
+                                        r"\(data.val_fraction=0.2\).*classify.val_path"):
+        inputs.classify_inputs(_cfg(path, ""), str(workdir), 8)
+
+
 def test_labels_sorted_and_macro_f1():
     recs = [("f:1", {"label": "b"}), ("f:2", {"label": 2}), ("f:3", {"label": "a"}), ("f:4", {"label": 10})]
     assert classify_data.build_labels(recs) == [2, 10, "a", "b"]
