@@ -255,7 +255,9 @@ def test_warm_up_compiles_every_loop_and_prefill_a_server_needs_and_changes_no_s
     dec = decode.Decoder(model, batch=4, cache_len=32, chunk=2)
     dparams = dec.prepare(params)
     state = dec.warm_up(dparams, dec.empty(dparams), prompt_lengths=range(1, 32))
-    assert set(dec._steps) == set(dec.loop_variants()) == {(2, 32, k) for k in (1, 2, 4)}
+    # the loops (shared with equal decoders made earlier in this process, which may have compiled others)
+    assert set(dec.loop_variants()) == {(2, 32, k) for k in (1, 2, 4)} and set(dec.loop_variants()) <= set(dec._steps)
+    loops = set(dec._steps)
     assert np.all(np.asarray(state.done_B)) and not np.any(np.asarray(state.generated_B))
     assert all(not np.any(np.asarray(c)) for c in jax.tree.leaves(state.cache))  # no slot written
     jits = (dec._prefill_rows, dec._insert, dec._resize)
@@ -263,7 +265,7 @@ def test_warm_up_compiles_every_loop_and_prefill_a_server_needs_and_changes_no_s
     state, *_ = dec.prefill(dparams, state, [PROMPTS[2]], [1], [sampling.GREEDY], [0], [6], [()])
     while not np.asarray(state.finish_B)[1]:
         state, *_ = dec.steps(dparams, state, 6, 2)
-    assert [f._cache_size() for f in jits] == compiled and set(dec._steps) == set(dec.loop_variants())
+    assert [f._cache_size() for f in jits] == compiled and set(dec._steps) == loops  # nothing new compiled
     with pytest.raises(ValueError, match="without running rows .* this one has 1"):  # it may cut their cache
         dec.warm_up(dparams, dec.prefill(dparams, state, [PROMPTS[2]], [2], [sampling.GREEDY], [0], [6], [()])[0])
 

@@ -80,7 +80,7 @@ def test_bad_flags_are_named(run, capsys, monkeypatch, tmp_path):
             _main(run, capsys, monkeypatch, **{"prompt": "ab", **flag_values})
     with pytest.raises(SystemExit, match="^generate.py: error: .*no such directory"):
         _main(run + "-missing", capsys, monkeypatch, prompt="ab")
-    with pytest.raises(SystemExit, match="^generate.py: error: no checkpoints directory"):
+    with pytest.raises(SystemExit, match="^generate.py: error: .*a training run's workdir"):
         _main(str(tmp_path), capsys, monkeypatch, prompt="ab")  # a directory, not a run
 
 
