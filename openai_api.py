@@ -96,8 +96,8 @@ def _show(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _field(body: dict, name: str, kind: type, default=None):
-    """body[name] checked to be of `kind` (JSON null or absent: default)."""
+def _field(body: dict, name: str, kind: type, default=None, where: str = ""):
+    """body[name] checked to be of `kind` (JSON null or absent: default); `where` prefixes a nested field's name."""
     value = body.get(name)
     if value is None:
         return default
@@ -105,7 +105,8 @@ def _field(body: dict, name: str, kind: type, default=None):
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         ok, value = True, float(value)
     if not ok:
-        raise ApiError(400, f"{name}={_show(value)} must be {_KINDS[kind]}", param=name, code="invalid_type")
+        raise ApiError(400, f"{where}{name}={_show(value)} must be {_KINDS[kind]}", param=where + name,
+                       code="invalid_type")
     return value
 
 
@@ -221,11 +222,11 @@ class _Api:
             raise ApiError(404, f"model {model!r} not found: this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def _check_context(self, prompt_tokens: int, max_new: int, param: str) -> None:
+    def _check_context(self, prompt_tokens: int, max_new: int, what: str) -> None:
         if prompt_tokens + max_new > self.context:
-            raise ApiError(400, f"the prompt has {prompt_tokens} tokens and {param}={max_new}: {prompt_tokens} + "
+            raise ApiError(400, f"the prompt has {prompt_tokens} tokens and {what}={max_new}: {prompt_tokens} + "
                            f"{max_new} = {prompt_tokens + max_new} > the context of {self.context} tokens",
-                           param=param, code="context_length_exceeded")
+                           param=what.split()[0], code="context_length_exceeded")
 
     def _prompts(self, value) -> list[list[int]]:
         is_id = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
@@ -277,7 +278,7 @@ class _Api:
                 for i, p in enumerate(prompts) for j in range(n)]
         options = _field(body, "stream_options", dict, {})
         return reqs, {"stream": _field(body, "stream", bool, False),
-                      "include_usage": bool(_field(options, "include_usage", bool, False)),
+                      "include_usage": bool(_field(options, "include_usage", bool, False, where="stream_options.")),
                       "prompt_tokens": sum(len(p) for p in prompts)}
 
     async def _completions(self, request: HttpRequest):
@@ -287,8 +288,9 @@ class _Api:
             raise ApiError(400, "missing field 'prompt'", param="prompt", code="missing_field")
         prompts = self._prompts(body["prompt"])
         max_new = _in_range("max_tokens", _field(body, "max_tokens", int, 16), 1)
-        for p in prompts:
-            self._check_context(len(p), max_new, "max_tokens")
+        for p in prompts:  # OpenAI's completions default is 16 tokens: say so when the request did not set it
+            self._check_context(len(p), max_new, "max_tokens" if body.get("max_tokens") is not None
+                                else "max_tokens (not given: the default)")
         logprobs = _field(body, "logprobs", int, None)
         if logprobs is not None:
             _in_range("logprobs", logprobs, 0, self.n_top)

@@ -253,6 +253,12 @@ def test_bad_requests_get_openai_errors(server, run):
                          ("best_of", 3)):  # what this server cannot do is refused, not silently ignored
         status, body = raw_post(url, "/v1/completions", json.dumps({"prompt": "hi", field: value}).encode())
         assert status == 400 and (body["error"]["param"], body["error"]["code"]) == (field, "unsupported")
+    status, body = raw_post(url, "/v1/completions",
+                            json.dumps({"prompt": "hi", "stream_options": {"include_usage": "yes"}}).encode())
+    assert status == 400 and body["error"]["param"] == "stream_options.include_usage"
+    status, body = raw_post(url, "/v1/completions", json.dumps({"prompt": "x" * 1020}).encode())
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    assert "max_tokens (not given: the default)=16" in body["error"]["message"]
     status, body = raw_post(url, "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}')
     assert status == 400 and body["error"]["param"] == "prompt" and "not valid Unicode" in body["error"]["message"]
     conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
