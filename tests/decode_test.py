@@ -179,6 +179,7 @@ def test_only_busy_slots_are_computed_and_they_decode_as_in_a_full_batch(scan):
     full = decode.Decoder(model, batch=3, cache_len=32).generate(params, PROMPTS[:3], max_new_tokens=10, sampling=s,
                                                                  seeds=[1, 2, 3])
     dec = decode.Decoder(model, batch=8, cache_len=32)
+    dec._steps = {}  # a loop table of its own (not the one equal decoders share): the loops this test runs
     dparams = dec.prepare(params)
     state, *_ = dec.prefill(dparams, dec.empty(dparams), [PROMPTS[3]], [0], [sampling.GREEDY], [0], [1], [()])
     axis = decode._batch_axis(dec.dec_model)
