@@ -67,11 +67,13 @@ def run_tokenizer(config, workdir: str, texts: list[str] | None = None,
     config or prepared dataset now names another). A warm start: init_from's (_source_tokenizer). A new
     run: the prepared dataset's (`data_tok`), or one built from the training `texts` by data.tokenizer."""
     tok_path = os.path.join(workdir, "tokenizer.json")
-    if os.path.exists(tok_path) and not checkpoint.has_checkpoint(workdir):
+    saved = os.path.exists(tok_path)
+    if saved and not checkpoint.has_checkpoint(workdir):
         # left by a start that failed or stopped before its first checkpoint: not this run's; rebuilt below
         log.warning("workdir %r has a tokenizer.json but no checkpoint (a start that stopped before saving "
                     "one): replaced by this run's tokenizer", workdir)
-    elif os.path.exists(tok_path):
+        saved = False
+    if saved:
         if data_tok is not None:  # refused unless it is the prepared dataset's tokenizer the run trained with
             prepared.use_tokenizer_in_workdir(data_tok, workdir, write=False)
             return data_tok
@@ -100,19 +102,23 @@ def warn_skipped(what: str, stats: sources.ReadStats) -> None:
         log.warning("%s: %d validation records not scored: %s", what, sum(left_out.values()), left_out)
 
 
-def count_unknown(tok: tokenizer_lib.Tokenizer, what: str, train_texts: list[str], val_texts: list[str]) -> None:
-    """Log how many characters of each split the tokenizer maps to <unk>. Only a char vocabulary has any
-    (built from a training split, or a warm start's source run's): task text it lacks is otherwise scored
-    and trained on as <unk> silently."""
-    if tok.kind != "char":
-        return
+def warn_unknown(tok: tokenizer_lib.Tokenizer, splits: dict, what: str = "") -> None:
+    """Log, per split ({name: [token id arrays]}), how many tokens are <unk>. Only a char vocabulary makes any
+    (built from a training split, or a warm start's source run's): text it lacks is otherwise trained on and
+    scored as <unk> silently."""
     unk = tok.special_id("<unk>")
-    for name, texts in (("training", train_texts), ("validation", val_texts)):
-        ids = [tok.encode(t) for t in texts]
+    for name, ids in splits.items():
         unknown, total = sum(int(np.count_nonzero(x == unk)) for x in ids), sum(len(x) for x in ids)
         if unknown:
-            log.warning("%s: %d of the %s split's %d characters (%.2f%%) are <unk>: the char tokenizer does not "
-                        "have them", what, unknown, name, total, 100 * unknown / max(total, 1))
+            log.warning("%s%d of %d %s tokens (%.2f%%) are <unk>: characters the %s tokenizer does not have",
+                        f"{what}: " if what else "", unknown, total, name, 100 * unknown / max(total, 1), tok.kind)
+
+
+def count_unknown(tok: tokenizer_lib.Tokenizer, what: str, train_texts: list[str], val_texts: list[str]) -> None:
+    """warn_unknown on a task mode's texts (encoded here only for a char tokenizer: no other makes <unk>)."""
+    if tok.kind == "char":
+        warn_unknown(tok, {name: [tok.encode(t) for t in texts]
+                           for name, texts in (("training", train_texts), ("validation", val_texts))}, what)
 
 
 def prepare_data(config, workdir: str):
@@ -131,11 +137,7 @@ def prepare_data(config, workdir: str):
     train = pipeline.tokenize_stream(train_texts, tok)
     val = pipeline.tokenize_stream(val_texts, tok)
     log.info("tokens: %d train, %d val (%s tokenizer, %d ids)", len(train), len(val), tok.kind, tok.vocab_size)
-    for name, stream in (("training", train), ("validation", val)):  # a char vocabulary: the train split's
-        unknown = int(np.count_nonzero(stream.tokens == tok.special_id("<unk>")))
-        if unknown:
-            log.warning("%d of %d %s tokens (%.2f%%) are <unk>: characters the %s tokenizer does not have",
-                        unknown, len(stream), name, 100 * unknown / max(len(stream), 1), tok.kind)
+    warn_unknown(tok, {"training": [train.tokens], "validation": [val.tokens]})
     return tok, train, val
 
 
@@ -273,9 +275,9 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
                 f"{labels_path} holds labels {saved} but the training split has {labels}")
     elif jax.process_index() == 0:
         classify_data.save_labels(labels, labels_path)
-    tok = run_tokenizer(config, workdir, [formats.record_text(r, "classification") for _, r in train_recs])
-    count_unknown(tok, "classify", [formats.record_text(r, "classification") for _, r in train_recs],
-                  [formats.record_text(r, "classification") for _, r in val_recs])
+    train_texts = [formats.record_text(r, "classification") for _, r in train_recs]
+    tok = run_tokenizer(config, workdir, train_texts)
+    count_unknown(tok, "classify", train_texts, [formats.record_text(r, "classification") for _, r in val_recs])
     pool = "last" if config.model.causal else "first"
     make = functools.partial(classify_data.make_source, tok=tok, labels=labels, seq_len=config.data.seq_len,
                              pool=pool, strict=c.strict)
@@ -306,9 +308,9 @@ def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     else:  # by context, so questions about one passage stay on one side
         train_exs, val_exs = hash_held_out(train_exs, lambda ex: ex.context, config)
         val_stats = sources.ReadStats()
-    tok = run_tokenizer(config, workdir, [ex.context + "\n" + ex.question for ex in train_exs])
-    count_unknown(tok, "qa", [ex.context + "\n" + ex.question for ex in train_exs],
-                  [ex.context + "\n" + ex.question for ex in val_exs])
+    train_texts = [ex.context + "\n" + ex.question for ex in train_exs]
+    tok = run_tokenizer(config, workdir, train_texts)
+    count_unknown(tok, "qa", train_texts, [ex.context + "\n" + ex.question for ex in val_exs])
     make = functools.partial(qa_data.make_features, tok=tok, seq_len=config.data.seq_len,
                              max_query_len=c.max_query_len, doc_stride=c.doc_stride)
     train_src, val_src = make(train_exs), make(val_exs)
@@ -344,9 +346,9 @@ def chat_template(workdir: str) -> None:
 def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     f = config.sft
     train_recs, stats, val_recs, val_stats = train_val_records(config, f, "chat")
-    tok = run_tokenizer(config, workdir, [formats.record_text(r, "chat") for _, r in train_recs])
-    count_unknown(tok, "sft", [formats.record_text(r, "chat") for _, r in train_recs],
-                  [formats.record_text(r, "chat") for _, r in val_recs])
+    train_texts = [formats.record_text(r, "chat") for _, r in train_recs]
+    tok = run_tokenizer(config, workdir, train_texts)
+    count_unknown(tok, "sft", train_texts, [formats.record_text(r, "chat") for _, r in val_recs])
     chat_template(workdir)
     seq_len = config.data.seq_len
     render = functools.partial(sft_data.render_split, tok=tok, seq_len=seq_len, too_long=f.too_long,
