@@ -356,7 +356,7 @@ class _Programs:
     (params and state are arguments), and on the mesh and logical rules the calls run under."""
 
     def __init__(self, cfg, batch: int, cache_len: int, n_top: int):
-        dec_model = Transformer(cfg, decode=True)
+        self.dec_model = dec_model = Transformer(cfg, decode=True)
         self.prefill_rows = jax.jit(functools.partial(prefill_rows, dec_model, cache_len, n_top))
         self.insert = jax.jit(functools.partial(insert, dec_model), donate_argnums=(0,))
         # no donation: a resized cache cannot reuse the old one's buffers
@@ -399,7 +399,6 @@ class Decoder:
         if batch <= 0 or cache_len <= 1:
             raise ValueError(f"Decoder batch={batch} and cache_len={cache_len} must be >= 1 and >= 2")
         self.model, self.batch, self.cache_len, self.n_top, self.chunk = model, batch, cache_len, n_top, chunk
-        self.dec_model = Transformer(cfg, decode=True)
         self.vocab_size = cfg.vocab_size
         self.mesh, self.rules = mesh, tuple(rules)
         self._prepare = jax.jit(functools.partial(prepare, model))
@@ -408,6 +407,7 @@ class Decoder:
             programs = _shared_programs(cfg, batch, cache_len, n_top, mesh, self.rules)
         except TypeError:  # unhashable rules (lists): programs of its own
             programs = _Programs(cfg, batch, cache_len, n_top)
+        self.dec_model = programs.dec_model
         self._prefill_rows, self._insert, self._resize, self._empty, self._steps, self._loop_options = (
             programs.prefill_rows, programs.insert, programs.resize, programs.empty, programs.steps,
             programs.loop_options)
