@@ -135,9 +135,8 @@ def _sampling(body: dict) -> Sampling:
                         repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
                         presence_penalty=_field(body, "presence_penalty", float, 0.0),
                         frequency_penalty=_field(body, "frequency_penalty", float, 0.0))
-    except ValueError as e:  # "sampling NAME=VALUE is out of range (...)": NAME is the request's field
-        name = str(e).split("=")[0].removeprefix("sampling ")
-        raise ApiError(400, str(e), param=name, code="invalid_value") from None
+    except ValueError as e:  # sampling.SamplingError names the request's field
+        raise ApiError(400, str(e), param=getattr(e, "field", None), code="invalid_value") from None
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -222,11 +221,13 @@ class _Api:
             raise ApiError(404, f"model {model!r} not found: this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def _check_context(self, prompt_tokens: int, max_new: int, what: str) -> None:
+    def _check_context(self, prompt_tokens: int, max_new: int, param: str, default: bool = False) -> None:
         if prompt_tokens + max_new > self.context:
-            raise ApiError(400, f"the prompt has {prompt_tokens} tokens and {what}={max_new}: {prompt_tokens} + "
-                           f"{max_new} = {prompt_tokens + max_new} > the context of {self.context} tokens",
-                           param=what.split()[0], code="context_length_exceeded")
+            given = " (not given: the default)" if default else ""
+            raise ApiError(400, f"the prompt has {prompt_tokens} tokens and {param}{given}={max_new}: "
+                           f"{prompt_tokens} + {max_new} = {prompt_tokens + max_new} > the context of {self.context} "
+                           f"tokens",
+                           param=param, code="context_length_exceeded")
 
     def _prompts(self, value) -> list[list[int]]:
         is_id = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
@@ -289,8 +290,7 @@ class _Api:
         prompts = self._prompts(body["prompt"])
         max_new = _in_range("max_tokens", _field(body, "max_tokens", int, 16), 1)
         for p in prompts:  # OpenAI's completions default is 16 tokens: say so when the request did not set it
-            self._check_context(len(p), max_new, "max_tokens" if body.get("max_tokens") is not None
-                                else "max_tokens (not given: the default)")
+            self._check_context(len(p), max_new, "max_tokens", default=body.get("max_tokens") is None)
         logprobs = _field(body, "logprobs", int, None)
         if logprobs is not None:
             _in_range("logprobs", logprobs, 0, self.n_top)

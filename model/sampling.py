@@ -25,6 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class SamplingError(ValueError):
+    """A sampling value out of range; `field` names it (the server answers it as the error's `param`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """One request's sampling settings; defaults leave the distribution unchanged (temperature 1)."""
@@ -47,7 +55,8 @@ class Sampling:
         for name, (ok, rule) in checks.items():
             value = getattr(self, name)
             if not ok or not np.isfinite(value):
-                raise ValueError(f"sampling {name}={value!r} is out of range (a finite number{', ' + rule if rule else ''})")
+                raise SamplingError(name, f"sampling {name}={value!r} is out of range (a finite number"
+                                          f"{', ' + rule if rule else ''})")
 
 
 GREEDY = Sampling(temperature=0.0)
