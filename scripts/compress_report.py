@@ -10,7 +10,8 @@ magnitude and Wanda, one-shot 2:4, and each --variants entry (a trained run: QAT
 here at their own bits and group, gradually pruned runs exported compactly by scripts/prune.py at
 their own sparsity, whose magnitude masks are their zeros; others measured as they are). Variants
 are built under OUT (an existing OUT/<name> is reused when OUT/variants.json says it was built from the same
-run, checkpoint step, group and calibration; otherwise the report is refused, naming both). Columns: bytes on disk of the checkpoint, parameter bytes in memory once loaded (a pruned
+run, checkpoint step, group and calibration; otherwise the report is refused, naming both). Columns: bytes
+on disk of the checkpoint, parameter bytes in memory once loaded (a pruned
 checkpoint loads dense: XLA has no sparse kernels), validation loss on the first --max_batches
 batches of the run's validation split, bits per byte (byte tokenizer: loss / ln 2 per token),
 change relative to f32, and greedy decode tokens/s through the project's decoder (batch 1, median
@@ -108,9 +109,9 @@ USES = {"int8": (), "int4_rtn": ("group",), "int4_gptq": ("group", "calib"), "in
 RECIPES = "variants.json"  # OUT/variants.json: name -> the recipe its directory was built from
 
 
-def _recipe(source: str, **settings) -> dict:
+def _recipe(source: str, step: int, **settings) -> dict:
     """What a variant is built from: the source run and its checkpoint step, and the settings it uses."""
-    return {"source": os.path.abspath(source), "step": evaluation.load_run(source)[1], **settings}
+    return {"source": os.path.abspath(source), "step": step, **settings}
 
 
 class _Variants:
@@ -148,25 +149,29 @@ def build_variants(workdir: str, out: str, group: int, calib: int, trained: dict
     if unknown:
         raise ValueError(f"--only {unknown}: expected names among bf16, {', '.join(plan)}")
     settings = {"group": group, "calib": calib}
-    jobs = {"f32": (_recipe(workdir), lambda d: params_copy(workdir, d))}  # name -> (recipe, build(dir))
+    step = evaluation.load_run(workdir)[1]
+    jobs = {"f32": (_recipe(workdir, step), lambda d: params_copy(workdir, d))}  # name -> (recipe, build(dir))
     if only is None or "bf16" in only:
-        jobs["bf16"] = (_recipe(workdir, dtype="bfloat16"), lambda d: params_copy(workdir, d, jnp.bfloat16))
+        jobs["bf16"] = (_recipe(workdir, step, dtype="bfloat16"), lambda d: params_copy(workdir, d, jnp.bfloat16))
     for name, make in plan.items():
         if only is None or name in only:
-            jobs[name] = (_recipe(workdir, **{k: settings[k] for k in USES[name]}),
+            jobs[name] = (_recipe(workdir, step, **{k: settings[k] for k in USES[name]}),
                           lambda d, make=make: make(workdir, d, calib))
     dirs = {}
     for name, run in trained.items():
-        config, _ = evaluation.load_run(run)
+        config, run_step = evaluation.load_run(run)
         if int(config.quant.bits) > 0 and not bool(config.quant.stored):  # QAT: deploy at its own grid
-            jobs[name] = (_recipe(run, quantized="rtn"), lambda d, run=run, q=config.quant: quantize_script.quantize_run(
-                run, d, method="rtn", bits=int(q.bits), group=int(q.group), embed_bits=int(q.embed_bits)))
+            jobs[name] = (_recipe(run, run_step, quantized="rtn"),
+                          lambda d, run=run, q=config.quant: quantize_script.quantize_run(
+                              run, d, method="rtn", bits=int(q.bits), group=int(q.group), embed_bits=int(q.embed_bits)))
         elif config.get("prune") is not None and config.prune.method != "none":  # stored compactly, as exported
             pc = config.prune
             nm = f"{int(pc.n)}:{int(pc.m)}" if pc.method == "nm" else ""
-            jobs[name] = (_recipe(run, exported="prune"), lambda d, run=run, pc=pc, nm=nm: prune_script.prune_run(
-                run, d, method="magnitude", sparsity=float(pc.sparsity), nm=nm, scope="" if nm else str(pc.scope),
-                include_embedding=bool(pc.include_embedding), include_heads=bool(pc.include_heads)))
+            jobs[name] = (_recipe(run, run_step, exported="prune"),
+                          lambda d, run=run, pc=pc, nm=nm: prune_script.prune_run(
+                              run, d, method="magnitude", sparsity=float(pc.sparsity), nm=nm,
+                              scope="" if nm else str(pc.scope), include_embedding=bool(pc.include_embedding),
+                              include_heads=bool(pc.include_heads)))
         else:
             dirs[name] = run
     os.makedirs(out, exist_ok=True)
