@@ -29,8 +29,8 @@ def _preference_split(config, workdir: str):
     inputs.chat_template(workdir)
     render = functools.partial(preference_data.render_split, tok=tok, seq_len=config.data.seq_len, too_long=p.too_long)
     train, val = render(train_recs, stats=stats), render(val_recs, stats=val_stats)
-    log.info("%s: train %d pairs (skipped or cut: %s); validation %d (skipped or cut: %s)", config.mode, len(train),
-             stats.skipped or "none", len(val), val_stats.skipped or "none")
+    log.info("%s: train %d pairs (not used whole: %s); validation %d (not used whole: %s)", config.mode, len(train),
+             stats.left_out(), len(val), val_stats.left_out())
     if not val:
         raise sources.DataError(f"{config.mode}: no validation pair left to evaluate ({val_stats.summary()})")
     return tok, train, val, val_recs
@@ -151,7 +151,7 @@ def rl_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
         train, val = inputs.hash_held_out(train, lambda p: repr(p.messages), config)
         val_stats = sources.ReadStats()
     log.info("%s: %d train prompts (skipped: %s), %d validation prompts (skipped: %s)", config.mode, len(train),
-             stats.skipped or "none", len(val), val_stats.skipped or "none")
+             stats.left_out(), len(val), val_stats.left_out())
     data_iter = pipeline.shuffled_batches(prompts_data.PromptSource(len(train)), global_batch=micro_batch,
                                           seed=config.seed, what="RL prompts", **inputs.host_block(config, micro_batch))
     extra = None

@@ -97,9 +97,8 @@ def run_tokenizer(config, workdir: str, texts: list[str] | None = None,
 
 def warn_skipped(what: str, stats: sources.ReadStats) -> None:
     """Validation records left out of the scores, as a warning (scripts/evaluate.py shows warnings only)."""
-    left_out = {k: n for k, n in stats.skipped.items() if k != "truncated"}  # SFT counts kept, cut ones there too
-    if left_out:
-        log.warning("%s: %d validation records not scored: %s", what, sum(left_out.values()), left_out)
+    if stats.skipped:
+        log.warning("%s: %d validation records not scored: %s", what, sum(stats.skipped.values()), stats.skipped)
 
 
 def warn_unknown(tok: tokenizer_lib.Tokenizer, splits: dict, what: str = "") -> None:
@@ -291,7 +290,7 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
                                 f"{config.data.val_fraction}) and no training record has its label; give "
                                 f"classify.val_path, or classify.strict=False to skip such records") from None
     log.info("classify: %d labels; train %d examples (skipped: %s); validation %d (skipped: %s)", len(labels),
-             len(train_src), stats.skipped or "none", len(val_src), val_stats.skipped or "none")
+             len(train_src), stats.left_out(), len(val_src), val_stats.left_out())
     log.info("classify: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
     warn_skipped("classify", val_stats)
     data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
@@ -315,8 +314,8 @@ def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
                              max_query_len=c.max_query_len, doc_stride=c.doc_stride)
     train_src, val_src = make(train_exs), make(val_exs)
     log.info("qa: train %d examples -> %d windows (skipped: %s); validation %d -> %d windows (skipped: %s)",
-             len(train_exs), len(train_src), stats.skipped or "none", len(val_exs), len(val_src),
-             val_stats.skipped or "none")
+             len(train_exs), len(train_src), stats.left_out(), len(val_exs), len(val_src),
+             val_stats.left_out())
     log.info("qa: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
     warn_skipped("qa", val_stats)
     for name, src in (("train", train_src), ("validation", val_src)):
@@ -356,9 +355,9 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     train_conv, val_conv = render(train_recs, stats=stats), render(val_recs, stats=val_stats)
     rows = functools.partial(sft_data.make_rows, seq_len=seq_len, pad_id=tok.pad_id, pack=f.pack, fit=f.fit)
     train_rows, val_rows = rows(train_conv), rows(val_conv)
-    log.info("sft: train %d conversations in %d rows (skipped: %s); validation %d in %d rows (skipped: %s)",
-             len(train_conv), len(train_rows), stats.skipped or "none", len(val_conv), len(val_rows),
-             val_stats.skipped or "none")
+    log.info("sft: train %d conversations in %d rows (not used whole: %s); validation %d in %d rows "
+             "(not used whole: %s)", len(train_conv), len(train_rows), stats.left_out(), len(val_conv), len(val_rows),
+             val_stats.left_out())
     if not val_rows:
         raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()})")
     warn_skipped("sft", val_stats)

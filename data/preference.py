@@ -100,8 +100,8 @@ def render_pair(record: dict, tok: Tokenizer, *, seq_len: int, too_long: str) ->
 
 def render_split(records: list[tuple[str, dict]], tok: Tokenizer, stats: ReadStats, *, seq_len: int,
                  too_long: str) -> list[dict]:
-    """Examples of (where, record) pairs; truncations and drops are counted in `stats.skipped`
-    ('truncated' pairs are kept, the others skipped). A bad margin raises naming the record."""
+    """Examples of (where, record) pairs; drops are counted in `stats.skipped` by reason, pairs kept but cut
+    to fit in `stats.truncated`. A bad margin raises naming the record."""
     if too_long not in TOO_LONG:  # a config value: named as such, not as a fault of the first record
         raise ValueError(f"pref.too_long={too_long!r}: expected one of {TOO_LONG}")
     out = []
@@ -110,7 +110,9 @@ def render_split(records: list[tuple[str, dict]], tok: Tokenizer, stats: ReadSta
             example, status = render_pair(record, tok, seq_len=seq_len, too_long=too_long)
         except (ValueError, chat.ChatError) as e:
             raise ValueError(f"{where}: {e}") from None
-        if status != "rendered":
+        if status == "truncated":
+            stats.truncated += 1
+        elif status != "rendered":
             stats.skipped[status] = stats.skipped.get(status, 0) + 1
         if example is not None:
             out.append(example)

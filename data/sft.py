@@ -34,11 +34,14 @@ def read_split(path: str, *, strict: bool) -> tuple[list[tuple[str, dict]], Read
 
 def render_split(records: list[tuple[str, dict]], tok: Tokenizer, stats: ReadStats, *, seq_len: int,
                  too_long: str, train_on: str, strict: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Rendered (ids, loss mask) conversations; rejects are added to `stats.skipped`."""
+    """Rendered (ids, loss mask) conversations; rejects are added to `stats.skipped`, kept ones cut to fit
+    to `stats.truncated`."""
     rendered, counts = chat.render_records([r for _, r in records], tok, seq_len=seq_len, too_long=too_long,
                                            train_on=train_on, strict=strict, names=[w for w, _ in records])
     for reason, n in counts.items():
-        if reason != "rendered":
+        if reason == "truncated":
+            stats.truncated += n
+        elif reason != "rendered" and n:
             stats.skipped[reason] = stats.skipped.get(reason, 0) + n
     return rendered
 

@@ -52,13 +52,23 @@ class ReadStats:
     chars: int = 0
     bytes: int = 0  # raw (decompressed) bytes read
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
+    truncated: int = 0  # records kept but cut to fit the context (SFT / preference too_long='truncate')
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
+    def left_out(self) -> str:
+        """What a log line says of the records not used whole: the skipped ones by reason, then the cut ones."""
+        parts = [f"{v} {k}" for k, v in sorted(self.skipped.items())]
+        if self.truncated:
+            parts.append(f"{self.truncated} kept but cut to fit")
+        return ", ".join(parts) or "none"
+
     def summary(self) -> str:
         skipped = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items())) or "none"
-        return f"{self.documents} documents ({self.chars / 1e6:.1f}M chars) from {self.files} files; skipped: {skipped}"
+        cut = f"; {self.truncated} kept but cut to fit" if self.truncated else ""
+        return (f"{self.documents} documents ({self.chars / 1e6:.1f}M chars) from {self.files} files; "
+                f"skipped: {skipped}{cut}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,8 +89,10 @@ def test_truncation_drops_and_bad_margins_are_counted_or_named():
     stats = ReadStats()
     examples = preference.render_split(records, TOK, stats, seq_len=SEQ_LEN, too_long="truncate")
     assert len(examples) == 2  # an equal pair has no preference to learn and is never ranked right: dropped
-    assert stats.skipped == {"truncated": 1, "no response tokens after truncation": 1,
-                             "sides equal after truncation": 1}
+    # the cut pair is kept: counted apart from the skipped ones, and the log line says so
+    assert stats.skipped == {"no response tokens after truncation": 1, "sides equal after truncation": 1}
+    assert stats.truncated == 1 and stats.left_out() == (
+        "1 no response tokens after truncation, 1 sides equal after truncation, 1 kept but cut to fit")
     full, _ = chat.render(preference.conversation(long_, "chosen"), TOK)
     ex = examples[1]
     np.testing.assert_array_equal(ex["chosen_inputs"], full[:SEQ_LEN])  # the seq_len tokens kept, all inputs

@@ -61,7 +61,7 @@ def test_bad_records_are_counted_or_named_under_strict(tmp_path):
     assert len(convs) == 1 and stats.skipped["too long"] == 1
     convs = sft_data.render_split(records, tok, stats, seq_len=32, too_long="truncate", train_on="assistant",
                                   strict=False)
-    assert len(convs) == 2 and stats.skipped["truncated"] == 1 and len(convs[1][0]) == 33
+    assert len(convs) == 2 and stats.truncated == 1 and len(convs[1][0]) == 33
     with pytest.raises(ValueError, match=r"d\.jsonl:2"):
         sft_data.read_split(str(path), strict=True)
     with pytest.raises(ValueError, match=r"d\.jsonl:5: too long"):
