@@ -111,7 +111,7 @@ def eval_inputs(config, workdir: str, micro_batch: int, data: str = "", split: s
         raise ValueError(f"split={split!r}: expected 'val' or 'test'")
     mode = modes.get(config)
     if split == "val" and not data:
-        return mode.inputs(config, workdir, micro_batch)
+        return mode.inputs(config, workdir, micro_batch, eval_only=True)
     if data:
         if not os.path.exists(os.path.expanduser(data)):
             raise FileNotFoundError(f"data path {data!r} does not exist")

@@ -21,30 +21,33 @@ from rl import advantages as rl_advantages, guardrails, losses as rl_losses, ref
 log = logging.getLogger("lmstack")
 
 
-def _preference_split(config, workdir: str):
-    """(tokenizer, train examples, validation examples, validation records) of a preference mode."""
+def _preference_split(config, workdir: str, eval_only: bool):
+    """(tokenizer, train examples, validation examples, validation records) of a preference mode; eval_only:
+    no train examples (inputs.train_val_records)."""
     p = config.pref
-    train_recs, stats, val_recs, val_stats = inputs.train_val_records(config, p, "preference")
+    train_recs, stats, val_recs, val_stats = inputs.train_val_records(config, p, "preference", eval_only)
     tok = inputs.run_tokenizer(config, workdir, [formats.record_text(r, "preference") for _, r in train_recs])
     inputs.chat_template(workdir)
     render = functools.partial(preference_data.render_split, tok=tok, seq_len=config.data.seq_len, too_long=p.too_long)
-    train, val = render(train_recs, stats=stats), render(val_recs, stats=val_stats)
-    log.info("%s: train %d pairs (not used whole: %s); validation %d (not used whole: %s)", config.mode, len(train),
-             stats.left_out(), len(val), val_stats.left_out())
+    train, val = [] if eval_only else render(train_recs, stats=stats), render(val_recs, stats=val_stats)
+    log.info("%s: %svalidation %d pairs (not used whole: %s)", config.mode, "" if eval_only else
+             f"train {len(train)} pairs (not used whole: {stats.left_out()}); ", len(val), val_stats.left_out())
     if not val:
         raise sources.DataError(f"{config.mode}: no validation pair left to evaluate ({val_stats.summary()})")
     return tok, train, val, val_recs
 
 
-def _pair_iterator(config, train: list[dict], micro_batch: int):
+def _pair_iterator(config, train: list[dict], micro_batch: int, eval_only: bool):
+    if eval_only:
+        return None
     return pipeline.shuffled_batches(train, global_batch=micro_batch, seed=config.seed, what="preference pairs",
                                      **inputs.host_block(config, micro_batch))
 
 
-def reward_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
-    tok, train, val, _ = _preference_split(config, workdir)
+def reward_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> inputs.Inputs:
+    tok, train, val, _ = _preference_split(config, workdir, eval_only)
     eval_data = pipeline.padded_batches(val, batch_size=micro_batch, max_batches=config.train.eval_batches)
-    return inputs.Inputs(tok, _pair_iterator(config, train, micro_batch), eval_data)
+    return inputs.Inputs(tok, _pair_iterator(config, train, micro_batch, eval_only), eval_data)
 
 
 def check_dpo(config) -> None:
@@ -65,13 +68,14 @@ def check_dpo(config) -> None:
                          f"(its model is the reference and the policy's start), or use dpo.loss='simpo' (reference-free)")
 
 
-def dpo_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
+def dpo_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> inputs.Inputs:
     """Preference pairs + the reference's log-probs of both responses (computed once, cached in the workdir:
-    rl/reference.py); without init_from (SimPO only) they are 0 and `ref_known` is 0."""
+    rl/reference.py); without init_from (SimPO only) they are 0 and `ref_known` is 0. eval_only: the validation
+    pairs' only."""
     check_dpo(config)
-    tok, train, val, val_recs = _preference_split(config, workdir)
+    tok, train, val, val_recs = _preference_split(config, workdir, eval_only)
     for split, examples in (("train", train), ("val", val)):
-        if config.init_from:
+        if config.init_from and examples:
             reference.add_reference_logps(examples, init_from=config.init_from, tok=tok, workdir=workdir, split=split,
                                           batch_size=micro_batch)
         for ex in examples:
@@ -85,7 +89,7 @@ def dpo_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
         problems = sft_data.generation_problems(chats, tok, int(config.pref.eval_generate))
         extra = task_eval.exact_match_eval(problems, tok, width=config.data.seq_len,
                                            max_new_tokens=int(config.pref.max_new_tokens), batch_size=micro_batch)
-    return inputs.Inputs(tok, _pair_iterator(config, train, micro_batch), eval_data, extra_eval=extra)
+    return inputs.Inputs(tok, _pair_iterator(config, train, micro_batch, eval_only), eval_data, extra_eval=extra)
 
 def check_rl(config) -> None:
     """rl.* values of modes 'grpo' and 'ppo'; errors name the field and value."""
@@ -134,33 +138,40 @@ def _prompt_texts(path: str) -> list[str]:
     return [open(f, encoding="utf-8", errors="replace").read() for f in with_files if not f.endswith(".gz")]
 
 
-def rl_inputs(config, workdir: str, micro_batch: int) -> inputs.Inputs:
+def rl_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> inputs.Inputs:
     """Prompts (data/prompts.py) for modes 'grpo' and 'ppo': an endless shuffled iterator of prompt indices
-    (checkpointed like every mode's), and the exact match of greedy answers to held-out prompts."""
+    (checkpointed like every mode's), and the exact match of greedy answers to held-out prompts. eval_only: no
+    iterator or PPO-ptx rows, and data.path not read when rl.val_path is given."""
     check_rl(config)
     r = config.rl
-    if float(r.ptx_coef) > 0:  # the ptx rows are a batch of their own: split over the mesh like every batch
+    if float(r.ptx_coef) > 0 and not eval_only:  # the ptx rows are a batch of their own: split over the mesh
         sharding.check_batch_size(int(r.ptx_rows), sharding.make_mesh(config.mesh), "rl.ptx_rows")
-    tok = inputs.run_tokenizer(config, workdir, _prompt_texts(config.data.path) if not config.init_from else None)
+    texts = _prompt_texts(config.data.path) if not (config.init_from or eval_only) else None  # eval: the saved one
+    tok = inputs.run_tokenizer(config, workdir, texts)
     inputs.chat_template(workdir)
     read = functools.partial(prompts_data.read_prompts, tok=tok, max_prompt_len=int(r.max_prompt_len), strict=r.strict)
-    train, stats = read(config.data.path)
+    if eval_only and r.val_path:
+        train, stats = [], sources.ReadStats()
+    else:
+        train, stats = read(config.data.path)
     if r.val_path:
         val, val_stats = read(r.val_path)
     else:
         train, val = inputs.hash_held_out(train, lambda p: repr(p.messages), config)
         val_stats = sources.ReadStats()
-    log.info("%s: %d train prompts (skipped: %s), %d validation prompts (skipped: %s)", config.mode, len(train),
-             stats.left_out(), len(val), val_stats.left_out())
-    data_iter = pipeline.shuffled_batches(prompts_data.PromptSource(len(train)), global_batch=micro_batch,
-                                          seed=config.seed, what="RL prompts", **inputs.host_block(config, micro_batch))
+    log.info("%s: %s%d validation prompts (skipped: %s)", config.mode, "" if eval_only else
+             f"{len(train)} train prompts (skipped: {stats.left_out()}), ", len(val), val_stats.left_out())
+    data_iter = None if eval_only else pipeline.shuffled_batches(
+        prompts_data.PromptSource(len(train)), global_batch=micro_batch, seed=config.seed, what="RL prompts",
+        **inputs.host_block(config, micro_batch))
     extra = None
     if int(r.eval_generate) > 0:
         em = task_eval.exact_match_eval(prompts_data.limited(val, int(r.eval_generate)), tok,
                                         width=int(r.max_prompt_len) + int(r.max_new_tokens),
                                         max_new_tokens=int(r.max_new_tokens), batch_size=micro_batch)
         extra = _on_language_model(em)
-    return inputs.Inputs(tok, data_iter, [], extra_eval=extra, prompts=train, ptx_rows=_ptx_rows(config, tok))
+    return inputs.Inputs(tok, data_iter, [], extra_eval=extra, prompts=train,
+                         ptx_rows=None if eval_only else _ptx_rows(config, tok))
 
 
 def _ptx_rows(config, tok) -> dict | None:

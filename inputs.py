@@ -143,7 +143,7 @@ def prepare_data(config, workdir: str):
 @dataclasses.dataclass
 class Inputs:
     tokenizer: tokenizer_lib.Tokenizer
-    train_iter: object  # grain iterator of this process's batches (checkpointed)
+    train_iter: object  # grain iterator of this process's batches (checkpointed); None when built eval_only
     eval_batches: list
     num_classes: int = 0  # mode='classify'
     # Metrics that need decoding, not just summed losses (QA exact match/F1, SFT generation accuracy):
@@ -180,8 +180,10 @@ def host_block(config, micro_batch: int) -> dict:
     return dict(process_index=block, process_count=blocks)
 
 
-def causal_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+def causal_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> Inputs:
     tok, train_stream, val_stream = prepare_data(config, workdir)
+    if eval_only:  # the held-out share is cut from the same text: read, but no iterator or replay rows
+        return Inputs(tok, None, causal_eval_batches(config, tok, val_stream, micro_batch))
     old, replay = _old_rows(config, lambda p: pipeline.WindowSource(_old_stream(config, tok)(p), config.data.seq_len))
     data_iter = pipeline.train_iterator(train_stream, seq_len=config.data.seq_len, global_batch=micro_batch,
                                         seed=config.seed, replay=replay, **host_block(config, micro_batch))
@@ -221,10 +223,12 @@ def mlm_eval_batches(config, tok, stream: pipeline.TokenStream, micro_batch: int
     return mlm_data.eval_batches(source, batch_size=micro_batch, max_batches=config.train.eval_batches)
 
 
-def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+def mlm_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> Inputs:
     tok, train_stream, val_stream = prepare_data(config, workdir)
-    train_src = mlm_source(config, tok, train_stream, config.seed)
     eval_data = mlm_eval_batches(config, tok, val_stream, micro_batch)
+    if eval_only:
+        return Inputs(tok, None, eval_data)
+    train_src = mlm_source(config, tok, train_stream, config.seed)
     log.info("mlm: %d train examples, %d val batches (nsp=%s)", len(train_src), len(eval_data), config.mlm.nsp)
     old, replay = _old_rows(config, lambda p: mlm_source(config, tok, _old_stream(config, tok)(p), config.seed))
     data_iter = mlm_data.train_iterator(train_src, global_batch=micro_batch, seed=config.seed, replay=replay,
@@ -232,9 +236,13 @@ def mlm_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     return Inputs(tok, data_iter, eval_data, old_rows=old)
 
 
-def train_val_records(config, section, fmt: str):
+def train_val_records(config, section, fmt: str, eval_only: bool = False):
     """(train records, stats, validation records, stats) of a task mode: `section.val_path` is the
-    validation file; without one, a content-hash share data.val_fraction of data.path is held out."""
+    validation file; without one, a content-hash share data.val_fraction of data.path is held out.
+    eval_only with a val_path: data.path is not read (no train records)."""
+    if eval_only and section.val_path:
+        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
+        return [], sources.ReadStats(), val, val_stats
     train, stats = formats.read_split(config.data.path, fmt, strict=section.strict)
     if section.val_path:
         val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
@@ -254,22 +262,24 @@ def hash_held_out(items: list, key, config) -> tuple[list, list]:
     return train, val
 
 
-def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+def classify_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> Inputs:
     c = config.classify
-    train_recs, stats, val_recs, val_stats = train_val_records(config, c, "classification")
+    train_recs, stats, val_recs, val_stats = train_val_records(config, c, "classification", eval_only)
     labels_path = os.path.join(workdir, "labels.json")
-    labels = classify_data.build_labels(train_recs)
-    if len(labels) < 2:
+    labels = None if eval_only else classify_data.build_labels(train_recs)
+    if labels is not None and len(labels) < 2:
         raise sources.DataError(f"{config.data.path!r}: a classifier needs >= 2 labels, found {labels}")
     # a resumed (or evaluated) run's head rows are its saved labels' ids; a labels.json left by a start that failed
     # before any checkpoint is not a run's and is replaced
-    if checkpoint.has_checkpoint(workdir):
+    if eval_only or checkpoint.has_checkpoint(workdir):
         if not os.path.exists(labels_path):
             raise checkpoint.IncompatibleCheckpointError(
                 f"{labels_path} is missing: the checkpoint's classifier rows belong to the labels it listed, which "
                 f"cannot be rebuilt safely from data.path (it may have changed)")
         saved = classify_data.load_labels(labels_path)
-        if saved != labels:
+        if labels is None:  # evaluating: the run's labels are the ones its head was trained on
+            labels = saved
+        elif saved != labels:
             raise checkpoint.IncompatibleCheckpointError(
                 f"{labels_path} holds labels {saved} but the training split has {labels}")
     elif jax.process_index() == 0:
@@ -280,7 +290,7 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     pool = "last" if config.model.causal else "first"
     make = functools.partial(classify_data.make_source, tok=tok, labels=labels, seq_len=config.data.seq_len,
                              pool=pool, strict=c.strict)
-    train_src = make(train_recs, stats=stats)
+    train_src = None if eval_only else make(train_recs, stats=stats)
     try:
         val_src = make(val_recs, stats=val_stats)
     except sources.DataError as e:
@@ -289,19 +299,26 @@ def classify_inputs(config, workdir: str, micro_batch: int) -> Inputs:
         raise sources.DataError(f"{e}: the record was held out of data.path for validation (data.val_fraction="
                                 f"{config.data.val_fraction}) and no training record has its label; give "
                                 f"classify.val_path, or classify.strict=False to skip such records") from None
+    eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
+    warn_skipped("classify", val_stats)
+    if eval_only:
+        log.info("classify: %d labels; validation %d examples (skipped: %s); %s", len(labels), len(val_src),
+                 val_stats.left_out(), val_src.truncation.summary())
+        return Inputs(tok, None, eval_data, num_classes=len(labels))
     log.info("classify: %d labels; train %d examples (skipped: %s); validation %d (skipped: %s)", len(labels),
              len(train_src), stats.left_out(), len(val_src), val_stats.left_out())
     log.info("classify: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
-    warn_skipped("classify", val_stats)
     data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
                                           what="classification examples", **host_block(config, micro_batch))
-    eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
     return Inputs(tok, data_iter, eval_data, num_classes=len(labels))
 
 
-def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+def qa_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> Inputs:
     c = config.qa
-    train_exs, stats = qa_data.read_split(config.data.path, strict=c.strict)
+    if eval_only and c.val_path:  # the training file is not read
+        train_exs, stats = [], sources.ReadStats()
+    else:
+        train_exs, stats = qa_data.read_split(config.data.path, strict=c.strict)
     if c.val_path:
         val_exs, val_stats = qa_data.read_split(c.val_path, strict=c.strict)
     else:  # by context, so questions about one passage stay on one side
@@ -312,20 +329,26 @@ def qa_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     count_unknown(tok, "qa", train_texts, [ex.context + "\n" + ex.question for ex in val_exs])
     make = functools.partial(qa_data.make_features, tok=tok, seq_len=config.data.seq_len,
                              max_query_len=c.max_query_len, doc_stride=c.doc_stride)
-    train_src, val_src = make(train_exs), make(val_exs)
-    log.info("qa: train %d examples -> %d windows (skipped: %s); validation %d -> %d windows (skipped: %s)",
-             len(train_exs), len(train_src), stats.left_out(), len(val_exs), len(val_src),
-             val_stats.left_out())
-    log.info("qa: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
+    train_src, val_src = None if eval_only else make(train_exs), make(val_exs)
+    if eval_only:
+        log.info("qa: validation %d examples -> %d windows (skipped: %s); %s", len(val_exs), len(val_src),
+                 val_stats.left_out(), val_src.truncation.summary())
+    else:
+        log.info("qa: train %d examples -> %d windows (skipped: %s); validation %d -> %d windows (skipped: %s)",
+                 len(train_exs), len(train_src), stats.left_out(), len(val_exs), len(val_src),
+                 val_stats.left_out())
+        log.info("qa: train: %s; validation: %s", train_src.truncation.summary(), val_src.truncation.summary())
     warn_skipped("qa", val_stats)
     for name, src in (("train", train_src), ("validation", val_src)):
+        if src is None:
+            continue
         unplaced, longer = src.unreachable(int(c.max_answer_len))
         if unplaced or longer:
             log.warning("qa: %s: %d of %d answers in no window (labelled 'no answer' in every window: longer than "
                         "a window's context room or cut off), %d longer than qa.max_answer_len=%d tokens (never an "
                         "exact match)", name, unplaced, len(src.examples), longer, int(c.max_answer_len))
-    data_iter = pipeline.shuffled_batches(train_src, global_batch=micro_batch, seed=config.seed,
-                                          what="QA windows", **host_block(config, micro_batch))
+    data_iter = None if eval_only else pipeline.shuffled_batches(
+        train_src, global_batch=micro_batch, seed=config.seed, what="QA windows", **host_block(config, micro_batch))
     eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
     return Inputs(tok, data_iter, eval_data, extra_eval=task_eval.span_qa_eval(val_src, micro_batch, c.max_answer_len))
 
@@ -342,9 +365,9 @@ def chat_template(workdir: str) -> None:
         os.replace(path + ".tmp", path)
 
 
-def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
+def sft_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> Inputs:
     f = config.sft
-    train_recs, stats, val_recs, val_stats = train_val_records(config, f, "chat")
+    train_recs, stats, val_recs, val_stats = train_val_records(config, f, "chat", eval_only)
     train_texts = [formats.record_text(r, "chat") for _, r in train_recs]
     tok = run_tokenizer(config, workdir, train_texts)
     count_unknown(tok, "sft", train_texts, [formats.record_text(r, "chat") for _, r in val_recs])
@@ -355,17 +378,19 @@ def sft_inputs(config, workdir: str, micro_batch: int) -> Inputs:
     train_conv, val_conv = render(train_recs, stats=stats), render(val_recs, stats=val_stats)
     rows = functools.partial(sft_data.make_rows, seq_len=seq_len, pad_id=tok.pad_id, pack=f.pack, fit=f.fit)
     train_rows, val_rows = rows(train_conv), rows(val_conv)
-    log.info("sft: train %d conversations in %d rows (not used whole: %s); validation %d in %d rows "
-             "(not used whole: %s)", len(train_conv), len(train_rows), stats.left_out(), len(val_conv), len(val_rows),
-             val_stats.left_out())
+    log.info("sft: %svalidation %d conversations in %d rows (not used whole: %s)",
+             "" if eval_only else f"train {len(train_conv)} conversations in {len(train_rows)} rows (not used whole: "
+                                  f"{stats.left_out()}); ", len(val_conv), len(val_rows), val_stats.left_out())
     if not val_rows:
         raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()})")
     warn_skipped("sft", val_stats)
-    old, replay = _old_rows(config, lambda p: rows(render(formats.read_split(p, "chat", strict=f.strict)[0],
-                                                          stats=sources.ReadStats())))
-    data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,
-                                          what="packed SFT rows" if f.pack else "SFT conversations", replay=replay,
-                                          **host_block(config, micro_batch))
+    old, data_iter = None, None
+    if not eval_only:
+        old, replay = _old_rows(config, lambda p: rows(render(formats.read_split(p, "chat", strict=f.strict)[0],
+                                                              stats=sources.ReadStats())))
+        data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,
+                                              what="packed SFT rows" if f.pack else "SFT conversations",
+                                              replay=replay, **host_block(config, micro_batch))
     eval_data = pipeline.padded_batches(val_rows, batch_size=micro_batch, max_batches=config.train.eval_batches)
     extra = None
     if f.eval_generate > 0:
@@ -409,5 +434,5 @@ def as_val_path(section: str, build):
         del split
         config = config.copy_and_resolve_references()
         config[section].val_path = path
-        return build(config, workdir, micro_batch)
+        return build(config, workdir, micro_batch, eval_only=True)  # the training file is not read
     return inputs

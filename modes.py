@@ -30,7 +30,9 @@ from model import build, lora
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
-    inputs: Callable[..., Inputs]  # (config, workdir, micro_batch) -> Inputs
+    # (config, workdir, micro_batch, eval_only=False) -> Inputs; eval_only (scripts/evaluate.py): no training
+    # iterator, and no training file read where the validation data is a file of its own
+    inputs: Callable[..., Inputs]
     model: Callable  # (config, Inputs) -> the Flax module
     objective: Callable  # (params, batch, rng, *, model, **options) -> (loss, metrics)
     summary: Callable[[dict], dict]  # eval metric sums over all eval batches -> eval scalars

@@ -105,6 +105,7 @@ def test_classify_on_a_test_file_matches_an_independent_count(tmp_path):
     config = tiny_config(train_path, finetune_classify, classify__val_path=val_path, train__steps=4,
                          optim__lr=1e-2, model__n_layers=1)
     train.train_and_evaluate(config, workdir)
+    os.remove(train_path)  # evaluating a test file needs the run, not its training data
     out = evaluate.evaluate(workdir, data=test_path, split="test")
     assert (out["mode"], out["split"], out["examples"]) == ("classify", "test", 37)
     # independently: encode each record, one forward pass, argmax against labels.json
@@ -192,6 +193,7 @@ def test_sft_reports_conversations_and_how_many_problems_were_scored(tmp_path):
     first = json.loads(open(va).readline())
     assert rows[0]["prompt"] == first["messages"][:1] and rows[0]["reference"] == first["messages"][1]["content"]
     assert rows[0]["kind"] == "copy" and isinstance(rows[0]["prediction"], str)
+    os.remove(tr)  # a file of its own to score: the training file is not read
     bigger = evaluate.evaluate(workdir, data=va, config_overrides={"sft.eval_generate": "20"})
     assert (bigger["split"], bigger["exact_match_scored"], bigger["exact_match_of"]) == ("data", 10, 10)
     with pytest.raises(ValueError, match=r"sft.eval_generate=0 generates no answers"):
@@ -210,6 +212,11 @@ def test_qa_predictions_explain_exact_match_and_f1(tmp_path):
     assert 100 * np.mean([r["exact_match"] for r in rows]) == pytest.approx(out["eval/exact_match"])
     assert 100 * np.mean([r["f1"] for r in rows]) == pytest.approx(out["eval/f1"])
     assert set(rows[0]) == {"id", "question", "prediction", "answers", "exact_match", "f1"}
+    # a test file, with the training file gone: scored all, the training data not read
+    test_path = qa_write_task(tmp_path / "test.jsonl", 12, 3)
+    os.remove(train_path)
+    given = evaluate.evaluate(workdir, data=test_path)
+    assert (given["data"], given["exact_match_of"]) == (test_path, 12) and "held_out" not in given
 
 
 def test_the_scored_data_is_each_modes_validation_file():

@@ -292,6 +292,13 @@ def test_dpo_starts_at_its_cached_reference(task_files, sft_run, tmp_path, monke
     rows = read_jsonl(preds)
     assert got["predictions"] == len(rows) == 6 and {"prompt", "prediction", "reference", "kind"} <= set(rows[0])
     assert np.mean([r["correct"] for r in rows]) == pytest.approx(got["eval/exact_match"])
+    # evaluating a file (evaluate.py --data): its pairs' reference log-probs only, and data.path is not read
+    splits, add = [], reference.add_reference_logps
+    with monkeypatch.context() as m:
+        m.setattr(reference, "add_reference_logps", lambda ex, **k: (splits.append(k["split"]), add(ex, **k)))
+        given = evaluation.evaluate_run(run, data=task_files["val_pref"],
+                                        overrides=lambda c: setattr(c.data, "path", str(tmp_path / "gone.jsonl")))
+    assert splits == ["val"] and given["split"] == "data" and given["eval/accuracy"] == got["eval/accuracy"]
     # a second read of the same pairs takes the cache: nothing is computed
     def no_compute(*a, **k):
         raise AssertionError("reference log-probs recomputed despite the cache")
@@ -360,6 +367,11 @@ def test_reward_run_warm_starts_trains_and_reports(reward_run, sft_run):
     assert np.abs(np.asarray(params["reward_head"]["out"]["kernel"])).max() > 0  # the zero-init head moved
     with pytest.raises(ValueError, match="mode='reward': its items are pairs: score them with scripts/score.py"):
         evaluation.evaluate_run(run, out_predictions=os.path.join(run, "..", "preds.jsonl"))
+    # its validation pairs as a file of their own, the training file gone: scored the same
+    own = evaluation.evaluate_run(run)
+    given = evaluation.evaluate_run(run, data=own["data"], overrides=lambda c: setattr(c.data, "path", "/gone.jsonl"))
+    assert given["split"] == "data" and {k: v for k, v in given.items() if k.startswith("eval/")} == {
+        k: v for k, v in own.items() if k.startswith("eval/")}
 
 
 # ---- scripts/score.py -----------------------------------------------------------------------------

@@ -167,6 +167,10 @@ def test_grpo_learns_a_trivial_reward_with_sampler_trainer_agreement(tmp_path, s
     answers = read_jsonl(preds)
     assert got["predictions"] == len(answers) == 4 and answers[0]["reference"] == "x"
     assert np.mean([a["correct"] for a in answers]) == pytest.approx(got["eval/exact_match"])
+    # the prompts as a file of their own (evaluate.py --data), the training prompts gone: the same answers
+    os.remove(tmp_path / "prompts.jsonl")
+    alone = evaluation.evaluate_run(work, data=str(tmp_path / "val.jsonl"))
+    assert alone["split"] == "data" and alone["eval/exact_match"] == got["eval/exact_match"]
     # scripts/policy_kl.py: a run against itself is at KL 0 exactly (same params, same forward)
     out = policy_kl.policy_kl(work, work, str(tmp_path / "val.jsonl"), n=4, samples=2, max_new_tokens=8,
                               max_prompt_len=24, batch_size=8)
