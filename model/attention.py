@@ -248,7 +248,7 @@ class Attention(nn.Module):
         """Decoding: write this chunk's keys/values at their positions (slot = position), then attend
         from each query to every cached slot at or before its position. The cache ('cache' collection:
         cached_key/cached_value [B, V, S, K], heads-major so both products read it as it lies) is made
-        by model/decode.init_cache; at init it takes the input's length. Same math as the training
+        by model/kv_decode.init_cache; at init it takes the input's length. Same math as the training
         path (q pre-scaled, operands in `dtype`, float32 scores and softmax): a cached key cast to
         `dtype` is the value the full forward casts too."""
         b, t, h, k = q_BxTxHxK.shape

@@ -25,11 +25,11 @@ Calling convention: flat positional arrays (params first, in the manifest's orde
 `prefill` starts B requests (prompts right-padded to T, any lengths 1..T) in a fresh state of B
 decode slots and picks each one's first token; `step` runs up to min(n, C) one-token steps (C = the
 chunk) for every running row, ending early when all are done; tokens are -1 where a row produced
-nothing. A row is done when state 'finish_B' > 0 (1 stop, 2 length). This is model/decode.py's
+nothing. A row is done when state 'finish_B' > 0 (1 stop, 2 length). This is model/kv_decode.py's
 prefill and decode_steps, unchanged: the artifact's tokens are the in-process Decoder's.
 Symbolic dims: b (batch: requests decoded together) in both, t (padded prompt length, t <= S) in
 prefill. Fixed at export time: the context S (KV-cache slots = prompt + generated tokens), the
-chunk C, the vocabulary, n_top N, the stop-id width K (model/decode.MAX_STOP_IDS).
+chunk C, the vocabulary, n_top N, the stop-id width K (model/kv_decode.MAX_STOP_IDS).
 
 A LoRA run needs no merge first: its adapters are applied as its training forward applies them.
 `--platforms=cpu,cuda,tpu` lowers one artifact for several backends (works on a CPU-only machine; run
@@ -59,7 +59,7 @@ from absl import logging as absl_logging  # noqa: E402
 from jax import export  # noqa: E402
 
 import serving  # noqa: E402
-from model import decode, sampling  # noqa: E402
+from model import kv_decode, sampling  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -88,12 +88,12 @@ def flatten_named(tree) -> tuple[list[str], list, object]:
     return [path_name(p) for p, _ in with_path], [x for _, x in with_path], treedef
 
 
-def fresh_state(dec_model: Transformer, batch, cache_len: int) -> decode.State:
-    """decode.empty_state for a batch that may be symbolic: empty_state builds its sampling rows with
+def fresh_state(dec_model: Transformer, batch, cache_len: int) -> kv_decode.State:
+    """kv_decode.empty_state for a batch that may be symbolic: empty_state builds its sampling rows with
     a Python list of `batch` settings, so it is made for one slot and broadcast to `batch` here."""
-    one = decode.empty_state(dec_model, 1, cache_len)
+    one = kv_decode.empty_state(dec_model, 1, cache_len)
     state = jax.tree.map(lambda x: jnp.broadcast_to(x, (batch,) + x.shape[1:]), one.replace(cache={}))
-    return state.replace(cache=decode.init_cache(dec_model, batch, cache_len))
+    return state.replace(cache=kv_decode.init_cache(dec_model, batch, cache_len))
 
 
 def _spec(x):
@@ -110,7 +110,7 @@ def _describe(names, avals) -> list[dict]:
 def export_decoder(model, params, *, cache_len: int, chunk: int = 16, n_top: int = 0, platforms=None):
     """(prefill Exported, step Exported, param names, prepared param arrays, manifest dict) for a
     Transformer (or LoraModel) and its params. Nothing is written."""
-    inner, _ = decode.unwrap(model)
+    inner, _ = kv_decode.unwrap(model)
     cfg = inner.cfg
     if not cfg.causal:
         raise ValueError("export needs a causal model (model.causal=True)")
@@ -122,7 +122,7 @@ def export_decoder(model, params, *, cache_len: int, chunk: int = 16, n_top: int
         raise ValueError(f"chunk={chunk} must be >= 1 and n_top={n_top} >= 0")
     dec_model = Transformer(cfg, decode=True)
     params = nn.meta.unbox(params)
-    dparams = jax.jit(functools.partial(decode.prepare, model))(params)
+    dparams = jax.jit(functools.partial(kv_decode.prepare, model))(params)
     param_names, param_leaves, param_def = flatten_named(dparams)
     n_params = len(param_leaves)
     abstract_state = jax.eval_shape(functools.partial(fresh_state, dec_model, 1, cache_len))
@@ -134,7 +134,7 @@ def export_decoder(model, params, *, cache_len: int, chunk: int = 16, n_top: int
         tokens_BxT, lengths_B, *row_arrays = args[n_params:n_params + 2 + len(ROW_NAMES)]
         seed_B, max_new_B, stop_BxK = args[n_params + 2 + len(ROW_NAMES):]
         b = tokens_BxT.shape[0]  # every slot of the fresh state gets a request: slots = 0..b-1
-        state, token_B, logp_B, top, finish_B = decode.prefill(
+        state, token_B, logp_B, top, finish_B = kv_decode.prefill(
             dec_model, cache_len, n_top, params, fresh_state(dec_model, b, cache_len), tokens_BxT, lengths_B,
             jnp.arange(b, dtype=jnp.int32), sampling.Rows(*row_arrays), seed_B, max_new_B, stop_BxK)
         return tuple(jax.tree.leaves(state)) + (token_B, logp_B, finish_B) + (tuple(top) if n_top else ())
@@ -142,7 +142,7 @@ def export_decoder(model, params, *, cache_len: int, chunk: int = 16, n_top: int
     def step_flat(*args):
         params = param_def.unflatten(args[:n_params])
         state = state_def.unflatten(args[n_params:n_params + n_state])
-        state, tokens_BxC, logp_BxC, top = decode.decode_steps(  # window = the whole context
+        state, tokens_BxC, logp_BxC, top = kv_decode.decode_steps(  # window = the whole context
             dec_model, cache_len, n_top, chunk, cache_len, params, state, args[-1])
         return tuple(jax.tree.leaves(state)) + (tokens_BxC, logp_BxC) + (tuple(top) if n_top else ())
 
@@ -152,7 +152,7 @@ def export_decoder(model, params, *, cache_len: int, chunk: int = 16, n_top: int
     param_specs = [_spec(x) for x in param_leaves]
     prefill_specs = param_specs + [jax.ShapeDtypeStruct((b, t), i32), jax.ShapeDtypeStruct((b,), i32)] + row_specs + [
         jax.ShapeDtypeStruct((b,), jnp.uint32), jax.ShapeDtypeStruct((b,), i32),
-        jax.ShapeDtypeStruct((b, decode.MAX_STOP_IDS), i32)]
+        jax.ShapeDtypeStruct((b, kv_decode.MAX_STOP_IDS), i32)]
     # model/layers.row_major pins some bf16 dot operands row-major on CPU (it decides by the backend at
     # trace time) with XLA's LayoutConstraint custom call: a layout hint for XLA's layout assignment, no
     # kernel, but outside jax.export's list of custom calls with compatibility guarantees, so it is
@@ -170,10 +170,10 @@ def export_decoder(model, params, *, cache_len: int, chunk: int = 16, n_top: int
     manifest = {
         "format": FORMAT,
         "context": cache_len, "chunk": chunk, "n_top": n_top, "vocab_size": cfg.vocab_size,
-        "num_tokens": cfg.num_tokens, "max_stop_ids": decode.MAX_STOP_IDS,
+        "num_tokens": cfg.num_tokens, "max_stop_ids": kv_decode.MAX_STOP_IDS,
         "symbolic_dims": {"b": "batch: requests decoded together (both functions)",
                           "t": f"padded prompt length, 1 <= t <= context {cache_len} (prefill)"},
-        "finish_codes": {"0": "running", **{str(k): v for k, v in decode.FINISH.items()}},
+        "finish_codes": {"0": "running", **{str(k): v for k, v in kv_decode.FINISH.items()}},
         "platforms": list(prefill_exp.platforms),
         "params": {"file": "params.npz", "names": param_names,
                    "dtypes": [str(jnp.result_type(x)) for x in param_leaves]},

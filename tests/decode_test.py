@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import decode, lora, sampling
+from model import decode, kv_decode, lora, sampling
 from model.sampling import Sampling
 from model.transformer import ModelConfig, Transformer
 
@@ -182,7 +182,7 @@ def test_only_busy_slots_are_computed_and_they_decode_as_in_a_full_batch(scan):
     dec._steps = {}  # a loop table of its own (not the one equal decoders share): the loops this test runs
     dparams = dec.prepare(params)
     state, *_ = dec.prefill(dparams, dec.empty(dparams), [PROMPTS[3]], [0], [sampling.GREEDY], [0], [1], [()])
-    axis = decode._batch_axis(dec.dec_model)
+    axis = kv_decode.batch_axis(dec.dec_model)
     row0 = lambda st: [np.take(np.asarray(c), 0, axis=axis) for c in jax.tree.leaves(st.cache)]  # noqa: E731
     finished = row0(state)  # slot 0 holds a finished request: nothing may touch it
     slots = [2, 5, 7]
@@ -225,7 +225,7 @@ def test_the_cache_holds_the_window_its_rows_need_and_decodes_as_the_full_forwar
     dec = decode.Decoder(model, batch=4, cache_len=160, chunk=8)
     dparams = dec.prepare(params)
     state = dec.empty(dparams)
-    assert decode.cache_extent(dec.dec_model, state) == 64
+    assert kv_decode.cache_extent(dec.dec_model, state) == 64
     extents = []
     for prompts, max_new in (([PROMPTS[0], PROMPTS[2]] * 2, 140), ([PROMPTS[1], PROMPTS[3]] * 2, 20)):
         prompts = prompts[:len(slots)]
@@ -234,7 +234,7 @@ def test_the_cache_holds_the_window_its_rows_need_and_decodes_as_the_full_forwar
         got = [([int(token[i])], [float(logp[i])]) for i in range(len(slots))]
         while not np.all(np.asarray(state.finish_B)[slots] > 0):
             state, tokens, logps, _ = dec.steps(dparams, state, max_new, 8)
-            extents.append(decode.cache_extent(dec.dec_model, state))
+            extents.append(kv_decode.cache_extent(dec.dec_model, state))
             for (toks, lps), j in zip(got, slots):
                 keep = tokens[j] >= 0
                 toks.extend(tokens[j][keep].tolist())
