@@ -36,7 +36,7 @@ from data import mixture, sources
 log = logging.getLogger("lmstack")
 
 INIT_STATES = ("weights", "full")
-OLD_ROW_MODES = ("causal", "mlm", "sft")  # modes whose inputs build continual.replay_path's rows (inputs._old_rows)
+OLD_ROW_MODES = ("causal", "mlm", "sft")  # modes whose inputs build continual.replay_path's rows (inputs.old_rows)
 ANCHOR_DIR = "continual_anchor"  # in the workdir: {'params': theta_0, 'fisher': F} (Orbax)
 ANCHOR_JSON = "continual_anchor.json"  # its fingerprint: what it was computed from, and checksums
 

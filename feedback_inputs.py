@@ -1,6 +1,6 @@
 """The post-training modes' inputs: preference pairs (modes 'reward' and 'dpo', with DPO's cached reference
 log-probs) and RL prompts (modes 'grpo' and 'ppo'), with their config checks. The shared pieces (the run's
-tokenizer, train/validation records, per-host batches, `Inputs`) are in inputs.py.
+tokenizer, per-host batches, `Inputs`) are in inputs.py, the train/validation records in task_inputs.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 
 import checkpoint
 import inputs
+import task_inputs
 import sharding
 import task_eval
 from data import formats, pipeline, preference as preference_data, prompts as prompts_data, sft as sft_data, sources
@@ -23,11 +24,11 @@ log = logging.getLogger("lmstack")
 
 def _preference_split(config, workdir: str, eval_only: bool):
     """(tokenizer, train examples, validation examples, validation records) of a preference mode; eval_only:
-    no train examples (inputs.train_val_records)."""
+    no train examples (task_inputs.train_val_records)."""
     p = config.pref
-    train_recs, stats, val_recs, val_stats = inputs.train_val_records(config, p, "preference", eval_only)
+    train_recs, stats, val_recs, val_stats = task_inputs.train_val_records(config, p, "preference", eval_only)
     tok = inputs.run_tokenizer(config, workdir, [formats.record_text(r, "preference") for _, r in train_recs])
-    inputs.chat_template(workdir)
+    task_inputs.chat_template(workdir)
     render = functools.partial(preference_data.render_split, tok=tok, seq_len=config.data.seq_len, too_long=p.too_long)
     train, val = [] if eval_only else render(train_recs, stats=stats), render(val_recs, stats=val_stats)
     log.info("%s: %svalidation %d pairs (not used whole: %s)", config.mode, "" if eval_only else
@@ -148,7 +149,7 @@ def rl_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
         sharding.check_batch_size(int(r.ptx_rows), sharding.make_mesh(config.mesh), "rl.ptx_rows")
     texts = _prompt_texts(config.data.path) if not (config.init_from or eval_only) else None  # eval: the saved one
     tok = inputs.run_tokenizer(config, workdir, texts)
-    inputs.chat_template(workdir)
+    task_inputs.chat_template(workdir)
     read = functools.partial(prompts_data.read_prompts, tok=tok, max_prompt_len=int(r.max_prompt_len), strict=r.strict)
     if eval_only and r.val_path:
         train, stats = [], sources.ReadStats()
@@ -157,7 +158,7 @@ def rl_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
     if r.val_path:
         val, val_stats = read(r.val_path)
     else:
-        train, val = inputs.hash_held_out(train, lambda p: repr(p.messages), config)
+        train, val = task_inputs.hash_held_out(train, lambda p: repr(p.messages), config)
         val_stats = sources.ReadStats()
     log.info("%s: %s%d validation prompts (skipped: %s)", config.mode, "" if eval_only else
              f"{len(train)} train prompts (skipped: {stats.left_out()}), ", len(val), val_stats.left_out())

@@ -22,6 +22,7 @@ import inputs as inputs_lib
 import objectives
 import optim
 import predictions
+import task_inputs
 from rl import objectives as rl_objectives
 from data import preference as preference_data, sources
 from inputs import Inputs
@@ -88,25 +89,25 @@ MODES = {
                         "mlm.random_token_frac": 0.1, "mlm.nsp_pool": "first"},
         text_corpus=True),
     "classify": Mode(
-        inputs=inputs_lib.classify_inputs,
+        inputs=task_inputs.classify_inputs,
         model=lambda config, inputs: build.classifier(config, inputs.tokenizer.vocab_size, inputs.num_classes),
         objective=objectives.classify, summary=objectives.classify_summary,
-        other_eval_data=inputs_lib.as_val_path("classify", inputs_lib.classify_inputs),
+        other_eval_data=inputs_lib.as_val_path("classify", task_inputs.classify_inputs),
         headline=("eval/accuracy", "eval/macro_f1"), must_match=("classify.val_path", "classify.freeze_backbone"),
         added_defaults={"classify.val_path": "", "classify.strict": True, "classify.freeze_backbone": False},
         frozen=_classify_frozen, paths=("data.path", "classify.val_path"), example_unit="records",
         predictions=predictions.classify),
     "qa": Mode(
-        inputs=inputs_lib.qa_inputs, model=lambda config, inputs: build.span_qa(config, inputs.tokenizer.vocab_size),
+        inputs=task_inputs.qa_inputs, model=lambda config, inputs: build.span_qa(config, inputs.tokenizer.vocab_size),
         objective=objectives.qa, summary=objectives.qa_summary,
-        other_eval_data=inputs_lib.as_val_path("qa", inputs_lib.qa_inputs),  # span loss, exact match and F1
+        other_eval_data=inputs_lib.as_val_path("qa", task_inputs.qa_inputs),  # span loss, exact match and F1
         headline=("eval/exact_match", "eval/f1"), must_match=("qa.val_path",),
         paths=("data.path", "qa.val_path"), predictions=predictions.qa),
     "sft": Mode(
-        inputs=inputs_lib.sft_inputs, model=_causal_model,
+        inputs=task_inputs.sft_inputs, model=_causal_model,
         objective=objectives.causal_lm,  # packed chat rows: weights = the assistant-token loss mask
         summary=objectives.causal_summary,  # loss / perplexity / accuracy over the trained (assistant) tokens
-        other_eval_data=inputs_lib.as_val_path("sft", inputs_lib.sft_inputs),  # held-out loss + exact match
+        other_eval_data=inputs_lib.as_val_path("sft", task_inputs.sft_inputs),  # held-out loss + exact match
         headline=("eval/accuracy", "eval/exact_match"),
         must_match=("sft.val_path", "sft.train_on", "sft.too_long", "sft.pack", "sft.fit"),
         added_defaults={"sft.val_path": "", "sft.train_on": "assistant", "sft.too_long": "truncate",

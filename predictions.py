@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-import inputs as inputs_lib
+import task_inputs
 import task_eval
 from data import classify as classify_data, formats
 
@@ -31,7 +31,7 @@ def classify(config, inputs, model, params, *, workdir: str, data: str) -> list[
     if data:
         val_recs, _ = formats.read_split(data, "classification", strict=config.classify.strict)
     else:
-        _, _, val_recs, _ = inputs_lib.train_val_records(config, config.classify, "classification")
+        _, _, val_recs, _ = task_inputs.train_val_records(config, config.classify, "classification")
     labels = classify_data.load_labels(os.path.join(workdir, "labels.json"))
     index = classify_data.label_index(labels)
     records = [(w, r) for w, r in val_recs if classify_data.label_key(r["label"]) in index]

@@ -60,32 +60,32 @@ def test_encoding_pairs_types_and_pooling():
 def test_labels_left_by_a_failed_start_do_not_block_the_next(tmp_path, caplog):
     """A start refused for its data (one label) leaves no labels.json that the corrected run trips on; and
     text a char vocabulary lacks (here a warm start's, or the train split's) is counted per split."""
-    import inputs
+    import task_inputs
     one = tmp_path / "one.jsonl"
     one.write_text("".join(json.dumps({"text": f"text {i}", "label": "pos"}) + "\n" for i in range(8)))
     workdir = tmp_path / "run"
     workdir.mkdir()
     classify_data.save_labels(["pos"], str(workdir / "labels.json"))  # as an earlier version left it
     with pytest.raises(DataError, match="needs >= 2 labels"):
-        inputs.classify_inputs(_cfg(str(one), ""), str(workdir), 8)
+        task_inputs.classify_inputs(_cfg(str(one), ""), str(workdir), 8)
     good = _write_task(tmp_path / "train.jsonl", 48, 0)
     val = _write_task(tmp_path / "val.jsonl", 12, 1, extra=[json.dumps({"text": "ZZZ", "label": "low"})])
     with caplog.at_level(logging.WARNING, logger="lmstack"):
-        out = inputs.classify_inputs(_cfg(good, val, data__tokenizer="char"), str(workdir), 8)
+        out = task_inputs.classify_inputs(_cfg(good, val, data__tokenizer="char"), str(workdir), 8)
     assert out.num_classes == 3 and classify_data.load_labels(str(workdir / "labels.json")) == ["digit", "high", "low"]
     assert re.search(r"classify: 3 of \d+ validation tokens", caplog.text) and "training tokens" not in caplog.text
     # once the workdir holds a checkpoint its labels.json is the head's: never rebuilt from data.path
     checkpoint.save_params(str(workdir), 1, {"w": np.zeros(2, np.float32)}, {"mode": "classify"})
     os.remove(workdir / "labels.json")
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="labels.json is missing"):
-        inputs.classify_inputs(_cfg(good, val, data__tokenizer="char"), str(workdir), 8)
+        task_inputs.classify_inputs(_cfg(good, val, data__tokenizer="char"), str(workdir), 8)
     assert not (workdir / "labels.json").exists()
 
 
 def test_a_label_only_the_held_out_share_has_is_explained(tmp_path):
     """Without classify.val_path a hash share of data.path is validation: a label that only a held-out record
     has is refused saying so (the user gave one file; 'unknown label' alone did not explain it)."""
-    import inputs
+    import task_inputs
     from data import pipeline
     rare = next(f"rare text {i}" for i in range(1000) if pipeline.hash_unit(f"rare text {i}") < 0.2)
     path = _write_task(tmp_path / "train.jsonl", 60, 0, extra=[json.dumps({"text": rare, "label": "rare"})])
@@ -93,7 +93,7 @@ def test_a_label_only_the_held_out_share_has_is_explained(tmp_path):
     workdir.mkdir()
     with pytest.raises(DataError, match=r"unknown label 'rare'.*held out of data.path for validation "
                                         r"\(data.val_fraction=0.2\).*classify.val_path"):
-        inputs.classify_inputs(_cfg(path, ""), str(workdir), 8)
+        task_inputs.classify_inputs(_cfg(path, ""), str(workdir), 8)
 
 
 def test_labels_sorted_and_macro_f1():
