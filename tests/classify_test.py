@@ -123,7 +123,7 @@ def test_bad_inputs_named_or_counted(tmp_path, caplog):
         out = train.train_and_evaluate(_cfg(tr, va, train__steps=3, classify__strict=False), str(tmp_path / "c"))
     assert out["step"] == 3
     text = caplog.text
-    assert "'classification: missing field': 1" in text and "'unknown label': 1" in text
+    assert "skipped: 1 classification: missing field" in text and "'unknown label': 1" in text
     # a warning (what scripts/evaluate.py prints): the scores leave that record out
     assert any(r.levelname == "WARNING" and "1 validation records not scored" in r.getMessage() for r in caplog.records)
 

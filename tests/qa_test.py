@@ -263,7 +263,7 @@ def test_held_out_split_and_skipped_records_end_to_end(tmp_path, caplog):
         out = train.train_and_evaluate(_cfg(tr, "", train__steps=3, qa__strict=False, data__val_fraction=0.25),
                                        str(tmp_path / "b"))
     assert out["step"] == 3 and 0.0 <= out["eval/f1"] <= 100.0
-    assert "'qa: answer_start mismatch': 1" in caplog.text
+    assert "skipped: 1 qa: answer_start mismatch" in caplog.text
     held = [line for line in caplog.text.splitlines() if "qa: train" in line][0]
     n_train, n_val = (int(x) for x in re.findall(r"train (\d+) examples .* validation (\d+) ->", held)[0])
     assert n_train + n_val == 64 and 0 < n_val < 32  # held out by a hash of the context
