@@ -30,7 +30,7 @@ def _preference_split(config, workdir: str, eval_only: bool):
     tok = inputs.run_tokenizer(config, workdir, [formats.record_text(r, "preference") for _, r in train_recs])
     task_inputs.chat_template(workdir)
     render = functools.partial(preference_data.render_split, tok=tok, seq_len=config.data.seq_len, too_long=p.too_long)
-    train, val = [] if eval_only else render(train_recs, stats=stats), render(val_recs, stats=val_stats)
+    train, val = render(train_recs, stats=stats), render(val_recs, stats=val_stats)  # eval_only: no train records
     log.info("%s: %svalidation %d pairs (not used whole: %s)", config.mode, "" if eval_only else
              f"train {len(train)} pairs (not used whole: {stats.left_out()}); ", len(val), val_stats.left_out())
     if not val:
@@ -159,6 +159,7 @@ def rl_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
         val, val_stats = read(r.val_path)
     else:
         train, val = task_inputs.hash_held_out(train, lambda p: repr(p.messages), config)
+        train = [] if eval_only else train
         val_stats = sources.ReadStats()
     log.info("%s: %s%d validation prompts (skipped: %s)", config.mode, "" if eval_only else
              f"{len(train)} train prompts (skipped: {stats.left_out()}), ", len(val), val_stats.left_out())

@@ -43,7 +43,7 @@ def count_unknown(tok: tokenizer_lib.Tokenizer, what: str, train_texts: list[str
 def train_val_records(config, section, fmt: str, eval_only: bool = False):
     """(train records, stats, validation records, stats) of a task mode: `section.val_path` is the
     validation file; without one, a content-hash share data.val_fraction of data.path is held out.
-    eval_only with a val_path: data.path is not read (no train records)."""
+    eval_only: no train records (with a val_path, data.path is not read at all)."""
     if eval_only and section.val_path:
         val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
         return [], sources.ReadStats(), val, val_stats
@@ -52,7 +52,7 @@ def train_val_records(config, section, fmt: str, eval_only: bool = False):
         val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
         return train, stats, val, val_stats
     train, val = hash_held_out(train, lambda x: formats.record_text(x[1], fmt), config)
-    return train, stats, val, sources.ReadStats()
+    return [] if eval_only else train, stats, val, sources.ReadStats()
 
 
 def hash_held_out(items: list, key, config) -> tuple[list, list]:
@@ -127,6 +127,7 @@ def qa_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
         val_exs, val_stats = qa_data.read_split(c.val_path, strict=c.strict)
     else:  # by context, so questions about one passage stay on one side
         train_exs, val_exs = hash_held_out(train_exs, lambda ex: ex.context, config)
+        train_exs = [] if eval_only else train_exs
         val_stats = sources.ReadStats()
     train_texts = [ex.context + "\n" + ex.question for ex in train_exs]
     tok = run_tokenizer(config, workdir, train_texts)

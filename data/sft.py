@@ -41,7 +41,7 @@ def render_split(records: list[tuple[str, dict]], tok: Tokenizer, stats: ReadSta
     for reason, n in counts.items():
         if reason == "truncated":
             stats.truncated += n
-        elif reason != "rendered" and n:
+        elif reason != "rendered":
             stats.skipped[reason] = stats.skipped.get(reason, 0) + n
     return rendered
 

@@ -57,15 +57,16 @@ class ReadStats:
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
+    def _skipped(self) -> list[str]:
+        return [f"{v} {k}" for k, v in sorted(self.skipped.items())]
+
     def left_out(self) -> str:
         """What a log line says of the records not used whole: the skipped ones by reason, then the cut ones."""
-        parts = [f"{v} {k}" for k, v in sorted(self.skipped.items())]
-        if self.truncated:
-            parts.append(f"{self.truncated} kept but cut to fit")
-        return ", ".join(parts) or "none"
+        cut = [f"{self.truncated} kept but cut to fit"] if self.truncated else []
+        return ", ".join(self._skipped() + cut) or "none"
 
     def summary(self) -> str:
-        skipped = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items())) or "none"
+        skipped = ", ".join(self._skipped()) or "none"
         cut = f"; {self.truncated} kept but cut to fit" if self.truncated else ""
         return (f"{self.documents} documents ({self.chars / 1e6:.1f}M chars) from {self.files} files; "
                 f"skipped: {skipped}{cut}")
