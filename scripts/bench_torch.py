@@ -59,14 +59,19 @@ def worker_args(cfg, arch: str, seq_len: int, batch: int, threads: int, variant:
     return args
 
 
-def vs_torch(config, model_cfg, run, tokens: int, n_params: int, *, variants, arch: str, rounds: int, steps: int,
-             threads: int, gap_s: float, omp_wait: str, timed, log=sys.stderr) -> dict:
-    """`run` is lmstack's warmed-up step (a no-argument call), `timed(run, n)` its seconds per step."""
+def check_settings(config, variants, arch: str) -> None:
+    """The --vs-torch flags against the config: benchmark.py asks before it builds and compiles anything."""
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ValueError(f"--torch-variants={','.join(variants)}: expected some of {', '.join(VARIANTS)}")
     if arch == "llama":
         check_llama_like(config.model)
+
+
+def vs_torch(config, model_cfg, run, tokens: int, n_params: int, *, variants, arch: str, rounds: int, steps: int,
+             threads: int, gap_s: float, omp_wait: str, timed, log=sys.stderr) -> dict:
+    """`run` is lmstack's warmed-up step (a no-argument call), `timed(run, n)` its seconds per step."""
+    check_settings(config, variants, arch)
     peers = {v: PeerProcess(f"PyTorch-{v}", [sys.executable, WORKER, *worker_args(
         model_cfg, arch, config.data.seq_len, config.data.batch_size, threads, v)], omp_wait=omp_wait)
         for v in variants}

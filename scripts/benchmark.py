@@ -291,6 +291,9 @@ def main(argv):
         print(json.dumps(measure_peak()))
         return
     config = FLAGS.config
+    variants = ["bf16"] if FLAGS.torch_bf16 and FLAGS.torch_variants == ["f32"] else FLAGS.torch_variants
+    if FLAGS.vs_torch:
+        bench_torch.check_settings(config, variants, FLAGS.torch_arch)  # before minutes of building and compiling
     if FLAGS.gpt2 or (FLAGS.vs_torch and FLAGS.torch_arch == "gpt2") or (FLAGS.what == "decode" and FLAGS.vs_hf):
         gpt2_shape(config)
     num_tokens = FLAGS.num_tokens or default_num_tokens(config)
@@ -325,7 +328,6 @@ def main(argv):
                           "model_flops_per_token": fpt, "achieved_gflops": fpt * tokens / s / 1e9,
                           "mfu": fpt * tokens / s / peak}))
         return
-    variants = ["bf16"] if FLAGS.torch_bf16 and FLAGS.torch_variants == ["f32"] else FLAGS.torch_variants
     model_cfg = build.transformer(config, num_tokens).cfg
     print(json.dumps(bench_torch.vs_torch(
         config, model_cfg, run, tokens, n_params, variants=variants, arch=FLAGS.torch_arch, rounds=FLAGS.rounds,
