@@ -23,8 +23,8 @@ log = logging.getLogger("lmstack")
 
 
 def _preference_split(config, workdir: str, eval_only: bool):
-    """(tokenizer, train examples, validation examples, validation records) of a preference mode; eval_only:
-    no train examples (task_inputs.train_val_records)."""
+    """(tokenizer, train examples, their ReadStats, validation examples, validation records) of a preference
+    mode; eval_only: no train examples (task_inputs.train_val_records)."""
     p = config.pref
     train_recs, stats, val_recs, val_stats = task_inputs.train_val_records(config, p, "preference", eval_only)
     tok = inputs.run_tokenizer(config, workdir, [formats.record_text(r, "preference") for _, r in train_recs])
@@ -34,21 +34,23 @@ def _preference_split(config, workdir: str, eval_only: bool):
     log.info("%s: %svalidation %d pairs (not used whole: %s)", config.mode, "" if eval_only else
              f"train {len(train)} pairs (not used whole: {stats.left_out()}); ", len(val), val_stats.left_out())
     if not val:
-        raise sources.DataError(f"{config.mode}: no validation pair left to evaluate ({val_stats.summary()})")
-    return tok, train, val, val_recs
+        raise sources.DataError(f"{config.mode}: no validation pair left to evaluate ({val_stats.summary()}"
+                                f"{task_inputs.cut_note(val_stats, config.data.seq_len)})")
+    return tok, train, stats, val, val_recs
 
 
-def _pair_iterator(config, train: list[dict], micro_batch: int, eval_only: bool):
+def _pair_iterator(config, train: list[dict], stats, micro_batch: int, eval_only: bool):
     if eval_only:
         return None
-    return pipeline.shuffled_batches(train, global_batch=micro_batch, seed=config.seed, what="preference pairs",
+    what = task_inputs.too_few("preference pairs", stats, config.data.seq_len)
+    return pipeline.shuffled_batches(train, global_batch=micro_batch, seed=config.seed, what=what,
                                      **inputs.host_block(config, micro_batch))
 
 
 def reward_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> inputs.Inputs:
-    tok, train, val, _ = _preference_split(config, workdir, eval_only)
+    tok, train, stats, val, _ = _preference_split(config, workdir, eval_only)
     eval_data = pipeline.padded_batches(val, batch_size=micro_batch, max_batches=config.train.eval_batches)
-    return inputs.Inputs(tok, _pair_iterator(config, train, micro_batch, eval_only), eval_data)
+    return inputs.Inputs(tok, _pair_iterator(config, train, stats, micro_batch, eval_only), eval_data)
 
 
 def check_dpo(config) -> None:
@@ -74,7 +76,7 @@ def dpo_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) 
     rl/reference.py); without init_from (SimPO only) they are 0 and `ref_known` is 0. eval_only: the validation
     pairs' only."""
     check_dpo(config)
-    tok, train, val, val_recs = _preference_split(config, workdir, eval_only)
+    tok, train, stats, val, val_recs = _preference_split(config, workdir, eval_only)
     for split, examples in (("train", train), ("val", val)):
         if config.init_from and examples:
             reference.add_reference_logps(examples, init_from=config.init_from, tok=tok, workdir=workdir, split=split,
@@ -90,7 +92,7 @@ def dpo_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) 
         problems = sft_data.generation_problems(chats, tok, int(config.pref.eval_generate))
         extra = task_eval.exact_match_eval(problems, tok, width=config.data.seq_len,
                                            max_new_tokens=int(config.pref.max_new_tokens), batch_size=micro_batch)
-    return inputs.Inputs(tok, _pair_iterator(config, train, micro_batch, eval_only), eval_data, extra_eval=extra)
+    return inputs.Inputs(tok, _pair_iterator(config, train, stats, micro_batch, eval_only), eval_data, extra_eval=extra)
 
 def check_rl(config) -> None:
     """rl.* values of modes 'grpo' and 'ppo'; errors name the field and value."""

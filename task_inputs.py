@@ -33,6 +33,17 @@ def warn_skipped(what: str, stats: sources.ReadStats) -> None:
         log.warning("%s: %d validation records not scored: %s", what, sum(stats.skipped.values()), stats.skipped)
 
 
+def cut_note(stats: sources.ReadStats, seq_len: int) -> str:
+    """What an error about too few records adds when the cut at data.seq_len emptied some: the setting to raise."""
+    cut = any("truncation" in reason for reason in stats.skipped)
+    return f"; data.seq_len={seq_len} cut them: raise --config.data.seq_len" if cut else ""
+
+
+def too_few(what: str, stats: sources.ReadStats, seq_len: int) -> str:
+    """`what` for pipeline.shuffled_batches' too-few-examples error: the training records left out, and why."""
+    return f"{what} (left out: {stats.left_out()}{cut_note(stats, seq_len)})" if stats.skipped else what
+
+
 def count_unknown(tok: tokenizer_lib.Tokenizer, what: str, train_texts: list[str], val_texts: list[str]) -> None:
     """warn_unknown on a task mode's texts (encoded here only for a char tokenizer: no other makes <unk>)."""
     if tok.kind == "char":
@@ -187,14 +198,16 @@ def sft_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) 
              "" if eval_only else f"train {len(train_conv)} conversations in {len(train_rows)} rows (not used whole: "
                                   f"{stats.left_out()}); ", len(val_conv), len(val_rows), val_stats.left_out())
     if not val_rows:
-        raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()})")
+        raise sources.DataError(f"sft: no validation conversation left to evaluate ({val_stats.summary()}"
+                                f"{cut_note(val_stats, seq_len)})")
     warn_skipped("sft", val_stats)
     old, data_iter = None, None
     if not eval_only:
         old, replay = old_rows(config, lambda p: rows(render(formats.read_split(p, "chat", strict=f.strict)[0],
                                                               stats=sources.ReadStats())))
         data_iter = pipeline.shuffled_batches(train_rows, global_batch=micro_batch, seed=config.seed,
-                                              what="packed SFT rows" if f.pack else "SFT conversations",
+                                              what=too_few("packed SFT rows" if f.pack else "SFT conversations",
+                                                           stats, seq_len),
                                               replay=replay, **host_block(config, micro_batch))
     eval_data = pipeline.padded_batches(val_rows, batch_size=micro_batch, max_batches=config.train.eval_batches)
     extra = None

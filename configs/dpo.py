@@ -48,6 +48,7 @@ def get_config(arg=None):
     common.apply_arg(c, arg)
     if arg == "tiny":
         c.init_from = ""
+        c.data.seq_len = 128  # :tiny's 32 would cut every task pair's response away
         c.dpo.loss = "simpo"
         c.pref.eval_generate = 4
         c.pref.max_new_tokens = 4

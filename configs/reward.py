@@ -41,4 +41,5 @@ def get_config(arg=None):
     common.apply_arg(c, arg)
     if arg == "tiny":
         c.init_from = ""
+        c.data.seq_len = 128  # :tiny's 32 would cut every task pair's response away
     return c

@@ -43,6 +43,7 @@ def get_config(arg=None):
     c.sft.max_new_tokens = 16
     common.apply_arg(c, arg)
     if arg == "tiny":
+        c.data.seq_len = 128  # :tiny's 32 would cut every task conversation (<= 94 tokens) away
         c.sft.eval_generate = 8
         c.sft.max_new_tokens = 8
     return c

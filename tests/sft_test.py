@@ -205,3 +205,30 @@ def test_lora_is_refused_for_modes_without_it(corpus_dir):
     cfg.mode = "mlm"
     with pytest.raises(ValueError, match="lora.rank=2 is supported for mode 'causal' and 'sft'"):
         modes.frozen_params(cfg)
+
+
+def test_a_split_cut_away_by_seq_len_is_an_error_naming_the_setting(tmp_path):
+    """Every training (or validation) record cut to nothing at data.seq_len: the error lists what was left out
+    and names data.seq_len, for SFT and for the preference modes; nothing is written to the workdir's
+    checkpoints."""
+    import feedback_inputs
+    import task_inputs
+    from configs import reward as reward_config
+    long_path, short_path = tmp_path / "long.jsonl", tmp_path / "short.jsonl"
+    long_path.write_text("".join(json.dumps({"prompt": "x" * 80 + str(i), "chosen": "yes", "rejected": "no",
+                                             "response": "yes"}) + "\n" for i in range(12)))
+    short_path.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "ok", "rejected": "no",
+                                              "response": "ok"}) + "\n" for i in range(12)))
+    for module, build_inputs, section, what in ((sft_config, task_inputs.sft_inputs, "sft", "packed SFT rows"),
+                                                (reward_config, feedback_inputs.reward_inputs, "pref",
+                                                 "preference pairs")):
+        for train_path, val_path, message in (
+                (long_path, short_path, f"the training split gives 0 {what} \\(left out: 12 no "),
+                (short_path, long_path, "no validation .* left to evaluate .*skipped: 12 no ")):
+            work = tmp_path / f"{section}_{message[:3]}"
+            work.mkdir()
+            config = tiny_config(str(train_path), module, data__seq_len=32, **{f"{section}__val_path": str(val_path)})
+            with pytest.raises(Exception, match=message + r".* tokens after truncation; data.seq_len=32 cut them: "
+                                                          r"raise --config.data.seq_len"):
+                build_inputs(config, str(work), 8)
+            assert not os.path.exists(work / "checkpoints")

@@ -154,3 +154,24 @@ def test_generation_problems_take_the_reference_from_the_answer_field():
     p = tasks.make_problem("add", random.Random(0))
     (made,) = sft_data.generation_problems([("t:1", tasks.sft_record(p))], tok, limit=1)
     assert (made.reference, made.kind) == (p["answer"], "add")
+
+
+def test_each_task_configs_tiny_variant_takes_make_tasks_data_whole(tmp_path, caplog):
+    """`--config=configs/<mode>.py:tiny` on the files its docstring's make_tasks command writes: no conversation,
+    pair or prompt is cut away (sft/reward/dpo's :tiny once kept common.tiny's seq_len 32, which left nothing)."""
+    import modes
+    from configs import dpo, grpo, ppo, reward, sft
+    out = tmp_path / "tasks"
+    _run(out, 0)
+    caplog.set_level("INFO", logger="lmstack")
+    for module in (sft, reward, dpo, grpo, ppo):
+        config = module.get_config("tiny")
+        for section in ("sft", "pref", "rl"):
+            if config.get(section) and config[section].get("val_path", "").startswith("datasets/tasks/"):
+                config[section].val_path = str(out / os.path.basename(config[section].val_path))
+        config.data.path = str(out / os.path.basename(config.data.path))
+        caplog.clear()
+        os.makedirs(tmp_path / config.mode)
+        modes.get(config).inputs(config, str(tmp_path / config.mode), config.data.batch_size)
+        line = next(r.getMessage() for r in caplog.records if "validation" in r.getMessage())
+        assert line.count("not used whole: none") + line.count("skipped: none") == 2, (config.mode, line)

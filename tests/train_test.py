@@ -90,14 +90,14 @@ def test_resume_is_exact(corpus_dir, tmp_path, mode):
     if mode == "qa":
         corpus_dir = _qa_jsonl(tmp_path / "train.jsonl", 32, 0)
         kw["qa__val_path"] = _qa_jsonl(tmp_path / "val.jsonl", 8, 1)
-    if mode.startswith("sft"):
+    if mode.startswith("sft"):  # data.seq_len: common.tiny's, shorter than the :tiny variant's (the tasks' 128)
         corpus_dir = _chat_jsonl(tmp_path / "train.jsonl", 96, 0)
-        kw.update(sft__val_path=_chat_jsonl(tmp_path / "val.jsonl", 16, 1), sft__eval_generate=4)
+        kw.update(sft__val_path=_chat_jsonl(tmp_path / "val.jsonl", 16, 1), sft__eval_generate=4, data__seq_len=32)
         if mode == "sft_lora":
             kw.update(lora__rank=2)
     if mode in ("reward", "dpo"):  # their :tiny configs: no init_from (dpo: SimPO, reference-free)
         corpus_dir = _pref_jsonl(tmp_path / "train.jsonl", 64, 0)
-        kw["pref__val_path"] = _pref_jsonl(tmp_path / "val.jsonl", 16, 1)
+        kw.update(pref__val_path=_pref_jsonl(tmp_path / "val.jsonl", 16, 1), data__seq_len=32)
     train.train_and_evaluate(tiny_config(corpus_dir, module, **kw), straight)
     train.train_and_evaluate(tiny_config(corpus_dir, module, train__stop_after=3, **kw), stopped)
     assert sorted(os.listdir(os.path.join(stopped, "checkpoints"))) == ["3"]
