@@ -64,8 +64,8 @@ def check(config, mode) -> None:
     if wants and not n.replay_path:
         raise ValueError(f"{' and '.join(wants)} read the old domain's data: set continual.replay_path=PATH")
     if n.replay_path and not os.path.exists(os.path.expanduser(n.replay_path)):
-        raise sources.DataError(f"continual.replay_path={n.replay_path!r} does not exist "
-                                f"(set --config.continual.replay_path=PATH)")
+        raise sources.DataError(f"continual.replay_path={n.replay_path!r} does not exist"
+                                f"{sources.in_cwd(n.replay_path)} (set --config.continual.replay_path=PATH)")
     needs = [f"continual.{k}={n[k]!r}" for k in ("l2sp", "ewc") if float(n[k]) > 0]
     needs += ["continual.init_state='full'"] if n.init_state == "full" else []
     if needs and not config.init_from:

@@ -23,7 +23,7 @@ import modes
 import objectives
 import sharding
 import steps
-from data import prepared
+from data import prepared, sources
 
 ALL_BATCHES = 2**31 - 1  # train.eval_batches meaning "every batch" for every mode
 
@@ -114,7 +114,7 @@ def eval_inputs(config, workdir: str, micro_batch: int, data: str = "", split: s
         return mode.inputs(config, workdir, micro_batch, eval_only=True)
     if data:
         if not os.path.exists(os.path.expanduser(data)):
-            raise FileNotFoundError(f"data path {data!r} does not exist")
+            raise FileNotFoundError(f"data path {data!r} does not exist{sources.in_cwd(data)}")
         return mode.other_eval_data(config, workdir, micro_batch, os.path.expanduser(data), split)
     if mode.text_corpus and prepared.is_prepared(config.data.path):
         return mode.other_eval_data(config, workdir, micro_batch, config.data.path, split)

@@ -248,4 +248,5 @@ def check_paths(config) -> None:
         if value and not os.path.exists(os.path.expanduser(value)):
             empty = (f", or --config.{name}= to hold out data.val_fraction of data.path instead"
                      if name.endswith(".val_path") else "")
-            raise sources.DataError(f"{name}={value!r} does not exist (set --config.{name}=PATH{empty})")
+            raise sources.DataError(f"{name}={value!r} does not exist{sources.in_cwd(value)} "
+                                    f"(set --config.{name}=PATH{empty})")

@@ -263,9 +263,15 @@ def iter_files(path: str, extensions=TEXT_EXTENSIONS + (".parquet",)) -> Iterato
             yield match
 
 
+def in_cwd(path: str) -> str:
+    """' in DIR' for a relative path (read from the current directory, which a saved run's config does not
+    record: a script run from another directory misses the run's relative data paths), else ''."""
+    return "" if os.path.isabs(os.path.expanduser(path)) else f" in {os.getcwd()}"
+
+
 def _check_exists(path: str) -> None:
     if not os.path.exists(path) and not glob.has_magic(path):
-        raise DataError(f"data path {path!r} does not exist")
+        raise DataError(f"data path {path!r} does not exist{in_cwd(path)}")
 
 
 def _plain(value: Any) -> Any:
@@ -346,7 +352,7 @@ def read_documents(path: str, text_field: str = "text") -> tuple[list[Document],
     if path:
         path = os.path.expanduser(path)
         if not os.path.exists(path):
-            raise DataError(f"data.path {path!r} does not exist")
+            raise DataError(f"data.path {path!r} does not exist{in_cwd(path)}")
         src = Source(kind="files", path=path, text_field=text_field)
     else:
         path = stdlib_dir()

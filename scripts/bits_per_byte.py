@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 import checkpoint  # noqa: E402
-from data import pipeline, prepared  # noqa: E402
+from data import pipeline, prepared, sources  # noqa: E402
 from metrics import read_jsonl  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -35,7 +35,8 @@ def bits_per_byte(workdir: str) -> dict:
         mngr.close()
     data = cfg["data"]
     if not prepared.is_prepared(data["path"]):
-        raise SystemExit(f"{workdir}: data.path={data['path']!r} is not a prepared dataset")
+        raise SystemExit(f"{workdir}: data.path={data['path']!r} is not a prepared dataset"
+                         f"{sources.in_cwd(data['path']) if data['path'] else ''}")
     evals = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/loss" in r]
     loss = evals[-1]["eval/loss"]
     tok, _, val = prepared.load_prepared(data["path"])

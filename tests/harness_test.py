@@ -138,7 +138,7 @@ def test_missing_input_names_the_config_field_and_writes_nothing(tmp_path):
     train_path.write_text(json.dumps({"prompt": "1+1", "response": "2"}) + "\n")
     config = tiny_config(str(train_path), sft)  # sft.val_path keeps its default 'datasets/tasks/val.jsonl'
     work = tmp_path / "run"
-    with pytest.raises(sources.DataError, match=r"sft.val_path='datasets/tasks/val.jsonl' does not exist \(set "
+    with pytest.raises(sources.DataError, match=r"sft.val_path='datasets/tasks/val.jsonl' does not exist in .* \(set "
                                                 r"--config.sft.val_path=PATH, or --config.sft.val_path= to hold out"):
         train.train_and_evaluate(config, str(work))
     assert not os.path.exists(work)
