@@ -92,6 +92,11 @@ def run(fv) -> dict:
             scorer=scorer, min_gap=fv.min_gap)
     except ValueError as e:
         raise ValueError(f"{fv.data}: {e}") from None
+    if not records:  # an empty file would only fail later, as a DPO or reward run's data
+        raise ValueError(f"no pairs: for each of the {summary['prompts']} prompts the best and worst of its "
+                         f"--samples={fv.samples} completions are the same text or their rewards differ by no more "
+                         f"than --min_gap={fv.min_gap} ({summary['truncated']} of {summary['samples']} completions "
+                         f"cut at --max_new_tokens={fv.max_new_tokens}); nothing written to --out")
     tmp = f"{fv.out}.tmp.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)

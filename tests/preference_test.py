@@ -577,7 +577,8 @@ def test_sample_pairs_errors_exit_1_and_write_nothing(task_files, sft_run, rewar
              (dict(good, rewards="nope"), "'nope' is not a programmatic reward"),
              (dict(good, workdir=tmp_path / "missing"), "missing"),
              (dict(good, workdir=reward_run[0]), "mode='reward'"),
-             (dict(good, data=tmp_path / "nope.jsonl"), "nope.jsonl")]
+             (dict(good, data=tmp_path / "nope.jsonl"), "nope.jsonl"),
+             (dict(good, min_gap=10.0), r"no pairs: for each of the 2 prompts .* --min_gap=10.0")]
     for flag_values, message in cases:
         rc, cap = _sample_pairs(monkeypatch, capsys, out=out, **flag_values)
         assert rc == 1 and cap.out == "", flag_values
