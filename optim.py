@@ -3,6 +3,8 @@ Lion, SGD with momentum, Muon + AdamW) with its weight-decay mask, pruning masks
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import optax
@@ -17,6 +19,9 @@ def make_schedule(ocfg, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then the named decay to `lr * min_lr_ratio` at total_steps."""
     lr, warmup = float(ocfg.lr), int(ocfg.warmup_steps)
     end = lr * float(ocfg.min_lr_ratio)
+    for field in ("lr", "min_lr_ratio", "warmup_steps"):  # a negative LR would ascend the loss, silently
+        if not math.isfinite(float(ocfg[field])) or float(ocfg[field]) < 0:
+            raise ValueError(f"optim.{field}={ocfg[field]!r} must be a finite value >= 0")
     if ocfg.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={ocfg.schedule!r}: expected one of {SCHEDULES}")
     if warmup >= total_steps and ocfg.schedule != "constant":
@@ -102,6 +107,8 @@ def _core(ocfg, schedule) -> optax.GradientTransformation:
     decay mask. The one place optimizers are chosen."""
     check_name(ocfg)
     name, wd = ocfg.name, float(ocfg.weight_decay)
+    if not math.isfinite(wd) or wd < 0:
+        raise ValueError(f"optim.weight_decay={ocfg.weight_decay!r} must be a finite value >= 0")
     mask = lambda p: decay_mask(p, bool(ocfg.decay_embeddings))  # noqa: E731
     adamw = lambda: optax.adamw(schedule, b1=float(ocfg.b1), b2=float(ocfg.b2), eps=float(ocfg.eps),  # noqa: E731
                                 weight_decay=wd, mask=mask)

@@ -81,6 +81,9 @@ def test_schedule_errors():
     for warmup in (100, 150):
         with pytest.raises(ValueError, match="warmup_steps"):
             optim.make_schedule(ocfg(schedule="cosine", warmup_steps=warmup), 100)
+    for field, value in (("lr", -1e-3), ("lr", float("nan")), ("min_lr_ratio", -0.1), ("warmup_steps", -2)):
+        with pytest.raises(ValueError, match=rf"optim.{field}={value} must be a finite value >= 0"):
+            optim.make_schedule(ocfg(schedule="cosine", **{field: value}), 100)
 
 
 # ---------------------------------------------------------------- decay mask
@@ -187,6 +190,8 @@ def test_unknown_optimizer_and_bad_fields_named():
         optim.make_optimizer(ocfg(name="sgd", momentum=1.5, warmup_steps=1), 10)
     with pytest.raises(ValueError, match="optim.adafactor_min_dim=0"):
         optim.make_optimizer(ocfg(name="adafactor", adafactor_min_dim=0, warmup_steps=1), 10)
+    with pytest.raises(ValueError, match=r"optim.weight_decay=-0.1 must be a finite value >= 0"):
+        optim.make_optimizer(ocfg(weight_decay=-0.1, warmup_steps=1), 10)
 
 
 def _block_params():
