@@ -119,6 +119,9 @@ def check_rl(config) -> None:
     for name in ("group_size", "max_prompt_len", "max_new_tokens", "epochs"):
         if int(r[name]) < 1:
             raise ValueError(f"rl.{name}={r[name]!r} must be >= 1")
+    if config.mode == "grpo" and int(r.group_size) < 2:
+        raise ValueError(f"rl.group_size={r.group_size}: GRPO's advantage is a completion's reward minus its "
+                         f"group's mean, 0 for a group of one (use >= 2)")
     if r.baseline == "rloo" and int(r.group_size) < 2:
         raise ValueError(f"rl.baseline='rloo' needs rl.group_size >= 2, got {r.group_size}")
     if not float(r.temperature) > 0:

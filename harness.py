@@ -35,7 +35,7 @@ import resilience
 import sharding
 import steps
 import warmstart
-from model import prune
+from model import build, prune
 
 log = logging.getLogger("lmstack")
 
@@ -161,7 +161,8 @@ def prune_scalars(params, pcfg) -> dict:
 def _check_counts(config) -> None:
     """Counts that must be positive integers, named with their value (a 0 or negative one otherwise fails
     later as another field's error, a library's message without the field, or a division by zero)."""
-    for field in ("train.steps", "data.batch_size", "data.seq_len"):
+    for field in ("train.steps", "data.batch_size", "data.seq_len", "train.log_every", "train.eval_every",
+                  "train.checkpoint_every"):
         section, name = field.split(".")
         value = config[section][name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -175,6 +176,7 @@ def _checked_config(config) -> tuple[modes.Mode, int, int]:
     if config.data.batch_size % k:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                          f"optim.grad_accum_steps={k}")
+    build.model_config(config, num_tokens=1)  # model.* values (model/transformer.ModelConfig), before any write
     modes.check_paths(config)  # missing input files name their config field
     continual.check(config, mode)  # continual.* values and continual.replay_path
     return mode, k, config.data.batch_size // k

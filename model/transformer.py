@@ -58,6 +58,8 @@ class ModelConfig:
         for name in ("vocab_size", "num_tokens", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.dropout < 1.0:  # nn.Dropout would scale by 1 / (1 - rate): negative or infinite
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         if self.pos not in ("rope", "learned"):
             raise ValueError(f"model.pos={self.pos!r}: expected 'rope' or 'learned'")
         if self.remat not in REMAT_POLICIES:

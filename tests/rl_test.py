@@ -137,7 +137,8 @@ def test_adaptive_kl_moves_toward_the_target():
     ("rl__minibatch", 5, "rl.minibatch=5"), ("rl__rewards", ("bogus",), "'bogus' is not"),
     ("rl__temperature", 0.0, "rl.temperature=0.0"), ("rl__on_anomaly", "panic", "rl.on_anomaly='panic'"),
     ("rl__ptx_coef", 0.5, "rl.ptx_coef=0.5 must be >= 0, and > 0 needs rl.ptx_path"),
-    ("rl__ptx_coef", -1.0, "rl.ptx_coef=-1.0")])
+    ("rl__ptx_coef", -1.0, "rl.ptx_coef=-1.0"),
+    ("rl__group_size", 1, "rl.group_size=1: GRPO's advantage is a completion's reward minus its group's mean")])
 def test_bad_rl_values_name_the_field_and_write_nothing(tmp_path, say_x, field, value, message):
     work = tmp_path / "run"
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -152,8 +152,13 @@ def test_bad_inputs_named(corpus_dir, tmp_path):
         train.train_and_evaluate(tiny_config(corpus_dir, data__batch_size=6), str(tmp_path / "w3"))
     with pytest.raises(ValueError, match="needs 3 devices but 8"):
         train.train_and_evaluate(tiny_config(corpus_dir, mesh__data=3), str(tmp_path / "w4"))
-    for field, value in (("data__seq_len", 0), ("data__batch_size", -1), ("train__steps", 0)):
+    for field, value in (("data__seq_len", 0), ("data__batch_size", -1), ("train__steps", 0), ("train__eval_every", 0),
+                         ("train__log_every", -1), ("train__checkpoint_every", 0)):
         with pytest.raises(ValueError, match=rf"{field.replace('__', '.')}={value} must be a positive integer"):
+            train.train_and_evaluate(tiny_config(corpus_dir, **{field: value}), str(tmp_path / "w5"))
+    for field, value, message in (("model__dropout", 1.0, r"model.dropout=1.0 must be in \[0, 1\)"),
+                                  ("optim__clip_norm", -1.0, r"optim.clip_norm=-1.0 must be >= 0")):
+        with pytest.raises(ValueError, match=message):
             train.train_and_evaluate(tiny_config(corpus_dir, **{field: value}), str(tmp_path / "w5"))
     assert not os.path.exists(tmp_path / "w5")
 
