@@ -149,9 +149,9 @@ def make_optimizer(ocfg, total_steps: int, pcfg=None) -> tuple[optax.GradientTra
         raise ValueError(f"optim.grad_accum_steps={k} must be >= 1")
     pruning = prune.settings(pcfg, total_steps)
     schedule = make_schedule(ocfg, total_steps)
-    parts = []
     if not float(ocfg.clip_norm) >= 0:
         raise ValueError(f"optim.clip_norm={ocfg.clip_norm!r} must be >= 0 (0 = no clipping)")
+    parts = []
     if float(ocfg.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(ocfg.clip_norm)))
     parts.append(_core(ocfg, schedule))
