@@ -14,16 +14,19 @@ takes its representative's split, so no near-duplicate pair straddles train and 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable
 
 import numpy as np
 
 from data import clean, dedup, formats, prepared, report
-from data.sources import DataError, ReadStats, Source, source_documents
+from data.sources import DataError, ReadStats, Source, in_cwd, source_documents
 from data.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_json_bytes
 
 
@@ -194,6 +197,23 @@ def check_config(config) -> None:
         raise DataError(f"output.shard_mb={config.output.shard_mb!r}: expected > 0")
 
 
+def check_sources(config) -> None:
+    """Every 'files' source names a path that exists (or a glob), said with its config field."""
+    if not config.sources:
+        raise DataError("no sources: add one in the config (c.sources.NAME = source(...)) or use "
+                        "--config=configs/data/files.py:PATH")
+    for name, sc in config.sources.items():
+        if sc.kind != "files":
+            continue
+        field = f"sources.{name}.path"
+        if not sc.path:
+            raise DataError(f"{field} is empty: give a file, directory or glob (--config.{field}=PATH, or "
+                            f"--config=configs/data/files.py:PATH)")
+        path = os.path.expanduser(sc.path)
+        if not os.path.exists(path) and not glob.has_magic(path):
+            raise DataError(f"{field}={sc.path!r} does not exist{in_cwd(path)}")
+
+
 def check_out_dir(out_dir: str) -> None:
     """The dataset goes into a new or empty directory: a rerun into an old dataset would leave its extra
     shards beside the new ones, and an output inside a source directory would be collected as data by
@@ -210,8 +230,24 @@ def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], 
     if config.format not in ("text",) + formats.FORMATS:
         raise DataError(f"format={config.format!r}: expected 'text' or one of {formats.FORMATS}")
     check_config(config)
+    check_sources(config)
     check_out_dir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    # Built in a hidden directory beside out_dir and renamed into place at the end: a run that fails
+    # (every document cleaned away, an empty val split, a bad record under --strict) writes nothing to --out.
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.partial-", dir=parent)
+    try:
+        manifest = _prepare(config, work_dir, out_dir, strict, log)
+        os.replace(work_dir, out_dir)  # onto a missing or empty directory (check_out_dir)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _prepare(config, out_dir: str, shown_dir: str, strict: bool, log: Callable[[str], None]) -> dict:
+    """prepare()'s phases, writing into out_dir (a scratch directory; the log names shown_dir)."""
     phases = _Phases(log)
 
     docs, source_entries = collect(config, strict)
@@ -241,6 +277,12 @@ def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], 
     if not train_texts:
         raise DataError(f"split.ratios={tuple(config.split.ratios)} left no training documents "
                         f"out of {len(kept)}")
+    if not by_split["val"] and float(config.split.ratios[1]) > 0:  # train.py needs one: say so now, not there
+        raise DataError(f"split.ratios={tuple(config.split.ratios)} put none of the {len(kept)} kept documents "
+                        f"in val: splits hold whole documents (a file, or a JSONL record, is one), so a corpus of "
+                        f"a few large files needs more of them (split the text into files or records), a larger "
+                        f"val share, or another split.salt; a single text file can also be trained on as it is: "
+                        f"train.py --config.data.path=FILE --config.data.split=tail")
     tok = build_tokenizer(config.tokenizer, train_texts)
     train_bytes = sum(len(t.encode("utf-8")) for t in train_texts)
     phases.done("tokenizer", train_bytes, f"{tok.kind}, {tok.vocab_size} ids, trained on the train split "
@@ -293,6 +335,6 @@ def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], 
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(report.render(manifest))
     total = sum(e["bytes"] for e in split_entries.values())
-    phases.done("write", total, f"{sum(len(e['shards']) for e in split_entries.values())} shards -> {out_dir}")
+    phases.done("write", total, f"{sum(len(e['shards']) for e in split_entries.values())} shards -> {shown_dir}")
     manifest["_timings"] = [{"phase": n, "seconds": dt, "bytes": b} for n, dt, b in phases.rows]
     return manifest

@@ -166,6 +166,40 @@ def test_bad_settings_and_outputs_are_refused_by_name(tmp_path, corpus_dir):
         (src / f"{i}.txt").write_text("".join(f"机器学习是人工智能的一个分支{i}{k}" * 4 + "\n" for k in range(6)))
     with pytest.raises(DataError, match=r"cleaning removed all 4 documents .*too few words.*min_words"):
         prepare.prepare(data_config(src, clean__min_words=50), str(tmp_path / "zh_out"), log=quiet)  # the default
+    with pytest.raises(DataError, match=r"data\.jsonl:3: malformed JSON"):  # --strict, mid-collection
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "data.jsonl").write_text('{"text": "fine"}\n{"text": "fine too"}\n{"te\n')
+        prepare.prepare(data_config(bad), str(tmp_path / "strict_out"), strict=True, log=quiet)
+    # a failure after collection leaves nothing: no --out, no scratch directory beside it
+    assert not (tmp_path / "zh_out").exists() and not (tmp_path / "strict_out").exists()
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_sources_and_splits_are_checked_by_name(tmp_path):
+    """configs/data/files.py takes the path as its argument; a missing or empty path names the source's
+    field, and a corpus whose documents all land in train (one big file) is refused before --out exists
+    (train.py needs a val split), with the way out."""
+    from configs.data import files
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"sources\.files\.path is empty.*configs/data/files\.py:PATH"):
+        prepare.prepare(files.get_config(), str(out), log=quiet)
+    with pytest.raises(DataError, match=r"sources\.files\.path='nothere\.jsonl' does not exist in /"):
+        prepare.prepare(files.get_config("nothere.jsonl"), str(out), log=quiet)
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(3, 9))) for _ in range(3000)]
+    one = tmp_path / "one.txt"  # prose-like lines of varied words, one document
+    one.write_text("".join(" ".join(words[i:i + 12]) + "\n" for i in range(0, len(words), 12)))
+    with pytest.raises(DataError, match=r"none of the 1 kept documents in val.*data\.split=tail"):
+        prepare.prepare(files.get_config(str(one)), str(out), log=quiet)
+    assert not out.exists() and os.listdir(tmp_path) == ["one.txt"]
+    # the same file as JSONL records of prose paragraphs: prepared with files.py's defaults
+    with open(tmp_path / "paras.jsonl", "w") as f:
+        for i in range(60):  # one-line paragraphs of ~1,500 characters (a mean line length over 1,000)
+            f.write(json.dumps({"text": " ".join(words[i * 50:i * 50 + 250])}) + "\n")
+    m = prepare.prepare(files.get_config(str(tmp_path / "paras.jsonl")), str(out), log=quiet)
+    assert m["documents"]["collected"] == 60 and m["cleaning"]["removed"].get("long lines", 0) == 0
+    assert m["splits"]["val"]["documents"] > 0
 
 
 def test_characters_a_char_vocabulary_lacks_are_counted(tmp_path):

@@ -39,7 +39,9 @@ def base() -> ml_collections.ConfigDict:
     k.min_chars = 200  # shorter documents: 'too short'
     k.max_chars = 5_000_000  # longer documents: 'too long' (0 = no limit)
     k.min_mean_line_length = 5.0  # characters per line below this: 'short lines'
-    k.max_mean_line_length = 1000.0  # above this: 'long lines' (minified/one-line blobs; 0 = off)
+    # above this: 'long lines' (minified code, one-line blobs; 0 = off). Not lower: a JSONL record's paragraph
+    # is one line of often a few thousand characters
+    k.max_mean_line_length = 10_000.0
     k.min_alnum_fraction = 0.25  # alphanumeric share of characters below this: 'low alphanumeric'
     k.max_dup_line_fraction = 0.3  # share of non-blank lines repeating an earlier line: 'dup lines'
     k.max_dup_line_char_fraction = 0.2  # share of non-blank characters in those lines: 'dup lines'
