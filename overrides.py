@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import sys
+import textwrap
 
 import ml_collections
 
@@ -82,17 +83,58 @@ def split_argv(argv: list[str], prefix: str = "--config.") -> tuple[dict, list[s
     return fields, rest
 
 
+def config_file_problem(argv: list[str]) -> str | None:
+    """Why a `--config=FILE.py[:arg]` argument cannot load, when its file does not exist (ml_collections
+    defers that error to the first use of the config: two tracebacks), else None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            value = arg.partition("=")[2]
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+            where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
+            return f"--config={value}: no config file {path!r}{where}"
+    return None
+
+
+def _config_arg_reason(message: str) -> str | None:
+    """A config file's own 'config arg ...' ValueError (an unknown `FILE.py:arg`), from the traceback that
+    ml_collections wraps into the flag error; None for any other error (a bug in a config file keeps it)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if lines and lines[-1].startswith("ValueError: config arg "):
+        return lines[-1][len("ValueError: "):]
+    return None
+
+
 def flags_parser(prog: str):
-    """An `app.run(main, flags_parser=...)` parser: absl's, except that a `--config.x.y=` override naming a
-    field that does not exist (ml_collections raises AttributeError / KeyError while the flags are parsed:
-    a traceback) prints one line with its suggestion and exits 1. LMSTACK_TRACEBACK=1 keeps the traceback."""
-    from absl import app
+    """An `app.run(main, flags_parser=...)` parser: absl's, except that these print one line and exit 1
+    (LMSTACK_TRACEBACK=1 keeps the traceback): a `--config=` file that does not exist (ml_collections would
+    fail at the config's first use, with two tracebacks), a config argument the file refuses
+    (`pretrain_causal.py:huge`), and a `--config.x.y=` override naming a field that does not exist
+    (ml_collections raises AttributeError / KeyError while the flags are parsed)."""
+    from absl import flags
 
     def parse(argv):
+        trace = bool(os.environ.get("LMSTACK_TRACEBACK"))
+        problem = config_file_problem(argv[1:])
+        if problem:
+            sys.exit(f"{prog}: error: {problem}")
         try:
-            return app.parse_flags_with_usage(argv)
+            return flags.FLAGS(argv)
+        except flags.Error as e:  # absl's own report (app.parse_flags_with_usage), one line for a config arg
+            reason = _config_arg_reason(str(e))
+            if reason and not trace:
+                sys.exit(f"{prog}: error: {reason}")
+            message = str(e)
+            sys.stderr.write(f"FATAL Flags parsing error:\n{textwrap.indent(message, '  ')}\n" if "\n" in message
+                             else f"FATAL Flags parsing error: {message}\n")
+            sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+            sys.exit(1)
         except (AttributeError, KeyError) as e:
-            if os.environ.get("LMSTACK_TRACEBACK"):
+            if trace:
                 raise
             detail = e
             while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError("'x'\nDid you ..."))

@@ -43,6 +43,7 @@ import bench_torch  # noqa: E402  (scripts/: --vs-torch)
 import hostenv  # noqa: E402
 import objectives  # noqa: E402
 import optim  # noqa: E402
+import overrides  # noqa: E402
 import sharding  # noqa: E402
 import steps  # noqa: E402
 from model import build, layers  # noqa: E402
@@ -339,4 +340,4 @@ if __name__ == "__main__":
     # accept --vs-torch / --vs-peak / --measure-peak / --torch-bf16 spellings as well as underscores
     sys.argv = [sys.argv[0]] + ["--" + a[2:].split("=")[0].replace("-", "_") + a[2:][len(a[2:].split("=")[0]):]
                                 if a.startswith("--") else a for a in sys.argv[1:]]
-    app.run(main)
+    app.run(main, flags_parser=overrides.flags_parser('benchmark'))

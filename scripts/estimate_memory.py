@@ -24,6 +24,7 @@ from ml_collections import config_flags  # noqa: E402
 import jax  # noqa: E402
 
 import modes  # noqa: E402
+import overrides  # noqa: E402
 import preflight  # noqa: E402
 import sharding  # noqa: E402
 from data import tokenizer as tokenizer_lib  # noqa: E402
@@ -79,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=overrides.flags_parser('estimate_memory'))

@@ -19,6 +19,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import modes  # noqa: E402
 import optim  # noqa: E402
+import overrides  # noqa: E402
 import preflight  # noqa: E402
 import sharding  # noqa: E402
 from data import tokenizer as tokenizer_lib  # noqa: E402
@@ -47,4 +48,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=overrides.flags_parser('optim_state_bytes'))

@@ -184,3 +184,12 @@ def test_cli_overrides_and_unknown_key(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "train.py: error: a --config.* override names a field that does not exist: 'lrr' "
         'Did you mean "lr" instead of "lrr"?']  # one line, no traceback
+    # a config argument the file refuses, and a config file that does not exist: one line each, nothing written
+    for config, line in (("configs/pretrain_causal.py:huge", "train.py: error: config arg 'huge': expected nothing, "
+                                                             "'tiny' or a size in "),
+                         ("configs/pretrain_casual.py", f"train.py: error: --config=configs/pretrain_casual.py: no "
+                                                        f"config file 'configs/pretrain_casual.py' in {ROOT}")):
+        bad = subprocess.run([sys.executable, "train.py", f"--config={config}", f"--workdir={tmp_path}/w"], cwd=ROOT,
+                             capture_output=True, text=True)
+        assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert bad.stderr.startswith(line) and not os.path.exists(tmp_path / "w")
