@@ -216,4 +216,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=overrides.flags_parser('sweep.py'))

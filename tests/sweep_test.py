@@ -98,3 +98,16 @@ def test_grid_errors_name_the_field(corpus_dir, tmp_path):
     assert len(picked) == 3 and picked == sweep.trial_list(
         sweep.parse_grid(config, "optim.lr=1,2,3;train.steps=1,2"), n_random=3, seed=5)
     assert len({i for i, _ in picked}) == 3
+
+
+def test_a_missing_config_file_is_named_before_the_grid(tmp_path):
+    """sweep.py reads the grid against the config: a mistyped --config used to surface as 'config field
+    optim.lr does not exist (the config has: no fields)'; it is one line naming the file, nothing written."""
+    import subprocess
+    bad = subprocess.run([sys.executable, "scripts/sweep.py", "--config=configs/pretrain_casual.py:tiny",
+                          f"--workdir={tmp_path}/sweep", "--grid=optim.lr=1e-3"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        f"sweep.py: error: --config=configs/pretrain_casual.py:tiny: no config file 'configs/pretrain_casual.py' "
+        f"in {ROOT}"]
+    assert not os.path.exists(tmp_path / "sweep")
