@@ -1,4 +1,6 @@
-"""`field=value` text -> a typed config value: the `--config.x.y=...` spelling outside config_flags.
+"""`field=value` text -> a typed config value: the `--config.x.y=...` spelling outside config_flags;
+and the command line around it: `flags_parser` / `run` turn bad flags, config files and values into
+one `prog: error: ...` line.
 
 scripts/evaluate.py applies overrides to a run's saved config (known only after --workdir is
 parsed); scripts/sweep.py parses its grid values. A value takes the type of the field's current
@@ -142,3 +144,20 @@ def flags_parser(prog: str):
             detail = " ".join(str(detail).split())
             sys.exit(f"{prog}: error: a --config.* override names a field that does not exist: {detail}")
     return parse
+
+
+def run(main, prog: str) -> None:
+    """`app.run(main)` for a script: flags parsed by flags_parser(prog), and a ValueError or OSError out of
+    `main` (a bad value, a missing workdir or checkpoint: the message names it) printed as one `prog: error:`
+    line with exit status 1 instead of a traceback; LMSTACK_TRACEBACK=1 re-raises it."""
+    from absl import app
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (ValueError, OSError) as e:
+            if os.environ.get("LMSTACK_TRACEBACK"):
+                raise
+            print(f"{prog}: error: {e}\n(LMSTACK_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+            return 1
+    app.run(guarded, flags_parser=flags_parser(prog))

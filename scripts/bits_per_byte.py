@@ -18,8 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+import overrides  # noqa: E402
 import checkpoint  # noqa: E402
 from data import pipeline, prepared, sources  # noqa: E402
 from metrics import read_jsonl  # noqa: E402
@@ -66,4 +67,4 @@ def main(argv):
 if __name__ == "__main__":  # flags defined here: tests import this module beside other scripts
     flags.DEFINE_multi_string("workdir", None, "Run directory (trained with data.path = a prepared dataset).")
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    overrides.run(main, 'bits_per_byte.py')

@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import overrides  # noqa: E402
 import checkpoint  # noqa: E402
 import evaluation  # noqa: E402
 import serving  # noqa: E402
@@ -250,13 +251,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        rows = report(FLAGS.workdir, FLAGS.out, group=FLAGS.group, calib=FLAGS.calib,
-                      trained=parse_variants(FLAGS.variants), max_batches=FLAGS.max_batches,
-                      decode_tokens=FLAGS.decode_tokens, only=FLAGS.only or None)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    rows = report(FLAGS.workdir, FLAGS.out, group=FLAGS.group, calib=FLAGS.calib,
+                  trained=parse_variants(FLAGS.variants), max_batches=FLAGS.max_batches,
+                  decode_tokens=FLAGS.decode_tokens, only=FLAGS.only or None)  # errors: one line (overrides.run)
     print(table(rows))
 
 
@@ -269,4 +266,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_batches", 16, "Validation batches per variant.")
     flags.DEFINE_list("only", [], "Build only these of the planned variants (default: all).")
     flags.DEFINE_integer("decode_tokens", 64, "Greedy tokens per decode timing; 0 = skip decode speed.")
-    app.run(main)
+    overrides.run(main, 'compress_report.py')

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
+import overrides  # noqa: E402
 import checkpoint  # noqa: E402
 import evaluation  # noqa: E402
 import hostenv  # noqa: E402
@@ -174,4 +175,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    overrides.run(main, 'continual_report.py')

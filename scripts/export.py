@@ -58,6 +58,7 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from jax import export  # noqa: E402
 
+import overrides  # noqa: E402
 import serving  # noqa: E402
 from model import kv_decode, sampling  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
@@ -261,4 +262,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("n_top", 0, "Also return the n_top most likely alternatives' log-probs.")
     flags.DEFINE_string("platforms", "", "Comma-separated lowering platforms (cpu, cuda, rocm, tpu); "
                         "empty = this machine's.")
-    app.run(main)
+    overrides.run(main, 'export.py')

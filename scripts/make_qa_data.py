@@ -28,8 +28,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+import overrides  # noqa: E402
 from data import sources  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -154,4 +155,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    overrides.run(main, 'make_qa_data.py')

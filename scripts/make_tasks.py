@@ -22,8 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+import overrides  # noqa: E402
 from data import chat, formats, tasks  # noqa: E402
 from data.sources import ReadStats, Source, source_records  # noqa: E402
 
@@ -85,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    overrides.run(main, 'make_tasks.py')

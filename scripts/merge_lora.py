@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import overrides  # noqa: E402
 import checkpoint  # noqa: E402
 from model import lora  # noqa: E402
 
@@ -54,4 +55,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "A LoRA run's directory.")
     flags.DEFINE_string("out", None, "New directory for the merged checkpoint.")
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.")
-    app.run(main)
+    overrides.run(main, 'merge_lora.py')

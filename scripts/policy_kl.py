@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
+import overrides  # noqa: E402
 import serving  # noqa: E402
 from data import chat, prompts as prompts_data  # noqa: E402
 from model import decode  # noqa: E402
@@ -103,4 +104,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    overrides.run(main, 'policy_kl.py')

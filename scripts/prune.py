@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
+import overrides  # noqa: E402
 import checkpoint  # noqa: E402
 import evaluation  # noqa: E402
 import modes  # noqa: E402
@@ -260,4 +261,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.")
     flags.DEFINE_bool("include_embedding", False, "Also prune the token embedding / an untied LM head.")
     flags.DEFINE_bool("include_heads", False, "Also prune the output-side heads' kernels.")
-    app.run(main)
+    overrides.run(main, 'prune.py')

@@ -25,8 +25,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+import overrides  # noqa: E402
 import checkpoint  # noqa: E402
 import evaluation  # noqa: E402
 import prune as prune_script  # noqa: E402  (scripts/prune.py: the calibration Wanda uses)
@@ -150,4 +151,4 @@ if __name__ == "__main__":
     flags.DEFINE_string("json", "", "Also write the errors (or --mixed's figures) here.")
     flags.DEFINE_bool("mixed", False, "Validation loss with Wanda's masks on one kernel group at a time.")
     flags.DEFINE_integer("max_batches", 16, "--mixed: validation batches per loss.")
-    app.run(main)
+    overrides.run(main, 'prune_error.py')

@@ -28,6 +28,7 @@ from absl import logging as absl_logging  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+import overrides  # noqa: E402
 import checkpoint  # noqa: E402
 import evaluation  # noqa: E402
 import modes  # noqa: E402
@@ -122,17 +123,13 @@ def main(argv):
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        manifest = quantize_run(FLAGS.workdir, FLAGS.out, method=FLAGS.method, bits=FLAGS.bits, group=FLAGS.group,
-                                embed_bits=FLAGS.embed_bits, calib=FLAGS.calib, act_order=FLAGS.act_order,
-                                step=None if FLAGS.step < 0 else FLAGS.step)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    manifest = quantize_run(FLAGS.workdir, FLAGS.out, method=FLAGS.method, bits=FLAGS.bits, group=FLAGS.group,
+                            embed_bits=FLAGS.embed_bits, calib=FLAGS.calib, act_order=FLAGS.act_order,
+                            step=None if FLAGS.step < 0 else FLAGS.step)  # errors: one line (overrides.run)
     summary = {k: v for k, v in manifest.items() if k != "kernels"}
     print(json.dumps({**summary, "kernels": len(manifest["kernels"]), "out": FLAGS.out}, indent=1))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    overrides.run(main, 'quantize.py')

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
+import overrides  # noqa: E402
 import serving  # noqa: E402
 from data import prompts as prompts_data  # noqa: E402
 from data.sources import DataError  # noqa: E402
@@ -124,4 +125,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    overrides.run(main, 'sample_pairs.py')

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
+import overrides  # noqa: E402
 import checkpoint  # noqa: E402
 from data import chat, preference, tokenizer as tokenizer_lib  # noqa: E402
 from data.pipeline import pack_window  # noqa: E402
@@ -206,4 +207,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    overrides.run(main, 'score.py')

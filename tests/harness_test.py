@@ -209,6 +209,22 @@ def test_cli_config_error_is_one_message_not_a_traceback(tmp_path):
     assert empty.returncode == 1 and "data.path is empty: mode='sft'" in empty.stderr
 
 
+@pytest.mark.parametrize("script,args", [("merge_lora.py", ["--out=OUT"]), ("bits_per_byte.py", []),
+                                         ("quantize.py", ["--out=OUT"])])
+def test_scripts_say_a_missing_workdir_in_one_line(tmp_path, script, args):
+    """Scripts run through overrides.run: a workdir that is not a run is one `script: error:` line naming it
+    (merge_lora and bits_per_byte printed a traceback), and nothing is written to --out."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join("scripts", script), f"--workdir={tmp_path}/nothere",
+                          *[a.replace("OUT", str(tmp_path / "out")) for a in args]],
+                         cwd=root, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith(f"{script}: error: ") and "nothere" in out.stderr.splitlines()[0]
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_a_failing_metric_close_does_not_replace_the_runs_error(corpus_dir, tmp_path, monkeypatch):
     """On a full disk the metric files' final flush fails too: the error that ended the run (e.g. the checkpoint
     write's, naming the disk) is the one raised; without an earlier error the close's own error is raised."""
