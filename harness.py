@@ -210,17 +210,18 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     tx, schedule, frozen = modes.optimizer(config)  # refuses lora.rank in a mode without adapters
     scale = loss_scale.initial(config.model.dtype, config.optim)  # None unless model.dtype='float16'
     mode, k, micro_batch = _checked_config(config)
+    # ---- Devices and mesh (sizes checked against the devices before the workdir is created) --------
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.sharding)
+    rows, what = modes.device_rows(config, mode, micro_batch)
+    sharding.check_batch_size(rows, mesh, what)
     cache_dir = os.path.expanduser(config.train.compile_cache_dir)
     if cache_dir:  # JAX would only warn on each compile and run without the cache
         resilience.check_workdir(cache_dir, what="train.compile_cache_dir")
     resilience.check_workdir(workdir)
     hostenv.compile_cache(cache_dir)
 
-    # ---- Devices and mesh; an incompatible workdir is refused before anything is written ----------
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_rules(config.sharding)
-    rows, what = modes.device_rows(config, mode, micro_batch)
-    sharding.check_batch_size(rows, mesh, what)
+    # ---- An incompatible workdir is refused before anything is written -----------------------------
     config_dict = json.loads(config.to_json())
     latest = _resume_step(workdir, config_dict, mode)
 

@@ -152,6 +152,9 @@ def test_bad_inputs_named(corpus_dir, tmp_path):
         train.train_and_evaluate(tiny_config(corpus_dir, data__batch_size=6), str(tmp_path / "w3"))
     with pytest.raises(ValueError, match="needs 3 devices but 8"):
         train.train_and_evaluate(tiny_config(corpus_dir, mesh__data=3), str(tmp_path / "w4"))
+    with pytest.raises(ValueError, match="8 devices are not divisible by 3"):
+        train.train_and_evaluate(tiny_config(corpus_dir, mesh__fsdp=3), str(tmp_path / "w4"))
+    assert not os.path.exists(tmp_path / "w3") and not os.path.exists(tmp_path / "w4")  # refused before mkdir
     for field, value in (("data__seq_len", 0), ("data__batch_size", -1), ("train__steps", 0), ("train__eval_every", 0),
                          ("train__log_every", -1), ("train__checkpoint_every", 0)):
         with pytest.raises(ValueError, match=rf"{field.replace('__', '.')}={value} must be a positive integer"):
