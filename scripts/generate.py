@@ -109,6 +109,10 @@ def _setup():
     decoder.check_prompt(prompt, FLAGS.max_new_tokens)
     print(f"# {FLAGS.workdir} step {step}, prompt {text!r} ({len(prompt)} tokens), context {context}",
           file=sys.stderr)
+    if not FLAGS.chat and os.path.exists(os.path.join(FLAGS.workdir, "chat_template.json")):
+        print("# note: this run was trained on chat turns: add --chat to send the prompt as a user turn (it is "
+              "continued as plain text now)",
+              file=sys.stderr)
     unknown = int(np.count_nonzero(np.asarray(prompt) == tok.special_id("<unk>")))
     if unknown:  # a char vocabulary (the training data's characters) lacks some of the prompt's
         print(f"# warning: {unknown} of the prompt's {len(prompt)} tokens are <unk>: characters the run's "

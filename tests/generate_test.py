@@ -98,3 +98,19 @@ def test_tokenizer_round_trip_is_what_the_printer_shows():
         printer(0, [i])
         assert "\ufffd" not in buf.getvalue()
     assert buf.getvalue() == "héllo"
+
+
+def test_a_chat_run_without_chat_gets_a_note(run, capsys, monkeypatch, tmp_path):
+    """An SFT run (it has chat_template.json) prompted without --chat is continued as plain text, which is
+    rarely what was meant: stderr says so; a plain run gets no note."""
+    import json
+    import shutil
+
+    from data import chat
+    chat_run = tmp_path / "chat_run"
+    shutil.copytree(run, chat_run)
+    (chat_run / "chat_template.json").write_text(json.dumps(chat.template_spec()))
+    noted = _main(str(chat_run), capsys, monkeypatch, prompt="ab", temperature=0, max_new_tokens=2)
+    assert "add --chat to send the prompt as a user turn" in noted.err
+    plain = _main(run, capsys, monkeypatch, prompt="ab", temperature=0, max_new_tokens=2)
+    assert "--chat" not in plain.err
