@@ -210,6 +210,7 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     tx, schedule, frozen = modes.optimizer(config)  # refuses lora.rank in a mode without adapters
     scale = loss_scale.initial(config.model.dtype, config.optim)  # None unless model.dtype='float16'
     mode, k, micro_batch = _checked_config(config)
+    modes.check_workdir_outside_inputs(config, workdir)
     # ---- Devices and mesh (sizes checked against the devices before the workdir is created) --------
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.logical_rules(config.sharding)

@@ -24,7 +24,7 @@ import optim
 import predictions
 import task_inputs
 from rl import objectives as rl_objectives
-from data import preference as preference_data, sources
+from data import preference as preference_data, prepared as prepared_data, sources
 from inputs import Inputs
 from model import build, lora
 
@@ -235,6 +235,23 @@ def _field(config, name: str):
     return node
 
 
+def check_workdir_outside_inputs(config, workdir: str) -> None:
+    """A workdir inside an input directory that is walked for files (data.path as a directory of text or
+    records, continual.replay_path) would have the run's own files (tokenizer.json, metrics.jsonl, the
+    checkpoints' JSON) read as data when it resumes: another token stream, so neither exact nor clean.
+    Refused naming both; a prepared dataset's directory is not walked and is allowed."""
+    run = os.path.realpath(os.path.expanduser(workdir))
+    for name in get(config).paths + ("continual.replay_path",):
+        value = _field(config, name)
+        path = os.path.realpath(os.path.expanduser(value)) if value else ""
+        if not path or not os.path.isdir(path) or prepared_data.is_prepared(path):
+            continue
+        if run == path or run.startswith(path.rstrip(os.sep) + os.sep):
+            raise ValueError(f"--workdir={workdir!r} is inside {name}={value!r}: every file under {name} is read as "
+                             f"data, so the run's own files (checkpoints, metrics.jsonl, tokenizer.json) would "
+                             f"become training data when it resumes; put the workdir outside it")
+
+
 def check_paths(config) -> None:
     """Every input file/directory the mode reads exists; else an error naming the config field (before any
     file is written). data.path '' is the embedded corpus of the text modes (an error for the others);
@@ -245,6 +262,9 @@ def check_paths(config) -> None:
                                 f"(set --config.data.path=FILE)")
     for name in mode.paths + (("init_from",) if config.init_from else ()):
         value = _field(config, name)
+        if value and "://" in value:
+            raise sources.DataError(f"{name}={value!r} is a URL: inputs are read through the local filesystem; "
+                                    f"mount the bucket (gcsfuse: /mnt/BUCKET/...) or copy the data, and give its path")
         if value and not os.path.exists(os.path.expanduser(value)):
             empty = (f", or --config.{name}= to hold out data.val_fraction of data.path instead"
                      if name.endswith(".val_path") else "")

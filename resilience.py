@@ -32,7 +32,13 @@ POLICIES = ("skip", "rollback", "halt")
 
 def check_workdir(workdir: str, what: str = "--workdir") -> None:
     """Create the directory and prove it is writable (a probe file), or raise naming it as `what`
-    (also used for train.compile_cache_dir)."""
+    (also used for train.compile_cache_dir). A URL (gs://...) is refused: the run's own files (tokenizer,
+    metrics, TensorBoard, the reference log-prob cache) are written through the local filesystem, so they would
+    land in a local directory named 'gs:' on each host while Orbax wrote the checkpoints to the bucket."""
+    if "://" in workdir:
+        raise WorkdirError(errno.EINVAL, f"{what}={workdir!r} is a URL: a run writes its files through the local "
+                                         f"filesystem, so give a path every host sees, e.g. the bucket mounted "
+                                         f"with gcsfuse (/mnt/BUCKET/...) or a shared NFS/Filestore directory")
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_probe.{os.getpid()}")  # several hosts may probe one workdir

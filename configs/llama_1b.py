@@ -5,7 +5,7 @@ Commands (data: a prepared dataset with a 32k BPE tokenizer, e.g.
       --config.tokenizer.vocab_size=32000):
   python scripts/estimate_memory.py --config=configs/llama_1b.py:v4-8 --devices=4 --device=tpu-v4 --vocab=32000
   python train.py --config=configs/llama_1b.py:gpu8 --config.data.path=datasets/stdlib32k --workdir=runs/llama_1b
-  bash scripts/launch_tpu_vm.sh NAME ZONE configs/llama_1b.py:v5e-16 --config.data.path=gs://BUCKET/data
+  bash scripts/launch_tpu_vm.sh NAME ZONE configs/llama_1b.py:v5e-16 --config.data.path=/mnt/BUCKET/data
 Targets: v4-8, v5e-16, gpu8, local (this machine, FSDP over all devices), tiny (CPU smoke run).
 Runtime and result: not measured here (no accelerator); README Scale has the memory preflight of
 every target; `:tiny` runs in seconds on a CPU (loss falls from about 5.6).

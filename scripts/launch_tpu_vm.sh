@@ -4,7 +4,7 @@
 # joins the hosts by itself (config.dist.initialize='auto' detects the slice) and the mesh spans all chips.
 #
 #   bash scripts/launch_tpu_vm.sh NAME ZONE --setup                  # once: copy this repo to every host, install
-#   WORKDIR=gs://BUCKET/runs/llama_1b bash scripts/launch_tpu_vm.sh NAME ZONE configs/llama_1b.py:v5e-16 \
+#   WORKDIR=/mnt/BUCKET/runs/llama_1b bash scripts/launch_tpu_vm.sh NAME ZONE configs/llama_1b.py:v5e-16 \
 #       --config.data.path=datasets/stdlib32k                        # start (or resume) training on every host
 #   bash scripts/launch_tpu_vm.sh NAME ZONE --log                    # host 0's last log lines
 #   bash scripts/launch_tpu_vm.sh NAME ZONE --stop                   # SIGTERM: each host checkpoints and exits
@@ -14,8 +14,10 @@
 # --version=v2-alpha-tpuv5-lite). CONFIG: a preset and its target (configs/llama_*.py:v4-8 | :v5e-16), any
 # config file works; further arguments are config overrides.
 # Environment:
-#   WORKDIR   the run directory, SHARED by all hosts when there are several: a gs:// path (Orbax writes every
-#             host's shards there; metrics, TensorBoard and tokenizer.json come from host 0). Default
+#   WORKDIR   the run directory, SHARED by all hosts when there are several: a path every host sees, e.g. a
+#             bucket mounted with gcsfuse at /mnt/BUCKET on each host (a gs:// URL is refused: the run writes
+#             through the local filesystem; Orbax writes every host's shards there; metrics, TensorBoard and
+#             tokenizer.json come from host 0). Default
 #             runs/<config name> on each host's disk: fine for a one-host v4-8, not for several hosts.
 #             Resume = the same command again.
 #   PROJECT   the GCP project (default: gcloud's configured one)

@@ -216,12 +216,12 @@ def test_launch_scripts(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and "unknown option --bogus" in p.stderr
     # what each script runs (gcloud and srun replaced by recorders)
-    env = dict(_fake(tmp_path, "gcloud"), WORKDIR="gs://b/run")
+    env = dict(_fake(tmp_path, "gcloud"), WORKDIR="/mnt/b/run")
     subprocess.run(["bash", os.path.join(ROOT, "scripts", "launch_tpu_vm.sh"), "my-tpu", "us-z", "configs/llama_1b.py:v4-8",
                     "--config.optim.lr=1e-4"], env=env, check=True, capture_output=True)
     args = (tmp_path / "gcloud.args").read_text().splitlines()
     assert args[:5] == ["compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and "--worker=all" in args
-    assert ("train.py --config=configs/llama_1b.py:v4-8 --workdir=gs://b/run --config.optim.lr=1e-4"
+    assert ("train.py --config=configs/llama_1b.py:v4-8 --workdir=/mnt/b/run --config.optim.lr=1e-4"
             in args[-1])
     env = dict(_fake(tmp_path, "srun"), SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="7")
     subprocess.run(["bash", os.path.join(ROOT, "scripts", "slurm.sbatch"), "--config.train.steps=5"], env=env,

@@ -157,14 +157,18 @@ def test_disk_full_is_a_clear_error_and_keeps_checkpoints(corpus_dir, tmp_path):
         subprocess.run(["umount", "-l", str(mnt)])
 
 
-def test_unwritable_workdir_named(tmp_path):
+def test_unwritable_workdir_named(corpus_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(resilience.WorkdirError, match="a_file/run.*not a writable directory"):
-        train.train_and_evaluate(tiny_config(str(tmp_path)), str(blocker / "run"))
+        train.train_and_evaluate(tiny_config(corpus_dir), str(blocker / "run"))
     with pytest.raises(resilience.WorkdirError, match="train.compile_cache_dir '.*a_file/cache' is not a writable"):
-        train.train_and_evaluate(tiny_config(str(tmp_path), train__compile_cache_dir=str(blocker / "cache")),
+        train.train_and_evaluate(tiny_config(corpus_dir, train__compile_cache_dir=str(blocker / "cache")),
                                  str(tmp_path / "run"))
+    # a URL would have had Orbax write to the bucket and everything else to a local directory named 'gs:'
+    with pytest.raises(resilience.WorkdirError, match="--workdir='gs://bucket/run' is a URL.*gcsfuse"):
+        train.train_and_evaluate(tiny_config(corpus_dir), "gs://bucket/run")
+    assert not os.path.exists("gs:") and not os.path.exists(tmp_path / "run")
 
 
 def test_same_seed_same_metrics(corpus_dir, tmp_path):

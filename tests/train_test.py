@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -155,6 +156,15 @@ def test_bad_inputs_named(corpus_dir, tmp_path):
     with pytest.raises(ValueError, match="8 devices are not divisible by 3"):
         train.train_and_evaluate(tiny_config(corpus_dir, mesh__fsdp=3), str(tmp_path / "w4"))
     assert not os.path.exists(tmp_path / "w3") and not os.path.exists(tmp_path / "w4")  # refused before mkdir
+    # a workdir inside the data directory: on resume its own files would be read as training text
+    data_dir = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, data_dir)
+    with pytest.raises(ValueError, match=r"--workdir='.*corpus/runs/a' is inside data.path='.*corpus'"):
+        train.train_and_evaluate(tiny_config(str(data_dir)), str(data_dir / "runs" / "a"))
+    assert not os.path.exists(data_dir / "runs")
+    with pytest.raises(ValueError, match=r"data.path='gs://bucket/data' is a URL.*mount the bucket"):
+        train.train_and_evaluate(tiny_config("gs://bucket/data"), str(tmp_path / "w6"))
+    assert not os.path.exists(tmp_path / "w6")
     for field, value in (("data__seq_len", 0), ("data__batch_size", -1), ("train__steps", 0), ("train__eval_every", 0),
                          ("train__log_every", -1), ("train__checkpoint_every", 0)):
         with pytest.raises(ValueError, match=rf"{field.replace('__', '.')}={value} must be a positive integer"):
