@@ -197,8 +197,10 @@ def check_config(config) -> None:
         raise DataError(f"output.shard_mb={config.output.shard_mb!r}: expected > 0")
 
 
-def check_sources(config) -> None:
-    """Every 'files' source names a path that exists (or a glob), said with its config field."""
+def check_sources(config, out_dir: str) -> None:
+    """Every 'files' source names a path that exists (or a glob), said with its config field; --out is not
+    inside a source directory (the dataset's manifest.json, report.md and tokenizer.json are text files the
+    next preparation of that source would collect as documents)."""
     if not config.sources:
         raise DataError("no sources: add one in the config (c.sources.NAME = source(...)) or use "
                         "--config=configs/data/files.py:PATH")
@@ -212,12 +214,17 @@ def check_sources(config) -> None:
         path = os.path.expanduser(sc.path)
         if not os.path.exists(path) and not glob.has_magic(path):
             raise DataError(f"{field}={sc.path!r} does not exist{in_cwd(path)}")
+        src, out = os.path.realpath(path), os.path.realpath(os.path.expanduser(out_dir))
+        if os.path.isdir(src) and (out == src or out.startswith(src.rstrip(os.sep) + os.sep)):
+            raise DataError(f"--out={out_dir!r} is inside {field}={sc.path!r}: the dataset's own files (manifest.json, "
+                            f"report.md, tokenizer.json) would be collected as documents by the next preparation "
+                            f"of that source; write it elsewhere")
 
 
 def check_out_dir(out_dir: str) -> None:
     """The dataset goes into a new or empty directory: a rerun into an old dataset would leave its extra
     shards beside the new ones, and an output inside a source directory would be collected as data by
-    the next run (then the same inputs no longer give the same dataset)."""
+    the next run (then the same inputs no longer give the same dataset; check_sources refuses that)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise DataError(f"--out={out_dir!r} is a file, not a directory")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -230,7 +237,7 @@ def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], 
     if config.format not in ("text",) + formats.FORMATS:
         raise DataError(f"format={config.format!r}: expected 'text' or one of {formats.FORMATS}")
     check_config(config)
-    check_sources(config)
+    check_sources(config, out_dir)
     check_out_dir(out_dir)
     # Built in a hidden directory beside out_dir and renamed into place at the end: a run that fails
     # (every document cleaned away, an empty val split, a bad record under --strict) writes nothing to --out.

@@ -186,6 +186,8 @@ def test_sources_and_splits_are_checked_by_name(tmp_path):
         prepare.prepare(files.get_config(), str(out), log=quiet)
     with pytest.raises(DataError, match=r"sources\.files\.path='nothere\.jsonl' does not exist in /"):
         prepare.prepare(files.get_config("nothere.jsonl"), str(out), log=quiet)
+    with pytest.raises(DataError, match=r"--out='.*/inside' is inside sources\.files\.path="):
+        prepare.prepare(files.get_config(str(tmp_path)), str(tmp_path / "inside"), log=quiet)
     rng = np.random.default_rng(0)
     words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(3, 9))) for _ in range(3000)]
     one = tmp_path / "one.txt"  # prose-like lines of varied words, one document
