@@ -220,55 +220,58 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     if cache_dir:  # JAX would only warn on each compile and run without the cache
         resilience.check_workdir(cache_dir, what="train.compile_cache_dir")
     resilience.check_workdir(workdir)
-    hostenv.compile_cache(cache_dir)
-
-    # ---- An incompatible workdir is refused before anything is written -----------------------------
-    config_dict = json.loads(config.to_json())
-    latest = _resume_step(workdir, config_dict, mode)
-
-    # ---- Inputs, model, sharded state: warm start (new runs) or resume ---------------------------
-    inputs = mode.inputs(config, workdir, micro_batch)
-    model = mode.model(config, inputs)
-    if config.train.preflight:  # before compiling or allocating: an error with changes that would fit
-        preflight.check(config, mode, inputs)
-    state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len, scale)
-    mngr = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
-    if config.init_from and latest is None:  # weights, or the full state (continual.init_state)
-        state = warmstart.continue_from(state, state_sh, config)
-    if latest is not None:
-        state = checkpoint.restore(mngr, latest, steps.abstract_state(state_sh, state), inputs.train_iter)
-        log.info("resumed from %s at step %d", mngr.directory, latest)
-    anchor = continual.anchor(config, workdir, objective=mode.loss(config), model=model, inputs=inputs,
-                              params=state.params, params_sh=state_sh.params, new_run=latest is None,
-                              micro_batch=micro_batch)  # L2-SP / EWC: theta_0 and the Fisher (else None)
-    start = latest or 0
-    _log_model(state, frozen, model, config, mesh)
-
-    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
-    nonfinite = resilience.NonFinitePolicy(config.train.on_nonfinite, config.train.max_nonfinite, start,
-                                           seen=int(jax.device_get(state.dropped)))
+    lock = resilience.WorkdirLock(workdir, enabled=jax.process_index() == 0)  # one run at a time
     try:
-        with resilience.PreemptionGuard() as guard:
-            run = Run(config=config, workdir=workdir, mode=mode, mesh=mesh, rules=rules,
-                      batch_sharding=sharding.batch_sharding(mesh), accum=k, inputs=inputs, model=model, tx=tx,
-                      schedule=schedule, state=state, state_sh=state_sh, start_step=start, mngr=mngr,
-                      writer=writer, progress=metrics_lib.Progress(total_steps, start, headline=mode.headline),
-                      nonfinite=nonfinite, guard=guard, config_dict=config_dict,
-                      flops_per_token=model.cfg.flops_per_token(config.data.seq_len),
-                      process_t0=time.time() if process_t0 is None else process_t0, saved_step=start,
-                      anchor=anchor)
-            yield run
-            with checkpoint.write_errors(mngr, run.saved_step):
-                mngr.wait_until_finished()
-    except BaseException:
-        try:
-            writer.close()
-        except OSError as e:  # a full disk fails the metric files' flush too: the run's own error stays the one raised
-            log.warning("closing the metric files failed as well: %s", e)
-        raise
-    writer.close()
-    mngr.close()
+        hostenv.compile_cache(cache_dir)
 
+        # ---- An incompatible workdir is refused before anything is written -------------------------
+        config_dict = json.loads(config.to_json())
+        latest = _resume_step(workdir, config_dict, mode)
+
+        # ---- Inputs, model, sharded state: warm start (new runs) or resume ---------------------------
+        inputs = mode.inputs(config, workdir, micro_batch)
+        model = mode.model(config, inputs)
+        if config.train.preflight:  # before compiling or allocating: an error with changes that would fit
+            preflight.check(config, mode, inputs)
+        state, state_sh = steps.init_state(model, tx, mesh, rules, config.seed, config.data.seq_len, scale)
+        mngr = checkpoint.make_manager(workdir, config.train.keep_checkpoints, config.train.async_checkpoint)
+        if config.init_from and latest is None:  # weights, or the full state (continual.init_state)
+            state = warmstart.continue_from(state, state_sh, config)
+        if latest is not None:
+            state = checkpoint.restore(mngr, latest, steps.abstract_state(state_sh, state), inputs.train_iter)
+            log.info("resumed from %s at step %d", mngr.directory, latest)
+        anchor = continual.anchor(config, workdir, objective=mode.loss(config), model=model, inputs=inputs,
+                                  params=state.params, params_sh=state_sh.params, new_run=latest is None,
+                                  micro_batch=micro_batch)  # L2-SP / EWC: theta_0 and the Fisher (else None)
+        start = latest or 0
+        _log_model(state, frozen, model, config, mesh)
+
+        writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+        nonfinite = resilience.NonFinitePolicy(config.train.on_nonfinite, config.train.max_nonfinite, start,
+                                               seen=int(jax.device_get(state.dropped)))
+        try:
+            with resilience.PreemptionGuard() as guard:
+                run = Run(config=config, workdir=workdir, mode=mode, mesh=mesh, rules=rules,
+                          batch_sharding=sharding.batch_sharding(mesh), accum=k, inputs=inputs, model=model, tx=tx,
+                          schedule=schedule, state=state, state_sh=state_sh, start_step=start, mngr=mngr,
+                          writer=writer, progress=metrics_lib.Progress(total_steps, start, headline=mode.headline),
+                          nonfinite=nonfinite, guard=guard, config_dict=config_dict,
+                          flops_per_token=model.cfg.flops_per_token(config.data.seq_len),
+                          process_t0=time.time() if process_t0 is None else process_t0, saved_step=start,
+                          anchor=anchor)
+                yield run
+                with checkpoint.write_errors(mngr, run.saved_step):
+                    mngr.wait_until_finished()
+        except BaseException:
+            try:
+                writer.close()
+            except OSError as e:  # a full disk fails the metric files' flush too: the run's error stays the one raised
+                log.warning("closing the metric files failed as well: %s", e)
+            raise
+        writer.close()
+        mngr.close()
+    finally:
+        lock.release()
 
 def _log_model(state, frozen, model, config, mesh) -> None:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -9,14 +9,20 @@
   train.rollback_lr_factor, keep reading fresh data) or 'halt' (stop, naming the step range).
 - `check_workdir`: an unwritable or impossible --workdir (or train.compile_cache_dir) fails
   before any work is done.
+- `WorkdirLock`: one run at a time in a workdir (the same command started twice would interleave
+  two runs' checkpoints and metrics).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
 import signal
 import threading
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,6 +54,38 @@ def check_workdir(workdir: str, what: str = "--workdir") -> None:
     except OSError as e:
         reason = "the disk is full" if e.errno == errno.ENOSPC else e.strerror or str(e)
         raise WorkdirError(e.errno, f"{what} {workdir!r} is not a writable directory: {reason}") from e
+
+
+class WorkdirLock:
+    """An exclusive lock on the workdir for a run's lifetime: a second run started in it (the same command in
+    another terminal, a requeued job while the old one still runs, a notebook cell run twice) is refused
+    instead of writing its checkpoints and metrics between the first one's. The lock is flock(2) on the
+    directory itself: no file is written, and the kernel drops it when the process ends (a kill -9 leaves
+    nothing stale). Only process 0 of a multi-host run takes it (`enabled`); a filesystem without flock
+    (some network or FUSE mounts) logs a warning and the run goes on unlocked."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self._fd = None
+        if not enabled:
+            return
+        fd = os.open(workdir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WorkdirError(errno.EBUSY, f"--workdir {workdir!r} is in use by another run (a process holds its "
+                                            f"lock): wait for it to end or stop it; two runs in one workdir would "
+                                            f"interleave their checkpoints and metrics") from None
+        except OSError as e:
+            os.close(fd)
+            log.warning("--workdir %r cannot be locked (%s): nothing stops a second run in it", workdir, e)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
 
 
 class PreemptionGuard:

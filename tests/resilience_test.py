@@ -189,3 +189,20 @@ def test_mode_change_is_incompatible(corpus_dir, tmp_path):
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="mode: 'causal' -> 'mlm'"):
         train.train_and_evaluate(tiny_config(corpus_dir, train__steps=3, mode="mlm"), str(tmp_path))
     json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_one_run_at_a_time_in_a_workdir(corpus_dir, tmp_path):
+    """A second run in a workdir another process holds is refused (flock on the directory: no file written);
+    a run that fails releases its lock, so the next start in that workdir goes ahead."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    other = resilience.WorkdirLock(str(workdir))  # stands in for a run in another process: its own descriptor
+    with pytest.raises(resilience.WorkdirError, match="is in use by another run"):
+        train.train_and_evaluate(tiny_config(corpus_dir), str(workdir))
+    other.release()
+    assert os.listdir(workdir) == []
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hello world\n")
+    with pytest.raises(ValueError, match="windows"):  # fails after taking the lock (while reading its data)
+        train.train_and_evaluate(tiny_config(str(tiny), data__split="tail", data__tokenizer="char"), str(workdir))
+    resilience.WorkdirLock(str(workdir)).release()  # free again
