@@ -182,6 +182,39 @@ def _checked_config(config) -> tuple[modes.Mode, int, int]:
     return mode, k, config.data.batch_size // k
 
 
+DATA_FINGERPRINT = "data_fingerprint.json"
+
+
+def check_inputs_unchanged(config, workdir: str, resuming: bool) -> dict | None:
+    """What the run's input paths hold (modes.input_fingerprint: their files and sizes) against the record a
+    new run leaves in WORKDIR/data_fingerprint.json (`record_inputs`). On a resume, a file added, removed or
+    resized since would have the restored iterator continue at its position in another stream (neither exact
+    nor what was trained on): refused, naming the field; deleting the record accepts the change. Returns the
+    fingerprint to record (a new run, or a run from before the record existed), else None."""
+    path = os.path.join(workdir, DATA_FINGERPRINT)
+    now = modes.input_fingerprint(config)
+    if not (resuming and os.path.exists(path)):
+        return now
+    with open(path, encoding="utf-8") as f:
+        before = json.load(f)
+    changed = [f"{k}={v['path']!r}: {before[k]['files']} files, {before[k]['bytes']:,} bytes -> {v['files']} files, "
+               f"{v['bytes']:,} bytes" + ("" if (v["files"], v["bytes"]) != (before[k]["files"], before[k]["bytes"])
+                                          else " (a file renamed, or resized and another by as much)")
+               for k, v in now.items() if k in before and v["digest"] != before[k]["digest"]]
+    if changed:
+        raise ValueError(f"the run's input files changed since it started ({'; '.join(changed)}): resuming would "
+                         f"continue the saved data position in a different stream. Restore them, start a new "
+                         f"--workdir, or delete {path} to go on with the changed data")
+    return None
+
+
+def record_inputs(workdir: str, fingerprint: dict | None) -> None:
+    if fingerprint is not None and jax.process_index() == 0:
+        with open(os.path.join(workdir, DATA_FINGERPRINT), "w", encoding="utf-8") as f:
+            json.dump(fingerprint, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+
 def _resume_step(workdir: str, config_dict: dict, mode: modes.Mode) -> int | None:
     """The latest complete checkpoint's step (None: a new run), after refusing an incompatible config.
     Read-only: nothing in the workdir is created or cleaned here."""
@@ -227,6 +260,7 @@ def open_run(config, workdir: str, process_t0: float | None = None):
         # ---- An incompatible workdir is refused before anything is written -------------------------
         config_dict = json.loads(config.to_json())
         latest = _resume_step(workdir, config_dict, mode)
+        fingerprint = check_inputs_unchanged(config, workdir, resuming=latest is not None)
 
         # ---- Inputs, model, sharded state: warm start (new runs) or resume ---------------------------
         inputs = mode.inputs(config, workdir, micro_batch)
@@ -259,6 +293,7 @@ def open_run(config, workdir: str, process_t0: float | None = None):
                           flops_per_token=model.cfg.flops_per_token(config.data.seq_len),
                           process_t0=time.time() if process_t0 is None else process_t0, saved_step=start,
                           anchor=anchor)
+                record_inputs(workdir, fingerprint)  # set up without error: what its data is, for later resumes
                 yield run
                 with checkpoint.write_errors(mngr, run.saved_step):
                     mngr.wait_until_finished()

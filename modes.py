@@ -252,6 +252,16 @@ def check_workdir_outside_inputs(config, workdir: str) -> None:
                              f"become training data when it resumes; put the workdir outside it")
 
 
+def input_fingerprint(config) -> dict:
+    """field -> sources.files_fingerprint of each input path the run reads (harness.check_inputs_unchanged)."""
+    out = {}
+    for name in get(config).paths + ("continual.replay_path",):
+        value = _field(config, name)
+        if value and name not in out and os.path.exists(os.path.expanduser(value)):
+            out[name] = dict(path=value, **sources.files_fingerprint(value))
+    return out
+
+
 def check_paths(config) -> None:
     """Every input file/directory the mode reads exists; else an error naming the config field (before any
     file is written). data.path '' is the embedded corpus of the text modes (an error for the others);

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -261,6 +262,21 @@ def iter_files(path: str, extensions=TEXT_EXTENSIONS + (".parquet",)) -> Iterato
     for match in sorted(glob.glob(path, recursive=True)):
         if os.path.isfile(match):
             yield match
+
+
+def files_fingerprint(path: str) -> dict:
+    """{'files', 'bytes', 'digest'} of what a run reads under `path` (a file, a directory walked as the
+    readers walk it, or a glob): each file's relative path and size, hashed. Stat only, no reading, so it
+    is cheap on a large corpus; it changes when a file is added, removed, renamed or changes size."""
+    path = os.path.expanduser(path)
+    h, n, total = hashlib.sha256(), 0, 0
+    walk = iter_files(path, extensions=("",)) if os.path.isdir(path) else iter_files(path)
+    for file in walk:
+        size = os.path.getsize(file)
+        rel = os.path.relpath(file, path) if os.path.isdir(path) else os.path.basename(file)
+        h.update(f"{rel}\t{size}\n".encode("utf-8", "surrogateescape"))
+        n, total = n + 1, total + size
+    return {"files": n, "bytes": total, "digest": h.hexdigest()[:16]}
 
 
 def in_cwd(path: str) -> str:

@@ -251,3 +251,31 @@ def test_importing_the_metric_writers_does_not_import_torch():
     p = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "torch", p.stderr[-2000:]
+
+
+def test_a_resume_on_changed_input_files_is_refused(corpus_dir, tmp_path):
+    """A new run records its inputs' files and sizes; a resume after a file was added, removed or resized
+    would continue the saved data position in another stream: refused naming the field; deleting the
+    record accepts the change. Unchanged inputs resume as before."""
+    import shutil
+    import harness
+    data = tmp_path / "data"
+    shutil.copytree(corpus_dir, data)
+    workdir = tmp_path / "run"
+    config = tiny_config(str(data), train__steps=4, train__stop_after=2, train__eval_every=4)
+    train.train_and_evaluate(config, str(workdir))
+    record = json.loads((workdir / harness.DATA_FINGERPRINT).read_text())
+    assert record["data.path"]["files"] == len(os.listdir(corpus_dir)) and record["data.path"]["digest"]
+    assert harness.check_inputs_unchanged(config, str(workdir), resuming=True) is None  # unchanged: no record
+    first = sorted(os.listdir(data))[0]
+    with open(data / first, "a") as f:
+        f.write("# one more line\n")
+    with pytest.raises(ValueError, match=r"input files changed since it started \(data\.path='.*data': "
+                                         r"\d+ files, [\d,]+ bytes -> \d+ files, [\d,]+ bytes\).*data_fingerprint"):
+        train.train_and_evaluate(tiny_config(str(data), train__steps=4, train__eval_every=4), str(workdir))
+    (data / "new.txt").write_text("another document\n")
+    with pytest.raises(ValueError, match=r"input files changed"):
+        harness.check_inputs_unchanged(config, str(workdir), resuming=True)
+    os.remove(workdir / harness.DATA_FINGERPRINT)  # the documented way to accept the change
+    assert harness.check_inputs_unchanged(config, str(workdir), resuming=True)["data.path"]["files"] == \
+        record["data.path"]["files"] + 1
