@@ -266,12 +266,14 @@ def iter_files(path: str, extensions=TEXT_EXTENSIONS + (".parquet",)) -> Iterato
 
 def files_fingerprint(path: str) -> dict:
     """{'files', 'bytes', 'digest'} of what a run reads under `path` (a file, a directory walked as the
-    readers walk it, or a glob): each file's relative path and size, hashed. Stat only, no reading, so it
-    is cheap on a large corpus; it changes when a file is added, removed, renamed or changes size."""
+    readers walk it: their extensions, no hidden files or folders; or a glob): each file's relative path and
+    size, hashed. Stat only, no reading, so it is cheap on a large corpus; it changes when such a file is
+    added, removed, renamed or changes size (a prepared dataset: its manifest.json, which sizes the shards)."""
     path = os.path.expanduser(path)
     h, n, total = hashlib.sha256(), 0, 0
-    walk = iter_files(path, extensions=("",)) if os.path.isdir(path) else iter_files(path)
-    for file in walk:
+    for file in iter_files(path):
+        if os.path.basename(file).startswith("."):
+            continue
         size = os.path.getsize(file)
         rel = os.path.relpath(file, path) if os.path.isdir(path) else os.path.basename(file)
         h.update(f"{rel}\t{size}\n".encode("utf-8", "surrogateescape"))
