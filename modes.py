@@ -235,13 +235,19 @@ def _field(config, name: str):
     return node
 
 
+def _data_paths(config) -> tuple[str, ...]:
+    """The mode's input fields that name data read file by file (not rl.reward_model: a run, read by its
+    checkpoint), and continual.replay_path."""
+    return tuple(n for n in get(config).paths if n != "rl.reward_model") + ("continual.replay_path",)
+
+
 def check_workdir_outside_inputs(config, workdir: str) -> None:
     """A workdir inside an input directory that is walked for files (data.path as a directory of text or
     records, continual.replay_path) would have the run's own files (tokenizer.json, metrics.jsonl, the
     checkpoints' JSON) read as data when it resumes: another token stream, so neither exact nor clean.
     Refused naming both; a prepared dataset's directory is not walked and is allowed."""
     run = os.path.realpath(os.path.expanduser(workdir))
-    for name in get(config).paths + ("continual.replay_path",):
+    for name in _data_paths(config):
         value = _field(config, name)
         path = os.path.realpath(os.path.expanduser(value)) if value else ""
         if not path or not os.path.isdir(path) or prepared_data.is_prepared(path):
@@ -255,7 +261,7 @@ def check_workdir_outside_inputs(config, workdir: str) -> None:
 def input_fingerprint(config) -> dict:
     """field -> sources.files_fingerprint of each input path the run reads (harness.check_inputs_unchanged)."""
     out = {}
-    for name in get(config).paths + ("continual.replay_path",):
+    for name in _data_paths(config):
         value = _field(config, name)
         if value and name not in out and os.path.exists(os.path.expanduser(value)):
             out[name] = dict(path=value, **sources.files_fingerprint(value))
