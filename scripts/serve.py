@@ -72,14 +72,14 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     import openai_api
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
+        raise SystemExit("serve.py: error: --workdir is required")
     try:
         openai_api.check_bind(FLAGS.host, FLAGS.api_key, FLAGS.insecure)
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise SystemExit(f"serve.py: error: {e}") from None
     for name in ("slots", "max_queue", "chunk", "max_body_bytes"):
         if getattr(FLAGS, name) < 1:
-            raise app.UsageError(f"--{name}={getattr(FLAGS, name)} must be >= 1")
+            raise SystemExit(f"serve.py: error: --{name}={getattr(FLAGS, name)} must be >= 1")
 
     import uvicorn
 
@@ -90,13 +90,13 @@ def main(argv):
     try:
         run = serving.load_run(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
     except (FileNotFoundError, ValueError) as e:
-        raise app.UsageError(str(e)) from None
+        raise SystemExit(f"serve.py: error: {e}") from None
     context = FLAGS.context or int(run.config.data.seq_len)
     try:
         decoder = decode.Decoder(run.model, batch=FLAGS.slots, cache_len=context, n_top=20, chunk=FLAGS.chunk,
                                  kv_int8=FLAGS.kv_int8)
     except ValueError as e:  # e.g. --context beyond a learned-position table
-        raise app.UsageError(f"{FLAGS.workdir}: {e}") from None
+        raise SystemExit(f"serve.py: error: {FLAGS.workdir}: {e}") from None
     engine = serving.Engine(decoder, run.params, detokenize=run.tokenizer.decode, max_queue=FLAGS.max_queue)
     if FLAGS.warmup:
         start = time.perf_counter()

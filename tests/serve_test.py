@@ -371,7 +371,13 @@ def test_bind_check_and_the_script_refuse_a_public_host_without_a_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LMSTACK_API_KEY"}
     out = subprocess.run([sys.executable, "scripts/serve.py", f"--workdir={tmp_path}", "--host=0.0.0.0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode != 0 and "--host=0.0.0.0 is reachable from other machines" in out.stderr
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "serve.py: error: --host=0.0.0.0 is reachable from other machines: give --api_key (or set LMSTACK_API_KEY), "
+        "or --insecure to serve it without one"]  # one line: no usage text, no blank line
+    out = subprocess.run([sys.executable, "scripts/serve.py", f"--workdir={tmp_path}/missing"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"serve.py: error: workdir '{tmp_path}/missing' is not a directory"]
 
 
 def test_a_non_streamed_job_wakes_the_event_loop_once_per_choice():
