@@ -244,6 +244,9 @@ def prepare(config, out_dir: str, *, strict: bool = False, log: Callable[[str], 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work_dir, 0o777 & ~umask)  # mkdtemp's 0700 would make the dataset private to this user
     try:
         manifest = _prepare(config, work_dir, out_dir, strict, log)
         os.replace(work_dir, out_dir)  # onto a missing or empty directory (check_out_dir)

@@ -202,6 +202,9 @@ def test_sources_and_splits_are_checked_by_name(tmp_path):
     m = prepare.prepare(files.get_config(str(tmp_path / "paras.jsonl")), str(out), log=quiet)
     assert m["documents"]["collected"] == 60 and m["cleaning"]["removed"].get("long lines", 0) == 0
     assert m["splits"]["val"]["documents"] > 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # as a plain mkdir makes it, not mkdtemp's 0700
 
 
 def test_characters_a_char_vocabulary_lacks_are_counted(tmp_path):
