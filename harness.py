@@ -308,6 +308,7 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     finally:
         lock.release()
 
+
 def _log_model(state, frozen, model, config, mesh) -> None:
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     n_trained = sum(x.size for k, v in state.params.items() if k not in frozen for x in jax.tree.leaves(v))

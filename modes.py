@@ -246,13 +246,11 @@ def check_workdir_outside_inputs(config, workdir: str) -> None:
     records, continual.replay_path) would have the run's own files (tokenizer.json, metrics.jsonl, the
     checkpoints' JSON) read as data when it resumes: another token stream, so neither exact nor clean.
     Refused naming both; a prepared dataset's directory is not walked and is allowed."""
-    run = os.path.realpath(os.path.expanduser(workdir))
     for name in _data_paths(config):
         value = _field(config, name)
-        path = os.path.realpath(os.path.expanduser(value)) if value else ""
-        if not path or not os.path.isdir(path) or prepared_data.is_prepared(path):
+        if not value or not os.path.isdir(os.path.expanduser(value)) or prepared_data.is_prepared(value):
             continue
-        if run == path or run.startswith(path.rstrip(os.sep) + os.sep):
+        if sources.is_within(workdir, value):
             raise ValueError(f"--workdir={workdir!r} is inside {name}={value!r}: every file under {name} is read as "
                              f"data, so the run's own files (checkpoints, metrics.jsonl, tokenizer.json) would "
                              f"become training data when it resumes; put the workdir outside it")
@@ -263,7 +261,7 @@ def input_fingerprint(config) -> dict:
     out = {}
     for name in _data_paths(config):
         value = _field(config, name)
-        if value and name not in out and os.path.exists(os.path.expanduser(value)):
+        if value and os.path.exists(os.path.expanduser(value)):
             out[name] = dict(path=value, **sources.files_fingerprint(value))
     return out
 

@@ -146,18 +146,22 @@ def flags_parser(prog: str):
     return parse
 
 
-def run(main, prog: str) -> None:
-    """`app.run(main)` for a script: flags parsed by flags_parser(prog), and a ValueError or OSError out of
-    `main` (a bad value, a missing workdir or checkpoint: the message names it) printed as one `prog: error:`
-    line with exit status 1 instead of a traceback; LMSTACK_TRACEBACK=1 re-raises it."""
-    from absl import app
-
-    def guarded(argv):
+def guarded(main, prog: str, errors: tuple = (ValueError, OSError)):
+    """`main` with `errors` (a bad value, a missing workdir or checkpoint: their messages name it) printed as
+    one `prog: error:` line and exit status 1 instead of a traceback; LMSTACK_TRACEBACK=1 re-raises them."""
+    def wrapped(argv):
         try:
             return main(argv)
-        except (ValueError, OSError) as e:
+        except errors as e:
             if os.environ.get("LMSTACK_TRACEBACK"):
                 raise
             print(f"{prog}: error: {e}\n(LMSTACK_TRACEBACK=1 shows the traceback)", file=sys.stderr)
             return 1
-    app.run(guarded, flags_parser=flags_parser(prog))
+    return wrapped
+
+
+def run(main, prog: str) -> None:
+    """`app.run(main)` for a script: flags parsed by flags_parser(prog), a ValueError or OSError out of `main`
+    one line (`guarded`)."""
+    from absl import app
+    app.run(guarded(main, prog), flags_parser=flags_parser(prog))

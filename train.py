@@ -10,8 +10,6 @@ this file is the supervised loop.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 
 _PROCESS_T0 = time.time()  # before jax is imported: 'perf/since_start_s' includes start-up
@@ -103,22 +101,20 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, token
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     quiet_logs()
     hostenv.tune_malloc()
-    try:
-        sharding.initialize_distributed(FLAGS.config.dist)  # several hosts: join them before any device use
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, resilience.WorkdirError, resilience.NonFiniteLossError,
-            checkpoint.CheckpointWriteError, guardrails.RLAnomalyError) as e:
-        if os.environ.get("LMSTACK_TRACEBACK"):
-            raise
-        # bad config values, inputs, workdirs, non-finite halts: the message names what to change
-        print(f"train.py: error: {e}\n(LMSTACK_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        return 1
+    sharding.initialize_distributed(FLAGS.config.dist)  # several hosts: join them before any device use
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
     return 0
+
+
+# bad config values, inputs, workdirs, non-finite halts: one line whose message names what to change
+main = overrides.guarded(_main, "train.py", errors=(
+    ValueError, FileNotFoundError, resilience.WorkdirError, resilience.NonFiniteLossError,
+    checkpoint.CheckpointWriteError, guardrails.RLAnomalyError))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from data import clean, dedup, formats, prepared, report
-from data.sources import DataError, ReadStats, Source, in_cwd, source_documents
+from data.sources import DataError, ReadStats, Source, in_cwd, is_within, source_documents
 from data.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_json_bytes
 
 
@@ -214,8 +214,7 @@ def check_sources(config, out_dir: str) -> None:
         path = os.path.expanduser(sc.path)
         if not os.path.exists(path) and not glob.has_magic(path):
             raise DataError(f"{field}={sc.path!r} does not exist{in_cwd(path)}")
-        src, out = os.path.realpath(path), os.path.realpath(os.path.expanduser(out_dir))
-        if os.path.isdir(src) and (out == src or out.startswith(src.rstrip(os.sep) + os.sep)):
+        if os.path.isdir(path) and is_within(out_dir, path):
             raise DataError(f"--out={out_dir!r} is inside {field}={sc.path!r}: the dataset's own files (manifest.json, "
                             f"report.md, tokenizer.json) would be collected as documents by the next preparation "
                             f"of that source; write it elsewhere")

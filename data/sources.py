@@ -270,15 +270,22 @@ def files_fingerprint(path: str) -> dict:
     size, hashed. Stat only, no reading, so it is cheap on a large corpus; it changes when such a file is
     added, removed, renamed or changes size (a prepared dataset: its manifest.json, which sizes the shards)."""
     path = os.path.expanduser(path)
+    is_dir = os.path.isdir(path)
     h, n, total = hashlib.sha256(), 0, 0
     for file in iter_files(path):
         if os.path.basename(file).startswith("."):
             continue
         size = os.path.getsize(file)
-        rel = os.path.relpath(file, path) if os.path.isdir(path) else os.path.basename(file)
+        rel = os.path.relpath(file, path) if is_dir else os.path.basename(file)
         h.update(f"{rel}\t{size}\n".encode("utf-8", "surrogateescape"))
         n, total = n + 1, total + size
     return {"files": n, "bytes": total, "digest": h.hexdigest()[:16]}
+
+
+def is_within(path: str, directory: str) -> bool:
+    """`path` is `directory` or lies under it, links resolved (a workdir or output inside an input tree)."""
+    path, directory = (os.path.realpath(os.path.expanduser(p)) for p in (path, directory))
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
 def in_cwd(path: str) -> str:
