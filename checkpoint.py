@@ -312,6 +312,15 @@ def has_checkpoint(workdir: str) -> bool:
     return True
 
 
+def latest_step(workdir: str) -> int:
+    """A run's latest complete checkpoint step (read-only; FileNotFoundError when it has none)."""
+    mngr = open_read_only(workdir)
+    try:
+        return int(mngr.latest_step())
+    finally:
+        mngr.close()
+
+
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
     """A logging filter: False for Orbax's 'Given directory is read only=DIR' warning, which every
     read-only manager logs (through absl). Expected here, not news."""

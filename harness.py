@@ -197,15 +197,21 @@ def check_inputs_unchanged(config, workdir: str, resuming: bool) -> dict | None:
         return now
     with open(path, encoding="utf-8") as f:
         before = json.load(f)
-    changed = [f"{k}={v['path']!r}: {before[k]['files']} files, {before[k]['bytes']:,} bytes -> {v['files']} files, "
-               f"{v['bytes']:,} bytes" + ("" if (v["files"], v["bytes"]) != (before[k]["files"], before[k]["bytes"])
-                                          else " (a file renamed, or resized and another by as much)")
+    changed = [f"{k}={v['path']!r}: {_change(before[k], v)}"
                for k, v in now.items() if k in before and v["digest"] != before[k]["digest"]]
     if changed:
-        raise ValueError(f"the run's input files changed since it started ({'; '.join(changed)}): resuming would "
-                         f"continue the saved data position in a different stream. Restore them, start a new "
-                         f"--workdir, or delete {path} to go on with the changed data")
+        raise ValueError(f"the run's inputs changed since it started ({'; '.join(changed)}): resuming would "
+                         f"continue the saved data position in a different stream, or score with another reward "
+                         f"model. Restore them, start a new --workdir, or delete {path} to go on with the change")
     return None
+
+
+def _change(before: dict, now: dict) -> str:
+    if "step" in now:  # a reward-model run (modes.input_fingerprint)
+        return f"its latest checkpoint was step {before.get('step')} when this run started, now {now['step']}"
+    same_totals = (now["files"], now["bytes"]) == (before["files"], before["bytes"])
+    return (f"{before['files']} files, {before['bytes']:,} bytes -> {now['files']} files, {now['bytes']:,} bytes"
+            + (" (a file renamed, or resized and another by as much)" if same_totals else ""))
 
 
 def record_inputs(workdir: str, fingerprint: dict | None) -> None:

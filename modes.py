@@ -257,12 +257,17 @@ def check_workdir_outside_inputs(config, workdir: str) -> None:
 
 
 def input_fingerprint(config) -> dict:
-    """field -> sources.files_fingerprint of each input path the run reads (harness.check_inputs_unchanged)."""
+    """field -> what each input the run reads holds (harness.check_inputs_unchanged): an input path's
+    sources.files_fingerprint; a reward-model run (rl.reward_model, read at its latest checkpoint at every
+    start) its latest step, so a resume after that run trained on would not score with another model."""
     out = {}
     for name in _data_paths(config):
         value = _field(config, name)
         if value and os.path.exists(os.path.expanduser(value)):
             out[name] = dict(path=value, **sources.files_fingerprint(value))
+    if "rl.reward_model" in get(config).paths and config.rl.reward_model:
+        step = checkpoint.latest_step(config.rl.reward_model)
+        out["rl.reward_model"] = {"path": config.rl.reward_model, "step": step, "digest": f"step {step}"}
     return out
 
 

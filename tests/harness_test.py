@@ -270,11 +270,11 @@ def test_a_resume_on_changed_input_files_is_refused(corpus_dir, tmp_path):
     first = sorted(os.listdir(data))[0]
     with open(data / first, "a") as f:
         f.write("# one more line\n")
-    with pytest.raises(ValueError, match=r"input files changed since it started \(data\.path='.*data': "
+    with pytest.raises(ValueError, match=r"inputs changed since it started \(data\.path='.*data': "
                                          r"\d+ files, [\d,]+ bytes -> \d+ files, [\d,]+ bytes\).*data_fingerprint"):
         train.train_and_evaluate(tiny_config(str(data), train__steps=4, train__eval_every=4), str(workdir))
     (data / "new.txt").write_text("another document\n")
-    with pytest.raises(ValueError, match=r"input files changed"):
+    with pytest.raises(ValueError, match=r"inputs changed"):
         harness.check_inputs_unchanged(config, str(workdir), resuming=True)
     os.remove(workdir / harness.DATA_FINGERPRINT)  # the documented way to accept the change
     assert harness.check_inputs_unchanged(config, str(workdir), resuming=True)["data.path"]["files"] == \

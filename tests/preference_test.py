@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ from conftest import tiny_config
 
 import checkpoint
 import evaluation
+import harness
 import feedback_inputs
 import objectives
 import train
@@ -547,6 +549,8 @@ def test_ppo_rewards_each_completion_with_the_reward_models_score_of_it_alone(ta
                       rl__max_prompt_len=SEQ_LEN, rl__max_new_tokens=8, data__batch_size=4, rl__group_size=2,
                       rl__minibatch=8, train__steps=1, train__log_every=1)
     train.train_and_evaluate(cfg, run)
+    record = json.loads(open(os.path.join(run, harness.DATA_FINGERPRINT)).read())
+    assert record["rl.reward_model"] == {"path": reward_run[0], "step": 4, "digest": "step 4"}  # for resumes
     logged = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if "rl/reward_mean" in r]
     assert len(calls) == len(logged) == 1
     (ids, seg, out), row = calls[0], logged[0]
@@ -566,6 +570,24 @@ def test_ppo_rewards_each_completion_with_the_reward_models_score_of_it_alone(ta
         padded[0, :n] = ids[i, :n]
         np.testing.assert_allclose(alone(padded, (padded != TOK.pad_id).astype(np.int32)), out[i:i + 1],
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_a_resume_after_the_reward_run_trained_on_is_refused(task_files, sft_run, reward_run, tmp_path):
+    """PPO / GRPO read rl.reward_model at its latest checkpoint at every start: a reward run trained further
+    between a stop and a resume would have the resumed run score with another model, without a word.
+    The run records the reward run's step; a resume after it moved is refused naming both steps."""
+    rm = str(tmp_path / "rm")
+    shutil.copytree(reward_run[0], rm)
+    cfg = tiny_config(task_files["train_pref"], ppo_config, init_from=sft_run, rl__reward_model=rm, rl__rewards=())
+    workdir = tmp_path / "ppo"
+    workdir.mkdir()
+    harness.record_inputs(str(workdir), harness.check_inputs_unchanged(cfg, str(workdir), resuming=False))
+    assert harness.check_inputs_unchanged(cfg, str(workdir), resuming=True) is None  # unchanged
+    train.train_and_evaluate(_pref_cfg(reward_config, task_files, init_from=sft_run, train__steps=5,
+                                       optim__lr=1e-3), rm)  # the reward run goes on: step 5
+    with pytest.raises(ValueError, match=r"rl\.reward_model='.*rm': its latest checkpoint was step 4 when this run "
+                                         r"started, now 5\).*another reward model.*data_fingerprint\.json"):
+        harness.check_inputs_unchanged(cfg, str(workdir), resuming=True)
 
 
 def test_sample_pairs_errors_exit_1_and_write_nothing(task_files, sft_run, reward_run, tmp_path, monkeypatch,
