@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -258,8 +259,10 @@ def open_run(config, workdir: str, process_t0: float | None = None):
     cache_dir = os.path.expanduser(config.train.compile_cache_dir)
     if cache_dir:  # JAX would only warn on each compile and run without the cache
         resilience.check_workdir(cache_dir, what="train.compile_cache_dir")
+    created = not os.path.isdir(workdir)  # by this start: removed again if the set-up fails (below)
     resilience.check_workdir(workdir)
     lock = resilience.WorkdirLock(workdir, enabled=jax.process_index() == 0)  # one run at a time
+    set_up = False
     try:
         hostenv.compile_cache(cache_dir)
 
@@ -300,6 +303,7 @@ def open_run(config, workdir: str, process_t0: float | None = None):
                           process_t0=time.time() if process_t0 is None else process_t0, saved_step=start,
                           anchor=anchor)
                 record_inputs(workdir, fingerprint)  # set up without error: what its data is, for later resumes
+                set_up = True
                 yield run
                 with checkpoint.write_errors(mngr, run.saved_step):
                     mngr.wait_until_finished()
@@ -313,6 +317,23 @@ def open_run(config, workdir: str, process_t0: float | None = None):
         mngr.close()
     finally:
         lock.release()
+        if created and not set_up and jax.process_count() == 1:
+            _remove_if_only_set_up(workdir)
+
+
+# What a start writes before it trains, all rebuilt by the next start: a workdir that a failed start created
+# and that holds nothing else is removed (unreadable inputs, a model that does not fit: a directory that looked
+# like a run, and was not). Anything costly it wrote (DPO's reference log-probs, a continual anchor) keeps it.
+_SET_UP_FILES = ("tokenizer.json", "chat_template.json", "labels.json", DATA_FINGERPRINT, "checkpoints")
+
+
+def _remove_if_only_set_up(workdir: str) -> None:
+    try:
+        entries = os.listdir(workdir)
+        if all(e in _SET_UP_FILES for e in entries) and not checkpoint.has_checkpoint(workdir):
+            shutil.rmtree(workdir)
+    except OSError as e:
+        log.warning("could not remove the workdir %r of this failed start: %s", workdir, e)
 
 
 def _log_model(state, frozen, model, config, mesh) -> None:

@@ -149,6 +149,11 @@ def test_bad_inputs_named(corpus_dir, tmp_path):
     (empty / "blank.txt").write_text("   \n")
     with pytest.raises(ValueError, match="no usable text"):
         train.train_and_evaluate(tiny_config(str(empty)), str(tmp_path / "w2"))
+    assert not os.path.exists(tmp_path / "w2")  # the failed start's own workdir is not left behind
+    (tmp_path / "mine").mkdir()  # ... but a directory the user made stays, whatever it holds
+    with pytest.raises(ValueError, match="no usable text"):
+        train.train_and_evaluate(tiny_config(str(empty)), str(tmp_path / "mine"))
+    assert os.path.isdir(tmp_path / "mine")
     with pytest.raises(ValueError, match="data.batch_size / optim.grad_accum_steps=6 is not divisible by 8"):
         train.train_and_evaluate(tiny_config(corpus_dir, data__batch_size=6), str(tmp_path / "w3"))
     with pytest.raises(ValueError, match="needs 3 devices but 8"):
@@ -177,12 +182,14 @@ def test_bad_inputs_named(corpus_dir, tmp_path):
 
 
 def test_a_failed_start_leaves_no_tokenizer_for_the_next_run(corpus_dir, tmp_path):
-    """A start that fails after building its tokenizer (here: too little data for one window) leaves
-    tokenizer.json behind; the next run in that workdir, with no checkpoint to resume, builds its own
-    from its data instead of reusing that one (an 8-character vocabulary: most of its text <unk>)."""
+    """A start that fails after building its tokenizer (here: too little data for one window) in a workdir
+    it did not create (one it creates is removed) leaves tokenizer.json behind; the next run in that
+    workdir, with no checkpoint to resume, builds its own from its data instead of reusing that one (an
+    8-character vocabulary: most of its text <unk>)."""
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("hello world\n")
     workdir = str(tmp_path / "run")
+    os.mkdir(workdir)
     with pytest.raises(ValueError, match="windows"):
         train.train_and_evaluate(tiny_config(str(tiny), data__split="tail", data__tokenizer="char"), workdir)
     assert os.path.exists(os.path.join(workdir, "tokenizer.json"))
