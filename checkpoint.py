@@ -86,10 +86,17 @@ def use_replica_parallel_saves() -> bool:
     copy is local: it buys nothing there and costs a compiled slice program per array shape and replica
     at the first save (48 of them for a tiny model over 8 CPU devices). So it is on only when the run has
     several processes; a save restores the same values either way."""
+    global _replica_parallel
     on = jax.process_count() > 1
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=on),
-                                            override=True)
+    if _replica_parallel != on:  # once per process (Orbax warns at each override of its jax.Array handler)
+        with _without_absl_notice("Type handler registry type"):
+            ocp.type_handlers.register_type_handler(
+                jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=on), override=True)
+        _replica_parallel = on
     return on
+
+
+_replica_parallel: bool | None = None
 
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -321,21 +328,23 @@ def latest_step(workdir: str) -> int:
         mngr.close()
 
 
-def _not_read_only_notice(record: logging.LogRecord) -> bool:
-    """A logging filter: False for Orbax's 'Given directory is read only=DIR' warning, which every
-    read-only manager logs (through absl). Expected here, not news."""
-    return not record.getMessage().startswith("Given directory is read only")
-
-
 @contextlib.contextmanager
-def _without_read_only_notice():
-    """That one warning dropped while a read-only manager is being opened; every other message kept."""
+def _without_absl_notice(prefix: str):
+    """Orbax's one expected warning starting with `prefix` (logged through absl) dropped while the block runs;
+    every other message kept. 'Given directory is read only=DIR': every read-only manager logs it; 'Type
+    handler registry type ... overriding': our own jax.Array handler replacing Orbax's default."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
     absl_logger = logging.getLogger("absl")
-    absl_logger.addFilter(_not_read_only_notice)
+    absl_logger.addFilter(keep)
     try:
         yield
     finally:
-        absl_logger.removeFilter(_not_read_only_notice)
+        absl_logger.removeFilter(keep)
+
+
+def _without_read_only_notice():
+    return _without_absl_notice("Given directory is read only")
 
 
 def has_packed_params(mngr: ocp.CheckpointManager, step: int) -> bool:

@@ -8,6 +8,7 @@ split or on other data (the mode's `other_eval_data` says how other data replace
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -82,8 +83,10 @@ def write_jsonl(rows: list[dict], path: str) -> None:
 def training_rows(config, workdir: str, rows: int) -> tuple[modes.Inputs, list[dict]]:
     """The run's inputs rebuilt as training built them, and its first `rows` training rows (batches, the
     last one cut): calibration data for compression (scripts/quantize.py, scripts/prune.py). Built in a
-    scratch directory holding a copy of the run's tokenizer / chat template / labels: nothing is written
-    into the run."""
+    scratch directory holding a copy of the run's tokenizer / chat template / labels and cached reference
+    log-probs, and a link to its checkpoints, so the inputs see a run that resumes (its own tokenizer and
+    labels, not rebuilt from the data); nothing is written into the run (checkpoints are only opened
+    read-only by the inputs)."""
     if rows <= 0:
         raise ValueError(f"--calib={rows}: calibration needs at least one sequence")
     c = config.copy_and_resolve_references()
@@ -93,6 +96,9 @@ def training_rows(config, workdir: str, rows: int) -> tuple[modes.Inputs, list[d
         for name in checkpoint.RUN_FILES:
             if os.path.exists(os.path.join(workdir, name)):
                 shutil.copy(os.path.join(workdir, name), scratch)
+        for cached in glob.glob(os.path.join(glob.escape(workdir), "reference_logps_*.npz")):  # DPO's (rl/reference)
+            shutil.copy(cached, scratch)
+        os.symlink(os.path.abspath(os.path.join(workdir, "checkpoints")), os.path.join(scratch, "checkpoints"))
         inputs = modes.get(c).inputs(c, scratch, c.data.batch_size // c.optim.grad_accum_steps)
         batches, have = [], 0
         while have < rows:

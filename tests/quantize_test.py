@@ -193,6 +193,31 @@ def test_quantized_runs_evaluate_and_generate(trained_run, tmp_path):
     assert len(out[0].tokens) == 8
 
 
+def test_calibration_reads_the_run_with_its_own_tokenizer(corpus_dir, tmp_path, caplog):
+    """Calibration rows (quantize.py / prune.py) are the run's training rows tokenized by the run's own
+    tokenizer, even when its data would now build another one (a char vocabulary, a new character since):
+    not a tokenizer rebuilt from the data, under a warning about a failed start. Nothing is written into
+    the run."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(corpus_dir, data)
+    workdir = str(tmp_path / "run")
+    config = tiny_config(str(data), data__tokenizer="char", train__steps=3, train__eval_every=3,
+                         train__eval_batches=1)
+    train.train_and_evaluate(config, workdir)
+    with open(data / sorted(os.listdir(data))[0], "a") as f:
+        f.write("# \u00a7 a character the run never saw\n")
+    before = sorted(os.listdir(workdir))
+    saved, _, _ = checkpoint.load_for_inference(workdir)
+    import ml_collections
+    with caplog.at_level("WARNING"):
+        inputs, batches = evaluation.training_rows(ml_collections.ConfigDict(saved), workdir, 4)
+    run_tok = open(os.path.join(workdir, "tokenizer.json")).read()
+    assert "\u00a7" not in run_tok and inputs.tokenizer.to_json() == json.loads(run_tok)
+    assert sum(len(next(iter(b.values()))) for b in batches) == 4 and "no checkpoint" not in caplog.text
+    assert sorted(os.listdir(workdir)) == before
+
+
 def test_bad_input_names_the_value_and_writes_nothing(trained_run, tmp_path):
     out = tmp_path / "never"
     cases = [(dict(method="smooth", bits=8), "--method='smooth'"), (dict(method="rtn", bits=3), "--bits=3"),
