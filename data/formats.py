@@ -12,8 +12,11 @@ Schemas (one JSON object a line; extra fields are kept):
       list prompt is the conversation so far (the 'chat' message rules, ending with a user turn) and
       chosen / rejected are the next assistant reply, as text or (TRL's conversational form) as a
       list of that one message [{"role": "assistant", "content": str}] (`reply_text` reads either).
+      TRL's implicit-prompt form is read too (`explicit_prompt`): no "prompt", chosen and rejected
+      whole conversations that share every turn but their final assistant one (trl-lib's
+      ultrafeedback_binarized and hh-rlhf style); the shared turns become the prompt.
 
-`validate(record, fmt)` returns the record or raises `FormatError(reason, detail)`: `reason`
+`validate(record, fmt)` returns the record (an implicit-prompt pair with its prompt made explicit) or raises `FormatError(reason, detail)`: `reason`
 is a short name counted in the manifest ('missing field', 'wrong type', 'empty text',
 'answer_start mismatch', 'bad role', ...), `detail` says which field and value.
 `read_records(source, fmt, strict=...)` validates every record of a source: under strict the
@@ -134,12 +137,36 @@ def _reply(r: dict, field: str) -> str:
     return _string({field: reply_text(r[field])} if field in r else {}, field)
 
 
+def explicit_prompt(r: dict) -> dict:
+    """A preference record with its prompt given: an implicit-prompt pair (no "prompt"; chosen and rejected
+    whole conversations with the same turns before their last one, an assistant reply) becomes
+    {"prompt": those shared turns, "chosen": [its last turn], "rejected": [its last turn]} (a copy, other
+    fields kept). Any other record is returned as it is (validation names what it lacks)."""
+    chosen, rejected = r.get("chosen"), r.get("rejected")
+    if "prompt" in r or not (isinstance(chosen, list) and isinstance(rejected, list)) \
+            or not all(isinstance(m, dict) for m in chosen + rejected) or len(chosen) < 2 or len(rejected) < 2:
+        return r
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == len(chosen) == len(rejected):
+        raise FormatError("chosen equals rejected", "'chosen' and 'rejected' are identical conversations")
+    if (len(chosen), len(rejected)) != (shared + 1, shared + 1):
+        raise FormatError("implicit prompt", f"'chosen' ({len(chosen)} turns) and 'rejected' ({len(rejected)} turns) "
+                          f"share {shared} turns: an implicit-prompt pair differs only in its last turn, the "
+                          f"assistant's reply (give a 'prompt' otherwise)")
+    return {**r, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
 def _preference(r: dict) -> None:
     if isinstance(r.get("prompt"), list):
         roles = _messages(r["prompt"], "prompt")
         if roles[-1] != "user":
             raise FormatError("incomplete chat", f"prompt roles {roles}: the conversation must end with a user turn "
                               f"(chosen and rejected are the assistant's reply to it)")
+    elif "prompt" not in r:
+        raise FormatError("missing field", "no 'prompt' (nor chosen and rejected as whole conversations, lists of "
+                          "messages that differ only in their last turn: TRL's implicit prompt)")
     else:
         _string(r, "prompt")
     chosen, rejected = _reply(r, "chosen"), _reply(r, "rejected")
@@ -155,6 +182,8 @@ def validate(record: Any, fmt: str) -> dict:
         raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
     if not isinstance(record, dict):
         raise FormatError("not an object", f"record is {type(record).__name__}, expected a JSON object")
+    if fmt == "preference":
+        record = explicit_prompt(record)
     _VALIDATORS[fmt](record)
     return record
 
@@ -185,7 +214,7 @@ def read_records(src: Source, fmt: str, stats: ReadStats, *, strict: bool = Fals
         raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
     for where, record in source_records(src, stats, strict=strict):
         try:
-            validate(record, fmt)
+            record = validate(record, fmt)
         except FormatError as e:
             if strict:
                 raise FormatError(e.reason, e.detail, where) from None

@@ -33,6 +33,7 @@ def _messages_and_answer(record) -> tuple[list[dict], str]:
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise formats.FormatError("no final assistant turn", "a chat record needs an assistant turn to end it")
         return messages[:-1], reference_answer(record, messages)
+    record = formats.explicit_prompt(record)  # an implicit-prompt pair: its shared turns are the prompt
     prompt = record.get("prompt")
     if isinstance(prompt, list) and "chosen" in record:  # a conversational preference record
         formats.validate(record, "preference")

@@ -52,6 +52,11 @@ def questions(paths: list[str]) -> set[str]:
     out = set()
     for path in paths:
         for where, record in source_records(Source(kind="files", path=path), ReadStats(), strict=True):
+            if isinstance(record, dict) and "chosen" in record:
+                try:
+                    record = formats.explicit_prompt(record)  # an implicit-prompt pair: its shared turns
+                except formats.FormatError as e:
+                    raise ValueError(f"{where}: {e}") from None
             if isinstance(record, dict) and "prompt" in record and "response" not in record:  # a preference record
                 if not isinstance(record["prompt"], list):
                     out.add(record["prompt"])

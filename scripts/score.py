@@ -38,7 +38,7 @@ from absl import logging as absl_logging  # noqa: E402
 
 import overrides  # noqa: E402
 import checkpoint  # noqa: E402
-from data import chat, preference, tokenizer as tokenizer_lib  # noqa: E402
+from data import chat, formats, preference, tokenizer as tokenizer_lib  # noqa: E402
 from data.pipeline import pack_window  # noqa: E402
 from model import build  # noqa: E402
 
@@ -102,6 +102,10 @@ def read_records(path: str) -> list[tuple[str, dict, tuple[str, ...]]]:
                 raise ValueError(f"{where}: not JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: a {type(record).__name__}, expected a JSON object")
+            try:
+                record = formats.explicit_prompt(record)  # an implicit-prompt pair: its shared turns are the prompt
+            except formats.FormatError as e:
+                raise ValueError(f"{where}: {e}") from None
             if "chosen" in record or "rejected" in record:
                 fields = ("chosen", "rejected")
             elif "response" in record:

@@ -31,7 +31,7 @@ import objectives
 import train
 from configs import dpo as dpo_config, ppo as ppo_config, reward as reward_config, sft as sft_config
 from data import chat, formats, preference, prompts as prompts_data, tasks
-from data.sources import ReadStats
+from data.sources import ReadStats, Source
 from data.tokenizer import ByteTokenizer
 from metrics import read_jsonl
 from model import build
@@ -650,6 +650,40 @@ def test_a_conversational_pair_weights_only_the_last_reply():
                          ([CONVERSATION[1], CONVERSATION[0]], "prompt[1] is a system message"), ([], "non-empty list")):
         with pytest.raises(formats.FormatError, match=re.escape(message)):
             formats.validate(dict(record, prompt=bad), "preference")
+
+
+def test_implicit_prompt_pairs_read_as_their_explicit_form(tmp_path):
+    """TRL's implicit-prompt pairs (trl-lib's ultrafeedback / hh-rlhf style: no "prompt", both sides whole
+    conversations that differ only in their final assistant turn) read as the explicit pair of the shared
+    turns, everywhere pairs are read: validation, training rows, RL prompts and score.py."""
+    implicit = {"chosen": CONVERSATION + [{"role": "assistant", "content": "4"}],
+                "rejected": CONVERSATION + [{"role": "assistant", "content": "five"}], "kind": "add"}
+    explicit = {"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "five"}], "kind": "add"}
+    assert formats.validate(implicit, "preference") == explicit
+    assert formats.record_text(formats.validate(implicit, "preference"), "preference") == \
+        formats.record_text(explicit, "preference")
+    path = _write_jsonl(tmp_path / "implicit.jsonl", [implicit])
+    (_, record), = formats.read_records(Source(kind="files", path=path), "preference", ReadStats(), strict=True)
+    a, _ = preference.render_pair(record, TOK, seq_len=SEQ_LEN, too_long="drop")
+    b, _ = preference.render_pair(explicit, TOK, seq_len=SEQ_LEN, too_long="drop")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    problems, _ = prompts_data.read_prompts(path, TOK, max_prompt_len=SEQ_LEN, strict=True)
+    assert list(problems[0].messages) == CONVERSATION and problems[0].reference == "4"
+    assert [(w, r["prompt"], f) for w, r, f in score.read_records(path)] == [(f"{path}:1", CONVERSATION,
+                                                                             ("chosen", "rejected"))]
+    # what is not such a pair is named; text sides without a prompt are told about the form
+    user = {"role": "user", "content": "Hi"}
+    for bad, message in (
+            (dict(implicit, rejected=CONVERSATION[:2] + [user, {"role": "assistant", "content": "five"}]),
+             "share 2 turns: an implicit-prompt pair differs only in its last turn"),
+            (dict(implicit, rejected=implicit["chosen"]), "identical conversations"),
+            ({"chosen": "Human: Hi Assistant: hello", "rejected": "Human: Hi Assistant: go"}, "TRL's implicit prompt")):
+        with pytest.raises(formats.FormatError, match=re.escape(message)):
+            formats.validate(bad, "preference")
+    with pytest.raises(ValueError, match=r"implicit\.jsonl:1: implicit prompt: 'chosen' \(5 turns\)"):
+        score.read_records(_write_jsonl(tmp_path / "implicit.jsonl", [dict(implicit, rejected=implicit["chosen"][
+            :2] + [user, {"role": "assistant", "content": "x"}])]))
 
 
 def test_conversational_prompts_reach_rl_prompts_and_on_policy_pairs(tmp_path):

@@ -102,16 +102,18 @@ def test_a_held_out_set_disjoint_from_an_existing_dataset(tmp_path):
 
 
 def test_excluded_questions_of_every_record_shape(tmp_path):
-    """--exclude reads the question of a preference record (its prompt text, or a conversational prompt's
-    first user turn), a chat record and a prompt/response record."""
-    first = [p["question"] for p in tasks.make_splits(0, {"test": 4})["test"]]
+    """--exclude reads the question of a preference record (its prompt text, a conversational prompt's or an
+    implicit-prompt pair's first user turn), a chat record and a prompt/response record."""
+    first = [p["question"] for p in tasks.make_splits(0, {"test": 5})["test"]]
     assert set(first) <= {p["question"] for p in tasks.make_splits(0, {"test": 50})["test"]}  # drawn unless excluded
     records = [{"prompt": first[0], "chosen": "a", "rejected": "b"},
                {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": first[1]},
                            {"role": "assistant", "content": "x"}, {"role": "user", "content": "more?"}],
                 "chosen": "a", "rejected": "b"},
                {"messages": [{"role": "user", "content": first[2]}, {"role": "assistant", "content": "a"}]},
-               {"prompt": first[3], "response": "a"}]
+               {"prompt": first[3], "response": "a"},
+               {"chosen": [{"role": "user", "content": first[4]}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": first[4]}, {"role": "assistant", "content": "b"}]}]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tasks.py"), f"--out={tmp_path / 'b'}",
