@@ -4,6 +4,8 @@
 
 Records (JSONL, any other fields kept as they are):
 - {"prompt", "response"}: "reward" is added;
+- a chat record {"messages": [..., user turn, assistant turn]} (an SFT file): its last assistant turn is the
+  response to the conversation before it; "reward" is added;
 - {"prompt", "chosen", "rejected"}: "reward_chosen" and "reward_rejected" are added, and the summary
   gives the file's pairwise accuracy (r_chosen > r_rejected, as the training eval counts it).
 Each response is rendered exactly as training rendered a pair's side (data/preference.py): the chat
@@ -110,15 +112,31 @@ def read_records(path: str) -> list[tuple[str, dict, tuple[str, ...]]]:
                 fields = ("chosen", "rejected")
             elif "response" in record:
                 fields = ("response",)
+            elif "messages" in record and "prompt" not in record:
+                record, fields = _chat_response(record, where), ("response",)
             else:
                 fields = ()
             if "prompt" not in record or any(k not in record for k in fields) or not fields:
-                raise ValueError(f"{where}: expected {{\"prompt\", \"response\"}} or {{\"prompt\", \"chosen\", "
-                                 f"\"rejected\"}}, got the fields {sorted(record)}")
+                raise ValueError(f"{where}: expected {{\"prompt\", \"response\"}}, {{\"prompt\", \"chosen\", "
+                                 f"\"rejected\"}} or {{\"messages\"}}, got the fields {sorted(record)}")
             out.append((where, record, fields))
     if not out:
         raise ValueError(f"--data={path}: no records")
     return out
+
+
+def _chat_response(record: dict, where: str) -> dict:
+    """A chat record as {"prompt": the turns before its last one, "response": that assistant turn's text}
+    (other fields kept, "messages" dropped: the output line carries prompt and response instead)."""
+    try:
+        messages = chat.messages_of(record)
+    except chat.ChatError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if len(messages) < 2 or messages[-1]["role"] != "assistant" or messages[-2]["role"] != "user":
+        raise ValueError(f"{where}: a chat record to score must end with a user turn and the assistant's reply, "
+                         f"got the roles {[m['role'] for m in messages]}")
+    rest = {k: v for k, v in record.items() if k != "messages"}
+    return {**rest, "prompt": messages[:-1], "response": messages[-1]["content"]}
 
 
 def render(record: dict, field: str, tok, seq_len: int) -> tuple[dict[str, np.ndarray], bool]:

@@ -427,6 +427,14 @@ def test_score_matches_the_training_objective(reward_run, task_files, tmp_path, 
     # stdout when no --out
     rc, cap = _score(monkeypatch, capsys, workdir=run, data=data, batch_size=4)
     assert rc == 0 and [json.loads(line) for line in cap.out.splitlines()] == rows
+    # chat records (an SFT file): the last assistant turn is the response to the turns before it
+    chats = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": r["prompt"]},
+                                                                 {"role": "assistant", "content": r["chosen"]}]}
+                                                   for r in pairs])
+    rc, cap = _score(monkeypatch, capsys, workdir=run, data=chats, batch_size=4)
+    scored = [json.loads(line) for line in cap.out.splitlines()]
+    assert rc == 0 and [r["response"] for r in scored] == [r["chosen"] for r in pairs]
+    np.testing.assert_allclose([r["reward"] for r in scored], got_c, rtol=1e-5, atol=1e-6)
 
 
 def test_score_errors_exit_1_and_write_nothing(reward_run, sft_run, task_files, tmp_path, monkeypatch, capsys):
@@ -437,6 +445,9 @@ def test_score_errors_exit_1_and_write_nothing(reward_run, sft_run, task_files, 
     cases = [(dict(workdir=tmp_path / "missing", data=good), "missing"),
              (dict(workdir=run, data=tmp_path / "nope.jsonl"), "nope.jsonl"),
              (dict(workdir=run, data=bad), r"bad\.jsonl:2"),
+             (dict(workdir=run, data=_write_jsonl(tmp_path / "chat.jsonl", [{"messages": [
+                 {"role": "assistant", "content": "hi"}, {"role": "user", "content": "a"}]}])),
+              r"chat\.jsonl:1: a chat record to score must end with a user turn and the assistant's reply"),
              (dict(workdir=sft_run, data=good), "mode 'sft'")]
     for flag_values, message in cases:
         rc, cap = _score(monkeypatch, capsys, out=out, **flag_values)
