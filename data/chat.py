@@ -6,7 +6,8 @@ Template (version 1), with the reserved role tokens of data/tokenizer.SPECIALS:
 
 No separators, no <bos>/<eos>: the role tokens delimit turns and the assistant's closing
 <|end|> is the stop token at generation. A `{"prompt", "response"}` record is the two-turn
-conversation user -> assistant.
+conversation user -> assistant; TRL's `{"prompt", "completion"}` and Alpaca's `{"instruction", "input",
+"output"}` records read as conversations too (`chat_record`).
 
 Loss mask (`train_on='assistant'`): 1 exactly on the tokens of each assistant's content and its
 closing <|end|>; 0 on role tokens and on system/user turns. `train_on='all'`: 1 on every token
@@ -69,17 +70,45 @@ def check_template_spec(spec: dict) -> None:
         raise ValueError(f"chat template mismatch: checkpoint has {spec}, this code renders {template_spec()}")
 
 
+def chat_record(record):
+    """Other common SFT shapes as a {"messages": [...]} record (a copy, other fields kept): TRL's
+    {"prompt", "completion"} (texts, or lists of messages: the conversation so far and the assistant's
+    turns) and Alpaca's {"instruction", "input"?, "output"} (the user turn is the instruction, then a blank
+    line and the input when there is one). Anything else, the template's own shapes included, is returned
+    as it is."""
+    if not isinstance(record, dict) or "messages" in record:
+        return record
+    if "prompt" in record and "completion" in record and "response" not in record:
+        prompt, completion = record["prompt"], record["completion"]
+        turns = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + \
+            (completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}])
+        used = ("prompt", "completion")
+    elif "instruction" in record and "output" in record:
+        for field in ("instruction", "input", "output"):
+            if not isinstance(record.get(field, ""), str):
+                raise ChatError("wrong type", f"{field!r} is {type(record[field]).__name__}, expected a string")
+        user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input", "").strip() else "")
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+        used = ("instruction", "input", "output")
+    else:
+        return record
+    return {**{k: v for k, v in record.items() if k not in used}, "messages": turns}
+
+
 def messages_of(record) -> list[dict]:
-    """The message list of a {"messages": [...]} or {"prompt", "response"} record (checked)."""
+    """The message list of a {"messages": [...]} or {"prompt", "response"} record, or of a shape `chat_record`
+    reads (checked)."""
     if not isinstance(record, dict):
         raise ChatError("not an object", f"record is {type(record).__name__}")
+    record = chat_record(record)
     if "messages" in record:
         messages = record["messages"]
     elif "prompt" in record and "response" in record:
         messages = [{"role": "user", "content": record["prompt"]},
                     {"role": "assistant", "content": record["response"]}]
     else:
-        raise ChatError("missing field", "no 'messages' (or 'prompt' + 'response')")
+        raise ChatError("missing field", "no 'messages' (or 'prompt' + 'response' / 'completion', or "
+                        "'instruction' + 'output')")
     if not isinstance(messages, list) or not messages:
         raise ChatError("missing field", "'messages' must be a non-empty list")
     for i, m in enumerate(messages):

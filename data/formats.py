@@ -7,7 +7,8 @@ Schemas (one JSON object a line; extra fields are kept):
       context[answer_start[i]:][:len(text[i])] == text[i]. No answers = an unanswerable question.
 - 'chat': {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} with at
       least one user and one assistant turn and a system turn only first; or
-      {"prompt": str, "response": str}.
+      {"prompt": str, "response": str}; TRL's {"prompt", "completion"} and Alpaca's {"instruction",
+      "input"?, "output"} are read as their "messages" form (data/chat.chat_record).
 - 'preference': {"prompt": str | [messages], "chosen": str, "rejected": str}, chosen != rejected; a
       list prompt is the conversation so far (the 'chat' message rules, ending with a user turn) and
       chosen / rejected are the next assistant reply, as text or (TRL's conversational form) as a
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+from data import chat
 from data.sources import DataError, ReadStats, Source, source_records
 
 FORMATS = ("classification", "qa", "chat", "preference")
@@ -94,7 +96,8 @@ def _chat(r: dict) -> None:
             _string(r, "prompt")
             _string(r, "response")
             return
-        raise FormatError("missing field", "no 'messages' (or 'prompt' + 'response')")
+        raise FormatError("missing field", "no 'messages' (or 'prompt' + 'response' / 'completion', or "
+                          "'instruction' + 'output')")
     roles = _messages(r["messages"], "messages")
     if "user" not in roles or "assistant" not in roles:
         raise FormatError("incomplete chat", f"roles {roles} need at least one user and one assistant turn")
@@ -184,6 +187,11 @@ def validate(record: Any, fmt: str) -> dict:
         raise FormatError("not an object", f"record is {type(record).__name__}, expected a JSON object")
     if fmt == "preference":
         record = explicit_prompt(record)
+    elif fmt == "chat":
+        try:
+            record = chat.chat_record(record)  # TRL's prompt/completion, Alpaca's instruction/input/output
+        except chat.ChatError as e:
+            raise FormatError(e.reason, e.detail) from None
     _VALIDATORS[fmt](record)
     return record
 

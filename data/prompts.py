@@ -28,6 +28,7 @@ from data.tokenizer import Tokenizer
 def _messages_and_answer(record) -> tuple[list[dict], str]:
     if not isinstance(record, dict):
         raise formats.FormatError("not an object", f"record is {type(record).__name__}")
+    record = chat.chat_record(record)  # TRL's prompt/completion, Alpaca's instruction/input/output
     if "messages" in record or ("prompt" in record and "response" in record):
         messages = chat.messages_of(record)
         if len(messages) < 2 or messages[-1]["role"] != "assistant":

@@ -198,6 +198,54 @@ def _parquet_records(path: str, stats: ReadStats, columns) -> Iterator[tuple[str
         yield f"{path}:{i}", row
 
 
+def json_file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bool = False
+                      ) -> Iterator[tuple[str, Any]]:
+    """(where, record) of a .json file: a JSON array of records (Alpaca-style files; where = FILE:[i]), the
+    SQuAD layout {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]} as one record per question
+    ({"id", "title", "context", "question", "answers", and "is_impossible" where given}), any other single
+    object as one record, and JSON Lines named .json (as Hugging Face's `Dataset.to_json` writes them) line
+    by line."""
+    text = _read_text(path, max_bytes, stats)
+    if text is None:
+        return
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        doc = None
+    except json.JSONDecodeError:  # several values: JSON Lines
+        yield from _jsonl_records(path, text, stats, strict)
+        return
+    if isinstance(doc, list):
+        for i, record in enumerate(doc):
+            yield f"{path}:[{i}]", record
+    elif isinstance(doc, dict) and isinstance(doc.get("data"), list) and doc["data"] \
+            and all(isinstance(a, dict) and "paragraphs" in a for a in doc["data"]):
+        yield from _squad_records(path, doc["data"])
+    elif doc is not None:
+        yield f"{path}:1", doc
+    elif strict:
+        raise DataError(f"{path}: JSON nested too deeply to read")
+    else:
+        stats.skip("malformed json")
+
+
+def _squad_records(path: str, articles: list) -> Iterator[tuple[str, Any]]:
+    for i, article in enumerate(articles):
+        paragraphs = article["paragraphs"] if isinstance(article["paragraphs"], list) else [article["paragraphs"]]
+        for j, paragraph in enumerate(paragraphs):
+            where = f"{path}:data[{i}].paragraphs[{j}]"
+            qas = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            if not isinstance(qas, list):
+                yield where, {"paragraph": paragraph}  # no questions: validation names what is missing
+                continue
+            for k, qa in enumerate(qas):
+                record = dict(qa) if isinstance(qa, dict) else {"qa": qa}
+                record.setdefault("context", paragraph.get("context"))
+                if "title" in article:
+                    record.setdefault("title", article["title"])
+                yield f"{where}.qas[{k}]", record
+
+
 def file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bool = False,
                  columns=None) -> Iterator[tuple[str, Any]]:
     """(where, record) from one .jsonl[.gz] or .parquet file."""
@@ -328,8 +376,8 @@ def tfds_records(name: str, split: str, data_dir: str) -> Iterator[tuple[str, An
 
 
 def source_records(src: Source, stats: ReadStats, strict: bool = False) -> Iterator[tuple[str, Any]]:
-    """Whole records (dicts) of a record source: .jsonl/.parquet files or TFDS examples. Text files
-    under a 'files' source are counted as 'not a record file'."""
+    """Whole records (dicts) of a record source: .jsonl/.parquet/.json files (json_file_records) or TFDS
+    examples. Text files under a 'files' source are counted as 'not a record file'."""
     max_bytes = int(src.max_file_mb * 2**20)
     if src.kind == "tfds":
         yield from tfds_records(src.path, src.tfds_split, src.data_dir)
@@ -341,6 +389,8 @@ def source_records(src: Source, stats: ReadStats, strict: bool = False) -> Itera
     for file in iter_files(path, src.extensions):
         if _inner_name(file).endswith(RECORD_EXTENSIONS):
             yield from file_records(file, stats, max_bytes=max_bytes, strict=strict)
+        elif _inner_name(file).endswith(".json"):
+            yield from json_file_records(file, stats, max_bytes=max_bytes, strict=strict)
         else:
             stats.skip("not a record file")
 

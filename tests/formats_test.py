@@ -102,3 +102,54 @@ def test_read_records_strict_names_file_and_line(tmp_path):
     bad_json = _write(tmp_path / "b.jsonl", [json.dumps(VALID["qa"][0]), "{", "{}"])
     with pytest.raises(formats.DataError, match=r"b\.jsonl:2: malformed JSON"):
         list(formats.read_records(bad_json, "qa", ReadStats(), strict=True))
+
+
+def test_other_common_sft_shapes_read_as_conversations(tmp_path):
+    """TRL's {"prompt", "completion"} (text or messages) and Alpaca's {"instruction", "input", "output"} are
+    chat records (other fields kept); so they train, hold out and serve as RL prompts like "messages"."""
+    from data import prompts, sft
+    from data.tokenizer import ByteTokenizer
+    user, reply = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}
+    for record in ({"prompt": "What is 2+2?", "completion": "4", "kind": "add"},
+                   {"prompt": [user], "completion": [reply], "kind": "add"},
+                   {"instruction": "What is 2+2?", "output": "4", "kind": "add"},
+                   {"instruction": "What is 2+2?", "input": "  ", "output": "4", "kind": "add"}):
+        assert formats.validate(record, "chat") == {"messages": [user, reply], "kind": "add"}, record
+    alpaca = {"instruction": "Add the numbers.", "input": "2, 2", "output": "4"}
+    assert formats.validate(alpaca, "chat")["messages"][0]["content"] == "Add the numbers.\n\n2, 2"
+    for bad, message in (({"instruction": 3, "output": "4"}, "'instruction' is int"),
+                         ({"prompt": "p", "completion": ""}, r"messages\[1\]\.content is empty"),
+                         ({"instruction": "x"}, r"'instruction' \+ 'output'")):
+        with pytest.raises(FormatError, match=message):
+            formats.validate(bad, "chat")
+    path = tmp_path / "trl.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2+2?", "completion": "4"}) + "\n")
+    (problem,), _ = prompts.read_prompts(str(path), ByteTokenizer(), max_prompt_len=64, strict=True)
+    assert list(problem.messages) == [user] and problem.reference == "4"  # the completion is the answer
+    records, _ = sft.read_split(str(path), strict=True)
+    assert [r for _, r in records] == [{"messages": [user, reply]}]
+
+
+def test_json_files_are_record_files(tmp_path):
+    """A .json file holds records as a JSON array (Alpaca's files), as JSON Lines (Hugging Face's `to_json`
+    names them .json), or in SQuAD's layout (one QA record per question, the paragraph's context and the
+    article's title added); each record is named by its place in the file."""
+    records = [VALID["chat"][0], VALID["chat"][0] | {"id": 2}]
+    (tmp_path / "array.json").write_text(json.dumps(records, indent=2))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name, wheres in (("array.json", ["[0]", "[1]"]), ("lines.json", ["1", "2"])):
+        got = list(formats.read_records(Source(kind="files", path=str(tmp_path / name)), "chat", ReadStats()))
+        assert [r for _, r in got] == records and [w.rsplit(":", 1)[1] for w, _ in got] == wheres
+    context = "The quick brown fox jumps."
+    squad = {"version": "1.1", "data": [{"title": "Foxes", "paragraphs": [{"context": context, "qas": [
+        {"id": "q1", "question": "Which animal?", "answers": [{"text": "fox", "answer_start": 16}]},
+        {"id": "q2", "question": "What does it do?", "answers": [{"text": "jumps", "answer_start": 20}]}]}]}]}
+    (tmp_path / "train-v1.1.json").write_text(json.dumps(squad))
+    from data import qa
+    examples, stats = qa.read_split(str(tmp_path / "train-v1.1.json"), strict=True)
+    assert [(e.id, e.question, e.context, e.answers) for e in examples] == [
+        ("q1", "Which animal?", context, (("fox", 16),)), ("q2", "What does it do?", context, (("jumps", 20),))]
+    squad["data"][0]["paragraphs"][0]["qas"][1]["answers"][0]["answer_start"] = 3
+    (tmp_path / "bad.json").write_text(json.dumps(squad))
+    with pytest.raises(FormatError, match=r"bad\.json:data\[0\]\.paragraphs\[0\]\.qas\[1\]: answer_start mismatch"):
+        qa.read_split(str(tmp_path / "bad.json"), strict=True)
