@@ -55,12 +55,13 @@ def train_val_records(config, section, fmt: str, eval_only: bool = False):
     """(train records, stats, validation records, stats) of a task mode: `section.val_path` is the
     validation file; without one, a content-hash share data.val_fraction of data.path is held out.
     eval_only: no train records (with a val_path, data.path is not read at all)."""
+    fields = classify_data.field_names(section) if fmt == "classification" else None
     if eval_only and section.val_path:
-        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
+        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict, fields=fields)
         return [], sources.ReadStats(), val, val_stats
-    train, stats = formats.read_split(config.data.path, fmt, strict=section.strict)
+    train, stats = formats.read_split(config.data.path, fmt, strict=section.strict, fields=fields)
     if section.val_path:
-        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict)
+        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict, fields=fields)
         return train, stats, val, val_stats
     train, val = hash_held_out(train, lambda x: formats.record_text(x[1], fmt), config)
     return [] if eval_only else train, stats, val, sources.ReadStats()

@@ -81,6 +81,9 @@ def base() -> ml_collections.ConfigDict:
     q.val_path = ""  # validation JSONL; '' = hold out data.val_fraction of data.path by content hash
     q.strict = True  # a bad record (missing field, unknown validation label) raises naming file:line; False: count+skip
     q.freeze_backbone = False  # train only the classification head
+    q.text_field = "text"  # the records' field holding the text (GLUE SST-2: 'sentence'; MNLI: 'premise')
+    q.text_pair_field = "text_pair"  # the optional second text (MNLI: 'hypothesis'; QNLI: 'sentence')
+    q.label_field = "label"  # the label's field (str or int values)
 
     c.sft = f = ml_collections.ConfigDict()  # mode='sft' only (data/sft.py, data/chat.py)
     f.val_path = ""  # validation chat JSONL; '' = hold out data.val_fraction of data.path by content hash

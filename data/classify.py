@@ -24,9 +24,16 @@ from data.tokenizer import Tokenizer
 from data.truncation import Truncation
 
 
-def read_split(path: str, *, strict: bool) -> tuple[list[tuple[str, dict]], ReadStats]:
-    """(where, record) pairs of a classification JSONL file/directory, validated."""
-    return formats.read_split(path, "classification", strict=strict)
+def read_split(path: str, *, strict: bool, fields: dict[str, str] | None = None
+               ) -> tuple[list[tuple[str, dict]], ReadStats]:
+    """(where, record) pairs of a classification JSONL file/directory, validated (`fields`: field_names)."""
+    return formats.read_split(path, "classification", strict=strict, fields=fields)
+
+
+def field_names(section) -> dict[str, str]:
+    """The data's names for "text", "text_pair" and "label" (config classify.text_field, .text_pair_field,
+    .label_field; GLUE's SST-2: sentence / - / label, MNLI: premise / hypothesis / label)."""
+    return {"text": section.text_field, "text_pair": section.text_pair_field, "label": section.label_field}
 
 
 def _label_key(label):

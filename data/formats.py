@@ -216,13 +216,30 @@ def record_text(record: dict, fmt: str) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def read_records(src: Source, fmt: str, stats: ReadStats, *, strict: bool = False) -> Iterator[tuple[str, dict]]:
-    """Valid (where, record) pairs of a source; bad ones raise (strict) or are counted and skipped."""
+def renamed(record: Any, fields: dict[str, str] | None) -> Any:
+    """The record with each schema field taken from the record's own name for it (`fields`: schema name ->
+    the data's, e.g. {"text": "sentence"} for GLUE's SST-2); a record lacking one is named by the data's."""
+    if not fields or not isinstance(record, dict):
+        return record
+    for name, theirs in fields.items():
+        if theirs != name:
+            if theirs not in record:
+                if name == "text_pair":  # optional
+                    continue
+                raise FormatError("missing field", f"no {theirs!r} (read as {name!r}); the record has {sorted(record)}")
+            record = {**record, name: record[theirs]}
+    return record
+
+
+def read_records(src: Source, fmt: str, stats: ReadStats, *, strict: bool = False,
+                 fields: dict[str, str] | None = None) -> Iterator[tuple[str, dict]]:
+    """Valid (where, record) pairs of a source; bad ones raise (strict) or are counted and skipped. `fields`:
+    the data's names for schema fields (`renamed`)."""
     if fmt not in _VALIDATORS:
         raise ValueError(f"format={fmt!r}: expected one of {FORMATS}")
     for where, record in source_records(src, stats, strict=strict):
         try:
-            record = validate(record, fmt)
+            record = validate(renamed(record, fields), fmt)
         except FormatError as e:
             if strict:
                 raise FormatError(e.reason, e.detail, where) from None
@@ -232,10 +249,11 @@ def read_records(src: Source, fmt: str, stats: ReadStats, *, strict: bool = Fals
         yield where, record
 
 
-def read_split(path: str, fmt: str, *, strict: bool) -> tuple[list[tuple[str, dict]], ReadStats]:
+def read_split(path: str, fmt: str, *, strict: bool, fields: dict[str, str] | None = None
+               ) -> tuple[list[tuple[str, dict]], ReadStats]:
     """All valid (where, record) pairs of a `fmt` file/directory/glob; an error if none is valid."""
     stats = ReadStats()
-    records = list(read_records(Source(kind="files", path=path), fmt, stats, strict=strict))
+    records = list(read_records(Source(kind="files", path=path), fmt, stats, strict=strict, fields=fields))
     if not records:
         raise DataError(f"{path!r}: no valid {fmt} records ({stats.summary()})")
     return records, stats

@@ -111,6 +111,27 @@ def test_learns_separable_task(tmp_path):
     assert json.load(open(tmp_path / "run" / "labels.json"))["labels"] == ["digit", "high", "low"]
 
 
+def test_records_with_their_own_field_names(tmp_path):
+    """classify.text_field / text_pair_field / label_field read data that names its fields otherwise (GLUE's
+    MNLI: premise, hypothesis, label; SST-2: sentence); a record lacking one is named by the data's name."""
+    import task_inputs
+    ours = [json.loads(line) for line in open(_write_task(tmp_path / "ours.jsonl", 30, 0, pair=True))]
+    theirs = [{"premise": r["text"], "hypothesis": r["text_pair"], "gold": r["label"], "idx": i}
+              for i, r in enumerate(ours)]
+    path = tmp_path / "mnli.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in theirs))
+    cfg = _cfg(str(path), str(path), classify__text_field="premise", classify__text_pair_field="hypothesis",
+               classify__label_field="gold")
+    train_recs, _, val_recs, _ = task_inputs.train_val_records(cfg, cfg.classify, "classification")
+    assert [(r["text"], r["text_pair"], r["label"]) for _, r in train_recs] == \
+        [(r["text"], r["text_pair"], r["label"]) for r in ours] and len(val_recs) == 30
+    single = _cfg(str(path), str(path), classify__text_field="premise", classify__label_field="gold")
+    assert "text_pair" not in task_inputs.train_val_records(single, single.classify, "classification")[0][0][1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in theirs[:3] + [{"sentence": "x", "gold": "low"}]))
+    with pytest.raises(DataError, match=r"mnli\.jsonl:4: missing field: no 'premise' \(read as 'text'\)"):
+        task_inputs.train_val_records(cfg, cfg.classify, "classification")
+
+
 def test_bad_inputs_named_or_counted(tmp_path, caplog):
     tr = _write_task(tmp_path / "train.jsonl", 48, 0, extra=['{"text": "abc"}'])
     va = _write_task(tmp_path / "val.jsonl", 24, 1, extra=['{"text": "abc", "label": "nope"}'])
