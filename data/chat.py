@@ -6,8 +6,9 @@ Template (version 1), with the reserved role tokens of data/tokenizer.SPECIALS:
 
 No separators, no <bos>/<eos>: the role tokens delimit turns and the assistant's closing
 <|end|> is the stop token at generation. A `{"prompt", "response"}` record is the two-turn
-conversation user -> assistant; TRL's `{"prompt", "completion"}` and Alpaca's `{"instruction", "input",
-"output"}` records read as conversations too (`chat_record`).
+conversation user -> assistant; ShareGPT's `{"conversations": [{"from", "value"}]}`, TRL's `{"prompt",
+"completion"}` and Alpaca's `{"instruction", "input", "output"}` records read as conversations too
+(`chat_record`).
 
 Loss mask (`train_on='assistant'`): 1 exactly on the tokens of each assistant's content and its
 closing <|end|>; 0 on role tokens and on system/user turns. `train_on='all'`: 1 on every token
@@ -70,15 +71,31 @@ def check_template_spec(spec: dict) -> None:
         raise ValueError(f"chat template mismatch: checkpoint has {spec}, this code renders {template_spec()}")
 
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
 def chat_record(record):
-    """Other common SFT shapes as a {"messages": [...]} record (a copy, other fields kept): TRL's
-    {"prompt", "completion"} (texts, or lists of messages: the conversation so far and the assistant's
-    turns) and Alpaca's {"instruction", "input"?, "output"} (the user turn is the instruction, then a blank
-    line and the input when there is one). Anything else, the template's own shapes included, is returned
+    """Other common SFT shapes as a {"messages": [...]} record (a copy, other fields kept): ShareGPT's
+    {"conversations": [{"from": "human" | "gpt" | "system", "value"}]}, TRL's {"prompt", "completion"}
+    (texts, or lists of messages: the conversation so far and the assistant's turns) and Alpaca's
+    {"instruction", "input"?, "output"} (the user turn is the instruction, then a blank line and the input
+    when there is one). Anything else, the template's own shapes included, is returned
     as it is."""
     if not isinstance(record, dict) or "messages" in record:
         return record
-    if "prompt" in record and "completion" in record and "response" not in record:
+    if isinstance(record.get("conversations"), list):  # ShareGPT: [{"from": "human" | "gpt" | "system", "value"}]
+        turns = []
+        for i, turn in enumerate(record["conversations"]):
+            keys = next((k for k in (("from", "value"), ("role", "content")) if isinstance(turn, dict)
+                         and all(x in turn for x in k)), None)
+            if keys is None:
+                raise ChatError("wrong type", f"conversations[{i}] is {turn!r:.80}, expected {{'from', 'value'}}")
+            if turn[keys[0]] not in SHAREGPT_ROLES:
+                raise ChatError("unknown role", f"conversations[{i}].{keys[0]}={turn[keys[0]]!r}, expected one of "
+                                f"{tuple(SHAREGPT_ROLES)}")
+            turns.append({"role": SHAREGPT_ROLES[turn[keys[0]]], "content": turn[keys[1]]})
+        used = ("conversations",)
+    elif "prompt" in record and "completion" in record and "response" not in record:
         prompt, completion = record["prompt"], record["completion"]
         turns = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + \
             (completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}])
@@ -107,8 +124,8 @@ def messages_of(record) -> list[dict]:
         messages = [{"role": "user", "content": record["prompt"]},
                     {"role": "assistant", "content": record["response"]}]
     else:
-        raise ChatError("missing field", "no 'messages' (or 'prompt' + 'response' / 'completion', or "
-                        "'instruction' + 'output')")
+        raise ChatError("missing field", "no 'messages' (or 'conversations', 'prompt' + 'response' / "
+                        "'completion', or 'instruction' + 'output')")
     if not isinstance(messages, list) or not messages:
         raise ChatError("missing field", "'messages' must be a non-empty list")
     for i, m in enumerate(messages):

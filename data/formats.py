@@ -7,15 +7,17 @@ Schemas (one JSON object a line; extra fields are kept):
       context[answer_start[i]:][:len(text[i])] == text[i]. No answers = an unanswerable question.
 - 'chat': {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} with at
       least one user and one assistant turn and a system turn only first; or
-      {"prompt": str, "response": str}; TRL's {"prompt", "completion"} and Alpaca's {"instruction",
-      "input"?, "output"} are read as their "messages" form (data/chat.chat_record).
+      {"prompt": str, "response": str}; ShareGPT's {"conversations": [{"from", "value"}]}, TRL's
+      {"prompt", "completion"} and Alpaca's {"instruction", "input"?, "output"} are read as their
+      "messages" form (data/chat.chat_record).
 - 'preference': {"prompt": str | [messages], "chosen": str, "rejected": str}, chosen != rejected; a
       list prompt is the conversation so far (the 'chat' message rules, ending with a user turn) and
       chosen / rejected are the next assistant reply, as text or (TRL's conversational form) as a
       list of that one message [{"role": "assistant", "content": str}] (`reply_text` reads either).
-      TRL's implicit-prompt form is read too (`explicit_prompt`): no "prompt", chosen and rejected
-      whole conversations that share every turn but their final assistant one (trl-lib's
-      ultrafeedback_binarized and hh-rlhf style); the shared turns become the prompt.
+      Sides that are whole conversations sharing every turn but their final assistant one are read
+      too (`explicit_prompt`): TRL's implicit-prompt pairs (no "prompt"; trl-lib's
+      ultrafeedback_binarized, hh-rlhf) and HuggingFaceH4's ultrafeedback_binarized (a "prompt" that
+      is the shared user turn's text); the shared turns become the prompt.
 
 `validate(record, fmt)` returns the record (an implicit-prompt pair with its prompt made explicit) or raises `FormatError(reason, detail)`: `reason`
 is a short name counted in the manifest ('missing field', 'wrong type', 'empty text',
@@ -96,8 +98,8 @@ def _chat(r: dict) -> None:
             _string(r, "prompt")
             _string(r, "response")
             return
-        raise FormatError("missing field", "no 'messages' (or 'prompt' + 'response' / 'completion', or "
-                          "'instruction' + 'output')")
+        raise FormatError("missing field", "no 'messages' (or 'conversations', 'prompt' + 'response' / "
+                          "'completion', or 'instruction' + 'output')")
     roles = _messages(r["messages"], "messages")
     if "user" not in roles or "assistant" not in roles:
         raise FormatError("incomplete chat", f"roles {roles} need at least one user and one assistant turn")
@@ -141,12 +143,14 @@ def _reply(r: dict, field: str) -> str:
 
 
 def explicit_prompt(r: dict) -> dict:
-    """A preference record with its prompt given: an implicit-prompt pair (no "prompt"; chosen and rejected
-    whole conversations with the same turns before their last one, an assistant reply) becomes
-    {"prompt": those shared turns, "chosen": [its last turn], "rejected": [its last turn]} (a copy, other
-    fields kept). Any other record is returned as it is (validation names what it lacks)."""
+    """A preference record whose sides are whole conversations (lists of messages with the same turns
+    before their last one, an assistant reply) as {"prompt": those shared turns, "chosen": [its last turn],
+    "rejected": [its last turn]} (a copy, other fields kept): TRL's implicit-prompt pairs (no "prompt") and
+    pairs that also give the prompt (HuggingFaceH4's ultrafeedback_binarized: the user turn's text), which
+    must then be those shared turns or the last of them. Any other record is returned as it is (validation
+    names what it lacks)."""
     chosen, rejected = r.get("chosen"), r.get("rejected")
-    if "prompt" in r or not (isinstance(chosen, list) and isinstance(rejected, list)) \
+    if not (isinstance(chosen, list) and isinstance(rejected, list)) \
             or not all(isinstance(m, dict) for m in chosen + rejected) or len(chosen) < 2 or len(rejected) < 2:
         return r
     shared = 0
@@ -156,8 +160,13 @@ def explicit_prompt(r: dict) -> dict:
         raise FormatError("chosen equals rejected", "'chosen' and 'rejected' are identical conversations")
     if (len(chosen), len(rejected)) != (shared + 1, shared + 1):
         raise FormatError("implicit prompt", f"'chosen' ({len(chosen)} turns) and 'rejected' ({len(rejected)} turns) "
-                          f"share {shared} turns: an implicit-prompt pair differs only in its last turn, the "
-                          f"assistant's reply (give a 'prompt' otherwise)")
+                          f"share {shared} turns: whole conversations as a pair's sides differ only in their last "
+                          f"turn, the assistant's reply (otherwise give a 'prompt' and one reply a side)")
+    if "prompt" in r:
+        prompt, last = r["prompt"], chosen[shared - 1]
+        if prompt != chosen[:shared] and not (last.get("role") == "user" and prompt == last.get("content")):
+            raise FormatError("prompt mismatch", f"'prompt' {prompt!r:.80} is neither the {shared} turns both sides "
+                              f"start with nor the last of them ({last!r:.80})")
     return {**r, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 

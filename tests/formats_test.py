@@ -105,21 +105,27 @@ def test_read_records_strict_names_file_and_line(tmp_path):
 
 
 def test_other_common_sft_shapes_read_as_conversations(tmp_path):
-    """TRL's {"prompt", "completion"} (text or messages) and Alpaca's {"instruction", "input", "output"} are
-    chat records (other fields kept); so they train, hold out and serve as RL prompts like "messages"."""
+    """ShareGPT's {"conversations": [{"from", "value"}]}, TRL's {"prompt", "completion"} (text or messages) and
+    Alpaca's {"instruction", "input", "output"} are chat records (other fields kept); so they train, hold out
+    and serve as RL prompts like "messages"."""
     from data import prompts, sft
     from data.tokenizer import ByteTokenizer
     user, reply = {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}
     for record in ({"prompt": "What is 2+2?", "completion": "4", "kind": "add"},
                    {"prompt": [user], "completion": [reply], "kind": "add"},
                    {"instruction": "What is 2+2?", "output": "4", "kind": "add"},
-                   {"instruction": "What is 2+2?", "input": "  ", "output": "4", "kind": "add"}):
+                   {"instruction": "What is 2+2?", "input": "  ", "output": "4", "kind": "add"},
+                   {"conversations": [{"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}],
+                    "kind": "add"},
+                   {"conversations": [user, reply], "kind": "add"}):
         assert formats.validate(record, "chat") == {"messages": [user, reply], "kind": "add"}, record
     alpaca = {"instruction": "Add the numbers.", "input": "2, 2", "output": "4"}
     assert formats.validate(alpaca, "chat")["messages"][0]["content"] == "Add the numbers.\n\n2, 2"
     for bad, message in (({"instruction": 3, "output": "4"}, "'instruction' is int"),
                          ({"prompt": "p", "completion": ""}, r"messages\[1\]\.content is empty"),
-                         ({"instruction": "x"}, r"'instruction' \+ 'output'")):
+                         ({"instruction": "x"}, r"'instruction' \+ 'output'"),
+                         ({"conversations": [{"from": "bard", "value": "x"}]}, r"conversations\[0\]\.from='bard'"),
+                         ({"conversations": ["hi"]}, r"conversations\[0\] is 'hi'")):
         with pytest.raises(FormatError, match=message):
             formats.validate(bad, "chat")
     path = tmp_path / "trl.jsonl"

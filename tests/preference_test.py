@@ -666,7 +666,8 @@ def test_a_conversational_pair_weights_only_the_last_reply():
 def test_implicit_prompt_pairs_read_as_their_explicit_form(tmp_path):
     """TRL's implicit-prompt pairs (trl-lib's ultrafeedback / hh-rlhf style: no "prompt", both sides whole
     conversations that differ only in their final assistant turn) read as the explicit pair of the shared
-    turns, everywhere pairs are read: validation, training rows, RL prompts and score.py."""
+    turns, everywhere pairs are read: validation, training rows, RL prompts and score.py; so do such pairs
+    that give the prompt too (HuggingFaceH4's ultrafeedback_binarized), when it is those turns."""
     implicit = {"chosen": CONVERSATION + [{"role": "assistant", "content": "4"}],
                 "rejected": CONVERSATION + [{"role": "assistant", "content": "five"}], "kind": "add"}
     explicit = {"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": "4"}],
@@ -683,11 +684,17 @@ def test_implicit_prompt_pairs_read_as_their_explicit_form(tmp_path):
     assert list(problems[0].messages) == CONVERSATION and problems[0].reference == "4"
     assert [(w, r["prompt"], f) for w, r, f in score.read_records(path)] == [(f"{path}:1", CONVERSATION,
                                                                              ("chosen", "rejected"))]
+    # HuggingFaceH4's ultrafeedback_binarized: the prompt given as well, the shared user turn's text
+    h4 = dict(implicit, prompt="And 2+2?")
+    assert formats.validate(h4, "preference") == explicit
+    assert formats.validate(dict(implicit, prompt=CONVERSATION), "preference") == explicit
+    with pytest.raises(formats.FormatError, match=r"prompt mismatch: 'prompt' 'Say hi\.' is neither the 4 turns"):
+        formats.validate(dict(implicit, prompt="Say hi."), "preference")
     # what is not such a pair is named; text sides without a prompt are told about the form
     user = {"role": "user", "content": "Hi"}
     for bad, message in (
             (dict(implicit, rejected=CONVERSATION[:2] + [user, {"role": "assistant", "content": "five"}]),
-             "share 2 turns: an implicit-prompt pair differs only in its last turn"),
+             "share 2 turns: whole conversations as a pair's sides differ only in their last turn"),
             (dict(implicit, rejected=implicit["chosen"]), "identical conversations"),
             ({"chosen": "Human: Hi Assistant: hello", "rejected": "Human: Hi Assistant: go"}, "TRL's implicit prompt")):
         with pytest.raises(formats.FormatError, match=re.escape(message)):
