@@ -124,7 +124,8 @@ def base() -> ml_collections.ConfigDict:
     l.minibatch = 0  # rows per optimizer update (divides batch_size x group_size); 0 = all rows in one update
     l.share_prompts = True  # the trainer computes a prompt once for its group (rl/groups.py) where updates hold
     # whole groups that split over the data-parallel devices; False: one model row per completion
-    l.rewards = ("exact_match",)  # programmatic rewards added up (rl/rewards.PROGRAMMATIC): 'exact_match', 'format'
+    l.rewards = ("exact_match",)  # programmatic rewards added up (rl/rewards.py): 'exact_match', 'format', or your
+    #                               own function (text, answer, finish, n_tokens) -> float as 'FILE.py:FUNCTION'
     l.reward_model = ""  # a mode 'reward' run's workdir: its score is the reward (instead of rl.rewards)
     l.ptx_coef = 0.0  # + coef x the mean token NLL of rl.ptx_rows SFT rows in every update (InstructGPT's PPO-ptx)
     l.ptx_path = ""  # chat JSONL (SFT records) those rows come from, rendered as mode 'sft' renders them

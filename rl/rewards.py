@@ -8,6 +8,10 @@ lists which to add up):
 - 'format': 1 when the completion ended on its own (finish 'stop': it produced the end token) and
   is not empty, else 0.
 `rl.length_penalty` subtracts coef * max(0, tokens - rl.length_target) on top.
+A reward of your own, with the same signature, is named by where it is: `FILE.py:FUNCTION` (a file,
+as verl's custom_reward_function) or `package.module:FUNCTION` (importable), e.g.
+`--config.rl.rewards="('exact_match', 'my_rewards.py:contains_answer')"`; it is loaded once per process
+(`resolve`), and a value that is not a number is an error naming it.
 
 A reward-model run (`rl.reward_model=RUNDIR`, mode 'reward') scores the rendered conversation
 `<|user|> prompt <|end|> <|assistant|> completion` at its last token (the completion's <|end|>
@@ -21,8 +25,11 @@ Every reward lands on the completion's LAST REAL token (the one that ended it), 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +37,7 @@ import ml_collections
 import numpy as np
 
 import checkpoint
-from data import tasks
+from data import sources, tasks
 from data import tokenizer as tokenizer_lib
 from model import build
 
@@ -50,16 +57,55 @@ PROGRAMMATIC = {"exact_match": exact_match, "format": well_formed}
 
 def check_names(names) -> None:
     for name in names:
-        if name not in PROGRAMMATIC:
-            raise ValueError(f"rl.rewards: {name!r} is not a programmatic reward; expected some of {sorted(PROGRAMMATIC)}")
+        resolve(name)
+
+
+def resolve(name: str) -> Callable[[str, str, str, int], float]:
+    """The reward function `name` stands for: one of PROGRAMMATIC, or FILE.py:FUNCTION / module:FUNCTION."""
+    if name in PROGRAMMATIC:
+        return PROGRAMMATIC[name]
+    if not isinstance(name, str) or ":" not in name:
+        raise ValueError(f"rl.rewards: {name!r} is not a programmatic reward; expected some of {sorted(PROGRAMMATIC)}, "
+                         f"or a function of your own as FILE.py:FUNCTION or package.module:FUNCTION")
+    return _load(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> Callable:
+    where, function = name.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = os.path.abspath(os.path.expanduser(where))
+        if not os.path.isfile(path):
+            raise ValueError(f"rl.rewards: {name!r}: no file {where!r}{sources.in_cwd(where)}")
+        spec = importlib.util.spec_from_file_location(f"lmstack_reward_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"rl.rewards: {name!r}: cannot import {where!r} ({e})") from None
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ValueError(f"rl.rewards: {name!r}: {where!r} has no function {function!r}")
+    return fn
+
+
+def _value(name: str, fn: Callable, text: str, answer: str, finish: str, n: int) -> float:
+    value = fn(text, answer, finish, n)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"rl.rewards: {name!r} returned {value!r:.80} for the completion {text!r:.60}: "
+                         f"a reward is a number")
+    return float(value)
 
 
 def programmatic(names, texts, answers, finishes, lengths, *, length_penalty: float = 0.0,
                  length_target: int = 0) -> np.ndarray:
     """The sum of the named rewards (minus the length penalty) per completion, float32 [N]."""
+    fns = [(name, resolve(name)) for name in names]
     out = np.zeros(len(texts), np.float32)
     for i, (text, answer, finish, n) in enumerate(zip(texts, answers, finishes, lengths)):
-        out[i] = sum(PROGRAMMATIC[name](text, answer, finish, n) for name in names)
+        out[i] = sum(_value(name, fn, text, answer, finish, n) for name, fn in fns)
         out[i] -= length_penalty * max(0, n - length_target)
     return out
 

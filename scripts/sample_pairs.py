@@ -56,8 +56,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_integer("max_new_tokens", 16, "Tokens per completion at most (the <|end|> included).", flag_values=fv)
     flags.DEFINE_integer("max_prompt_len", 128, "Prompt tokens at most (longer prompts are skipped, counted).",
                          flag_values=fv)
-    flags.DEFINE_list("rewards", ["exact_match"], f"Programmatic rewards to add up ({sorted(rewards_lib.PROGRAMMATIC)}).",
-                      flag_values=fv)
+    flags.DEFINE_list("rewards", ["exact_match"], f"Programmatic rewards to add up ({sorted(rewards_lib.PROGRAMMATIC)}, "
+                      f"or your own as FILE.py:FUNCTION).", flag_values=fv)
     flags.DEFINE_string("reward_model", "", "A reward-model run scoring the completions instead.", flag_values=fv)
     flags.DEFINE_float("min_gap", 0.0, "A pair needs chosen reward - rejected reward > this.", flag_values=fv)
     flags.DEFINE_integer("limit", 0, "Use the first N prompts; 0 = all.", flag_values=fv)

@@ -107,6 +107,33 @@ def test_programmatic_rewards_and_bad_names():
         rewards.check_names(["bogus"])
 
 
+def test_a_reward_function_of_ones_own_by_file_or_module(tmp_path, monkeypatch):
+    """rl.rewards may name a function of the user's own, FILE.py:FUNCTION or module:FUNCTION (as verl's
+    custom_reward_function), with the built-ins' signature; it adds up with them. Every way it can be
+    wrong is named: no file, no module, no such function, a value that is not a number."""
+    (tmp_path / "my_rewards.py").write_text(
+        "def digits(text, answer, finish, n_tokens):\n    return float(text.strip().isdigit())\n\n"
+        "def half_len(text, answer, finish, n_tokens):\n    return n_tokens / 2\n\n"
+        "def words(text, answer, finish, n_tokens):\n    return 'many'\n\nNOT_A_FUNCTION = 3\n")
+    file_reward = f"{tmp_path / 'my_rewards.py'}:digits"
+    got = rewards.programmatic(["exact_match", file_reward], [" 42 ", "4x", "7"], ["42", "42", "42"],
+                               ["stop"] * 3, [3, 2, 1])
+    np.testing.assert_allclose(got, [2.0, 0.0, 1.0])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.testing.assert_allclose(rewards.programmatic(["my_rewards:half_len"], ["a", "b"], ["", ""], ["stop"] * 2, [3, 4]),
+                               [1.5, 2.0])
+    rewards.check_names([file_reward, "my_rewards:half_len", "exact_match"])
+    for name, message in ((f"{tmp_path / 'none.py'}:digits", r"no file '.*none\.py'"),
+                          ("no_such_module_xyz:f", r"cannot import 'no_such_module_xyz'"),
+                          (f"{tmp_path / 'my_rewards.py'}:missing", r"has no function 'missing'"),
+                          ("my_rewards:NOT_A_FUNCTION", r"has no function 'NOT_A_FUNCTION'")):
+        with pytest.raises(ValueError, match=r"rl\.rewards: '.*:\w+': .*" + message):
+            rewards.check_names([name])
+    with pytest.raises(ValueError, match=r"'my_rewards:words' returned 'many' for the completion 'a': a reward is a "
+                                         r"number"):
+        rewards.programmatic(["my_rewards:words"], ["a"], [""], ["stop"], [1])
+
+
 def test_guardrails_each_fire_on_a_constructed_failure(caplog):
     cfg = types.SimpleNamespace(kl_estimator="k3", kl_max=1.0, min_length=2.0, max_new_tokens=8, entropy_floor=0.01,
                                 value_loss_max=10.0, logp_diff_warn=0.01)
