@@ -155,7 +155,8 @@ def rl_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
     texts = _prompt_texts(config.data.path) if not (config.init_from or eval_only) else None  # eval: the saved one
     tok = inputs.run_tokenizer(config, workdir, texts)
     task_inputs.chat_template(workdir)
-    read = functools.partial(prompts_data.read_prompts, tok=tok, max_prompt_len=int(r.max_prompt_len), strict=r.strict)
+    read = functools.partial(prompts_data.read_prompts, tok=tok, max_prompt_len=int(r.max_prompt_len), strict=r.strict,
+                             answer_field=r.answer_field)
     if eval_only and r.val_path:
         train, stats = [], sources.ReadStats()
     else:
@@ -168,6 +169,11 @@ def rl_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
         val_stats = sources.ReadStats()
     log.info("%s: %s%d validation prompts (skipped: %s)", config.mode, "" if eval_only else
              f"{len(train)} train prompts (skipped: {stats.left_out()}), ", len(val), val_stats.left_out())
+    unanswered = sum(not p.reference.strip() for p in train)
+    if unanswered and "exact_match" in r.rewards and not r.reward_model:
+        log.warning("%d of %d training prompts have no answer (field %r, nor a final assistant turn or 'chosen'): "
+                    "exact_match rewards them 0 (set rl.answer_field to the field your data keeps it in)",
+                    unanswered, len(train), r.answer_field)
     data_iter = None if eval_only else pipeline.shuffled_batches(
         prompts_data.PromptSource(len(train)), global_batch=micro_batch, seed=config.seed, what="RL prompts",
         **inputs.host_block(config, micro_batch))

@@ -178,7 +178,8 @@ _RL_COMMON = dict(
     must_match=("rl.group_size", "rl.max_prompt_len", "rl.max_new_tokens", "rl.minibatch", "rl.epochs", "rl.val_path",
                 "rl.share_prompts"),
     # runs before these fields: one model row per completion, no SFT term
-    added_defaults={"rl.share_prompts": False, "rl.ptx_coef": 0.0, "rl.ptx_path": "", "rl.ptx_rows": 8},
+    added_defaults={"rl.share_prompts": False, "rl.ptx_coef": 0.0, "rl.ptx_path": "", "rl.ptx_rows": 8,
+                    "rl.answer_field": "answer"},
     paths=("data.path", "rl.val_path", "rl.reward_model", "rl.ptx_path"), example_unit="prompts", on_policy=True,
     updates_per_step=_rl_updates, device_batch=_rl_rows, predictions=predictions.rl)
 MODES.update({

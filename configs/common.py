@@ -127,6 +127,7 @@ def base() -> ml_collections.ConfigDict:
     l.rewards = ("exact_match",)  # programmatic rewards added up (rl/rewards.py): 'exact_match', 'format', or your
     #                               own function (text, answer, finish, n_tokens) -> float as 'FILE.py:FUNCTION'
     l.reward_model = ""  # a mode 'reward' run's workdir: its score is the reward (instead of rl.rewards)
+    l.answer_field = "answer"  # the prompt records' field a reward checks against (e.g. 'solution')
     l.ptx_coef = 0.0  # + coef x the mean token NLL of rl.ptx_rows SFT rows in every update (InstructGPT's PPO-ptx)
     l.ptx_path = ""  # chat JSONL (SFT records) those rows come from, rendered as mode 'sft' renders them
     l.ptx_rows = 8  # SFT rows (data.seq_len tokens) per update, drawn by (seed, iteration, epoch, update)

@@ -2,7 +2,9 @@
 
 Accepted records (JSONL, one a line), rendered with the SFT chat template so generation continues
 as the SFT model was trained (the prompt ends with <|assistant|>; generation stops at <|end|>):
-- `{"prompt": str, "answer"?: str | number, "kind"?: str}`: a one-turn user prompt;
+- `{"prompt": str, "answer"?: str | number, "kind"?: str}`: a one-turn user prompt; the prompt may also
+  be a conversation, a list of messages ending with a user turn (TRL's conversational prompt-only form);
+  the answer's field is `answer_field` (config rl.answer_field; e.g. 'solution');
 - a chat record (`{"messages": [...]}` ending with an assistant turn, or `{"prompt", "response"}`):
   the conversation before its last assistant turn; the answer is "answer" if present, else that turn's
   content (the SFT task files of scripts/make_tasks.py work as they are);
@@ -25,7 +27,7 @@ from data.sources import DataError, ReadStats, Source, source_records
 from data.tokenizer import Tokenizer
 
 
-def _messages_and_answer(record) -> tuple[list[dict], str]:
+def _messages_and_answer(record, answer_field: str = "answer") -> tuple[list[dict], str]:
     if not isinstance(record, dict):
         raise formats.FormatError("not an object", f"record is {type(record).__name__}")
     record = chat.chat_record(record)  # TRL's prompt/completion, Alpaca's instruction/input/output
@@ -33,25 +35,33 @@ def _messages_and_answer(record) -> tuple[list[dict], str]:
         messages = chat.messages_of(record)
         if len(messages) < 2 or messages[-1]["role"] != "assistant":
             raise formats.FormatError("no final assistant turn", "a chat record needs an assistant turn to end it")
-        return messages[:-1], reference_answer(record, messages)
+        return messages[:-1], reference_answer(record, messages, answer_field)
     record = formats.explicit_prompt(record)  # an implicit-prompt pair: its shared turns are the prompt
     prompt = record.get("prompt")
     if isinstance(prompt, list) and "chosen" in record:  # a conversational preference record
         formats.validate(record, "preference")
+    elif isinstance(prompt, list):  # a conversation for the assistant to answer next
+        roles = [m["role"] for m in chat.messages_of({"messages": prompt})]
+        if roles[-1] != "user":
+            raise formats.FormatError("incomplete chat", f"prompt roles {roles}: a prompt conversation ends with a "
+                                      f"user turn (the policy answers it)")
     elif not isinstance(prompt, str) or not prompt.strip():
-        raise formats.FormatError("missing field", f"'prompt' must be a non-empty string, got {prompt!r}")
+        raise formats.FormatError("missing field", f"'prompt' must be a non-empty string or a list of messages, "
+                                  f"got {prompt!r:.80}")
     fallback = formats.reply_text(record.get("chosen", ""))
-    answer = reference_answer(record, [{"role": "assistant", "content": fallback if isinstance(fallback, str) else ""}])
+    answer = reference_answer(record, [{"role": "assistant", "content": fallback if isinstance(fallback, str) else ""}],
+                              answer_field)
     return preference.prompt_messages(record), answer
 
 
-def read_prompts(path: str, tok: Tokenizer, *, max_prompt_len: int, strict: bool) -> tuple[list[Problem], ReadStats]:
+def read_prompts(path: str, tok: Tokenizer, *, max_prompt_len: int, strict: bool,
+                 answer_field: str = "answer") -> tuple[list[Problem], ReadStats]:
     """(problems, stats) of a JSONL file/directory/glob of prompt records (see the module docstring)."""
     stats = ReadStats()
     out = []
     for where, record in source_records(Source(kind="files", path=path), stats, strict=strict):
         try:
-            messages, answer = _messages_and_answer(record)
+            messages, answer = _messages_and_answer(record, answer_field)
             ids = chat.render_prompt(messages, tok)
             if len(ids) > max_prompt_len:
                 raise formats.FormatError("prompt too long", f"{len(ids)} tokens > {max_prompt_len}")

@@ -69,10 +69,11 @@ class Problems(list):
         self.of = of
 
 
-def reference_answer(record: dict, messages: list[dict]) -> str:
-    """The record's "answer" field (a non-empty string, or a number as text) when it has one, else the
-    last assistant turn's content: a task record may keep the checkable answer apart from a longer reply."""
-    answer = record.get("answer")
+def reference_answer(record: dict, messages: list[dict], field: str = "answer") -> str:
+    """The record's "answer" field (or `field`: a non-empty string, or a number as text) when it has one,
+    else the last assistant turn's content: a task record may keep the checkable answer apart from a
+    longer reply."""
+    answer = record.get(field)
     if isinstance(answer, str) and answer.strip():
         return answer
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):

@@ -59,6 +59,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_list("rewards", ["exact_match"], f"Programmatic rewards to add up ({sorted(rewards_lib.PROGRAMMATIC)}, "
                       f"or your own as FILE.py:FUNCTION).", flag_values=fv)
     flags.DEFINE_string("reward_model", "", "A reward-model run scoring the completions instead.", flag_values=fv)
+    flags.DEFINE_string("answer_field", "answer", "The prompt records' field the rewards check against.",
+                        flag_values=fv)
     flags.DEFINE_float("min_gap", 0.0, "A pair needs chosen reward - rejected reward > this.", flag_values=fv)
     flags.DEFINE_integer("limit", 0, "Use the first N prompts; 0 = all.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same pairs.", flag_values=fv)
@@ -80,7 +82,7 @@ def run(fv) -> dict:
     loaded = serving.load_run(fv.workdir, None if fv.step < 0 else fv.step)
     scorer = rewards_lib.RewardModelScorer(fv.reward_model, loaded.tokenizer) if fv.reward_model else None
     problems, stats = prompts_data.read_prompts(fv.data, loaded.tokenizer, max_prompt_len=fv.max_prompt_len,
-                                                strict=False)
+                                                strict=False, answer_field=fv.answer_field)
     if stats.skipped:
         print(f"sample_pairs.py: {fv.data}: skipped {stats.summary()}", file=sys.stderr)
     if fv.limit:

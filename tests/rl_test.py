@@ -107,6 +107,38 @@ def test_programmatic_rewards_and_bad_names():
         rewards.check_names(["bogus"])
 
 
+def test_prompt_only_conversations_and_an_answer_field_of_their_own(tmp_path, caplog):
+    """TRL's conversational prompt-only records ({"prompt": [messages]}) are RL prompts; rl.answer_field
+    reads the answer from the data's own field (e.g. 'solution'); training prompts without an answer under
+    exact_match are warned about (they would all score 0, silently)."""
+    import logging
+    import feedback_inputs
+    from data import prompts as prompts_data
+    from data.sources import DataError
+    from data.tokenizer import ByteTokenizer
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "say x"}]
+    path = tmp_path / "trl.jsonl"
+    path.write_text("".join(json.dumps({"prompt": convo, "solution": "x"}) + "\n" for _ in range(8)))
+    (p, *_), _ = prompts_data.read_prompts(str(path), ByteTokenizer(), max_prompt_len=64, strict=True,
+                                           answer_field="solution")
+    assert list(p.messages) == convo and p.reference == "x"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": convo + [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: .*a prompt conversation ends with a user turn"):
+        prompts_data.read_prompts(str(bad), ByteTokenizer(), max_prompt_len=64, strict=True)
+    config = _cfg(tmp_path, grpo_config, rl__rewards=("exact_match",), data__path=str(path), rl__val_path=str(path))
+    (tmp_path / "w1").mkdir()
+    (tmp_path / "w2").mkdir()
+    with caplog.at_level(logging.WARNING, logger="lmstack"):
+        feedback_inputs.rl_inputs(config, str(tmp_path / "w1"), 4)
+    assert "8 of 8 training prompts have no answer (field 'answer'" in caplog.text
+    caplog.clear()
+    config.rl.answer_field = "solution"
+    with caplog.at_level(logging.WARNING, logger="lmstack"):
+        got = feedback_inputs.rl_inputs(config, str(tmp_path / "w2"), 4)
+    assert "no answer" not in caplog.text and {p.reference for p in got.prompts} == {"x"}
+
+
 def test_a_reward_function_of_ones_own_by_file_or_module(tmp_path, monkeypatch):
     """rl.rewards may name a function of the user's own, FILE.py:FUNCTION or module:FUNCTION (as verl's
     custom_reward_function), with the built-ins' signature; it adds up with them. Every way it can be
