@@ -273,6 +273,11 @@ def input_fingerprint(config) -> dict:
     if "rl.reward_model" in get(config).paths and config.rl.reward_model:
         step = checkpoint.latest_step(config.rl.reward_model)
         out["rl.reward_model"] = {"path": config.rl.reward_model, "step": step, "digest": f"step {step}"}
+    if get(config).on_policy:  # reward functions of one's own, FILE.py:FUNCTION (rl/rewards.py)
+        for name in config.rl.rewards:
+            where = name.rsplit(":", 1)[0] if ":" in name else ""
+            if where.endswith(".py") and os.path.isfile(os.path.expanduser(where)):
+                out[f"rl.rewards[{name}]"] = dict(path=where, **sources.files_fingerprint(where))
     return out
 
 

@@ -164,6 +164,15 @@ def test_a_reward_function_of_ones_own_by_file_or_module(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"'my_rewards:words' returned 'many' for the completion 'a': a reward is a "
                                          r"number"):
         rewards.programmatic(["my_rewards:words"], ["a"], [""], ["stop"], [1])
+    # its file is part of the run's inputs: edited before a resume, it is named like a changed data file
+    import harness
+    config = _cfg(tmp_path, grpo_config, rl__rewards=(file_reward,))
+    (tmp_path / "run").mkdir()
+    harness.record_inputs(str(tmp_path / "run"), harness.check_inputs_unchanged(config, str(tmp_path / "run"), False))
+    with open(tmp_path / "my_rewards.py", "a") as f:
+        f.write("# tuned\n")
+    with pytest.raises(ValueError, match=rf"rl\.rewards\[.*my_rewards\.py:digits\]='.*my_rewards\.py': 1 files"):
+        harness.check_inputs_unchanged(config, str(tmp_path / "run"), resuming=True)
 
 
 def test_guardrails_each_fire_on_a_constructed_failure(caplog):
