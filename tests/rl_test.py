@@ -171,7 +171,7 @@ def test_a_reward_function_of_ones_own_by_file_or_module(tmp_path, monkeypatch):
     harness.record_inputs(str(tmp_path / "run"), harness.check_inputs_unchanged(config, str(tmp_path / "run"), False))
     with open(tmp_path / "my_rewards.py", "a") as f:
         f.write("# tuned\n")
-    with pytest.raises(ValueError, match=rf"rl\.rewards\[.*my_rewards\.py:digits\]='.*my_rewards\.py': 1 files"):
+    with pytest.raises(ValueError, match=r"rl\.rewards\[.*my_rewards\.py:digits\]='.*my_rewards\.py': 1 files"):
         harness.check_inputs_unchanged(config, str(tmp_path / "run"), resuming=True)
 
 
