@@ -301,7 +301,7 @@ def open_read_only(workdir: str) -> ocp.CheckpointManager:
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints directory {directory!r}: is {workdir!r} a training run's workdir?")
-    with _without_read_only_notice():
+    with _without_absl_notice("Given directory is read only"):
         mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             read_only=True, create=False, save_interval_steps=0))
     if not mngr.all_steps():
@@ -341,10 +341,6 @@ def _without_absl_notice(prefix: str):
         yield
     finally:
         absl_logger.removeFilter(keep)
-
-
-def _without_read_only_notice():
-    return _without_absl_notice("Given directory is read only")
 
 
 def has_packed_params(mngr: ocp.CheckpointManager, step: int) -> bool:

@@ -23,7 +23,7 @@ import objectives
 import optim
 import predictions
 import task_inputs
-from rl import objectives as rl_objectives
+from rl import objectives as rl_objectives, rewards as rl_rewards
 from data import preference as preference_data, prepared as prepared_data, sources
 from inputs import Inputs
 from model import build, lora
@@ -270,13 +270,13 @@ def input_fingerprint(config) -> dict:
         value = _field(config, name)
         if value and os.path.exists(os.path.expanduser(value)):
             out[name] = dict(path=value, **sources.files_fingerprint(value))
-    if "rl.reward_model" in get(config).paths and config.rl.reward_model:
-        step = checkpoint.latest_step(config.rl.reward_model)
-        out["rl.reward_model"] = {"path": config.rl.reward_model, "step": step, "digest": f"step {step}"}
-    if get(config).on_policy:  # reward functions of one's own, FILE.py:FUNCTION (rl/rewards.py)
-        for name in config.rl.rewards:
-            where = name.rsplit(":", 1)[0] if ":" in name else ""
-            if where.endswith(".py") and os.path.isfile(os.path.expanduser(where)):
+    if get(config).on_policy:
+        if config.rl.reward_model:
+            step = checkpoint.latest_step(config.rl.reward_model)
+            out["rl.reward_model"] = {"path": config.rl.reward_model, "step": step, "digest": f"step {step}"}
+        for name in config.rl.rewards:  # reward functions of one's own, FILE.py:FUNCTION
+            where = rl_rewards.reward_file(name)
+            if where and os.path.isfile(os.path.expanduser(where)):
                 out[f"rl.rewards[{name}]"] = dict(path=where, **sources.files_fingerprint(where))
     return out
 

@@ -211,7 +211,10 @@ def json_file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bo
     try:
         doc = json.loads(text)
     except RecursionError:
-        doc = None
+        if strict:
+            raise DataError(f"{path}: JSON nested too deeply to read") from None
+        stats.skip("malformed json")
+        return
     except json.JSONDecodeError:  # several values: JSON Lines
         yield from _jsonl_records(path, text, stats, strict)
         return
@@ -221,12 +224,8 @@ def json_file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bo
     elif isinstance(doc, dict) and isinstance(doc.get("data"), list) and doc["data"] \
             and all(isinstance(a, dict) and "paragraphs" in a for a in doc["data"]):
         yield from _squad_records(path, doc["data"])
-    elif doc is not None:
-        yield f"{path}:1", doc
-    elif strict:
-        raise DataError(f"{path}: JSON nested too deeply to read")
     else:
-        stats.skip("malformed json")
+        yield f"{path}:1", doc
 
 
 def _squad_records(path: str, articles: list) -> Iterator[tuple[str, Any]]:

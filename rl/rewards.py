@@ -70,10 +70,16 @@ def resolve(name: str) -> Callable[[str, str, str, int], float]:
     return _load(name)
 
 
+def reward_file(name: str) -> str:
+    """The file of a FILE.py:FUNCTION reward ('' for any other name)."""
+    where = name.rsplit(":", 1)[0] if isinstance(name, str) and ":" in name else ""
+    return where if where.endswith(".py") else ""
+
+
 @functools.lru_cache(maxsize=None)
 def _load(name: str) -> Callable:
     where, function = name.rsplit(":", 1)
-    if where.endswith(".py"):
+    if reward_file(name):
         path = os.path.abspath(os.path.expanduser(where))
         if not os.path.isfile(path):
             raise ValueError(f"rl.rewards: {name!r}: no file {where!r}{sources.in_cwd(where)}")

@@ -146,6 +146,10 @@ def test_json_files_are_record_files(tmp_path):
     for name, wheres in (("array.json", ["[0]", "[1]"]), ("lines.json", ["1", "2"])):
         got = list(formats.read_records(Source(kind="files", path=str(tmp_path / name)), "chat", ReadStats()))
         assert [r for _, r in got] == records and [w.rsplit(":", 1)[1] for w, _ in got] == wheres
+    (tmp_path / "null.json").write_text("null")  # one value that is no record: named as such, even under strict
+    with pytest.raises(FormatError, match=r"null\.json:1: not an object"):
+        list(formats.read_records(Source(kind="files", path=str(tmp_path / "null.json")), "chat", ReadStats(),
+                                  strict=True))
     context = "The quick brown fox jumps."
     squad = {"version": "1.1", "data": [{"title": "Foxes", "paragraphs": [{"context": context, "qas": [
         {"id": "q1", "question": "Which animal?", "answers": [{"text": "fox", "answer_start": 16}]},
