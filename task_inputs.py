@@ -55,13 +55,17 @@ def train_val_records(config, section, fmt: str, eval_only: bool = False):
     """(train records, stats, validation records, stats) of a task mode: `section.val_path` is the
     validation file; without one, a content-hash share data.val_fraction of data.path is held out.
     eval_only: no train records (with a val_path, data.path is not read at all)."""
-    fields = classify_data.field_names(section) if fmt == "classification" else None
+    if fmt == "classification":
+        read = functools.partial(classify_data.read_split, fields=classify_data.field_names(section),
+                                 minus_one_unlabelled=section.minus_one_unlabelled)
+    else:
+        read = functools.partial(formats.read_split, fmt=fmt)
     if eval_only and section.val_path:
-        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict, fields=fields)
+        val, val_stats = read(section.val_path, strict=section.strict)
         return [], sources.ReadStats(), val, val_stats
-    train, stats = formats.read_split(config.data.path, fmt, strict=section.strict, fields=fields)
+    train, stats = read(config.data.path, strict=section.strict)
     if section.val_path:
-        val, val_stats = formats.read_split(section.val_path, fmt, strict=section.strict, fields=fields)
+        val, val_stats = read(section.val_path, strict=section.strict)
         return train, stats, val, val_stats
     train, val = hash_held_out(train, lambda x: formats.record_text(x[1], fmt), config)
     return [] if eval_only else train, stats, val, sources.ReadStats()
@@ -83,6 +87,10 @@ def classify_inputs(config, workdir: str, micro_batch: int, eval_only: bool = Fa
     train_recs, stats, val_recs, val_stats = train_val_records(config, c, "classification", eval_only)
     labels_path = os.path.join(workdir, "labels.json")
     labels = None if eval_only else classify_data.build_labels(train_recs)
+    if stats.skipped.get(classify_data.UNLABELLED):
+        log.warning("classify: %d training records labelled -1 left out as unlabelled (Hugging Face's 'no label'); "
+                    "--config.classify.minus_one_unlabelled=False trains -1 as a class",
+                    stats.skipped[classify_data.UNLABELLED])
     if labels is not None and len(labels) < 2:
         raise sources.DataError(f"{config.data.path!r}: a classifier needs >= 2 labels, found {labels}")
     # a resumed (or evaluated) run's head rows are its saved labels' ids; a labels.json left by a start that failed
@@ -96,8 +104,11 @@ def classify_inputs(config, workdir: str, micro_batch: int, eval_only: bool = Fa
         if labels is None:  # evaluating: the run's labels are the ones its head was trained on
             labels = saved
         elif saved != labels:
+            hint = ("; label -1 is now left out as unlabelled: --config.classify.minus_one_unlabelled=False reads it "
+                    "as the run did" if -1 in saved and -1 not in labels and stats.skipped.get(classify_data.UNLABELLED)
+                    else "")
             raise checkpoint.IncompatibleCheckpointError(
-                f"{labels_path} holds labels {saved} but the training split has {labels}")
+                f"{labels_path} holds labels {saved} but the training split has {labels}{hint}")
     elif jax.process_index() == 0:
         classify_data.save_labels(labels, labels_path)
     train_texts = [formats.record_text(r, "classification") for _, r in train_recs]

@@ -84,6 +84,8 @@ def base() -> ml_collections.ConfigDict:
     q.text_field = "text"  # the records' field holding the text (GLUE SST-2: 'sentence'; MNLI: 'premise')
     q.text_pair_field = "text_pair"  # the optional second text (MNLI: 'hypothesis'; QNLI: 'sentence')
     q.label_field = "label"  # the label's field (str or int values)
+    q.minus_one_unlabelled = True  # label -1 = Hugging Face's "no label" (SNLI, GLUE test splits): left out, counted;
+    #                                False: -1 is a class like any other (e.g. sentiment -1 / 0 / 1)
 
     c.sft = f = ml_collections.ConfigDict()  # mode='sft' only (data/sft.py, data/chat.py)
     f.val_path = ""  # validation chat JSONL; '' = hold out data.val_fraction of data.path by content hash

@@ -8,7 +8,9 @@ The label vocabulary is built from the training split (sorted: ints first, then 
 saved with the run (WORKDIR/labels.json).
 Records are validated by data/formats.py: under `strict` the first bad record raises naming
 its file and line; otherwise it is counted (stats.skipped) and skipped. A validation label
-never seen in training is handled the same way ('unknown label').
+never seen in training is handled the same way ('unknown label'). A label of -1 (an int) is Hugging
+Face datasets' "no label" (SNLI's unlabelled pairs, every GLUE test split): such records are left out and
+counted ('unlabelled (label -1)'), unless classify.minus_one_unlabelled=False makes -1 a class.
 """
 
 from __future__ import annotations
@@ -24,10 +26,23 @@ from data.tokenizer import Tokenizer
 from data.truncation import Truncation
 
 
-def read_split(path: str, *, strict: bool, fields: dict[str, str] | None = None
+UNLABELLED = "unlabelled (label -1)"
+
+
+def read_split(path: str, *, strict: bool, fields: dict[str, str] | None = None, minus_one_unlabelled: bool = True
                ) -> tuple[list[tuple[str, dict]], ReadStats]:
-    """(where, record) pairs of a classification JSONL file/directory, validated (`fields`: field_names)."""
-    return formats.read_split(path, "classification", strict=strict, fields=fields)
+    """(where, record) pairs of a classification JSONL file/directory, validated (`fields`: field_names);
+    records labelled -1 left out and counted when `minus_one_unlabelled` (an error when that is all of them)."""
+    records, stats = formats.read_split(path, "classification", strict=strict, fields=fields)
+    if not minus_one_unlabelled:
+        return records, stats
+    kept = [(w, r) for w, r in records if not (type(r["label"]) is int and r["label"] == -1)]
+    for _ in range(len(records) - len(kept)):
+        stats.skip(UNLABELLED)
+    if not kept:
+        raise DataError(f"{path!r}: every record has label -1, Hugging Face datasets' 'no label' (a test split "
+                        f"without its labels?); --config.classify.minus_one_unlabelled=False reads -1 as a class")
+    return kept, stats
 
 
 def field_names(section) -> dict[str, str]:

@@ -132,6 +132,36 @@ def test_records_with_their_own_field_names(tmp_path):
         task_inputs.train_val_records(cfg, cfg.classify, "classification")
 
 
+def test_label_minus_one_is_unlabelled(tmp_path, caplog):
+    """Hugging Face's label -1 ("no label": SNLI's unlabelled pairs, every GLUE test split) is left out and
+    counted, not trained as a class of its own; a split of nothing else is refused saying so; the option
+    keeps -1 as a class (sentiment -1 / 0 / 1); a run that trained it as a class is named on resume."""
+    import task_inputs
+    rows = [{"premise": f"p {i}", "hypothesis": f"h {i}", "label": [0, 1, 2, -1][i % 4]} for i in range(40)]
+    path = tmp_path / "snli.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(dict(r, label=-1)) + "\n" for r in rows[:5]))
+    names = dict(classify__text_field="premise", classify__text_pair_field="hypothesis")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with caplog.at_level(logging.WARNING, logger="lmstack"):
+        out = task_inputs.classify_inputs(_cfg(str(path), str(path), **names), str(workdir), 8)
+    assert out.num_classes == 3 and classify_data.load_labels(str(workdir / "labels.json")) == [0, 1, 2]
+    assert "10 training records labelled -1 left out as unlabelled" in caplog.text
+    assert "10 validation records not scored: {'unlabelled (label -1)': 10}" in caplog.text
+    with pytest.raises(DataError, match=r"test\.jsonl': every record has label -1.*minus_one_unlabelled=False"):
+        task_inputs.classify_inputs(_cfg(str(path), str(test), **names), str(workdir), 8)
+    keep = _cfg(str(path), str(path), classify__minus_one_unlabelled=False, **names)
+    train_recs, stats, _, _ = task_inputs.train_val_records(keep, keep.classify, "classification")
+    assert classify_data.build_labels(train_recs) == [-1, 0, 1, 2] and not stats.skipped
+    checkpoint.save_params(str(workdir), 1, {"w": np.zeros(2, np.float32)}, {"mode": "classify"})
+    classify_data.save_labels([-1, 0, 1, 2], str(workdir / "labels.json"))  # a run started with -1 as a class
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match=r"holds labels \[-1, 0, 1, 2\] but the "
+                       r"training split has \[0, 1, 2\]; label -1 is now left out.*minus_one_unlabelled=False"):
+        task_inputs.classify_inputs(_cfg(str(path), str(path), **names), str(workdir), 8)
+
+
 def test_bad_inputs_named_or_counted(tmp_path, caplog):
     tr = _write_task(tmp_path / "train.jsonl", 48, 0, extra=['{"text": "abc"}'])
     va = _write_task(tmp_path / "val.jsonl", 24, 1, extra=['{"text": "abc", "label": "nope"}'])
