@@ -130,8 +130,9 @@ def _encoder_logits(model):
 class SpanQAEval:
     """(model, params) -> SQuAD exact match / F1 (percent) over every validation example, all its windows."""
 
-    def __init__(self, features: qa_data.QAFeatures, batch_size: int, max_answer_len: int):
-        self.features, self.max_answer_len = features, max_answer_len
+    def __init__(self, features: qa_data.QAFeatures, batch_size: int, max_answer_len: int,
+                 null_threshold: float | None = None):
+        self.features, self.max_answer_len, self.null_threshold = features, max_answer_len, null_threshold
         self.batches = pipeline.padded_batches(features, batch_size=batch_size, max_batches=0)
         self.golds = {ex.id: [text for text, _ in ex.answers] for ex in features.examples}
         self._logits = per_model(_encoder_logits)
@@ -141,13 +142,14 @@ class SpanQAEval:
         outs = [jax.device_get(self._logits(model)(params, b)) for b in self.batches]
         start_NxL = np.concatenate([o[0] for o in outs])[:len(self.features)]
         end_NxL = np.concatenate([o[1] for o in outs])[:len(self.features)]
-        return qa_eval.predict_answers(self.features, start_NxL, end_NxL, self.max_answer_len)
+        return qa_eval.predict_answers(self.features, start_NxL, end_NxL, self.max_answer_len, self.null_threshold)
 
     def _answers(self, model, params, keep: bool) -> dict[str, str]:
         return self._last.get(model, params, lambda: self._predict(model, params), keep=keep)
 
     def predictions(self, model, params) -> list[dict]:
-        """One dict per question: id, question, predicted answer, gold answers, exact match and F1 (0-1)."""
+        """One dict per question: id, question, predicted answer, gold answers ([]: unanswerable), exact match
+        and F1 (0-1)."""
         preds = self._answers(model, params, keep=True)
         return [{"id": ex.id, "question": ex.question, "prediction": preds[ex.id], "answers": self.golds[ex.id],
                  "exact_match": qa_eval.exact_match(preds[ex.id], self.golds[ex.id]),
@@ -159,11 +161,12 @@ class SpanQAEval:
 
     def __call__(self, model, params) -> dict:
         scores = qa_eval.squad_scores(self._answers(model, params, keep=False), self.golds)
-        return {"eval/exact_match": scores["exact_match"], "eval/f1": scores["f1"]}
+        return {f"eval/{k}": v for k, v in scores.items()}
 
 
-def span_qa_eval(features: qa_data.QAFeatures, batch_size: int, max_answer_len: int) -> SpanQAEval:
-    return SpanQAEval(features, batch_size, max_answer_len)
+def span_qa_eval(features: qa_data.QAFeatures, batch_size: int, max_answer_len: int,
+                 null_threshold: float | None = None) -> SpanQAEval:
+    return SpanQAEval(features, batch_size, max_answer_len, null_threshold)
 
 
 def classify_predictions(model, params, batches: list[dict], records: list[tuple[str, dict]],

@@ -145,9 +145,9 @@ def qa_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
     if eval_only and c.val_path:  # the training file is not read
         train_exs, stats = [], sources.ReadStats()
     else:
-        train_exs, stats = qa_data.read_split(config.data.path, strict=c.strict)
+        train_exs, stats = qa_data.read_split(config.data.path, strict=c.strict, unanswerable=c.unanswerable)
     if c.val_path:
-        val_exs, val_stats = qa_data.read_split(c.val_path, strict=c.strict)
+        val_exs, val_stats = qa_data.read_split(c.val_path, strict=c.strict, unanswerable=c.unanswerable)
     else:  # by context, so questions about one passage stay on one side
         train_exs, val_exs = hash_held_out(train_exs, lambda ex: ex.context, config)
         train_exs = [] if eval_only else train_exs
@@ -174,11 +174,17 @@ def qa_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
         if unplaced or longer:
             log.warning("qa: %s: %d of %d answers in no window (labelled 'no answer' in every window: longer than "
                         "a window's context room or cut off), %d longer than qa.max_answer_len=%d tokens (never an "
-                        "exact match)", name, unplaced, len(src.examples), longer, int(c.max_answer_len))
+                        "exact match)", name, unplaced, sum(bool(ex.answers) for ex in src.examples), longer,
+                        int(c.max_answer_len))
+        if c.unanswerable:
+            log.info("qa: %s: %d of %d questions unanswerable", name, sum(not ex.answers for ex in src.examples),
+                     len(src.examples))
     data_iter = None if eval_only else pipeline.shuffled_batches(
         train_src, global_batch=micro_batch, seed=config.seed, what="QA windows", **host_block(config, micro_batch))
     eval_data = classify_data.eval_batches(val_src, batch_size=micro_batch, max_batches=config.train.eval_batches)
-    return Inputs(tok, data_iter, eval_data, extra_eval=task_eval.span_qa_eval(val_src, micro_batch, c.max_answer_len))
+    spans = task_eval.span_qa_eval(val_src, micro_batch, c.max_answer_len,
+                                   float(c.null_threshold) if c.unanswerable else None)
+    return Inputs(tok, data_iter, eval_data, extra_eval=spans)
 
 
 def chat_template(workdir: str) -> None:

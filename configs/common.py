@@ -196,6 +196,9 @@ def base() -> ml_collections.ConfigDict:
     a.max_query_len = 32  # question tokens kept (the rest is cut)
     a.max_answer_len = 30  # longest predicted answer, in tokens (span decoding)
     a.strict = True  # a bad record (missing field, answer not at answer_start, no answer) raises naming file:line
+    a.unanswerable = False  # SQuAD 2.0: records without answers are questions to answer with nothing (every window
+    #                         labelled <cls>); False: such a record is a bad one
+    a.null_threshold = 0.0  # unanswerable: answer nothing when the <cls> score beats the best span's by more than this
 
     c.continual = n = ml_collections.ConfigDict()  # continual learning from init_from (continual.py, data/mixture.py)
     n.init_state = "weights"  # what init_from gives a new run: 'weights' (warm start) | 'full' (+ the optimizer's

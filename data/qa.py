@@ -3,9 +3,10 @@
 Records: {"id"?, "question", "context", "answers"} with answers either as SQuAD/HF columns
 {"text": [...], "answer_start": [...]} or as a list [{"text", "answer_start"}, ...]; each answer
 must sit at context[answer_start:answer_start + len(text)] (data/formats.py checks it). A record
-needs at least one answer (unanswerable SQuAD-2.0 questions are not supported: counted as
-'qa: no answer'). Under `strict` the first bad record raises naming its file and line; otherwise
-it is counted (stats.skipped) and skipped. A record without "id" is named by its file:line.
+without answers is an unanswerable question (SQuAD 2.0): read only with `unanswerable` (config
+qa.unanswerable), else a bad record ('qa: no answer'). Under `strict` the first bad record raises
+naming its file and line; otherwise it is counted (stats.skipped) and skipped. A record without "id"
+is named by its file:line.
 
 Features: the question is cut to `max_query_len` tokens (counted in `QAFeatures.truncation`,
 logged per split by the input builder); a context longer than the room left in `seq_len` is
@@ -13,9 +14,9 @@ covered by sliding windows whose consecutive context spans share `doc_stride` to
 overlap, as Hugging Face's `stride`; each window moves by room - doc_stride).
 Token types are 0 for `<cls> question <sep>` and 1 for `context <sep>`; padding has segment id 0.
 `start`/`end` label the first answer's first and last token when the whole answer lies inside the
-window, else 0 (the <cls> position: "not in this window"). Every token keeps the character span
-of the context it stands for (`offsets`, -1 outside the context), so a predicted token span maps
-back to a context substring (data/qa_eval.py).
+window, else 0 (the <cls> position: "not in this window"; an unanswerable question's every window).
+Every token keeps the character span of the context it stands for (`offsets`, -1 outside the
+context), so a predicted token span maps back to a context substring (data/qa_eval.py).
 """
 
 from __future__ import annotations
@@ -51,10 +52,11 @@ def as_columns(record):
                                  "answer_start": [a["answer_start"] for a in answers]})
 
 
-def _example(where: str, record) -> QAExample:
+def _example(where: str, record, unanswerable: bool) -> QAExample:
     r = formats.validate(as_columns(record), "qa")
-    if not r["answers"]["text"]:
-        raise formats.FormatError("no answer", "'answers' is empty (unanswerable questions are not supported)")
+    if not r["answers"]["text"] and not unanswerable:
+        raise formats.FormatError("no answer", "'answers' is empty: an unanswerable question (SQuAD 2.0); "
+                                  "--config.qa.unanswerable=True trains and scores them")
     rid = r.get("id", where)
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise formats.FormatError("wrong type", f"'id' is {type(rid).__name__}, expected str or int")
@@ -62,13 +64,14 @@ def _example(where: str, record) -> QAExample:
                      tuple(zip(r["answers"]["text"], r["answers"]["answer_start"])))
 
 
-def read_split(path: str, *, strict: bool) -> tuple[list[QAExample], ReadStats]:
-    """The valid examples of a QA JSONL file/directory; bad records raise (strict) or are counted."""
+def read_split(path: str, *, strict: bool, unanswerable: bool = False) -> tuple[list[QAExample], ReadStats]:
+    """The valid examples of a QA JSONL file/directory; bad records raise (strict) or are counted;
+    `unanswerable`: records without answers are examples too (else bad records)."""
     stats = ReadStats()
     examples, seen = [], set()
     for where, record in source_records(Source(kind="files", path=path), stats, strict=strict):
         try:
-            ex = _example(where, record)
+            ex = _example(where, record, unanswerable)
             if ex.id in seen:
                 raise formats.FormatError("duplicate id", f"id {ex.id!r} occurs earlier in {path!r}")
         except formats.FormatError as e:
@@ -118,7 +121,7 @@ def encode_example(tok: Tokenizer, ex: QAExample, *, seq_len: int, max_query_len
     c_ids, c_off = tok.encode_offsets(ex.context)
     room = seq_len - len(q_ids) - 3
     context_room(seq_len, max_query_len, doc_stride)
-    span = answer_tokens(c_off, ex.answers[0][1], ex.answers[0][0])
+    span = answer_tokens(c_off, ex.answers[0][1], ex.answers[0][0]) if ex.answers else None
     cls, sep = (np.array([tok.special_id(t)], np.int32) for t in ("<cls>", "<sep>"))
     head = np.concatenate([cls, q_ids, sep])
     features, offsets = [], []
@@ -149,7 +152,7 @@ class QAFeatures:
     offsets: np.ndarray  # [N, seq_len, 2] character spans in the example's context; -1 outside it
     examples: list[QAExample]
     truncation: Truncation | None = None  # questions cut to qa.max_query_len tokens (contexts are windowed)
-    unplaced: int = 0  # examples whose answer no window holds whole (longer than a window's room, or cut)
+    unplaced: int = 0  # answered examples whose answer no window holds whole (longer than a window's room, or cut)
     answer_lengths: list[int] = dataclasses.field(default_factory=list)  # tokens of each placed answer
 
     def unreachable(self, max_answer_len: int) -> tuple[int, int]:
@@ -177,6 +180,8 @@ def make_features(examples: list[QAExample], tok: Tokenizer, *, seq_len: int, ma
         offsets += offs
         owner += [i] * len(feats)
         placed = [f for f in feats if f["start"] > 0]  # 0 is <cls>: "not in this window"
+        if not ex.answers:  # unanswerable: <cls> everywhere is its label
+            continue
         if placed:
             lengths.append(int(placed[0]["end"] - placed[0]["start"]) + 1)
         else:

@@ -9,6 +9,9 @@ line lies in a context, answered by a span of that same context:
   `'utf-8'`, `sys.maxsize`, ...), for every positional or keyword-only parameter with a default;
 - "What does `f` return?" -> the expression of `f`'s only `return <expr>` (nested functions and
   lambdas excluded), when it lies in the same context.
+With `--unanswerable` (SQuAD 2.0), also the default-value question about one parameter of `f` that has no
+default (the first such, `self` / `cls` excepted), whose `def` lies whole in the context: the question is
+as plausible as the others, and the context holds no answer to it (`"answers": {"text": [], ...}`).
 Only answers written on one line and at most `--max_answer_chars` long are kept; a function name
 defined twice in one context is skipped (ambiguous). Whole files go to train / val / test by a hash
 of their stdlib-relative path (`--val_fraction`, `--test_fraction`), so no context, function or
@@ -39,6 +42,7 @@ flags.DEFINE_integer("chars", 600, "Most characters per context (cut at line end
 flags.DEFINE_integer("max_answer_chars", 40, "Longest answer kept, in characters.")
 flags.DEFINE_float("val_fraction", 0.1, "Share of files for validation.")
 flags.DEFINE_float("test_fraction", 0.1, "Share of files for test.")
+flags.DEFINE_bool("unanswerable", False, "Also ask for the default of a parameter that has none (SQuAD 2.0).")
 flags.mark_flags_as_required(["out"])
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
@@ -72,6 +76,39 @@ def _defaults(fn):
     yield from ((arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None)
 
 
+def _without_default(fn):
+    """The first parameter of fn (positional or keyword-only, not self / cls) that has no default, or None."""
+    a = fn.args
+    positional = a.posonlyargs + a.args
+    bare = positional[:len(positional) - len(a.defaults)]
+    bare += [arg for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is None]
+    return next((arg for arg in bare if arg.arg not in ("self", "cls")), None)
+
+
+def unanswerable_records(text: str, rel: str, chunks) -> list[dict]:
+    """A default-value question about a parameter with no default, for each function whose def line(s) lie
+    whole in one context (so the parameter is there to be asked about) and whose name that context defines once."""
+    records = []
+    for fn in ast.walk(ast.parse(text)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        arg = _without_default(fn)
+        if arg is None:
+            continue
+        lines = text.splitlines(keepends=True)
+        d0 = sum(len(line) for line in lines[:fn.lineno - 1])
+        d1 = sum(len(line) for line in lines[:(fn.body[0].lineno - 1)])  # the def's lines (and decorators' not)
+        for c0, c1 in chunks:
+            if c0 <= d0 < c1:
+                context = text[c0:c1]
+                if d1 <= c1 and context.count(f"def {fn.name}(") == 1:
+                    records.append({"id": f"{rel}:{fn.lineno}:{arg.arg}:{fn.name}:none",
+                                    "question": f"What is the default value of parameter `{arg.arg}` of `{fn.name}`?",
+                                    "context": context, "answers": {"text": [], "answer_start": []}})
+                break
+    return records
+
+
 def questions(text: str):
     """(char offset of the def line, function name, question, answer node) for a file's functions."""
     tree = ast.parse(text)
@@ -85,7 +122,7 @@ def questions(text: str):
             yield fn, f"What does `{fn.name}` return?", rets[0].value
 
 
-def make_records(text: str, rel: str, chars: int, max_answer_chars: int) -> list[dict]:
+def make_records(text: str, rel: str, chars: int, max_answer_chars: int, unanswerable: bool = False) -> list[dict]:
     lines = text.splitlines(keepends=True)
     line_start = [0]
     for line in lines:
@@ -122,7 +159,7 @@ def make_records(text: str, rel: str, chars: int, max_answer_chars: int) -> list
                 records.append({"id": f"{rel}:{node.lineno}:{node.col_offset}:{fn.name}", "question": question,
                                 "context": context, "answers": {"text": [answer], "answer_start": [a0 - c0]}})
                 break
-    return records
+    return records + (unanswerable_records(text, rel, chunks) if unanswerable else [])
 
 
 def main(argv):
@@ -135,23 +172,25 @@ def main(argv):
         rel = os.path.relpath(path, root)
         try:
             text = open(path, encoding="utf-8").read()
-            recs = make_records(text, rel, FLAGS.chars, FLAGS.max_answer_chars)
+            recs = make_records(text, rel, FLAGS.chars, FLAGS.max_answer_chars, FLAGS.unanswerable)
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         h = int.from_bytes(hashlib.blake2b(rel.encode(), digest_size=8).digest(), "little") / 2.0**64
         split = "val" if h < FLAGS.val_fraction else "test" if h < FLAGS.val_fraction + FLAGS.test_fraction \
             else "train"
         for r in recs:
-            assert r["context"][r["answers"]["answer_start"][0]:][:len(r["answers"]["text"][0])] == \
-                r["answers"]["text"][0], r["id"]
+            answers = r["answers"]
+            assert not answers["text"] or r["context"][answers["answer_start"][0]:][:len(answers["text"][0])] == \
+                answers["text"][0], r["id"]
             outs[split].write(json.dumps(r) + "\n")
-            counts[(split, r["question"].split()[1])] += 1
+            counts[(split, r["question"].split()[1] if answers["text"] else "none")] += 1
         files[split] += bool(recs)
     for f in outs.values():
         f.close()
     for split in ("train", "val", "test"):
         print(f"{split}: {files[split]} files, {counts[(split, 'is')]} default-value and "
-              f"{counts[(split, 'does')]} return questions")
+              f"{counts[(split, 'does')]} return questions" +
+              (f", {counts[(split, 'none')]} unanswerable" if FLAGS.unanswerable else ""))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,21 @@ def test_squad_normalization_em_f1():
     # a: EM 1, F1 1; b: EM 0, F1 2*(1/2*1)/(1/2+1) = 2/3; c: no prediction -> 0, 0
     assert scores["exact_match"] == pytest.approx(100 / 3)
     assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3) / 3)
+    assert set(scores) == {"exact_match", "f1"}  # every question answerable: no has/no-answer split
+
+
+def test_unanswerable_scores_as_squad2():
+    """SQuAD 2.0: an unanswerable question (no golds) scores 1 only for the empty prediction, and the scores
+    come apart for the questions with and without an answer (the official script's HasAns / NoAns)."""
+    assert qa_eval.exact_match("", []) == 1.0 and qa_eval.f1_score("", []) == 1.0
+    assert qa_eval.exact_match("fox", []) == 0.0 and qa_eval.f1_score("the fox", []) == 0.0
+    assert qa_eval.exact_match("", ["fox"]) == 0.0
+    scores = qa_eval.squad_scores({"a": "fox", "b": "brown dog", "c": "", "d": "cat"},
+                                  {"a": ["fox"], "b": ["brown fox"], "c": [], "d": []})
+    # a: 1, 1; b: 0, F1 1/2; c: 1, 1 (empty for empty); d: 0, 0
+    assert scores == pytest.approx({"exact_match": 50.0, "f1": 100 * 2.5 / 4,
+                                    "exact_match/has_answer": 50.0, "f1/has_answer": 75.0,
+                                    "exact_match/no_answer": 50.0, "f1/no_answer": 50.0})
 
 
 # ---- windows, labels, offsets ------------------------------------------------------------------------
@@ -173,6 +188,44 @@ def test_predictions_pick_the_best_window_and_map_to_text():
     assert qa_eval.predict_answers(feats, start, end, 3)["q1"] != "theta"  # 5 tokens > max_answer_len
 
 
+def test_no_answer_wins_by_the_lowest_cls_score_and_the_threshold():
+    """With unanswerable questions the empty answer is predicted when the example's <cls> score (its lowest over
+    the windows) beats its best span's by more than qa.null_threshold; without them <cls> is never read."""
+    tok = ByteTokenizer()
+    context = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    ex = qa_data.QAExample("q1", "which?", context, (("theta", context.index("theta")),))
+    feats = qa_data.make_features([ex], tok, seq_len=32, max_query_len=8, doc_stride=4)
+    n = len(feats)
+    start, end = np.zeros((n, 32), np.float32), np.zeros((n, 32), np.float32)
+    k = int(np.flatnonzero(feats.arrays["start"])[0])
+    start[k, feats.arrays["start"][k]] = end[k, feats.arrays["end"][k]] = 3.0  # the span scores 6
+    start[:, 0] = end[:, 0] = 4.0  # <cls> scores 8 in every window ...
+    start[n - 1, 0] = end[n - 1, 0] = 3.5  # ... but 7 in the last: the example's no-answer score is 7
+    assert qa_eval.predict_answers(feats, start, end, 10) == {"q1": "theta"}  # SQuAD 1.1: <cls> ignored
+    assert qa_eval.predict_answers(feats, start, end, 10, null_threshold=0.0) == {"q1": ""}  # 7 - 6 > 0
+    assert qa_eval.predict_answers(feats, start, end, 10, null_threshold=0.9) == {"q1": ""}
+    assert qa_eval.predict_answers(feats, start, end, 10, null_threshold=1.0) == {"q1": "theta"}  # 1 <= 1
+
+
+def test_unanswerable_records_need_the_option_and_label_cls_everywhere(tmp_path):
+    ctx = "the cat sat on the mat " * 6
+    rows = [{"id": "a", "question": "who sat?", "context": ctx, "answers": {"text": ["cat"], "answer_start": [4]}},
+            {"id": "b", "question": "who flew?", "context": ctx, "answers": {"text": [], "answer_start": []}},
+            {"id": "c", "question": "who ran?", "context": ctx, "answers": []}]  # SQuAD 2.0's own JSON layout
+    path = tmp_path / "v2.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(formats.FormatError, match=r"v2\.jsonl:2: no answer: 'answers' is empty: an unanswerable "
+                                                  r"question \(SQuAD 2\.0\); --config\.qa\.unanswerable=True"):
+        qa_data.read_split(str(path), strict=True)
+    exs, stats = qa_data.read_split(str(path), strict=True, unanswerable=True)
+    assert [(e.id, e.answers) for e in exs] == [("a", (("cat", 4),)), ("b", ()), ("c", ())] and not stats.skipped
+    feats = qa_data.make_features(exs, ByteTokenizer(), seq_len=64, max_query_len=12, doc_stride=8)
+    no_answer = np.isin(feats.example_index, [1, 2])
+    assert len(feats) > 3 and no_answer.sum() >= 2
+    assert (feats.arrays["start"][no_answer] == 0).all() and (feats.arrays["end"][no_answer] == 0).all()
+    assert feats.unplaced == 0 and feats.answer_lengths == [3]  # unanswerable is not "answer in no window"
+
+
 def test_span_head_shapes_and_padding_mask():
     import jax
     import jax.numpy as jnp
@@ -198,21 +251,26 @@ WORDS = ["red", "blue", "green", "pink", "gold", "gray", "teal", "plum", "jade",
 NAMES = ["kiwi", "lime", "fig"]
 
 
-def _write_task(path, n, seed):
+def _write_task(path, n, seed, unanswerable=0.0):
     """Contexts of filler words where each name is followed by "is <word><digit>"; the answer is always kiwi's
-    (a fixed marker; the other names are distractors), at a random place, often in a later window."""
+    (a fixed marker; the other names are distractors), at a random place, often in a later window.
+    `unanswerable`: the share of contexts without kiwi (no answer, SQuAD 2.0)."""
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
         for i in range(n):
             parts = list(rng.choice(WORDS, size=14))
-            for name in NAMES:
+            absent = bool(unanswerable) and rng.random() < unanswerable  # no draw at 0: the same data as before
+            for name in NAMES[1:] if absent else NAMES:
                 parts.insert(int(rng.integers(0, len(parts) + 1)), f"{name} is {rng.choice(WORDS)}{rng.integers(10)}")
             context = " ".join(parts)
             name = NAMES[0]
-            at = context.index(f"{name} is ") + len(name) + 4
-            answer = context[at:context.index(" ", at) if " " in context[at:] else len(context)]
-            f.write(json.dumps({"id": str(i), "question": f"{name}?", "context": context,
-                                "answers": {"text": [answer], "answer_start": [at]}}) + "\n")
+            if absent:
+                answers = {"text": [], "answer_start": []}
+            else:
+                at = context.index(f"{name} is ") + len(name) + 4
+                answers = {"text": [context[at:context.index(" ", at) if " " in context[at:] else len(context)]],
+                           "answer_start": [at]}
+            f.write(json.dumps({"id": str(i), "question": f"{name}?", "context": context, "answers": answers}) + "\n")
     return str(path)
 
 
@@ -230,6 +288,19 @@ def test_learns_planted_answer_spans(tmp_path):
     out = train.train_and_evaluate(_cfg(tr, va, optim__lr=3e-3, train__steps=150), str(tmp_path / "run"))
     # a random one of the ~17 words in a context: EM ~ 6%; the planted span is learned
     assert out["eval/exact_match"] >= 80.0 and out["eval/f1"] >= out["eval/exact_match"], out
+
+
+def test_learns_when_there_is_no_answer(tmp_path):
+    """SQuAD 2.0 (qa.unanswerable): a third of the contexts lack the asked name; the model learns to answer
+    those with nothing (<cls>) and the others with the span; the scores are reported apart."""
+    tr = _write_task(tmp_path / "train.jsonl", 400, 0, unanswerable=0.33)
+    va = _write_task(tmp_path / "val.jsonl", 60, 1, unanswerable=0.33)
+    # 250 steps: EM 98-100 over seeds 0-3 (at 150 steps 58-98: answering is learnt after no-answer)
+    out = train.train_and_evaluate(_cfg(tr, va, optim__lr=3e-3, train__steps=250, qa__unanswerable=True),
+                                   str(tmp_path / "run"))
+    # never answering scores 33 and always answering <= 67: both kinds must be learnt
+    assert out["eval/exact_match/no_answer"] >= 80.0 and out["eval/exact_match/has_answer"] >= 70.0, out
+    assert out["eval/exact_match"] >= 75.0, out
 
 
 def test_warm_start_from_mlm(corpus_dir, tmp_path, caplog):
