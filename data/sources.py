@@ -1,4 +1,4 @@
-"""Where documents come from: text files, JSONL, Parquet, gzip, TFDS, or the embedded default corpus.
+"""Where documents come from: text files, JSONL, Parquet, Arrow, gzip, TFDS, or the embedded default corpus.
 
 The embedded default is the running Python's own standard-library source (one document per
 `.py` file): real text nobody here wrote, present on every machine, so training needs no
@@ -6,10 +6,13 @@ download.
 
 A source is a `Source` (kind 'files' | 'stdlib' | 'tfds'). 'files' takes a file, a directory
 (recursive, sorted, by extension) or a glob; each file is read by its extension: `.jsonl`
-(one JSON object a line), `.parquet` (rows), anything else as one text document, and any of
-these with a trailing `.gz`. 'tfds' reads a prepared TFDS dataset through `tfds.data_source`
-(ArrayRecord random access; no TensorFlow). Records (JSONL lines, Parquet rows, TFDS examples)
-give their `text_field` as the document text, or are handed whole to data/formats.py.
+(one JSON object a line), `.parquet` and `.arrow` (rows), anything else as one text document, and any
+of these with a trailing `.gz`. A directory written by Hugging Face `Dataset.save_to_disk` (its
+`state.json` + `dataset_info.json`) is read as its Arrow shards only, in the order state.json lists them;
+a saved `DatasetDict` (`dataset_dict.json`) is refused: it holds several splits, so name one. 'tfds'
+reads a prepared TFDS dataset through `tfds.data_source` (ArrayRecord random access; no TensorFlow).
+Records (JSONL lines, Parquet / Arrow rows, TFDS examples) give their `text_field` as the document
+text, or are handed whole to data/formats.py.
 
 Bad input is never a crash and never silently dropped: every unusable file or record is
 counted in `ReadStats.skipped` under a named reason ('binary', 'not utf-8', 'empty',
@@ -32,7 +35,8 @@ import zlib
 from typing import Any, Iterator
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".html", ".tex")
-RECORD_EXTENSIONS = (".jsonl", ".parquet")
+COLUMNAR_EXTENSIONS = (".parquet", ".arrow")  # files of rows read with pyarrow
+RECORD_EXTENSIONS = (".jsonl",) + COLUMNAR_EXTENSIONS
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON may spell lone UTF-16 surrogates
 
 
@@ -79,7 +83,7 @@ class Source:
     kind: str = "files"
     path: str = ""
     text_field: str = "text"  # record field holding the document text
-    extensions: tuple[str, ...] = TEXT_EXTENSIONS + (".parquet",)  # directory walks: these (and + '.gz')
+    extensions: tuple[str, ...] = TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS  # directory walks: these (and + '.gz')
     tfds_split: str = "train"  # 'tfds': split to read
     data_dir: str = ""  # 'tfds': TFDS data_dir ('' = TFDS default)
     max_file_mb: float = 256.0  # larger files (after decompression) are skipped as 'file too large'
@@ -181,18 +185,38 @@ def _jsonl_records(path: str, text: str, stats: ReadStats, strict: bool) -> Iter
         yield f"{path}:{lineno}", record
 
 
-def _parquet_records(path: str, stats: ReadStats, columns) -> Iterator[tuple[str, Any]]:
+def _arrow_table(path: str):
+    """An Arrow IPC file's table: the stream format (what Hugging Face `save_to_disk` writes), else the file format."""
+    import pyarrow as pa
+    try:
+        with pa.memory_map(path) as source:
+            return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        with pa.memory_map(path) as source:
+            return pa.ipc.open_file(source).read_all()
+
+
+def _columnar_records(path: str, stats: ReadStats, columns) -> Iterator[tuple[str, Any]]:
+    """Rows of a .parquet or .arrow file (`columns`: only these, and the file skipped when one is missing)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    kind = "arrow" if _inner_name(path).endswith(".arrow") else "parquet"
     try:
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
+        if kind == "parquet":
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+        else:
+            table = _arrow_table(path)
+            names = table.schema.names
         if columns is not None and any(c not in names for c in columns):
-            stats.skip(f"parquet without column {columns[0]!r}")
+            stats.skip(f"{kind} without column {columns[0]!r}")
             return
-        rows = pf.read(columns=columns).to_pylist()  # one file's rows; files are shard-sized
+        if kind == "parquet":
+            rows = pf.read(columns=columns).to_pylist()  # one file's rows; files are shard-sized
+        else:
+            rows = (table.select(columns) if columns is not None else table).to_pylist()
     except (pa.ArrowException, OSError, ValueError):
-        stats.skip("bad parquet")
+        stats.skip(f"bad {kind}")
         return
     for i, row in enumerate(rows):
         yield f"{path}:{i}", row
@@ -247,14 +271,14 @@ def _squad_records(path: str, articles: list) -> Iterator[tuple[str, Any]]:
 
 def file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bool = False,
                  columns=None) -> Iterator[tuple[str, Any]]:
-    """(where, record) from one .jsonl[.gz] or .parquet file."""
-    if _inner_name(path).endswith(".parquet"):
+    """(where, record) from one .jsonl[.gz], .parquet or .arrow file."""
+    if _inner_name(path).endswith(COLUMNAR_EXTENSIONS):
         if os.path.getsize(path) > max_bytes:
             stats.skip("file too large")
             return
         stats.files += 1
         stats.bytes += os.path.getsize(path)
-        yield from _parquet_records(path, stats, columns)
+        yield from _columnar_records(path, stats, columns)
         return
     text = _read_text(path, max_bytes, stats)
     if text is not None:
@@ -278,7 +302,7 @@ def _record_text(record: Any, text_field: str, stats: ReadStats) -> str | None:
 def _documents_from_file(path: str, text_field: str, stats: ReadStats, max_bytes: int = 1 << 62,
                          strict: bool = False) -> Iterator[Document]:
     if _inner_name(path).endswith(RECORD_EXTENSIONS):
-        columns = [text_field] if _inner_name(path).endswith(".parquet") else None
+        columns = [text_field] if _inner_name(path).endswith(COLUMNAR_EXTENSIONS) else None
         for where, record in file_records(path, stats, max_bytes=max_bytes, strict=strict, columns=columns):
             text = _record_text(record, text_field, stats)
             if text is not None:
@@ -293,15 +317,43 @@ def _documents_from_file(path: str, text_field: str, stats: ReadStats, max_bytes
         stats.skip("empty")
 
 
-def iter_files(path: str, extensions=TEXT_EXTENSIONS + (".parquet",)) -> Iterator[str]:
-    """A file, the files under a directory with these extensions (or + '.gz'; sorted, recursive),
-    or the files matching a glob (sorted)."""
+def saved_dataset_shards(directory: str, filenames) -> list[str] | None:
+    """The Arrow shards of a directory written by Hugging Face `Dataset.save_to_disk` (in state.json's order),
+    None for any other directory; a saved DatasetDict (several splits) is an error naming them."""
+    if "dataset_dict.json" in filenames:
+        try:
+            with open(os.path.join(directory, "dataset_dict.json")) as f:
+                splits = json.load(f).get("splits")
+        except (OSError, ValueError, AttributeError):
+            splits = None
+        names = ", ".join(os.path.join(directory, str(s)) for s in splits) if isinstance(splits, list) else \
+            "its split directories"
+        raise DataError(f"{directory!r} is a Hugging Face DatasetDict (dataset_dict.json): it holds several splits, "
+                        f"and reading them together would mix them; name one: {names}")
+    if "state.json" not in filenames or "dataset_info.json" not in filenames:
+        return None
+    try:
+        with open(os.path.join(directory, "state.json")) as f:
+            files = [d["filename"] for d in json.load(f)["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{directory!r} looks like a Hugging Face save_to_disk directory, but its state.json does "
+                        f"not list its Arrow files: {type(e).__name__}: {e}") from None
+    return [os.path.join(directory, name) for name in files]
+
+
+def iter_files(path: str, extensions=TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS) -> Iterator[str]:
+    """A file, the files under a directory with these extensions (or + '.gz'; sorted, recursive; a Hugging Face
+    save_to_disk directory: its Arrow shards, saved_dataset_shards), or the files matching a glob (sorted)."""
     if os.path.isfile(path):
         yield path
         return
     if os.path.isdir(path):
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            shards = saved_dataset_shards(dirpath, filenames)
+            if shards is not None:
+                yield from shards
+                continue
             for name in sorted(filenames):
                 if _inner_name(name).endswith(tuple(extensions)):
                     yield os.path.join(dirpath, name)
@@ -434,6 +486,6 @@ def read_documents(path: str, text_field: str = "text") -> tuple[list[Document],
     docs = list(source_documents(src, stats))
     if not docs:
         raise DataError(f"data.path {path!r} holds no usable text documents ({stats.summary()}; files are read "
-                        f"by extension: {', '.join(TEXT_EXTENSIONS)}, .parquet, any of them .gz; a JSONL record's "
-                        f"text is its data.text_field={text_field!r})")
+                        f"by extension: {', '.join(TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS)}, any of them .gz; a "
+                        f"record's text is its data.text_field={text_field!r})")
     return docs, stats

@@ -35,6 +35,60 @@ def test_gzip_parquet_glob_and_jsonl_fields(tmp_path):
         list(sources.source_documents(Source(path=str(tmp_path / "missing")), ReadStats()))
 
 
+def _save_to_disk_layout(directory, shards):
+    """What Hugging Face `Dataset.save_to_disk` writes: Arrow stream shards, state.json listing them, dataset_info."""
+    directory.mkdir(parents=True)
+    names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
+    for name, rows in zip(names, shards):
+        table = pa.Table.from_pylist(rows)
+        with pa.OSFile(str(directory / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    (directory / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in names],
+                                                      "_split": None}))
+    (directory / "dataset_info.json").write_text(json.dumps({"features": {}}))
+
+
+def test_hugging_face_save_to_disk_and_arrow_files(tmp_path):
+    """A `Dataset.save_to_disk` directory is read as its Arrow shards in state.json's order (its JSON metadata is
+    not taken for records); a saved DatasetDict is refused naming its splits (reading it whole would mix them);
+    a single .arrow file in either IPC format is rows like a Parquet file."""
+    shards = [[{"text": "first", "label": 1}, {"text": "second", "label": 0}], [{"text": "third", "label": 1}]]
+    _save_to_disk_layout(tmp_path / "ds", shards)
+    stats = ReadStats()
+    records = list(sources.source_records(Source(path=str(tmp_path / "ds")), stats, strict=True))
+    assert [r for _, r in records] == shards[0] + shards[1] and not stats.skipped
+    assert records[2][0].endswith("data-00001-of-00002.arrow:0")
+    docs = list(sources.source_documents(Source(path=str(tmp_path / "ds")), ReadStats()))
+    assert [d.text for d in docs] == ["first", "second", "third"]
+    assert sources.files_fingerprint(str(tmp_path / "ds"))["files"] == 2  # the shards, not the metadata
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation"]}))
+    _save_to_disk_layout(tmp_path / "dd" / "train", shards[:1])
+    _save_to_disk_layout(tmp_path / "dd" / "validation", shards[1:])
+    with pytest.raises(DataError, match=r"DatasetDict .*mix them; name one: .*dd/train, .*dd/validation"):
+        list(sources.source_records(Source(path=str(tmp_path / "dd")), ReadStats()))
+    table = pa.table({"text": ["x", "y"]})
+    with pa.OSFile(str(tmp_path / "file_format.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    assert [d.text for d in sources.source_documents(Source(path=str(tmp_path / "file_format.arrow")),
+                                                     ReadStats())] == ["x", "y"]
+    (tmp_path / "bad.arrow").write_bytes(b"not arrow at all")
+    stats = ReadStats()
+    assert not list(sources.source_records(Source(path=str(tmp_path / "bad.arrow")), stats))
+    assert stats.skipped == {"bad arrow": 1}
+
+
+def test_the_real_save_to_disk_is_read(tmp_path):
+    """The same with the `datasets` library itself (a dev extra): its layout is the one read above."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"text": f"row {i}", "label": i % 2} for i in range(5)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    assert [r for _, r in sources.source_records(Source(path=str(tmp_path / "ds")), ReadStats(), strict=True)] == rows
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"DatasetDict .*name one: .*dd/train"):
+        list(sources.source_records(Source(path=str(tmp_path / "dd")), ReadStats()))
+
+
 def test_a_byte_order_mark_is_not_text(tmp_path):
     """Files saved with a UTF-8 byte-order mark (Windows editors): a JSONL file keeps its first record
     (json.loads refuses a line that starts with one) and a text file does not start with U+FEFF."""

@@ -5,7 +5,8 @@ Config files call `base()`, add their sources with `source(...)` and override th
 
 import ml_collections
 
-TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".html", ".tex", ".parquet")
+TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".html", ".tex", ".parquet",
+                   ".arrow")
 
 
 def source(kind: str = "files", path: str = "", **overrides) -> ml_collections.ConfigDict:
