@@ -8,9 +8,10 @@ The label vocabulary is built from the training split (sorted: ints first, then 
 saved with the run (WORKDIR/labels.json).
 Records are validated by data/formats.py: under `strict` the first bad record raises naming
 its file and line; otherwise it is counted (stats.skipped) and skipped. A validation label
-never seen in training is handled the same way ('unknown label'). A label of -1 (an int) is Hugging
-Face datasets' "no label" (SNLI's unlabelled pairs, every GLUE test split): such records are left out and
-counted ('unlabelled (label -1)'), unless classify.minus_one_unlabelled=False makes -1 a class.
+never seen in training is handled the same way ('unknown label'). A label of -1 is Hugging Face
+datasets' "no label" (SNLI's unlabelled pairs, every GLUE test split; the string "-1" too, as a CSV
+holds it): such records are left out and counted ('unlabelled (label -1)'), unless
+classify.minus_one_unlabelled=False makes -1 a class.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def read_split(path: str, *, strict: bool, fields: dict[str, str] | None = None,
     records, stats = formats.read_split(path, "classification", strict=strict, fields=fields)
     if not minus_one_unlabelled:
         return records, stats
-    kept = [(w, r) for w, r in records if not (type(r["label"]) is int and r["label"] == -1)]
+    kept = [(w, r) for w, r in records if not ((type(r["label"]) is int and r["label"] == -1) or r["label"] == "-1")]
     for _ in range(len(records) - len(kept)):
         stats.skip(UNLABELLED)
     if not kept:

@@ -4,15 +4,16 @@ The embedded default is the running Python's own standard-library source (one do
 `.py` file): real text nobody here wrote, present on every machine, so training needs no
 download.
 
-A source is a `Source` (kind 'files' | 'stdlib' | 'tfds'). 'files' takes a file, a directory
-(recursive, sorted, by extension) or a glob; each file is read by its extension: `.jsonl`
-(one JSON object a line), `.parquet` and `.arrow` (rows), anything else as one text document, and any
-of these with a trailing `.gz`. A directory written by Hugging Face `Dataset.save_to_disk` (its
-`state.json` + `dataset_info.json`) is read as its Arrow shards only, in the order state.json lists them;
-a saved `DatasetDict` (`dataset_dict.json`) is refused: it holds several splits, so name one. 'tfds'
-reads a prepared TFDS dataset through `tfds.data_source` (ArrayRecord random access; no TensorFlow).
-Records (JSONL lines, Parquet / Arrow rows, TFDS examples) give their `text_field` as the document
-text, or are handed whole to data/formats.py.
+A source is a `Source` (kind 'files' | 'stdlib' | 'tfds'). 'files' takes a file, a directory (recursive,
+sorted, by extension) or a glob; each file is read by its extension: `.jsonl` (one JSON object a line),
+`.parquet` and `.arrow` (rows), `.csv` and `.tsv` (a header row naming the fields, then one record a
+row, every value a string; TSV unquoted as GLUE's files are), anything else as one text document, and
+any of these with a trailing `.gz`. A directory written by Hugging Face `Dataset.save_to_disk` (its
+`state.json` + `dataset_info.json`) is read as its Arrow shards only, in the order state.json lists
+them; a saved `DatasetDict` (`dataset_dict.json`) is refused: it holds several splits, so name one.
+'tfds' reads a prepared TFDS dataset through `tfds.data_source` (ArrayRecord random access; no
+TensorFlow). Records (JSONL lines, Parquet / Arrow rows, TFDS examples) give their `text_field` as the
+document text, or are handed whole to data/formats.py.
 
 Bad input is never a crash and never silently dropped: every unusable file or record is
 counted in `ReadStats.skipped` under a named reason ('binary', 'not utf-8', 'empty',
@@ -23,8 +24,10 @@ counted in `ReadStats.skipped` under a named reason ('binary', 'not utf-8', 'emp
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import glob
+import io
 import gzip
 import hashlib
 import json
@@ -36,7 +39,8 @@ from typing import Any, Iterator
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".html", ".tex")
 COLUMNAR_EXTENSIONS = (".parquet", ".arrow")  # files of rows read with pyarrow
-RECORD_EXTENSIONS = (".jsonl",) + COLUMNAR_EXTENSIONS
+TABLE_EXTENSIONS = (".csv", ".tsv")  # a header row, then a record a row
+RECORD_EXTENSIONS = (".jsonl",) + COLUMNAR_EXTENSIONS + TABLE_EXTENSIONS
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON may spell lone UTF-16 surrogates
 
 
@@ -83,7 +87,8 @@ class Source:
     kind: str = "files"
     path: str = ""
     text_field: str = "text"  # record field holding the document text
-    extensions: tuple[str, ...] = TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS  # directory walks: these (and + '.gz')
+    # directory walks: these (and the same + '.gz')
+    extensions: tuple[str, ...] = TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS + TABLE_EXTENSIONS
     tfds_split: str = "train"  # 'tfds': split to read
     data_dir: str = ""  # 'tfds': TFDS data_dir ('' = TFDS default)
     max_file_mb: float = 256.0  # larger files (after decompression) are skipped as 'file too large'
@@ -185,6 +190,34 @@ def _jsonl_records(path: str, text: str, stats: ReadStats, strict: bool) -> Iter
         yield f"{path}:{lineno}", record
 
 
+def _table_records(path: str, text: str, stats: ReadStats, strict: bool) -> Iterator[tuple[str, Any]]:
+    """Records of a CSV / TSV file: {header field: value string} for each row after the header. A row with another
+    number of fields than the header, or text the csv module cannot parse, raises (strict) naming its line, or is
+    counted ('malformed csv'; a parse error ends the file, whose rows after it cannot be told apart)."""
+    tsv = _inner_name(path).endswith(".tsv")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    header, line = None, 1
+    try:
+        for row in reader:
+            where, line = f"{path}:{line}", reader.line_num + 1
+            if not any(field.strip() for field in row):
+                continue
+            if header is None:
+                header = row
+                continue
+            if len(row) != len(header):
+                if strict:
+                    raise DataError(f"{where}: {len(row)} fields, but the header row names {len(header)}")
+                stats.skip("malformed csv")
+                continue
+            yield where, dict(zip(header, row))
+    except csv.Error as e:
+        if strict:
+            raise DataError(f"{path}:{line}: not CSV the csv module can read ({e})") from None
+        stats.skip("malformed csv")
+
+
 def _arrow_table(path: str):
     """An Arrow IPC file's table: the stream format (what Hugging Face `save_to_disk` writes), else the file format."""
     import pyarrow as pa
@@ -271,7 +304,7 @@ def _squad_records(path: str, articles: list) -> Iterator[tuple[str, Any]]:
 
 def file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bool = False,
                  columns=None) -> Iterator[tuple[str, Any]]:
-    """(where, record) from one .jsonl[.gz], .parquet or .arrow file."""
+    """(where, record) from one .jsonl, .csv or .tsv file (or any of them .gz), or a .parquet or .arrow file."""
     if _inner_name(path).endswith(COLUMNAR_EXTENSIONS):
         if os.path.getsize(path) > max_bytes:
             stats.skip("file too large")
@@ -281,7 +314,9 @@ def file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bool = 
         yield from _columnar_records(path, stats, columns)
         return
     text = _read_text(path, max_bytes, stats)
-    if text is not None:
+    if text is not None and _inner_name(path).endswith(TABLE_EXTENSIONS):
+        yield from _table_records(path, text, stats, strict)
+    elif text is not None:
         yield from _jsonl_records(path, text, stats, strict)
 
 
@@ -341,7 +376,7 @@ def saved_dataset_shards(directory: str, filenames) -> list[str] | None:
     return [os.path.join(directory, name) for name in files]
 
 
-def iter_files(path: str, extensions=TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS) -> Iterator[str]:
+def iter_files(path: str, extensions=TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS + TABLE_EXTENSIONS) -> Iterator[str]:
     """A file, the files under a directory with these extensions (or + '.gz'; sorted, recursive; a Hugging Face
     save_to_disk directory: its Arrow shards, saved_dataset_shards), or the files matching a glob (sorted)."""
     if os.path.isfile(path):
@@ -486,6 +521,6 @@ def read_documents(path: str, text_field: str = "text") -> tuple[list[Document],
     docs = list(source_documents(src, stats))
     if not docs:
         raise DataError(f"data.path {path!r} holds no usable text documents ({stats.summary()}; files are read "
-                        f"by extension: {', '.join(TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS)}, any of them .gz; a "
-                        f"record's text is its data.text_field={text_field!r})")
+                        f"by extension: {', '.join(TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS + TABLE_EXTENSIONS)}, any "
+                        f"of them .gz; a record's text is its data.text_field={text_field!r})")
     return docs, stats

@@ -152,6 +152,12 @@ def test_label_minus_one_is_unlabelled(tmp_path, caplog):
     assert "10 validation records not scored: {'unlabelled (label -1)': 10}" in caplog.text
     with pytest.raises(DataError, match=r"test\.jsonl': every record has label -1.*minus_one_unlabelled=False"):
         task_inputs.classify_inputs(_cfg(str(path), str(test), **names), str(workdir), 8)
+    tsv = tmp_path / "snli.tsv"  # the same as a TSV (every value a string): "-1" is no label there too
+    tsv.write_text("premise\thypothesis\tlabel\n" + "".join(f"{r['premise']}\t{r['hypothesis']}\t{r['label']}\n"
+                                                            for r in rows))
+    cfg = _cfg(str(tsv), str(tsv), **names)
+    train_recs, stats, _, _ = task_inputs.train_val_records(cfg, cfg.classify, "classification")
+    assert classify_data.build_labels(train_recs) == ["0", "1", "2"] and stats.skipped == {"unlabelled (label -1)": 10}
     keep = _cfg(str(path), str(path), classify__minus_one_unlabelled=False, **names)
     train_recs, stats, _, _ = task_inputs.train_val_records(keep, keep.classify, "classification")
     assert classify_data.build_labels(train_recs) == [-1, 0, 1, 2] and not stats.skipped

@@ -89,6 +89,28 @@ def test_the_real_save_to_disk_is_read(tmp_path):
         list(sources.source_records(Source(path=str(tmp_path / "dd")), ReadStats()))
 
 
+def test_csv_and_tsv_records(tmp_path):
+    """A header row names the fields, each row is a record of strings: CSV quoted (a field may hold commas,
+    quotes and a newline, and the next record is named by its own line), TSV unquoted as GLUE's files are (a
+    sentence may start with a quote); a row with another number of fields is counted or, strict, named."""
+    (tmp_path / "a.csv").write_text('text,label\n"one, with a comma",pos\n"two ""quoted""\nover two lines",neg\n'
+                                    '\nthree,pos\nfour,neg,extra\n', encoding="utf-8")
+    stats = ReadStats()
+    records = list(sources.source_records(Source(path=str(tmp_path / "a.csv")), stats))
+    assert [r for _, r in records] == [{"text": "one, with a comma", "label": "pos"},
+                                       {"text": 'two "quoted"\nover two lines', "label": "neg"},
+                                       {"text": "three", "label": "pos"}]
+    assert [w.rsplit(":", 1)[1] for w, _ in records] == ["2", "3", "6"] and stats.skipped == {"malformed csv": 1}
+    with pytest.raises(DataError, match=r"a\.csv:7: 3 fields, but the header row names 2"):
+        list(sources.source_records(Source(path=str(tmp_path / "a.csv")), ReadStats(), strict=True))
+    with gzip.open(tmp_path / "b.tsv.gz", "wt", encoding="utf-8") as f:
+        f.write('sentence\tlabel\n"a quote that never closes\t1\nplain\t0\n')
+    docs = list(sources.source_documents(Source(path=str(tmp_path / "b.tsv.gz"), text_field="sentence"), ReadStats()))
+    assert [d.text for d in docs] == ['"a quote that never closes', "plain"]
+    walked = list(sources.source_records(Source(path=str(tmp_path)), ReadStats()))
+    assert len(walked) == 5  # a directory walk reads both
+
+
 def test_a_byte_order_mark_is_not_text(tmp_path):
     """Files saved with a UTF-8 byte-order mark (Windows editors): a JSONL file keeps its first record
     (json.loads refuses a line that starts with one) and a text file does not start with U+FEFF."""

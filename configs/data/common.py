@@ -6,7 +6,7 @@ Config files call `base()`, add their sources with `source(...)` and override th
 import ml_collections
 
 TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", ".html", ".tex", ".parquet",
-                   ".arrow")
+                   ".arrow", ".csv", ".tsv")
 
 
 def source(kind: str = "files", path: str = "", **overrides) -> ml_collections.ConfigDict:
