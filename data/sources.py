@@ -338,7 +338,11 @@ def _documents_from_file(path: str, text_field: str, stats: ReadStats, max_bytes
                          strict: bool = False) -> Iterator[Document]:
     if _inner_name(path).endswith(RECORD_EXTENSIONS):
         columns = [text_field] if _inner_name(path).endswith(COLUMNAR_EXTENSIONS) else None
+        table = _inner_name(path).endswith(TABLE_EXTENSIONS)
         for where, record in file_records(path, stats, max_bytes=max_bytes, strict=strict, columns=columns):
+            if table and text_field not in record:  # the header lacks it: the file, not each row (as Parquet)
+                stats.skip(f"csv without column {text_field!r}")
+                return
             text = _record_text(record, text_field, stats)
             if text is not None:
                 yield Document(where, text)

@@ -109,6 +109,10 @@ def test_csv_and_tsv_records(tmp_path):
     assert [d.text for d in docs] == ['"a quote that never closes', "plain"]
     walked = list(sources.source_records(Source(path=str(tmp_path)), ReadStats()))
     assert len(walked) == 5  # a directory walk reads both
+    stats = ReadStats()  # as text documents, a table without the text column is skipped whole, as Parquet
+    assert [d.text for d in sources.source_documents(Source(path=str(tmp_path)), stats)] == \
+        ["one, with a comma", 'two "quoted"\nover two lines', "three"]
+    assert stats.skipped == {"malformed csv": 1, "csv without column 'text'": 1}
 
 
 def test_a_byte_order_mark_is_not_text(tmp_path):
