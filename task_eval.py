@@ -138,14 +138,17 @@ class SpanQAEval:
         self._logits = per_model(_encoder_logits)
         self._last = _LastResult()
 
-    def _predict(self, model, params) -> dict[str, str]:
+    def _predict(self, model, params) -> dict[str, tuple[str, float]]:
         outs = [jax.device_get(self._logits(model)(params, b)) for b in self.batches]
         start_NxL = np.concatenate([o[0] for o in outs])[:len(self.features)]
         end_NxL = np.concatenate([o[1] for o in outs])[:len(self.features)]
-        return qa_eval.predict_answers(self.features, start_NxL, end_NxL, self.max_answer_len, self.null_threshold)
+        return qa_eval.spans_and_margins(self.features, start_NxL, end_NxL, self.max_answer_len)
+
+    def _spans(self, model, params, keep: bool) -> dict[str, tuple[str, float]]:
+        return self._last.get(model, params, lambda: self._predict(model, params), keep=keep)
 
     def _answers(self, model, params, keep: bool) -> dict[str, str]:
-        return self._last.get(model, params, lambda: self._predict(model, params), keep=keep)
+        return qa_eval.choose(self._spans(model, params, keep), self.null_threshold)
 
     def predictions(self, model, params) -> list[dict]:
         """One dict per question: id, question, predicted answer, gold answers ([]: unanswerable), exact match
@@ -160,8 +163,13 @@ class SpanQAEval:
         return {"exact_match_scored": n, "exact_match_of": n, "exact_match_unit": "questions"}
 
     def __call__(self, model, params) -> dict:
-        scores = qa_eval.squad_scores(self._answers(model, params, keep=False), self.golds)
-        return {f"eval/{k}": v for k, v in scores.items()}
+        spans = self._spans(model, params, keep=False)
+        scores = qa_eval.squad_scores(qa_eval.choose(spans, self.null_threshold), self.golds)
+        out = {f"eval/{k}": v for k, v in scores.items()}
+        if self.null_threshold is not None:  # as the SQuAD 2.0 script's best_exact / best_exact_thresh
+            out["eval/best_null_threshold"], out["eval/best_exact_match"], out["eval/best_f1"] = \
+                qa_eval.best_null_threshold(spans, self.golds)
+        return out
 
 
 def span_qa_eval(features: qa_data.QAFeatures, batch_size: int, max_answer_len: int,

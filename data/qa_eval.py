@@ -90,10 +90,10 @@ def best_span(start_L: np.ndarray, end_L: np.ndarray, context_L: np.ndarray,
     return float(score_LxL[s, e]), int(s), int(e)
 
 
-def predict_answers(features, start_NxL: np.ndarray, end_NxL: np.ndarray, max_answer_len: int,
-                    null_threshold: float | None = None) -> dict[str, str]:
-    """Example id -> the context substring of its best span over all its windows (`features`: data.qa.QAFeatures);
-    with `null_threshold` (unanswerable questions possible) the empty string where no-answer wins (module doc)."""
+def spans_and_margins(features, start_NxL: np.ndarray, end_NxL: np.ndarray,
+                      max_answer_len: int) -> dict[str, tuple[str, float]]:
+    """Example id -> (the context substring of its best span over all its windows, its no-answer margin: the
+    lowest <cls> score over its windows minus that span's score; inf where no window has a legal span)."""
     best: dict[int, tuple[float, int, int, int]] = {}
     null: dict[int, float] = {}
     for n in range(len(features)):
@@ -105,9 +105,43 @@ def predict_answers(features, start_NxL: np.ndarray, end_NxL: np.ndarray, max_an
         null[k] = min(null.get(k, np.inf), float(start_NxL[n, 0]) + float(end_NxL[n, 0]))  # position 0: <cls>
     out = {}
     for k, ex in enumerate(features.examples):
-        if k in best and (null_threshold is None or null[k] - best[k][0] <= null_threshold):
-            _, n, s, e = best[k]
-            out[ex.id] = ex.context[features.offsets[n, s, 0]:features.offsets[n, e, 1]]
+        if k in best:
+            score, n, s, e = best[k]
+            out[ex.id] = (ex.context[features.offsets[n, s, 0]:features.offsets[n, e, 1]], null[k] - score)
         else:
-            out[ex.id] = ""
+            out[ex.id] = ("", np.inf)
     return out
+
+
+def choose(spans: dict[str, tuple[str, float]], null_threshold: float | None) -> dict[str, str]:
+    """Example id -> its answer: the span, or (`null_threshold` given) the empty string where the margin exceeds it."""
+    return {i: "" if null_threshold is not None and margin > null_threshold else text
+            for i, (text, margin) in spans.items()}
+
+
+def predict_answers(features, start_NxL: np.ndarray, end_NxL: np.ndarray, max_answer_len: int,
+                    null_threshold: float | None = None) -> dict[str, str]:
+    """Example id -> the context substring of its best span over all its windows (`features`: data.qa.QAFeatures);
+    with `null_threshold` (unanswerable questions possible) the empty string where no-answer wins (module doc)."""
+    return choose(spans_and_margins(features, start_NxL, end_NxL, max_answer_len), null_threshold)
+
+
+def best_null_threshold(spans: dict[str, tuple[str, float]], gold_answers: dict[str, list[str]]
+                        ) -> tuple[float, float, float]:
+    """(threshold, exact match, F1 at it; percent) of the no-answer threshold with the highest exact match on these
+    examples (the official SQuAD 2.0 script's best_exact: tuned on the split it scores, so an upper bound there;
+    set qa.null_threshold to it for another split). Ties go to the smallest threshold."""
+    ids = list(gold_answers)
+    margin = np.array([spans[i][1] for i in ids])
+    em_span = np.array([exact_match(spans[i][0], gold_answers[i]) for i in ids])
+    em_null = np.array([exact_match("", gold_answers[i]) for i in ids])
+    f1_span = np.array([f1_score(spans[i][0], gold_answers[i]) for i in ids])
+    f1_null = em_null  # the empty answer's F1 is its exact match
+    finite = np.unique(margin[np.isfinite(margin)])
+    low = finite[0] - 1.0 if len(finite) else 0.0  # below every margin: always no-answer (a finite number to log)
+    candidates = np.concatenate([[low], finite])  # null wherever margin > t: every distinct outcome
+    null_CxN = margin[None, :] > candidates[:, None]
+    em_C = np.where(null_CxN, em_null, em_span).mean(axis=1)
+    c = int(np.argmax(em_C))
+    f1 = np.where(null_CxN[c], f1_null, f1_span).mean()
+    return float(candidates[c]), 100.0 * float(em_C[c]), 100.0 * float(f1)

@@ -207,6 +207,20 @@ def test_no_answer_wins_by_the_lowest_cls_score_and_the_threshold():
     assert qa_eval.predict_answers(feats, start, end, 10, null_threshold=1.0) == {"q1": "theta"}  # 1 <= 1
 
 
+def test_best_null_threshold_is_the_best_exact_match_over_thresholds():
+    """The threshold the SQuAD 2.0 script calls best_exact_thresh: every distinct outcome is tried (no-answer
+    wherever the margin exceeds it), the best exact match wins, ties to the smallest threshold."""
+    golds = {"a": ["fox"], "b": [], "c": ["cat"], "d": []}
+    spans = {"a": ("fox", -2.0), "b": ("dog", 1.0), "c": ("cow", 3.0), "d": ("", np.inf)}
+    # t below -2: every answer empty -> b, d right = 50; t = -2: a's span, the rest empty -> a, b, d = 75;
+    # t = 1: a, b spans -> a, d = 50; t = 3: a, b, c spans -> a, d = 50
+    assert qa_eval.best_null_threshold(spans, golds) == (-2.0, 75.0, 75.0)
+    assert qa_eval.choose(spans, -2.0) == {"a": "fox", "b": "", "c": "", "d": ""}
+    assert qa_eval.choose(spans, None) == {"a": "fox", "b": "dog", "c": "cow", "d": ""}
+    threshold, em, _ = qa_eval.best_null_threshold({"a": ("dog", 5.0), "b": ("x", 5.0)}, {"a": [], "b": []})
+    assert threshold < 5.0 and em == 100.0  # always no-answer: a finite threshold below every margin
+
+
 def test_unanswerable_records_need_the_option_and_label_cls_everywhere(tmp_path):
     ctx = "the cat sat on the mat " * 6
     rows = [{"id": "a", "question": "who sat?", "context": ctx, "answers": {"text": ["cat"], "answer_start": [4]}},
@@ -301,6 +315,7 @@ def test_learns_when_there_is_no_answer(tmp_path):
     # never answering scores 33 and always answering <= 67: both kinds must be learnt
     assert out["eval/exact_match/no_answer"] >= 80.0 and out["eval/exact_match/has_answer"] >= 70.0, out
     assert out["eval/exact_match"] >= 75.0, out
+    assert out["eval/best_exact_match"] >= out["eval/exact_match"], out  # the threshold tuned on this split
 
 
 def test_warm_start_from_mlm(corpus_dir, tmp_path, caplog):
