@@ -29,9 +29,7 @@ def classify(config, inputs, model, params, *, workdir: str, data: str) -> list[
     """The scored validation records in eval order: the split training used (or `data`), labels
     outside the run's labels.json left out as the input builder leaves them out."""
     if data:
-        val_recs, _ = classify_data.read_split(data, strict=config.classify.strict,
-                                               fields=classify_data.field_names(config.classify),
-                                               minus_one_unlabelled=config.classify.minus_one_unlabelled)
+        val_recs, _ = classify_data.read_configured(data, config.classify)
     else:
         _, _, val_recs, _ = task_inputs.train_val_records(config, config.classify, "classification")
     labels = classify_data.load_labels(os.path.join(workdir, "labels.json"))

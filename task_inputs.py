@@ -56,16 +56,15 @@ def train_val_records(config, section, fmt: str, eval_only: bool = False):
     validation file; without one, a content-hash share data.val_fraction of data.path is held out.
     eval_only: no train records (with a val_path, data.path is not read at all)."""
     if fmt == "classification":
-        read = functools.partial(classify_data.read_split, fields=classify_data.field_names(section),
-                                 minus_one_unlabelled=section.minus_one_unlabelled)
+        read = functools.partial(classify_data.read_configured, section=section)
     else:
-        read = functools.partial(formats.read_split, fmt=fmt)
+        read = functools.partial(formats.read_split, fmt=fmt, strict=section.strict)
     if eval_only and section.val_path:
-        val, val_stats = read(section.val_path, strict=section.strict)
+        val, val_stats = read(section.val_path)
         return [], sources.ReadStats(), val, val_stats
-    train, stats = read(config.data.path, strict=section.strict)
+    train, stats = read(config.data.path)
     if section.val_path:
-        val, val_stats = read(section.val_path, strict=section.strict)
+        val, val_stats = read(section.val_path)
         return train, stats, val, val_stats
     train, val = hash_held_out(train, lambda x: formats.record_text(x[1], fmt), config)
     return [] if eval_only else train, stats, val, sources.ReadStats()
@@ -105,7 +104,7 @@ def classify_inputs(config, workdir: str, micro_batch: int, eval_only: bool = Fa
             labels = saved
         elif saved != labels:
             hint = ("; label -1 is now left out as unlabelled: --config.classify.minus_one_unlabelled=False reads it "
-                    "as the run did" if -1 in saved and -1 not in labels and stats.skipped.get(classify_data.UNLABELLED)
+                    "as the run did" if {-1, "-1"} & set(saved) and stats.skipped.get(classify_data.UNLABELLED)
                     else "")
             raise checkpoint.IncompatibleCheckpointError(
                 f"{labels_path} holds labels {saved} but the training split has {labels}{hint}")

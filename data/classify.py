@@ -46,6 +46,12 @@ def read_split(path: str, *, strict: bool, fields: dict[str, str] | None = None,
     return kept, stats
 
 
+def read_configured(path: str, section) -> tuple[list[tuple[str, dict]], ReadStats]:
+    """read_split as the config's classify section says (strict, field names, label -1)."""
+    return read_split(path, strict=section.strict, fields=field_names(section),
+                      minus_one_unlabelled=section.minus_one_unlabelled)
+
+
 def field_names(section) -> dict[str, str]:
     """The data's names for "text", "text_pair" and "label" (config classify.text_field, .text_pair_field,
     .label_field; GLUE's SST-2: sentence / - / label, MNLI: premise / hypothesis / label)."""
