@@ -19,7 +19,7 @@ Result:    on stdlib_qa (617 val questions from unseen files, 2,847 windows; ans
            everywhere scores EM 26.7 / F1 27.0): EM 55.6 / F1 60.3 from scratch; EM 56.9 / F1 58.3
            with init_from=runs/mlm (configs/pretrain_mlm.py's run), which leads at step 200 (55.4 vs 47.8).
            Unanswerable questions too (`make_qa_data.py --unanswerable`, `--config.qa.unanswerable=True`;
-           25 min idle on a 2-core Zen 3): val EM 55.7 at qa.null_threshold=0 (nearly always no answer),
+           30 min idle on a 2-core Zen 3): val EM 55.7 at qa.null_threshold=0 (nearly always no answer),
            69.2 at its best threshold 2.51; test EM 66.3 / F1 67.8 with that threshold (nothing: 48.9).
 """
 
