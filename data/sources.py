@@ -27,9 +27,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
-import io
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -222,10 +222,10 @@ def _arrow_table(path: str):
     """An Arrow IPC file's table: the stream format (what Hugging Face `save_to_disk` writes), else the file format."""
     import pyarrow as pa
     try:
-        with pa.memory_map(path) as source:
+        with pa.OSFile(path) as source:
             return pa.ipc.open_stream(source).read_all()
     except pa.ArrowInvalid:
-        with pa.memory_map(path) as source:
+        with pa.OSFile(path) as source:
             return pa.ipc.open_file(source).read_all()
 
 
