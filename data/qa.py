@@ -179,9 +179,9 @@ def make_features(examples: list[QAExample], tok: Tokenizer, *, seq_len: int, ma
         rows += feats
         offsets += offs
         owner += [i] * len(feats)
-        placed = [f for f in feats if f["start"] > 0]  # 0 is <cls>: "not in this window"
         if not ex.answers:  # unanswerable: <cls> everywhere is its label
             continue
+        placed = [f for f in feats if f["start"] > 0]  # 0 is <cls>: "not in this window"
         if placed:
             lengths.append(int(placed[0]["end"] - placed[0]["start"]) + 1)
         else:

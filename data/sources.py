@@ -41,6 +41,7 @@ TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".c", ".h", 
 COLUMNAR_EXTENSIONS = (".parquet", ".arrow")  # files of rows read with pyarrow
 TABLE_EXTENSIONS = (".csv", ".tsv")  # a header row, then a record a row
 RECORD_EXTENSIONS = (".jsonl",) + COLUMNAR_EXTENSIONS + TABLE_EXTENSIONS
+READ_EXTENSIONS = TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS + TABLE_EXTENSIONS  # what a directory walk reads
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON may spell lone UTF-16 surrogates
 
 
@@ -87,8 +88,7 @@ class Source:
     kind: str = "files"
     path: str = ""
     text_field: str = "text"  # record field holding the document text
-    # directory walks: these (and the same + '.gz')
-    extensions: tuple[str, ...] = TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS + TABLE_EXTENSIONS
+    extensions: tuple[str, ...] = READ_EXTENSIONS  # directory walks: these (and + '.gz')
     tfds_split: str = "train"  # 'tfds': split to read
     data_dir: str = ""  # 'tfds': TFDS data_dir ('' = TFDS default)
     max_file_mb: float = 256.0  # larger files (after decompression) are skipped as 'file too large'
@@ -190,10 +190,11 @@ def _jsonl_records(path: str, text: str, stats: ReadStats, strict: bool) -> Iter
         yield f"{path}:{lineno}", record
 
 
-def _table_records(path: str, text: str, stats: ReadStats, strict: bool) -> Iterator[tuple[str, Any]]:
-    """Records of a CSV / TSV file: {header field: value string} for each row after the header. A row with another
-    number of fields than the header, or text the csv module cannot parse, raises (strict) naming its line, or is
-    counted ('malformed csv'; a parse error ends the file, whose rows after it cannot be told apart)."""
+def _table_records(path: str, text: str, stats: ReadStats, strict: bool, columns) -> Iterator[tuple[str, Any]]:
+    """Records of a CSV / TSV file: {header field: value string} for each row after the header (`columns`: the file
+    skipped whole when its header lacks one, as a Parquet file's schema). A row with another number of fields than
+    the header, or text the csv module cannot parse, raises (strict) naming its line, or is counted ('malformed
+    csv'; a parse error ends the file, whose rows after it cannot be told apart)."""
     tsv = _inner_name(path).endswith(".tsv")
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
@@ -205,6 +206,9 @@ def _table_records(path: str, text: str, stats: ReadStats, strict: bool) -> Iter
                 continue
             if header is None:
                 header = row
+                if columns is not None and any(c not in header for c in columns):
+                    stats.skip(f"csv without column {columns[0]!r}")
+                    return
                 continue
             if len(row) != len(header):
                 if strict:
@@ -304,7 +308,8 @@ def _squad_records(path: str, articles: list) -> Iterator[tuple[str, Any]]:
 
 def file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bool = False,
                  columns=None) -> Iterator[tuple[str, Any]]:
-    """(where, record) from one .jsonl, .csv or .tsv file (or any of them .gz), or a .parquet or .arrow file."""
+    """(where, record) from one .jsonl, .csv or .tsv file (or any of them .gz), or a .parquet or .arrow file
+    (`columns`: a table or columnar file without one of them is skipped whole; Parquet / Arrow read only them)."""
     if _inner_name(path).endswith(COLUMNAR_EXTENSIONS):
         if os.path.getsize(path) > max_bytes:
             stats.skip("file too large")
@@ -315,7 +320,7 @@ def file_records(path: str, stats: ReadStats, *, max_bytes: int, strict: bool = 
         return
     text = _read_text(path, max_bytes, stats)
     if text is not None and _inner_name(path).endswith(TABLE_EXTENSIONS):
-        yield from _table_records(path, text, stats, strict)
+        yield from _table_records(path, text, stats, strict, columns)
     elif text is not None:
         yield from _jsonl_records(path, text, stats, strict)
 
@@ -337,12 +342,8 @@ def _record_text(record: Any, text_field: str, stats: ReadStats) -> str | None:
 def _documents_from_file(path: str, text_field: str, stats: ReadStats, max_bytes: int = 1 << 62,
                          strict: bool = False) -> Iterator[Document]:
     if _inner_name(path).endswith(RECORD_EXTENSIONS):
-        columns = [text_field] if _inner_name(path).endswith(COLUMNAR_EXTENSIONS) else None
-        table = _inner_name(path).endswith(TABLE_EXTENSIONS)
+        columns = None if _inner_name(path).endswith(".jsonl") else [text_field]
         for where, record in file_records(path, stats, max_bytes=max_bytes, strict=strict, columns=columns):
-            if table and text_field not in record:  # the header lacks it: the file, not each row (as Parquet)
-                stats.skip(f"csv without column {text_field!r}")
-                return
             text = _record_text(record, text_field, stats)
             if text is not None:
                 yield Document(where, text)
@@ -380,7 +381,7 @@ def saved_dataset_shards(directory: str, filenames) -> list[str] | None:
     return [os.path.join(directory, name) for name in files]
 
 
-def iter_files(path: str, extensions=TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS + TABLE_EXTENSIONS) -> Iterator[str]:
+def iter_files(path: str, extensions=READ_EXTENSIONS) -> Iterator[str]:
     """A file, the files under a directory with these extensions (or + '.gz'; sorted, recursive; a Hugging Face
     save_to_disk directory: its Arrow shards, saved_dataset_shards), or the files matching a glob (sorted)."""
     if os.path.isfile(path):
@@ -525,6 +526,6 @@ def read_documents(path: str, text_field: str = "text") -> tuple[list[Document],
     docs = list(source_documents(src, stats))
     if not docs:
         raise DataError(f"data.path {path!r} holds no usable text documents ({stats.summary()}; files are read "
-                        f"by extension: {', '.join(TEXT_EXTENSIONS + COLUMNAR_EXTENSIONS + TABLE_EXTENSIONS)}, any "
-                        f"of them .gz; a record's text is its data.text_field={text_field!r})")
+                        f"by extension: {', '.join(READ_EXTENSIONS)}, any of them .gz; a record's text is its "
+                        f"data.text_field={text_field!r})")
     return docs, stats

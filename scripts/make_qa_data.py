@@ -85,9 +85,10 @@ def _without_default(fn):
     return next((arg for arg in bare if arg.arg not in ("self", "cls")), None)
 
 
-def unanswerable_records(text: str, rel: str, chunks) -> list[dict]:
+def unanswerable_records(text: str, rel: str, chunks, line_start: list[int]) -> list[dict]:
     """A default-value question about a parameter with no default, for each function whose def line(s) lie
-    whole in one context (so the parameter is there to be asked about) and whose name that context defines once."""
+    whole in one context (so the parameter is there to be asked about) and whose name that context defines once.
+    `line_start`: each line's first character offset (make_records')."""
     records = []
     for fn in ast.walk(ast.parse(text)):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -95,9 +96,8 @@ def unanswerable_records(text: str, rel: str, chunks) -> list[dict]:
         arg = _without_default(fn)
         if arg is None:
             continue
-        lines = text.splitlines(keepends=True)
-        d0 = sum(len(line) for line in lines[:fn.lineno - 1])
-        d1 = sum(len(line) for line in lines[:(fn.body[0].lineno - 1)])  # the def's lines (and decorators' not)
+        d0 = line_start[fn.lineno - 1]
+        d1 = line_start[fn.body[0].lineno - 1]  # the def's lines end where its body's first line starts
         for c0, c1 in chunks:
             if c0 <= d0 < c1:
                 context = text[c0:c1]
@@ -159,7 +159,7 @@ def make_records(text: str, rel: str, chars: int, max_answer_chars: int, unanswe
                 records.append({"id": f"{rel}:{node.lineno}:{node.col_offset}:{fn.name}", "question": question,
                                 "context": context, "answers": {"text": [answer], "answer_start": [a0 - c0]}})
                 break
-    return records + (unanswerable_records(text, rel, chunks) if unanswerable else [])
+    return records + (unanswerable_records(text, rel, chunks, line_start) if unanswerable else [])
 
 
 def main(argv):
