@@ -67,6 +67,10 @@ def test_hugging_face_save_to_disk_and_arrow_files(tmp_path):
     _save_to_disk_layout(tmp_path / "dd" / "validation", shards[1:])
     with pytest.raises(DataError, match=r"DatasetDict .*mix them; name one: .*dd/train, .*dd/validation"):
         list(sources.source_records(Source(path=str(tmp_path / "dd")), ReadStats()))
+    (tmp_path / "ds" / "state.json").write_text(json.dumps({"_split": None}))  # no list of its shards
+    with pytest.raises(DataError, match=r"ds' looks like a Hugging Face save_to_disk directory, but its state\.json "
+                                        r"does not list its Arrow files: KeyError: '_data_files'"):
+        list(sources.source_records(Source(path=str(tmp_path / "ds")), ReadStats()))
     table = pa.table({"text": ["x", "y"]})
     with pa.OSFile(str(tmp_path / "file_format.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
