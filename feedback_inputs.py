@@ -91,7 +91,8 @@ def dpo_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) 
         chats = [(w, preference_data.as_chat_record(r)) for w, r in val_recs]
         problems = sft_data.generation_problems(chats, tok, int(config.pref.eval_generate))
         extra = task_eval.exact_match_eval(problems, tok, width=config.data.seq_len,
-                                           max_new_tokens=int(config.pref.max_new_tokens), batch_size=micro_batch)
+                                           max_new_tokens=int(config.pref.max_new_tokens), batch_size=micro_batch,
+                                           check=config.data.answer_check)
     return inputs.Inputs(tok, _pair_iterator(config, train, stats, micro_batch, eval_only), eval_data, extra_eval=extra)
 
 def check_rl(config) -> None:
@@ -170,10 +171,16 @@ def rl_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
     log.info("%s: %s%d validation prompts (skipped: %s)", config.mode, "" if eval_only else
              f"{len(train)} train prompts (skipped: {stats.left_out()}), ", len(val), val_stats.left_out())
     unanswered = sum(not p.reference.strip() for p in train)
-    if unanswered and "exact_match" in r.rewards and not r.reward_model:
+    checked = [name for name in ("exact_match", "final_answer") if name in r.rewards and not r.reward_model]
+    if unanswered and checked:
         log.warning("%d of %d training prompts have no answer (field %r, nor a final assistant turn or 'chosen'): "
-                    "exact_match rewards them 0 (set rl.answer_field to the field your data keeps it in)",
-                    unanswered, len(train), r.answer_field)
+                    "%s rewards them 0 (set rl.answer_field to the field your data keeps it in)",
+                    unanswered, len(train), r.answer_field, " and ".join(checked))
+    other = {"exact": "final_answer", "final": "exact_match"}.get(config.data.answer_check)
+    if other in checked and len(checked) == 1:
+        log.warning("rl.rewards has %r but data.answer_check=%r: rl/accuracy and eval/exact_match check answers "
+                    "another way than the reward does (set data.answer_check=%r to match it)", other,
+                    config.data.answer_check, "final" if other == "final_answer" else "exact")
     data_iter = None if eval_only else pipeline.shuffled_batches(
         prompts_data.PromptSource(len(train)), global_batch=micro_batch, seed=config.seed, what="RL prompts",
         **inputs.host_block(config, micro_batch))
@@ -181,7 +188,8 @@ def rl_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
     if int(r.eval_generate) > 0:
         em = task_eval.exact_match_eval(prompts_data.limited(val, int(r.eval_generate)), tok,
                                         width=int(r.max_prompt_len) + int(r.max_new_tokens),
-                                        max_new_tokens=int(r.max_new_tokens), batch_size=micro_batch)
+                                        max_new_tokens=int(r.max_new_tokens), batch_size=micro_batch,
+                                        check=config.data.answer_check)
         extra = _on_language_model(em)
     return inputs.Inputs(tok, data_iter, [], extra_eval=extra, prompts=train,
                          ptx_rows=None if eval_only else _ptx_rows(config, tok))

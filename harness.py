@@ -36,6 +36,7 @@ import resilience
 import sharding
 import steps
 import warmstart
+from data import answers
 from model import build, prune
 
 log = logging.getLogger("lmstack")
@@ -178,6 +179,7 @@ def _checked_config(config) -> tuple[modes.Mode, int, int]:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
                          f"optim.grad_accum_steps={k}")
     build.model_config(config, num_tokens=1)  # model.* values (model/transformer.ModelConfig), before any write
+    answers.check(config.data.answer_check)  # how decoded answers are checked (data.answer_check)
     modes.check_paths(config)  # missing input files name their config field
     continual.check(config, mode)  # continual.* values and continual.replay_path
     return mode, k, config.data.batch_size // k

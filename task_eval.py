@@ -2,9 +2,10 @@
 `Inputs.extra_eval` callables train.py and scripts/evaluate.py call with (model, params), and
 the per-item predictions behind them (scripts/evaluate.py --out_predictions).
 
-- `exact_match_eval` (mode sft): answers every problem greedily (model/decode's KV-cache decoder,
-  stopping at <|end|>), compares the decoded text with the reference (data/tasks.exact_match: surrounding
-  whitespace ignored) and reports the share correct, overall and per problem kind.
+- `exact_match_eval` (modes sft, dpo, grpo, ppo): answers every problem greedily (model/decode's KV-cache
+  decoder, stopping at <|end|>), checks the decoded text against the reference (data.answer_check,
+  data/answers.py: the exact text, surrounding whitespace ignored, or the final answer) and reports the
+  share correct, overall and per problem kind.
 - `span_qa_eval` (mode qa): start/end logits for every validation window, the best legal span per
   question over its windows (data/qa_eval), SQuAD exact match and F1 in percent.
 - `classify_predictions` (mode classify): each validation record's predicted and gold label.
@@ -23,7 +24,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from data import chat, classify as classify_data, pipeline, qa as qa_data, qa_eval, tasks
+from data import answers as answers_lib, chat, classify as classify_data, pipeline, qa as qa_data, qa_eval
 from data.sft import Problem
 from data.tokenizer import Tokenizer
 from model import decode, sampling
@@ -74,8 +75,9 @@ class ExactMatchEval:
     """(model, params) -> {'eval/exact_match', 'eval/exact_match/<kind>'...} over `problems`."""
 
     def __init__(self, problems: list[Problem], tok: Tokenizer, *, width: int, max_new_tokens: int,
-                 batch_size: int):
+                 batch_size: int, check: str = "exact"):
         self.problems, self.tok, self.width, self.max_new_tokens = problems, tok, width, max_new_tokens
+        self.check_name, self.check = check, answers_lib.check(check)
         self._decoder = per_model(lambda model: decode.Decoder(model, batch=batch_size, cache_len=width))
         self._last = _LastResult()
         # prompts the decoder's context cannot hold whole: answered from their last width - 1 tokens (counted)
@@ -93,12 +95,13 @@ class ExactMatchEval:
         """One dict per problem: prompt messages, generated answer, reference, kind, correct."""
         answers = self._answers(model, params, keep=True)
         return [{"prompt": list(p.messages), "prediction": a, "reference": p.reference, "kind": p.kind,
-                 "correct": bool(tasks.exact_match(a, p.reference))} for p, a in zip(self.problems, answers)]
+                 "correct": bool(self.check(a, p.reference))} for p, a in zip(self.problems, answers)]
 
     def coverage(self) -> dict:
         return {"exact_match_scored": len(self.problems),
                 "exact_match_of": int(getattr(self.problems, "of", len(self.problems))),
-                "exact_match_unit": "problems", "exact_match_prompts_cut": self.prompts_cut}
+                "exact_match_unit": "problems", "exact_match_prompts_cut": self.prompts_cut,
+                "exact_match_check": self.check_name}
 
     def __call__(self, model, params) -> dict:
         if not self.problems:
@@ -107,7 +110,7 @@ class ExactMatchEval:
         right = collections.Counter()
         total = collections.Counter()
         for p, a in zip(self.problems, answers):
-            ok = tasks.exact_match(a, p.reference)
+            ok = self.check(a, p.reference)
             for key in ("", p.kind) if p.kind else ("",):
                 right[key] += ok
                 total[key] += 1
@@ -117,8 +120,9 @@ class ExactMatchEval:
 
 
 def exact_match_eval(problems: list[Problem], tok: Tokenizer, *, width: int, max_new_tokens: int,
-                     batch_size: int) -> ExactMatchEval:
-    return ExactMatchEval(problems, tok, width=width, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                     batch_size: int, check: str = "exact") -> ExactMatchEval:
+    return ExactMatchEval(problems, tok, width=width, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          check=check)
 
 
 def _encoder_logits(model):

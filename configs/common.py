@@ -69,6 +69,8 @@ def base() -> ml_collections.ConfigDict:
     d.batch_size = 16  # global windows per optimizer step (split over grad_accum_steps)
     d.split = "hash"  # 'hash': whole documents by content hash | 'tail': last part of each document
     d.val_fraction = 0.05  # share of documents (or text, for 'tail') held out for validation
+    d.answer_check = "exact"  # decoded answers vs references (modes sft, dpo, grpo, ppo; data/answers.py): 'exact'
+    #                            text | 'final': the final answers ('#### 72', \boxed{}, the last number) by value
 
     c.mlm = k = ml_collections.ConfigDict()  # mode='mlm' only (data/mlm.py)
     k.nsp = True  # next-sentence prediction pairs <cls> A <sep> B <sep> + NSP head (needs model.type_vocab_size=2)

@@ -79,8 +79,8 @@ def chat_record(record):
     {"conversations": [{"from": "human" | "gpt" | "system", "value"}]}, TRL's {"prompt", "completion"}
     (texts, or lists of messages: the conversation so far and the assistant's turns) and Alpaca's
     {"instruction", "input"?, "output"} (the user turn is the instruction, then a blank line and the input
-    when there is one). Anything else, the template's own shapes included, is returned
-    as it is."""
+    when there is one), and the question/answer pairs of QUESTION_ANSWER (GSM8K, MATH, MetaMathQA). Anything
+    else, the template's own shapes included, is returned as it is."""
     if not isinstance(record, dict) or "messages" in record:
         return record
     if isinstance(record.get("conversations"), list):  # ShareGPT: [{"from": "human" | "gpt" | "system", "value"}]
@@ -107,9 +107,31 @@ def chat_record(record):
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input", "").strip() else "")
         turns = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
         used = ("instruction", "input", "output")
+    elif (pair := _question_answer(record)) is not None:
+        turns = [{"role": "user", "content": record[pair[0]]}, {"role": "assistant", "content": str(record[pair[1]])}]
+        used = pair
     else:
         return record
     return {**{k: v for k, v in record.items() if k not in used}, "messages": turns}
+
+
+# Question/answer fields of public reasoning datasets, read as a user turn and the assistant's reply: GSM8K's
+# question/answer ('... #### 72'), MATH's problem/solution ('... \\boxed{3}'), MetaMathQA's query/response.
+QUESTION_ANSWER = (("question", "answer"), ("problem", "solution"), ("query", "response"))
+
+
+def _question_answer(record: dict) -> tuple[str, str] | None:
+    """The (question, answer) fields of a QUESTION_ANSWER record: a non-empty string question and a string or
+    number answer, and no 'prompt' (the template's own shapes) or 'context' (a reading-comprehension record
+    whose passage a chat would lose)."""
+    if "prompt" in record or "context" in record:
+        return None
+    for q, a in QUESTION_ANSWER:
+        question, answer = record.get(q), record.get(a)
+        if isinstance(question, str) and question.strip() and (
+                isinstance(answer, str) or (isinstance(answer, (int, float)) and not isinstance(answer, bool))):
+            return q, a
+    return None
 
 
 def messages_of(record) -> list[dict]:
@@ -125,7 +147,8 @@ def messages_of(record) -> list[dict]:
                     {"role": "assistant", "content": record["response"]}]
     else:
         raise ChatError("missing field", "no 'messages' (or 'conversations', 'prompt' + 'response' / "
-                        "'completion', or 'instruction' + 'output')")
+                        "'completion', 'instruction' + 'output', or " +
+                        ", ".join(f"'{q}' + '{a}'" for q, a in QUESTION_ANSWER) + ")")
     if not isinstance(messages, list) or not messages:
         raise ChatError("missing field", "'messages' must be a non-empty list")
     for i, m in enumerate(messages):

@@ -8,8 +8,9 @@ Schemas (one JSON object a line; extra fields are kept):
 - 'chat': {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]} with at
       least one user and one assistant turn and a system turn only first; or
       {"prompt": str, "response": str}; ShareGPT's {"conversations": [{"from", "value"}]}, TRL's
-      {"prompt", "completion"} and Alpaca's {"instruction", "input"?, "output"} are read as their
-      "messages" form (data/chat.chat_record).
+      {"prompt", "completion"}, Alpaca's {"instruction", "input"?, "output"} and the question/answer pairs
+      of GSM8K {"question", "answer"}, MATH {"problem", "solution"} and MetaMathQA {"query", "response"}
+      are read as their "messages" form (data/chat.chat_record).
 - 'preference': {"prompt": str | [messages], "chosen": str, "rejected": str}, chosen != rejected; a
       list prompt is the conversation so far (the 'chat' message rules, ending with a user turn) and
       chosen / rejected are the next assistant reply, as text or (TRL's conversational form) as a
@@ -99,7 +100,8 @@ def _chat(r: dict) -> None:
             _string(r, "response")
             return
         raise FormatError("missing field", "no 'messages' (or 'conversations', 'prompt' + 'response' / "
-                          "'completion', or 'instruction' + 'output')")
+                          "'completion', 'instruction' + 'output', or " +
+                          ", ".join(f"'{q}' + '{a}'" for q, a in chat.QUESTION_ANSWER) + ")")
     roles = _messages(r["messages"], "messages")
     if "user" not in roles or "assistant" not in roles:
         raise FormatError("incomplete chat", f"roles {roles} need at least one user and one assistant turn")

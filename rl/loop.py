@@ -38,7 +38,7 @@ import modes
 import sharding
 import steps
 import warmstart
-from data import chat, tasks
+from data import answers as answers_lib, chat
 from model import build, decode
 from model import lora as lora_lib
 from model.sampling import Sampling
@@ -131,6 +131,7 @@ def iterate(run) -> int:
     decoder = decode.Decoder(policy_model, batch=n_rows, cache_len=width + 1, mesh=run.mesh, rules=run.rules)
     sampling = Sampling(temperature=float(r.temperature), top_p=float(r.top_p))
     scorer = rewards_lib.RewardModelScorer(r.reward_model, tok) if r.reward_model else None
+    answer_ok = answers_lib.check(config.data.answer_check)  # rl/accuracy: the check eval/exact_match uses
     train_step = steps.make_train_step(model=run.model, tx=run.tx, objective=run.mode.loss(config),
                                        schedule=run.schedule, accum=run.accum, mesh=run.mesh, rules=run.rules,
                                        state_shardings=run.state_sh)
@@ -242,7 +243,7 @@ def iterate(run) -> int:
                             "rl/logp_diff_mean": float(first["logp_gap_sum"]) / max(float(first["completion_tokens"]), 1.0)})
             if "kl" in first:
                 scalars["rl/kl"] = float(first["kl"])
-        right = [tasks.exact_match(t, a) for t, a in zip(ro.texts, answers)]
+        right = [answer_ok(t, a) for t, a in zip(ro.texts, answers)]
         scalars.update({
             "train/loss": mean("loss"), "train/grad_norm": mean("grad_norm"), "train/lr": float(collected[-1]["lr"]),
             "rl/pg_loss": mean("pg_loss"), "rl/entropy": mean("entropy"), "rl/clip_low": mean("clip_low"),

@@ -5,6 +5,9 @@ completion length in tokens) -> float`. `PROGRAMMATIC` names them (the config's 
 lists which to add up):
 - 'exact_match': 1 when the text (up to the stop token) equals the answer ignoring surrounding
   whitespace (data/tasks.exact_match), else 0.
+- 'final_answer': 1 when the text's final answer equals the answer's (data/answers.final_match: what
+  follows '####', else the last \\boxed{}, else the last number; numbers by value), else 0: GSM8K / MATH
+  references that are whole worked solutions, and replies that reason before they answer.
 - 'format': 1 when the completion ended on its own (finish 'stop': it produced the end token) and
   is not empty, else 0.
 `rl.length_penalty` subtracts coef * max(0, tokens - rl.length_target) on top.
@@ -37,7 +40,7 @@ import ml_collections
 import numpy as np
 
 import checkpoint
-from data import sources, tasks
+from data import answers, sources, tasks
 from data import tokenizer as tokenizer_lib
 from model import build
 
@@ -47,12 +50,17 @@ def exact_match(text: str, answer: str, finish: str, n_tokens: int) -> float:
     return 1.0 if tasks.exact_match(text, answer) else 0.0
 
 
+def final_answer(text: str, answer: str, finish: str, n_tokens: int) -> float:
+    del finish, n_tokens
+    return 1.0 if answers.final_match(text, answer) else 0.0
+
+
 def well_formed(text: str, answer: str, finish: str, n_tokens: int) -> float:
     del answer, n_tokens
     return 1.0 if finish == "stop" and text.strip() else 0.0
 
 
-PROGRAMMATIC = {"exact_match": exact_match, "format": well_formed}
+PROGRAMMATIC = {"exact_match": exact_match, "final_answer": final_answer, "format": well_formed}
 
 
 def check_names(names) -> None:

@@ -15,7 +15,8 @@ The JSON object names what was scored: "data" is the file read ("held_out" says 
 validation share was cut from data.path when there is no validation file), "examples" counts
 the eval loss's items in "example_unit" (windows, records, conversations, pairs; RL runs: none), and decoded metrics
 (SFT/QA exact match) add "exact_match_scored" of "exact_match_of" items (SFT scores only the
-first sft.eval_generate problems). --out_predictions=FILE writes one JSON line per item for
+first sft.eval_generate problems) and, for decoded answers, "exact_match_check" (data.answer_check:
+'exact' text or 'final' answers). --out_predictions=FILE writes one JSON line per item for
 error analysis (classify: text, predicted and gold label; qa: question, predicted and gold
 answers, exact match, F1; sft: prompt messages, generated answer, reference, kind, correct);
 causal/mlm have no per-item predictions and exit 1 saying so.

@@ -48,7 +48,7 @@ def test_exact_match_compiles_per_model_and_scores_the_model_it_is_given():
     assert [r["prediction"] for r in rows] == answers_b and all(r["correct"] for r in rows)
     assert rows[0]["prompt"] == [{"role": "user", "content": "ab"}] and [r["kind"] for r in rows] == ["p", "q", "p"]
     assert shared.coverage() == {"exact_match_scored": 3, "exact_match_of": 3, "exact_match_unit": "problems",
-                                 "exact_match_prompts_cut": 0}
+                                 "exact_match_prompts_cut": 0, "exact_match_check": "exact"}
     # a context that cannot hold a prompt whole: it is answered from its tail, and counted
     lengths = [len(p.prompt) for p in problems]
     narrow = task_eval.exact_match_eval(problems, TOK, width=max(lengths), max_new_tokens=4, batch_size=4)
