@@ -73,7 +73,7 @@ def read_prompts(path: str, tok: Tokenizer, *, max_prompt_len: int, strict: bool
             continue
         kind = record.get("kind", "")
         out.append(Problem(np.asarray(ids, np.int32), answer, kind if isinstance(kind, str) else str(kind),
-                           tuple(messages)))
+                           tuple(messages), record))
     if not out:
         raise DataError(f"{path!r}: no usable prompt records ({stats.summary()})")
     return out, stats

@@ -59,6 +59,7 @@ class Problem:
     reference: str  # the record's "answer" if it has one, else the last assistant turn's content
     kind: str  # the record's "kind" ('' if none)
     messages: tuple = ()  # the prompt's messages: the conversation before the last assistant turn
+    record: dict = dataclasses.field(default_factory=dict)  # RL prompts: the record as read (a reward's `record`)
 
 
 class Problems(list):

@@ -165,7 +165,8 @@ def iterate(run) -> int:
         else:
             rewards_N = rewards_lib.programmatic(r.rewards, ro.texts, answers, finishes, ro.lengths,
                                                  length_penalty=float(r.length_penalty),
-                                                 length_target=int(r.length_target))
+                                                 length_target=int(r.length_target),
+                                                 records=[p.record for p in ro.problem])
         if scorer is not None and float(r.length_penalty):
             rewards_N = rewards_N - float(r.length_penalty) * np.maximum(0, ro.lengths - int(r.length_target))
         # ---- 3. the trainer's and the reference's log-probs ------------------------------------------

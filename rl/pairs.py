@@ -97,7 +97,8 @@ def sample_pairs(model, params, problems: list[Problem], tok, *, samples: int, s
         else:
             lengths = np.asarray([len(o.tokens) for o in outs], np.int32)
             answers = [chunk[i // samples].reference for i in range(len(outs))]
-            r_N = rewards_lib.programmatic(reward_names, texts, answers, finishes, lengths)
+            r_N = rewards_lib.programmatic(reward_names, texts, answers, finishes, lengths,
+                                           records=[chunk[i // samples].record for i in range(len(outs))])
         reward_sum += float(np.sum(r_N))
         for j, problem in enumerate(chunk):
             s = slice(j * samples, (j + 1) * samples)

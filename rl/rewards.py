@@ -14,7 +14,9 @@ lists which to add up):
 A reward of your own, with the same signature, is named by where it is: `FILE.py:FUNCTION` (a file,
 as verl's custom_reward_function) or `package.module:FUNCTION` (importable), e.g.
 `--config.rl.rewards="('exact_match', 'my_rewards.py:contains_answer')"`; it is loaded once per process
-(`resolve`), and a value that is not a number is an error naming it.
+(`resolve`), and a value that is not a number is an error naming it. A function of your own that also
+takes a keyword `record` (or **kwargs) gets the prompt's record as read, every field of it (as TRL passes
+a dataset's columns to its reward functions): test cases for a code reward, a tolerance, a rubric.
 
 A reward-model run (`rl.reward_model=RUNDIR`, mode 'reward') scores the rendered conversation
 `<|user|> prompt <|end|> <|assistant|> completion` at its last token (the completion's <|end|>
@@ -30,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 from typing import Callable
@@ -105,8 +108,18 @@ def _load(name: str) -> Callable:
     return fn
 
 
-def _value(name: str, fn: Callable, text: str, answer: str, finish: str, n: int) -> float:
-    value = fn(text, answer, finish, n)
+@functools.lru_cache(maxsize=None)
+def _takes_record(fn: Callable) -> bool:
+    """Whether `fn` accepts a keyword `record` (by name, or through **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return "record" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _value(name: str, fn: Callable, text: str, answer: str, finish: str, n: int, record: dict) -> float:
+    value = fn(text, answer, finish, n, record=dict(record)) if _takes_record(fn) else fn(text, answer, finish, n)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"rl.rewards: {name!r} returned {value!r:.80} for the completion {text!r:.60}: "
                          f"a reward is a number")
@@ -114,12 +127,14 @@ def _value(name: str, fn: Callable, text: str, answer: str, finish: str, n: int)
 
 
 def programmatic(names, texts, answers, finishes, lengths, *, length_penalty: float = 0.0,
-                 length_target: int = 0) -> np.ndarray:
-    """The sum of the named rewards (minus the length penalty) per completion, float32 [N]."""
+                 length_target: int = 0, records=None) -> np.ndarray:
+    """The sum of the named rewards (minus the length penalty) per completion, float32 [N]; `records`: each
+    completion's prompt record, for the functions that take one (none: {})."""
     fns = [(name, resolve(name)) for name in names]
+    records = [{}] * len(texts) if records is None else records
     out = np.zeros(len(texts), np.float32)
-    for i, (text, answer, finish, n) in enumerate(zip(texts, answers, finishes, lengths)):
-        out[i] = sum(_value(name, fn, text, answer, finish, n) for name, fn in fns)
+    for i, (text, answer, finish, n, record) in enumerate(zip(texts, answers, finishes, lengths, records)):
+        out[i] = sum(_value(name, fn, text, answer, finish, n, record) for name, fn in fns)
         out[i] -= length_penalty * max(0, n - length_target)
     return out
 

@@ -175,6 +175,26 @@ def test_a_reward_function_of_ones_own_by_file_or_module(tmp_path, monkeypatch):
         harness.check_inputs_unchanged(config, str(tmp_path / "run"), resuming=True)
 
 
+def test_a_reward_of_ones_own_may_take_the_prompt_record(tmp_path, monkeypatch):
+    """A function of the user's own that takes a keyword `record` (or **kwargs) gets its prompt's record as
+    read, every field (as TRL passes dataset columns), in the RL loop; the built-ins' signature still works."""
+    (tmp_path / "rec_rewards.py").write_text(
+        "def n_tests(text, answer, finish, n_tokens, record):\n    return float(len(record['tests']))\n\n"
+        "def weight(text, answer, finish, n_tokens, **kwargs):\n    return kwargs['record']['weight']\n")
+    names = [f"{tmp_path / 'rec_rewards.py'}:n_tests", f"{tmp_path / 'rec_rewards.py'}:weight", "exact_match"]
+    got = rewards.programmatic(names, ["x", "y"], ["x", "x"], ["stop"] * 2, [1, 1],
+                               records=[{"tests": [1, 2], "weight": 0.5}, {"tests": [], "weight": 2}])
+    np.testing.assert_allclose(got, [2 + 0.5 + 1, 0 + 2 + 0])
+    path = tmp_path / "code.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"say x {i}", "answer": "x", "tests": ["a", "b"], "weight": 1.0})
+                            + "\n" for i in range(16)))
+    work = str(tmp_path / "run")
+    train.train_and_evaluate(_cfg(tmp_path, grpo_config, data__path=str(path), rl__val_path=str(path),
+                                  rl__rewards=tuple(names[:2]), train__steps=1, rl__eval_generate=0), work)
+    rows = [r for r in read_jsonl(os.path.join(work, "metrics.jsonl")) if "rl/reward_mean" in r]
+    assert rows[0]["rl/reward_mean"] == 3.0 and rows[0]["rl/reward_std"] == 0.0
+
+
 def test_guardrails_each_fire_on_a_constructed_failure(caplog):
     cfg = types.SimpleNamespace(kl_estimator="k3", kl_max=1.0, min_length=2.0, max_new_tokens=8, entropy_floor=0.01,
                                 value_loss_max=10.0, logp_diff_warn=0.01)
