@@ -108,7 +108,6 @@ def _load(name: str) -> Callable:
     return fn
 
 
-@functools.lru_cache(maxsize=None)
 def _takes_record(fn: Callable) -> bool:
     """Whether `fn` accepts a keyword `record` (by name, or through **kwargs)."""
     try:
