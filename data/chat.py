@@ -35,6 +35,7 @@ record ('no assistant tokens after truncation') if no trained token remains.
 from __future__ import annotations
 
 import collections
+import re
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -134,6 +135,31 @@ def _question_answer(record: dict) -> tuple[str, str] | None:
     return None
 
 
+_TRANSCRIPT_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+
+
+def transcript_messages(text) -> list[dict] | None:
+    """Anthropic HH-RLHF's raw transcript text ('\\n\\nHuman: ...\\n\\nAssistant: ...', as in its JSONL files
+    and in the prompts of DeepSpeed-Chat's Dahoas/rm-static) as messages, contents stripped; None for text
+    that is not one (it must start with a 'Human:' turn and hold an 'Assistant:' one). A closing
+    'Assistant:' with nothing after it is kept as an empty assistant turn (a prompt's cue to answer)."""
+    if not isinstance(text, str):
+        return None
+    body = text.lstrip("\n")
+    if not body.startswith("Human:") or "\n\nAssistant:" not in body:
+        return None
+    parts = _TRANSCRIPT_TURN.split(body)  # ['', 'Human', text, 'Assistant', text, ...]
+    return [{"role": "user" if who == "Human" else "assistant", "content": content.strip()}
+            for who, content in zip(parts[1::2], parts[2::2])]
+
+
+def transcript_prompt(text) -> list[dict] | None:
+    """A prompt that is a transcript ending in the empty 'Assistant:' cue (Dahoas/rm-static's) as the
+    messages before the cue; None for any other prompt."""
+    turns = transcript_messages(text)
+    return turns[:-1] if turns and turns[-1] == {"role": "assistant", "content": ""} else None
+
+
 def messages_of(record) -> list[dict]:
     """The message list of a {"messages": [...]} or {"prompt", "response"} record, or of a shape `chat_record`
     reads (checked)."""
@@ -143,8 +169,9 @@ def messages_of(record) -> list[dict]:
     if "messages" in record:
         messages = record["messages"]
     elif "prompt" in record and "response" in record:
-        messages = [{"role": "user", "content": record["prompt"]},
-                    {"role": "assistant", "content": record["response"]}]
+        turns = transcript_prompt(record["prompt"])  # a Dahoas/rm-static transcript: its turns, the reply stripped
+        reply = record["response"].strip() if turns and isinstance(record["response"], str) else record["response"]
+        messages = (turns or [{"role": "user", "content": record["prompt"]}]) + [{"role": "assistant", "content": reply}]
     else:
         raise ChatError("missing field", "no 'messages' (or 'conversations', 'prompt' + 'response' / "
                         "'completion', 'instruction' + 'output', or " +

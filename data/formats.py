@@ -18,7 +18,10 @@ Schemas (one JSON object a line; extra fields are kept):
       Sides that are whole conversations sharing every turn but their final assistant one are read
       too (`explicit_prompt`): TRL's implicit-prompt pairs (no "prompt"; trl-lib's
       ultrafeedback_binarized, hh-rlhf) and HuggingFaceH4's ultrafeedback_binarized (a "prompt" that
-      is the shared user turn's text); the shared turns become the prompt.
+      is the shared user turn's text); the shared turns become the prompt. Anthropic HH-RLHF's raw
+      pairs (both sides transcripts '\\n\\nHuman: ...\\n\\nAssistant: ...') are read as such conversations,
+      and a prompt that is a transcript ending in an empty 'Assistant:' cue (DeepSpeed-Chat's
+      Dahoas/rm-static) as its turns, the sides stripped (data/chat.transcript_messages).
 
 `validate(record, fmt)` returns the record (an implicit-prompt pair with its prompt made explicit) or raises `FormatError(reason, detail)`: `reason`
 is a short name counted in the manifest ('missing field', 'wrong type', 'empty text',
@@ -151,6 +154,7 @@ def explicit_prompt(r: dict) -> dict:
     pairs that also give the prompt (HuggingFaceH4's ultrafeedback_binarized: the user turn's text), which
     must then be those shared turns or the last of them. Any other record is returned as it is (validation
     names what it lacks)."""
+    r = _from_transcripts(r)
     chosen, rejected = r.get("chosen"), r.get("rejected")
     if not (isinstance(chosen, list) and isinstance(rejected, list)) \
             or not all(isinstance(m, dict) for m in chosen + rejected) or len(chosen) < 2 or len(rejected) < 2:
@@ -172,6 +176,21 @@ def explicit_prompt(r: dict) -> dict:
     return {**r, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
+def _from_transcripts(r: dict) -> dict:
+    """Anthropic HH-RLHF's raw pairs (both sides whole transcripts '\\n\\nHuman: ...\\n\\nAssistant: ...', no
+    prompt) as conversations, and a prompt that is a transcript ending in an empty 'Assistant:' cue
+    (DeepSpeed-Chat's Dahoas/rm-static: the sides are then the replies) as its messages (data/chat.py's
+    transcript_messages); any other record as it is."""
+    if "prompt" not in r:
+        sides = [chat.transcript_messages(r.get(k)) for k in ("chosen", "rejected")]
+        return {**r, "chosen": sides[0], "rejected": sides[1]} if None not in sides else r
+    prompt = chat.transcript_prompt(r["prompt"])
+    if prompt is None:
+        return r
+    strip = {k: r[k].strip() for k in ("chosen", "rejected") if isinstance(r.get(k), str)}  # ' Hello!' after the cue
+    return {**r, "prompt": prompt, **strip}
+
+
 def _preference(r: dict) -> None:
     if isinstance(r.get("prompt"), list):
         roles = _messages(r["prompt"], "prompt")
@@ -180,7 +199,8 @@ def _preference(r: dict) -> None:
                               f"(chosen and rejected are the assistant's reply to it)")
     elif "prompt" not in r:
         raise FormatError("missing field", "no 'prompt' (nor chosen and rejected as whole conversations, lists of "
-                          "messages that differ only in their last turn: TRL's implicit prompt)")
+                          "messages that differ only in their last turn: TRL's implicit prompt, or Anthropic HH "
+                          "transcripts '\\n\\nHuman: ...\\n\\nAssistant: ...')")
     else:
         _string(r, "prompt")
     chosen, rejected = _reply(r, "chosen"), _reply(r, "rejected")

@@ -704,6 +704,40 @@ def test_implicit_prompt_pairs_read_as_their_explicit_form(tmp_path):
             :2] + [user, {"role": "assistant", "content": "x"}])]))
 
 
+HH = "\n\nHuman: Say hi.\n\nAssistant: hi\n\nHuman: And 2+2?\n\nAssistant: "
+
+
+def test_anthropic_hh_transcripts_and_dahoas_prompts_read_as_conversations(tmp_path):
+    """Anthropic HH-RLHF's raw pairs (both sides whole transcripts) and DeepSpeed-Chat's Dahoas/rm-static
+    records (a transcript prompt ending in the 'Assistant:' cue, the sides its replies) read as the explicit
+    conversational pair, in validation, training rows, RL prompts and score.py; SFT reads Dahoas' prompt +
+    response as that conversation too. Text that only looks like a transcript is not read as one."""
+    turns = CONVERSATION[1:]
+    explicit = {"prompt": turns, "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "five"}]}
+    hh = {"chosen": HH + "4", "rejected": HH + "five"}
+    assert formats.validate(hh, "preference") == explicit
+    dahoas = {"prompt": HH.rstrip(" "), "response": " 4", "chosen": " 4", "rejected": " five"}
+    assert formats.validate(dahoas, "preference") == dict(explicit, response=" 4", chosen="4", rejected="five")
+    assert chat.messages_of(dahoas) == turns + [{"role": "assistant", "content": "4"}]
+    assert formats.validate(dahoas, "chat") is dahoas  # SFT: prompt + response, rendered from those messages
+    path = _write_jsonl(tmp_path / "hh.jsonl", [hh, dahoas])
+    rows = [preference.render_pair(r, TOK, seq_len=SEQ_LEN, too_long="drop")[0] for _, r in formats.read_records(
+        Source(kind="files", path=path), "preference", ReadStats(), strict=True)]
+    want, _ = preference.render_pair(explicit, TOK, seq_len=SEQ_LEN, too_long="drop")
+    assert all(all(np.array_equal(row[k], want[k]) for k in want) for row in rows)
+    problems, _ = prompts_data.read_prompts(path, TOK, max_prompt_len=SEQ_LEN, strict=True)
+    assert [list(p.messages) for p in problems] == [turns, turns] and [p.reference for p in problems] == ["4", "4"]
+    assert [r["prompt"] for _, r, _ in score.read_records(path)] == [turns, turns]
+    # an empty final reply (some HH pairs have one) is an empty side, named; a transcript without the cue,
+    # or text that merely mentions 'Human:', is a prompt of its own text
+    with pytest.raises(formats.FormatError, match="empty text"):
+        formats.validate({"chosen": HH + "4", "rejected": HH}, "preference")
+    assert chat.transcript_messages("Human: Hi Assistant: go") is None
+    plain = {"prompt": "\n\nHuman: Hi\n\nAssistant: hello", "chosen": "a", "rejected": "b"}
+    assert formats.validate(plain, "preference") is plain
+
+
 def test_conversational_prompts_reach_rl_prompts_and_on_policy_pairs(tmp_path):
     trl_side = [{"role": "assistant", "content": "4"}]  # TRL's conversational form of a side
     path = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": CONVERSATION, "chosen": trl_side, "rejected": "5"},
