@@ -108,6 +108,7 @@ def check_rl(config) -> None:
         if not r.rewards:
             raise ValueError("rl.rewards is empty and rl.reward_model is '': name a programmatic reward or a reward-model run")
         rl_rewards.check_names(r.rewards)
+        rl_rewards.check_weights(r.rewards, tuple(r.get("reward_weights", ())))
     else:  # its mode, before anything is written (a run of another mode failed only after set-up and model loads)
         mngr = checkpoint.open_read_only(r.reward_model)
         try:

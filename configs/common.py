@@ -128,8 +128,10 @@ def base() -> ml_collections.ConfigDict:
     l.minibatch = 0  # rows per optimizer update (divides batch_size x group_size); 0 = all rows in one update
     l.share_prompts = True  # the trainer computes a prompt once for its group (rl/groups.py) where updates hold
     # whole groups that split over the data-parallel devices; False: one model row per completion
-    l.rewards = ("exact_match",)  # programmatic rewards added up (rl/rewards.py): 'exact_match', 'format', or your
-    #                               own function (text, answer, finish, n_tokens) -> float as 'FILE.py:FUNCTION'
+    l.rewards = ("exact_match",)  # programmatic rewards added up (rl/rewards.py): 'exact_match', 'final_answer',
+    #                               'format', or your own function (text, answer, finish, n_tokens) -> float as
+    #                               'FILE.py:FUNCTION'
+    l.reward_weights = ()  # one weight per rl.rewards entry (TRL's reward_weights); () = 1 each
     l.reward_model = ""  # a mode 'reward' run's workdir: its score is the reward (instead of rl.rewards)
     l.answer_field = "answer"  # the prompt records' field a reward checks against (e.g. 'solution')
     l.ptx_coef = 0.0  # + coef x the mean token NLL of rl.ptx_rows SFT rows in every update (InstructGPT's PPO-ptx)

@@ -159,14 +159,18 @@ def iterate(run) -> int:
         # ---- 2. rewards ----------------------------------------------------------------------------
         answers = [p.reference for p in ro.problem]
         finishes = ro.finishes
+        scalars = {}
         if scorer is not None:
             rewards_N = scorer(*rewards_lib.completion_rows(batch_problems, [o.tokens for o in outs], group,
                                                             width + 1, tok.pad_id))
         else:
-            rewards_N = rewards_lib.programmatic(r.rewards, ro.texts, answers, finishes, ro.lengths,
+            each = rewards_lib.each_reward(r.rewards, ro.texts, answers, finishes, ro.lengths,
+                                           records=[p.record for p in ro.problem])
+            rewards_N = rewards_lib.weighted_sum(each, tuple(r.get("reward_weights", ())), ro.lengths,
                                                  length_penalty=float(r.length_penalty),
-                                                 length_target=int(r.length_target),
-                                                 records=[p.record for p in ro.problem])
+                                                 length_target=int(r.length_target))
+            scalars.update({f"rl/reward/{key}": float(np.mean(v))
+                            for key, v in zip(rewards_lib.metric_names(each), each.values())})
         if scorer is not None and float(r.length_penalty):
             rewards_N = rewards_N - float(r.length_penalty) * np.maximum(0, ro.lengths - int(r.length_target))
         # ---- 3. the trainer's and the reference's log-probs ------------------------------------------
@@ -183,7 +187,6 @@ def iterate(run) -> int:
         as_rows = groups.per_row if grouped else (lambda x: x)  # noqa: E731
         per_update = minibatch // unit  # batch entries (rows, or groups) per optimizer update
         comp = toks["completion"]
-        scalars = {}
         if not single:  # the ratios' denominators, and (PPO) the critic's values, before any update
             old_logp, old_values = _scores(forward, run.state.params, batch, per_update, run.batch_sharding)
             old_logp = as_rows(old_logp)

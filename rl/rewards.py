@@ -10,7 +10,8 @@ lists which to add up):
   references that are whole worked solutions, and replies that reason before they answer.
 - 'format': 1 when the completion ended on its own (finish 'stop': it produced the end token) and
   is not empty, else 0.
-`rl.length_penalty` subtracts coef * max(0, tokens - rl.length_target) on top.
+`rl.reward_weights` weighs them (one number each, as TRL's reward_weights; () = 1 each; each reward's mean
+is logged as rl/reward/<name>); `rl.length_penalty` subtracts coef * max(0, tokens - rl.length_target) on top.
 A reward of your own, with the same signature, is named by where it is: `FILE.py:FUNCTION` (a file,
 as verl's custom_reward_function) or `package.module:FUNCTION` (importable), e.g.
 `--config.rl.rewards="('exact_match', 'my_rewards.py:contains_answer')"`; it is loaded once per process
@@ -29,6 +30,7 @@ Every reward lands on the completion's LAST REAL token (the one that ended it), 
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import importlib.util
@@ -125,17 +127,53 @@ def _value(name: str, fn: Callable, text: str, answer: str, finish: str, n: int,
     return float(value)
 
 
-def programmatic(names, texts, answers, finishes, lengths, *, length_penalty: float = 0.0,
-                 length_target: int = 0, records=None) -> np.ndarray:
-    """The sum of the named rewards (minus the length penalty) per completion, float32 [N]; `records`: each
-    completion's prompt record, for the functions that take one (none: {})."""
+def each_reward(names, texts, answers, finishes, lengths, records=None) -> dict[str, np.ndarray]:
+    """{name: float32 [N]}: each named reward of every completion; `records`: each completion's prompt record,
+    for the functions that take one (none: {})."""
     fns = [(name, resolve(name)) for name in names]
     records = [{}] * len(texts) if records is None else records
-    out = np.zeros(len(texts), np.float32)
+    out = {name: np.zeros(len(texts), np.float32) for name in names}
     for i, (text, answer, finish, n, record) in enumerate(zip(texts, answers, finishes, lengths, records)):
-        out[i] = sum(_value(name, fn, text, answer, finish, n, record) for name, fn in fns)
-        out[i] -= length_penalty * max(0, n - length_target)
+        for name, fn in fns:
+            out[name][i] = _value(name, fn, text, answer, finish, n, record)
     return out
+
+
+def metric_names(names) -> list[str]:
+    """Each reward's key under rl/reward/: a built-in's name, a function of one's own by its function name
+    (a second of the same name gets _2, ...): TensorBoard tags without a file path in them."""
+    out, seen = [], collections.Counter()
+    for name in names:
+        short = name.rsplit(":", 1)[-1]
+        seen[short] += 1
+        out.append(short if seen[short] == 1 else f"{short}_{seen[short]}")
+    return out
+
+
+def check_weights(names, weights) -> None:
+    """rl.reward_weights: empty (every reward weighs 1) or one number per rl.rewards entry."""
+    if len(weights) and (len(weights) != len(names) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+        raise ValueError(f"rl.reward_weights={tuple(weights)!r}: give one number per rl.rewards entry "
+                         f"{tuple(names)!r}, or () for weights of 1")
+
+
+def weighted_sum(each: dict[str, np.ndarray], weights=(), lengths=None, *, length_penalty: float = 0.0,
+                 length_target: int = 0) -> np.ndarray:
+    """sum_k weight_k * reward_k per completion (weights () = all 1), minus the length penalty; float32 [N]."""
+    check_weights(list(each), weights)
+    weights = tuple(weights) or (1.0,) * len(each)
+    out = sum(float(w) * r for w, r in zip(weights, each.values()))
+    if length_penalty:
+        out = out - length_penalty * np.maximum(0, np.asarray(lengths) - length_target)
+    return np.asarray(out, np.float32)
+
+
+def programmatic(names, texts, answers, finishes, lengths, *, length_penalty: float = 0.0,
+                 length_target: int = 0, records=None, weights=()) -> np.ndarray:
+    """The weighted sum of the named rewards (minus the length penalty) per completion, float32 [N]."""
+    return weighted_sum(each_reward(names, texts, answers, finishes, lengths, records), weights, lengths,
+                        length_penalty=length_penalty, length_target=length_target)
 
 
 def place_on_last_token(rewards_N: np.ndarray, mask_NxL: np.ndarray) -> np.ndarray:

@@ -175,7 +175,7 @@ def test_a_reward_function_of_ones_own_by_file_or_module(tmp_path, monkeypatch):
         harness.check_inputs_unchanged(config, str(tmp_path / "run"), resuming=True)
 
 
-def test_a_reward_of_ones_own_may_take_the_prompt_record(tmp_path, monkeypatch):
+def test_a_reward_of_ones_own_may_take_the_prompt_record_and_rewards_are_weighted(tmp_path, monkeypatch):
     """A function of the user's own that takes a keyword `record` (or **kwargs) gets its prompt's record as
     read, every field (as TRL passes dataset columns), in the RL loop; the built-ins' signature still works."""
     (tmp_path / "rec_rewards.py").write_text(
@@ -190,9 +190,13 @@ def test_a_reward_of_ones_own_may_take_the_prompt_record(tmp_path, monkeypatch):
                             + "\n" for i in range(16)))
     work = str(tmp_path / "run")
     train.train_and_evaluate(_cfg(tmp_path, grpo_config, data__path=str(path), rl__val_path=str(path),
-                                  rl__rewards=tuple(names[:2]), train__steps=1, rl__eval_generate=0), work)
+                                  rl__rewards=tuple(names[:2]), rl__reward_weights=(0.25, 3.0), train__steps=1,
+                                  rl__eval_generate=0), work)
     rows = [r for r in read_jsonl(os.path.join(work, "metrics.jsonl")) if "rl/reward_mean" in r]
-    assert rows[0]["rl/reward_mean"] == 3.0 and rows[0]["rl/reward_std"] == 0.0
+    # weighted as rl.reward_weights says (TRL's reward_weights), each reward's mean logged by its function's name
+    assert rows[0]["rl/reward_mean"] == 0.25 * 2 + 3.0 * 1 and rows[0]["rl/reward_std"] == 0.0
+    assert (rows[0]["rl/reward/n_tests"], rows[0]["rl/reward/weight"]) == (2.0, 1.0)
+    assert rewards.metric_names(["exact_match", "a.py:f", "b.py:f", "m:g"]) == ["exact_match", "f", "f_2", "g"]
 
 
 def test_guardrails_each_fire_on_a_constructed_failure(caplog):
@@ -223,7 +227,8 @@ def test_adaptive_kl_moves_toward_the_target():
 @pytest.mark.parametrize("field,value,message", [
     ("rl__kl_estimator", "k9", "rl.kl_estimator='k9'"), ("rl__aggregation", "sum", "rl.aggregation='sum'"),
     ("rl__minibatch", 5, "rl.minibatch=5"), ("rl__rewards", ("bogus",), "'bogus' is not"),
-    ("rl__temperature", 0.0, "rl.temperature=0.0"), ("rl__on_anomaly", "panic", "rl.on_anomaly='panic'"),
+    ("rl__temperature", 0.0, "rl.temperature=0.0"),
+    ("rl__reward_weights", (1.0, 2.0), "rl.reward_weights=(1.0, 2.0): give one number per rl.rewards entry"), ("rl__on_anomaly", "panic", "rl.on_anomaly='panic'"),
     ("rl__ptx_coef", 0.5, "rl.ptx_coef=0.5 must be >= 0, and > 0 needs rl.ptx_path"),
     ("rl__ptx_coef", -1.0, "rl.ptx_coef=-1.0"),
     ("rl__group_size", 1, "rl.group_size=1: GRPO's advantage is a completion's reward minus its group's mean")])
