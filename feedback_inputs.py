@@ -18,6 +18,7 @@ import task_eval
 from data import formats, pipeline, preference as preference_data, prompts as prompts_data, sft as sft_data, sources
 from model import build
 from rl import advantages as rl_advantages, guardrails, losses as rl_losses, reference, rewards as rl_rewards
+from rl import rollout as rl_rollout
 
 log = logging.getLogger("lmstack")
 
@@ -128,6 +129,7 @@ def check_rl(config) -> None:
         raise ValueError(f"rl.baseline='rloo' needs rl.group_size >= 2, got {r.group_size}")
     if not float(r.temperature) > 0:
         raise ValueError(f"rl.temperature={r.temperature!r} must be > 0 (RL samples; greedy rollouts do not explore)")
+    rl_rollout.sampling_of(r)  # top_k, top_p, min_p in range
     rows = int(config.data.batch_size) * int(r.group_size)
     if int(r.minibatch) < 0 or (int(r.minibatch) and rows % int(r.minibatch)):
         raise ValueError(f"rl.minibatch={r.minibatch} must divide data.batch_size x rl.group_size = {rows} rows")

@@ -179,7 +179,8 @@ _RL_COMMON = dict(
                 "rl.share_prompts"),
     # runs before these fields: one model row per completion, no SFT term
     added_defaults={"rl.share_prompts": False, "rl.ptx_coef": 0.0, "rl.ptx_path": "", "rl.ptx_rows": 8,
-                    "rl.answer_field": "answer", "rl.reward_weights": ()},
+                    "rl.answer_field": "answer", "rl.reward_weights": (), "rl.top_k": 0,
+                    "rl.min_p": 0.0},
     paths=("data.path", "rl.val_path", "rl.reward_model", "rl.ptx_path"), example_unit="prompts", on_policy=True,
     updates_per_step=_rl_updates, device_batch=_rl_rows, predictions=predictions.rl)
 MODES.update({

@@ -124,6 +124,8 @@ def base() -> ml_collections.ConfigDict:
     l.max_new_tokens = 16  # completion length limit (finish 'length' = truncated)
     l.temperature = 1.0  # rollout sampling temperature (> 0)
     l.top_p = 1.0  # rollout nucleus sampling
+    l.top_k = 0  # rollout top-k sampling; 0 = off (log-probs are always the unfiltered policy's)
+    l.min_p = 0.0  # rollout min-p sampling (keep tokens with p >= min_p x the top one's); 0 = off
     l.epochs = 1  # passes over each iteration's rollouts
     l.minibatch = 0  # rows per optimizer update (divides batch_size x group_size); 0 = all rows in one update
     l.share_prompts = True  # the trainer computes a prompt once for its group (rl/groups.py) where updates hold

@@ -41,7 +41,6 @@ import warmstart
 from data import answers as answers_lib, chat
 from model import build, decode
 from model import lora as lora_lib
-from model.sampling import Sampling
 from rl import advantages as adv_lib
 from rl import groups, guardrails, losses, rewards as rewards_lib, rollout as rollout_lib
 from rl import objectives as rl_objectives
@@ -129,7 +128,7 @@ def iterate(run) -> int:
              else "one model row per completion")
     policy_model, _ = build.language_model(run.model, run.state.params)
     decoder = decode.Decoder(policy_model, batch=n_rows, cache_len=width + 1, mesh=run.mesh, rules=run.rules)
-    sampling = Sampling(temperature=float(r.temperature), top_p=float(r.top_p))
+    sampling = rollout_lib.sampling_of(r)
     scorer = rewards_lib.RewardModelScorer(r.reward_model, tok) if r.reward_model else None
     answer_ok = answers_lib.check(config.data.answer_check)  # rl/accuracy: the check eval/exact_match uses
     train_step = steps.make_train_step(model=run.model, tx=run.tx, objective=run.mode.loss(config),

@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 
 from model import decode
-from model.sampling import Sampling
+from model.sampling import Sampling, SamplingError
 
 
 @dataclasses.dataclass
@@ -34,6 +34,16 @@ class Rollout:
     finishes: list[str]  # 'stop' | 'length'
     lengths: np.ndarray  # completion tokens [N] (the stop token included)
     problem: list  # the prompt's Problem for each row (data/sft.Problem: prompt ids, reference, kind)
+
+
+def sampling_of(r) -> Sampling:
+    """The rollout sampling settings of an rl config block (temperature, top_k, top_p, min_p); a value out
+    of range is a ValueError naming its rl.* field."""
+    try:
+        return Sampling(temperature=float(r.temperature), top_k=int(r.get("top_k", 0)), top_p=float(r.top_p),
+                        min_p=float(r.get("min_p", 0.0)))
+    except SamplingError as e:
+        raise ValueError(f"rl.{e.field}: {e}") from None
 
 
 def seeds_for(seed: int, iteration: int, n: int) -> list[int]:

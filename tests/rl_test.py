@@ -199,6 +199,15 @@ def test_a_reward_of_ones_own_may_take_the_prompt_record_and_rewards_are_weighte
     assert rewards.metric_names(["exact_match", "a.py:f", "b.py:f", "m:g"]) == ["exact_match", "f", "f_2", "g"]
 
 
+def test_rollout_sampling_takes_the_rl_block_s_filters():
+    import ml_collections
+    from model.sampling import Sampling
+    r = ml_collections.ConfigDict({"temperature": 0.7, "top_k": 5, "top_p": 0.9, "min_p": 0.05})
+    assert rollout.sampling_of(r) == Sampling(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05)
+    del r["top_k"], r["min_p"]  # a run from before these fields: off
+    assert rollout.sampling_of(r) == Sampling(temperature=0.7, top_p=0.9)
+
+
 def test_guardrails_each_fire_on_a_constructed_failure(caplog):
     cfg = types.SimpleNamespace(kl_estimator="k3", kl_max=1.0, min_length=2.0, max_new_tokens=8, entropy_floor=0.01,
                                 value_loss_max=10.0, logp_diff_warn=0.01)
@@ -228,6 +237,8 @@ def test_adaptive_kl_moves_toward_the_target():
     ("rl__kl_estimator", "k9", "rl.kl_estimator='k9'"), ("rl__aggregation", "sum", "rl.aggregation='sum'"),
     ("rl__minibatch", 5, "rl.minibatch=5"), ("rl__rewards", ("bogus",), "'bogus' is not"),
     ("rl__temperature", 0.0, "rl.temperature=0.0"),
+    ("rl__top_p", 0.0, "rl.top_p: sampling top_p=0.0 is out of range"), ("rl__top_k", -1, "rl.top_k: sampling top_k=-1"),
+    ("rl__min_p", 1.5, "rl.min_p: sampling min_p=1.5"),
     ("rl__reward_weights", (1.0, 2.0), "rl.reward_weights=(1.0, 2.0): give one number per rl.rewards entry"), ("rl__on_anomaly", "panic", "rl.on_anomaly='panic'"),
     ("rl__ptx_coef", 0.5, "rl.ptx_coef=0.5 must be >= 0, and > 0 needs rl.ptx_path"),
     ("rl__ptx_coef", -1.0, "rl.ptx_coef=-1.0"),
