@@ -58,12 +58,13 @@ def read_prompts(path: str, tok: Tokenizer, *, max_prompt_len: int, strict: bool
                  answer_field: str = "answer") -> tuple[list[Problem], ReadStats]:
     """(problems, stats) of a JSONL file/directory/glob of prompt records (see the module docstring)."""
     stats = ReadStats()
-    out = []
+    out, longest = [], 0
     for where, record in source_records(Source(kind="files", path=path), stats, strict=strict):
         try:
             messages, answer = _messages_and_answer(record, answer_field)
             ids = chat.render_prompt(messages, tok)
             if len(ids) > max_prompt_len:
+                longest = max(longest, len(ids))
                 raise formats.FormatError("prompt too long", f"{len(ids)} tokens > {max_prompt_len}")
         except (formats.FormatError, chat.ChatError) as e:
             if strict:
@@ -75,7 +76,10 @@ def read_prompts(path: str, tok: Tokenizer, *, max_prompt_len: int, strict: bool
         out.append(Problem(np.asarray(ids, np.int32), answer, kind if isinstance(kind, str) else str(kind),
                            tuple(messages), record))
     if not out:
-        raise DataError(f"{path!r}: no usable prompt records ({stats.summary()})")
+        hint = (f"; the prompts skipped as too long have up to {longest} tokens, more than max_prompt_len="
+                f"{max_prompt_len} (rl.max_prompt_len in a run, --max_prompt_len in a script: raise it)"
+                if longest else "")
+        raise DataError(f"{path!r}: no usable prompt records ({stats.summary()}){hint}")
     return out, stats
 
 

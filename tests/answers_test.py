@@ -103,6 +103,15 @@ def test_gsm8k_records_are_rl_prompts_with_their_solution_as_the_reference(tmp_p
     assert answers.final_match("Altogether 72", problems[0].reference)
 
 
+def test_prompts_all_too_long_say_how_long_and_what_to_raise(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text(json.dumps(GSM8K) + "\n")
+    with pytest.raises(prompts_data.DataError, match=r"skipped: 1 prompt too long\); the prompts skipped as too long "
+                                                     r"have up to \d+ tokens, more than max_prompt_len=96 "
+                                                     r"\(rl.max_prompt_len"):
+        prompts_data.read_prompts(str(path), ByteTokenizer(), max_prompt_len=96, strict=False)
+
+
 def test_the_eval_and_its_predictions_score_with_the_configured_check(monkeypatch):
     problems = [Problem(np.array([1, 2], np.int32), GSM8K["answer"], "gsm8k", ()),
                 Problem(np.array([1, 2], np.int32), "#### 5", "gsm8k", ())]
