@@ -93,7 +93,7 @@ def dpo_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) 
         problems = sft_data.generation_problems(chats, tok, int(config.pref.eval_generate))
         extra = task_eval.exact_match_eval(problems, tok, width=config.data.seq_len,
                                            max_new_tokens=int(config.pref.max_new_tokens), batch_size=micro_batch,
-                                           check=config.data.answer_check)
+                                           check=config.data.answer_check, limit_name="pref.max_new_tokens")
     return inputs.Inputs(tok, _pair_iterator(config, train, stats, micro_batch, eval_only), eval_data, extra_eval=extra)
 
 def check_rl(config) -> None:
@@ -192,7 +192,7 @@ def rl_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -
         em = task_eval.exact_match_eval(prompts_data.limited(val, int(r.eval_generate)), tok,
                                         width=int(r.max_prompt_len) + int(r.max_new_tokens),
                                         max_new_tokens=int(r.max_new_tokens), batch_size=micro_batch,
-                                        check=config.data.answer_check)
+                                        check=config.data.answer_check, limit_name="rl.max_new_tokens")
         extra = _on_language_model(em)
     return inputs.Inputs(tok, data_iter, [], extra_eval=extra, prompts=train,
                          ptx_rows=None if eval_only else _ptx_rows(config, tok))

@@ -8,7 +8,8 @@ mesh after `inputs` (the eval set scripts/evaluate.py scores) is built; `data` i
 
 - classify: where (file:line), text [+ text_pair], predicted label, gold label, correct.
 - qa: id, question, predicted answer text, gold answers, exact_match and f1 (0-1, SQuAD-normalised).
-- sft, dpo, grpo, ppo: prompt messages, generated answer, reference, kind, correct (for the first
+- sft, dpo, grpo, ppo: prompt messages, generated answer, reference, kind, correct, finish
+  ("length": max_new_tokens cut it) (for the first
   sft / pref / rl .eval_generate problems).
 
 causal and mlm have none: their eval rows are windows cut from a token stream, not items with a

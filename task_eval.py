@@ -5,7 +5,8 @@ the per-item predictions behind them (scripts/evaluate.py --out_predictions).
 - `exact_match_eval` (modes sft, dpo, grpo, ppo): answers every problem greedily (model/decode's KV-cache
   decoder, stopping at <|end|>), checks the decoded text against the reference (data.answer_check,
   data/answers.py: the exact text, surrounding whitespace ignored, or the final answer) and reports the
-  share correct, overall and per problem kind.
+  share correct, overall and per problem kind, and the share of answers max_new_tokens cut
+  (`eval/exact_match_cut`; a warning names the limit when it cuts a fifth or more).
 - `span_qa_eval` (mode qa): start/end logits for every validation window, the best legal span per
   question over its windows (data/qa_eval), SQuAD exact match and F1 in percent.
 - `classify_predictions` (mode classify): each validation record's predicted and gold label.
@@ -61,22 +62,31 @@ class _LastResult:
         return out
 
 
-def answer(decoder: decode.Decoder, params, problems: list[Problem], tok: Tokenizer, *, width: int,
-           max_new_tokens: int) -> list[str]:
-    """Greedy answers (decoded text up to <|end|>) for `problems`, the decoder's batch at a time. A prompt
-    longer than width - 1 keeps its last width - 1 tokens (room for one new token)."""
+def answers_and_finishes(decoder: decode.Decoder, params, problems: list[Problem], tok: Tokenizer, *, width: int,
+                         max_new_tokens: int) -> list[tuple[str, str]]:
+    """(greedy answer, finish) for `problems`, the decoder's batch at a time: the decoded text up to <|end|>,
+    and 'stop' when it said <|end|>, 'length' when max_new_tokens cut it. A prompt longer than width - 1
+    keeps its last width - 1 tokens (room for one new token)."""
     end = tok.special_id(chat.END_TOKEN)
     prompts = [np.asarray(p.prompt, np.int32)[-(width - 1):] for p in problems]
     outs = decoder.generate(params, prompts, max_new_tokens=max_new_tokens, sampling=sampling.GREEDY, stop_ids=[end])
-    return [tok.decode([t for t in o.tokens if t != end]) for o in outs]
+    return [(tok.decode([t for t in o.tokens if t != end]), o.finish_reason) for o in outs]
+
+
+def answer(decoder: decode.Decoder, params, problems: list[Problem], tok: Tokenizer, *, width: int,
+           max_new_tokens: int) -> list[str]:
+    """Greedy answers (decoded text up to <|end|>) for `problems` (`answers_and_finishes` without the finishes)."""
+    return [text for text, _ in answers_and_finishes(decoder, params, problems, tok, width=width,
+                                                     max_new_tokens=max_new_tokens)]
 
 
 class ExactMatchEval:
     """(model, params) -> {'eval/exact_match', 'eval/exact_match/<kind>'...} over `problems`."""
 
     def __init__(self, problems: list[Problem], tok: Tokenizer, *, width: int, max_new_tokens: int,
-                 batch_size: int, check: str = "exact"):
+                 batch_size: int, check: str = "exact", limit_name: str = "max_new_tokens"):
         self.problems, self.tok, self.width, self.max_new_tokens = problems, tok, width, max_new_tokens
+        self.limit_name = limit_name  # the config field of max_new_tokens, named when it cuts answers
         self.check_name, self.check = check, answers_lib.check(check)
         self._decoder = per_model(lambda model: decode.Decoder(model, batch=batch_size, cache_len=width))
         self._last = _LastResult()
@@ -86,16 +96,18 @@ class ExactMatchEval:
             log.warning("exact match: %d of %d problems' prompts are longer than %d tokens: answered from their last "
                         "%d", self.prompts_cut, len(problems), width - 1, width - 1)
 
-    def _answers(self, model, params, keep: bool) -> list[str]:
-        return self._last.get(model, params, lambda: answer(self._decoder(model), params, self.problems, self.tok,
-                                                            width=self.width, max_new_tokens=self.max_new_tokens),
-                              keep=keep)
+    def _answers(self, model, params, keep: bool) -> list[tuple[str, str]]:
+        return self._last.get(model, params, lambda: answers_and_finishes(
+            self._decoder(model), params, self.problems, self.tok, width=self.width,
+            max_new_tokens=self.max_new_tokens), keep=keep)
 
     def predictions(self, model, params) -> list[dict]:
-        """One dict per problem: prompt messages, generated answer, reference, kind, correct."""
+        """One dict per problem: prompt messages, generated answer, reference, kind, correct, and finish
+        ('length' when max_new_tokens cut the answer)."""
         answers = self._answers(model, params, keep=True)
         return [{"prompt": list(p.messages), "prediction": a, "reference": p.reference, "kind": p.kind,
-                 "correct": bool(self.check(a, p.reference))} for p, a in zip(self.problems, answers)]
+                 "correct": bool(self.check(a, p.reference)), "finish": finish}
+                for p, (a, finish) in zip(self.problems, answers)]
 
     def coverage(self) -> dict:
         return {"exact_match_scored": len(self.problems),
@@ -109,20 +121,24 @@ class ExactMatchEval:
         answers = self._answers(model, params, keep=False)
         right = collections.Counter()
         total = collections.Counter()
-        for p, a in zip(self.problems, answers):
+        for p, (a, _) in zip(self.problems, answers):
             ok = self.check(a, p.reference)
             for key in ("", p.kind) if p.kind else ("",):
                 right[key] += ok
                 total[key] += 1
-        out = {"eval/exact_match": right[""] / total[""]}
+        cut = sum(finish == "length" for _, finish in answers)
+        if cut * 5 >= len(answers):  # a limit that cuts answers scores them wrong, silently
+            log.warning("exact match: %d of %d answers were cut at %s=%d before <|end|> (scored as cut; raise it if "
+                        "the answers are longer)", cut, len(answers), self.limit_name, self.max_new_tokens)
+        out = {"eval/exact_match": right[""] / total[""], "eval/exact_match_cut": cut / len(answers)}
         out.update({f"eval/exact_match/{k}": right[k] / total[k] for k in sorted(total) if k})
         return out
 
 
 def exact_match_eval(problems: list[Problem], tok: Tokenizer, *, width: int, max_new_tokens: int,
-                     batch_size: int, check: str = "exact") -> ExactMatchEval:
+                     batch_size: int, check: str = "exact", limit_name: str = "max_new_tokens") -> ExactMatchEval:
     return ExactMatchEval(problems, tok, width=width, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          check=check)
+                          check=check, limit_name=limit_name)
 
 
 def _encoder_logits(model):

@@ -231,5 +231,6 @@ def sft_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) 
     if f.eval_generate > 0:
         problems = sft_data.generation_problems(val_recs, tok, int(f.eval_generate))
         extra = task_eval.exact_match_eval(problems, tok, width=seq_len, max_new_tokens=int(f.max_new_tokens),
-                                           batch_size=micro_batch, check=config.data.answer_check)
+                                           batch_size=micro_batch, check=config.data.answer_check,
+                                           limit_name="sft.max_new_tokens")
     return Inputs(tok, data_iter, eval_data, extra_eval=extra, old_rows=old)

@@ -18,7 +18,7 @@ the eval loss's items in "example_unit" (windows, records, conversations, pairs;
 first sft.eval_generate problems) and, for decoded answers, "exact_match_check" (data.answer_check:
 'exact' text or 'final' answers). --out_predictions=FILE writes one JSON line per item for
 error analysis (classify: text, predicted and gold label; qa: question, predicted and gold
-answers, exact match, F1; sft: prompt messages, generated answer, reference, kind, correct);
+answers, exact match, F1; sft: prompt messages, generated answer, reference, kind, correct, finish);
 causal/mlm have no per-item predictions and exit 1 saying so.
 `--config.x.y=v` overrides the saved config (e.g. the mesh or batch size). Nothing in the run's
 workdir is written, except that a dpo run evaluated on other pairs caches their reference log-probs

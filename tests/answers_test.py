@@ -115,7 +115,7 @@ def test_prompts_all_too_long_say_how_long_and_what_to_raise(tmp_path):
 def test_the_eval_and_its_predictions_score_with_the_configured_check(monkeypatch):
     problems = [Problem(np.array([1, 2], np.int32), GSM8K["answer"], "gsm8k", ()),
                 Problem(np.array([1, 2], np.int32), "#### 5", "gsm8k", ())]
-    monkeypatch.setattr(task_eval, "answer", lambda *a, **k: ["48 + 24 = 72", "it is 4"])
+    monkeypatch.setattr(task_eval, "answers_and_finishes", lambda *a, **k: [("48 + 24 = 72", "stop"), ("it is 4", "length")])
     scores = {}
     for check in ("exact", "final"):
         ev = task_eval.exact_match_eval(problems, ByteTokenizer(), width=8, max_new_tokens=4, batch_size=2,
@@ -125,7 +125,7 @@ def test_the_eval_and_its_predictions_score_with_the_configured_check(monkeypatc
         assert [p["correct"] for p in ev.predictions(object(), object())] == [check == "final", False]
         assert ev.coverage()["exact_match_check"] == check
     assert scores["exact"]["eval/exact_match"] == 0.0
-    assert scores["final"] == {"eval/exact_match": 0.5, "eval/exact_match/gsm8k": 0.5}
+    assert scores["final"] == {"eval/exact_match": 0.5, "eval/exact_match/gsm8k": 0.5, "eval/exact_match_cut": 0.5}
 
 
 def test_a_reward_that_checks_otherwise_than_the_accuracy_is_warned_about(tmp_path, caplog):

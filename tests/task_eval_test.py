@@ -43,8 +43,10 @@ def test_exact_match_compiles_per_model_and_scores_the_model_it_is_given():
     shared = task_eval.exact_match_eval(as_b, TOK, width=32, max_new_tokens=4, batch_size=4)
     shared(a, params_a)  # the first model compiles its function ...
     out = shared(b, params_b)  # ... the second gets its own
+    cut = out.pop("eval/exact_match_cut")
     assert out == {"eval/exact_match": 1.0, "eval/exact_match/p": 1.0, "eval/exact_match/q": 1.0}
     rows = shared.predictions(b, params_b)
+    assert cut == np.mean([r["finish"] == "length" for r in rows])  # answers max_new_tokens cut, as predictions say
     assert [r["prediction"] for r in rows] == answers_b and all(r["correct"] for r in rows)
     assert rows[0]["prompt"] == [{"role": "user", "content": "ab"}] and [r["kind"] for r in rows] == ["p", "q", "p"]
     assert shared.coverage() == {"exact_match_scored": 3, "exact_match_of": 3, "exact_match_unit": "problems",
