@@ -3,7 +3,7 @@
 - 'exact': the text equals the reference, surrounding whitespace ignored (data/tasks.exact_match): the
   verifiable tasks of scripts/make_tasks.py, whose replies are the answer alone.
 - 'final': the two texts' FINAL ANSWERS are equal. A final answer is what follows the last '####'
-  (GSM8K's solutions end '#### 72'), else the content of the last \\boxed{...} (MATH's solutions), else
+  (GSM8K's solutions end '#### 72'; the number it starts with, when it does), else the content of the last \\boxed{...} (MATH's solutions), else
   the last number in the text. Two final answers that both read as numbers are compared by value
   ('1,000' = '1000' = '1000.0' = '$1000'; '3/4' = '0.75'); others as text, surrounding whitespace and a
   trailing period ignored. A reference without a final answer (empty) is never matched. This is the check
@@ -45,8 +45,10 @@ def final_answer(text: str) -> str:
     else the last number; '' when there is none."""
     if not isinstance(text, str):
         return ""
-    if "####" in text:
-        return text.rsplit("####", 1)[1].strip()
+    if "####" in text:  # GSM8K: the number right after it when there is one ('#### 72 apples' -> '72')
+        tail = text.rsplit("####", 1)[1].strip()
+        lead = _NUMBER.match(tail)
+        return lead.group() if lead else tail
     boxed = _boxed(text)
     if boxed is not None:
         return boxed.strip()

@@ -27,6 +27,8 @@ GSM8K = {"question": "Natalia sold clips to 48 of her friends in April, and then
 @pytest.mark.parametrize("text,want", [
     (GSM8K["answer"], "72"),
     ("so 3 + 4 = 7 #### 1,000", "1,000"),
+    ("#### 72 apples in all", "72"),
+    ("#### seventy-two", "seventy-two"),
     ("We get $\\boxed{\\frac{1}{2}}$, and 3 more.", "\\frac{1}{2}"),
     ("a {brace} then \\boxed{x^{2}} and \\boxed{42}", "42"),
     ("She has 5 apples, then 12.5 pears, so 17.5.", "17.5"),
