@@ -4,9 +4,9 @@
   verifiable tasks of scripts/make_tasks.py, whose replies are the answer alone.
 - 'final': the two texts' FINAL ANSWERS are equal. A final answer is what follows the last '####'
   (GSM8K's solutions end '#### 72'; the number it starts with, when it does), else the content of the
-  last \\boxed{...} (MATH's solutions), else the last number in the text. Two final answers that both read as numbers are compared by value
-  ('1,000' = '1000' = '1000.0' = '$1000'; '3/4' = '0.75'); others as text, surrounding whitespace and a
-  trailing period ignored. A reference without a final answer (empty) is never matched. This is the check
+  last \\boxed{...} (MATH's solutions), else the last number in the text. Two final answers that both
+  read as numbers are compared by value ('1,000' = '1000' = '1000.0' = '$1000'; '3/4' = '0.75'); others
+  as text, surrounding whitespace and a trailing period ignored. A reference without a final answer (empty) is never matched. This is the check
   for replies that reason before they answer (GSM8K, MATH): a reference that is a whole worked solution
   is compared by its final answer, not its wording.
 
