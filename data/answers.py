@@ -6,9 +6,9 @@
   (GSM8K's solutions end '#### 72'; the number it starts with, when it does), else the content of the
   last \\boxed{...} (MATH's solutions), else the last number in the text. Two final answers that both
   read as numbers are compared by value ('1,000' = '1000' = '1000.0' = '$1000'; '3/4' = '0.75'); others
-  as text, surrounding whitespace and a trailing period ignored. A reference without a final answer (empty) is never matched. This is the check
-  for replies that reason before they answer (GSM8K, MATH): a reference that is a whole worked solution
-  is compared by its final answer, not its wording.
+  as text, surrounding whitespace and a trailing period ignored. A reference without a final answer
+  (empty) is never matched. This is the check for replies that reason before they answer (GSM8K, MATH):
+  a reference that is a whole worked solution is compared by its final answer, not its wording.
 
 `check(name)` is the function (prediction, reference) -> bool; an unknown name is an error naming it.
 The evaluations that decode answers (eval/exact_match of modes sft, dpo, grpo, ppo), RL's
