@@ -33,7 +33,8 @@ MUST_MATCH = ("mode", "seed", "model.", "data.path", "data.text_field", "data.to
 
 # Common fields added after checkpoints existed: absent from a saved config means this value (each mode
 # adds its own section's: modes.Mode.added_defaults).
-ADDED_DEFAULTS = {"model.type_vocab_size": 0, "init_from": "", "data.answer_check": "exact", "lora.rank": 0, "lora.alpha": 16.0,
+ADDED_DEFAULTS = {"model.type_vocab_size": 0, "init_from": "", "data.answer_check": "exact", "lora.rank": 0,
+                  "lora.alpha": 16.0,
                   "lora.targets": ["attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/up", "mlp/down"],
                   "lora.base_dtype": "float32", "lora.train_new_rows": True,
                   "train.compile_cache_dir": "", "quant.bits": 0, "quant.group": 0, "quant.embed_bits": 8,

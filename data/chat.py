@@ -171,7 +171,8 @@ def messages_of(record) -> list[dict]:
     elif "prompt" in record and "response" in record:
         turns = transcript_prompt(record["prompt"])  # a Dahoas/rm-static transcript: its turns, the reply stripped
         reply = record["response"].strip() if turns and isinstance(record["response"], str) else record["response"]
-        messages = (turns or [{"role": "user", "content": record["prompt"]}]) + [{"role": "assistant", "content": reply}]
+        messages = (turns or [{"role": "user", "content": record["prompt"]}]) + \
+            [{"role": "assistant", "content": reply}]
     else:
         raise ChatError("missing field", "no 'messages' (or 'conversations', 'prompt' + 'response' / "
                         "'completion', 'instruction' + 'output', or " +

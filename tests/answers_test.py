@@ -117,7 +117,8 @@ def test_prompts_all_too_long_say_how_long_and_what_to_raise(tmp_path):
 def test_the_eval_and_its_predictions_score_with_the_configured_check(monkeypatch):
     problems = [Problem(np.array([1, 2], np.int32), GSM8K["answer"], "gsm8k", ()),
                 Problem(np.array([1, 2], np.int32), "#### 5", "gsm8k", ())]
-    monkeypatch.setattr(task_eval, "answers_and_finishes", lambda *a, **k: [("48 + 24 = 72", "stop"), ("it is 4", "length")])
+    monkeypatch.setattr(task_eval, "answers_and_finishes",
+                        lambda *a, **k: [("48 + 24 = 72", "stop"), ("it is 4", "length")])
     scores = {}
     for check in ("exact", "final"):
         ev = task_eval.exact_match_eval(problems, ByteTokenizer(), width=8, max_new_tokens=4, batch_size=2,
@@ -150,5 +151,6 @@ def test_an_unknown_check_is_refused_before_anything_is_written(tmp_path):
     path.write_text(json.dumps(GSM8K) + "\n")
     work = tmp_path / "run"
     with pytest.raises(ValueError, match="data.answer_check='numeric'"):
-        train.train_and_evaluate(tiny_config(str(path), sft_config, data__answer_check="numeric", sft__val_path=""), str(work))
+        train.train_and_evaluate(tiny_config(str(path), sft_config, data__answer_check="numeric", sft__val_path=""),
+                                 str(work))
     assert not (work / "checkpoints").exists()

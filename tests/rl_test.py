@@ -237,9 +237,11 @@ def test_adaptive_kl_moves_toward_the_target():
     ("rl__kl_estimator", "k9", "rl.kl_estimator='k9'"), ("rl__aggregation", "sum", "rl.aggregation='sum'"),
     ("rl__minibatch", 5, "rl.minibatch=5"), ("rl__rewards", ("bogus",), "'bogus' is not"),
     ("rl__temperature", 0.0, "rl.temperature=0.0"),
-    ("rl__top_p", 0.0, "rl.top_p: sampling top_p=0.0 is out of range"), ("rl__top_k", -1, "rl.top_k: sampling top_k=-1"),
+    ("rl__top_p", 0.0, "rl.top_p: sampling top_p=0.0 is out of range"),
+    ("rl__top_k", -1, "rl.top_k: sampling top_k=-1"),
     ("rl__min_p", 1.5, "rl.min_p: sampling min_p=1.5"),
-    ("rl__reward_weights", (1.0, 2.0), "rl.reward_weights=(1.0, 2.0): give one number per rl.rewards entry"), ("rl__on_anomaly", "panic", "rl.on_anomaly='panic'"),
+    ("rl__reward_weights", (1.0, 2.0), "rl.reward_weights=(1.0, 2.0): give one number per rl.rewards entry"),
+    ("rl__on_anomaly", "panic", "rl.on_anomaly='panic'"),
     ("rl__ptx_coef", 0.5, "rl.ptx_coef=0.5 must be >= 0, and > 0 needs rl.ptx_path"),
     ("rl__ptx_coef", -1.0, "rl.ptx_coef=-1.0"),
     ("rl__group_size", 1, "rl.group_size=1: GRPO's advantage is a completion's reward minus its group's mean")])
