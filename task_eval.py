@@ -128,8 +128,8 @@ class ExactMatchEval:
                 total[key] += 1
         cut = sum(finish == "length" for _, finish in answers)
         if cut * 5 >= len(answers):  # a limit that cuts answers scores them wrong, silently
-            log.warning("exact match: %d of %d answers were cut at %s=%d before <|end|> (scored as cut; raise it if "
-                        "the answers are longer)", cut, len(answers), self.limit_name, self.max_new_tokens)
+            log.warning("exact match: %d of %d answers were cut at %s=%d tokens before <|end|> and scored as cut "
+                        "(raise it if the answers are longer)", cut, len(answers), self.limit_name, self.max_new_tokens)
         out = {"eval/exact_match": right[""] / total[""], "eval/exact_match_cut": cut / len(answers)}
         out.update({f"eval/exact_match/{k}": right[k] / total[k] for k in sorted(total) if k})
         return out
