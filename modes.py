@@ -275,8 +275,8 @@ def input_fingerprint(config) -> dict:
         if config.rl.reward_model:
             step = checkpoint.latest_step(config.rl.reward_model)
             out["rl.reward_model"] = {"path": config.rl.reward_model, "step": step, "digest": f"step {step}"}
-        for name in config.rl.rewards:  # reward functions of one's own, FILE.py:FUNCTION
-            where = rl_rewards.reward_file(name)
+        for name in config.rl.rewards:  # reward functions of one's own: FILE.py:FUNCTION, module:FUNCTION's file
+            where = rl_rewards.reward_source(name)
             if where and os.path.isfile(os.path.expanduser(where)):
                 out[f"rl.rewards[{name}]"] = dict(path=where, **sources.files_fingerprint(where))
     return out

@@ -89,6 +89,19 @@ def reward_file(name: str) -> str:
     return where if where.endswith(".py") else ""
 
 
+def reward_source(name: str) -> str:
+    """The source file of a reward of one's own: FILE.py's, or the module file of module:FUNCTION (found
+    without running the module itself); '' for a built-in or a module without a file."""
+    if reward_file(name) or not isinstance(name, str) or ":" not in name:
+        return reward_file(name)
+    try:
+        spec = importlib.util.find_spec(name.rsplit(":", 1)[0])
+    except (ImportError, ValueError):
+        return ""
+    origin = getattr(spec, "origin", None) or ""
+    return origin if origin.endswith(".py") and os.path.isfile(origin) else ""
+
+
 @functools.lru_cache(maxsize=None)
 def _load(name: str) -> Callable:
     where, function = name.rsplit(":", 1)

@@ -173,6 +173,16 @@ def test_a_reward_function_of_ones_own_by_file_or_module(tmp_path, monkeypatch):
         f.write("# tuned\n")
     with pytest.raises(ValueError, match=r"rl\.rewards\[.*my_rewards\.py:digits\]='.*my_rewards\.py': 1 files"):
         harness.check_inputs_unchanged(config, str(tmp_path / "run"), resuming=True)
+    # so is the module file of a module:FUNCTION reward (found on sys.path, as the run imports it)
+    config = _cfg(tmp_path, grpo_config, rl__rewards=("my_rewards:half_len",))
+    (tmp_path / "run2").mkdir()
+    run2 = str(tmp_path / "run2")
+    harness.record_inputs(run2, harness.check_inputs_unchanged(config, run2, False))
+    with open(tmp_path / "my_rewards.py", "a") as f:
+        f.write("# tuned again\n")
+    with pytest.raises(ValueError, match=r"rl\.rewards\[my_rewards:half_len\]='.*my_rewards\.py': 1 files"):
+        harness.check_inputs_unchanged(config, run2, resuming=True)
+    assert rewards.reward_source("exact_match") == rewards.reward_source("no_such_module_xyz:f") == ""
 
 
 def test_a_reward_of_ones_own_may_take_the_prompt_record_and_rewards_are_weighted(tmp_path, monkeypatch):
