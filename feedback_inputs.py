@@ -110,6 +110,9 @@ def check_rl(config) -> None:
             raise ValueError("rl.rewards is empty and rl.reward_model is '': name a programmatic reward or a reward-model run")
         rl_rewards.check_names(r.rewards)
         rl_rewards.check_weights(r.rewards, tuple(r.get("reward_weights", ())))
+    elif tuple(r.get("reward_weights", ())):
+        raise ValueError(f"rl.reward_weights={tuple(r.reward_weights)!r} weighs rl.rewards, but rl.reward_model="
+                         f"{r.reward_model!r} gives the reward (set one or the other)")
     else:  # its mode, before anything is written (a run of another mode failed only after set-up and model loads)
         mngr = checkpoint.open_read_only(r.reward_model)
         try:

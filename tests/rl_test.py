@@ -63,6 +63,9 @@ def test_a_reward_model_of_another_mode_is_refused_before_anything_is_written(tm
     config = _cfg(tmp_path, ppo_config, rl__reward_model=str(tmp_path / "sft"), rl__rewards=())
     with pytest.raises(ValueError, match=r"rl.reward_model=.*sft' is a mode='sft' run, not a reward model"):
         feedback_inputs.rl_inputs(config, str(tmp_path / "run"), 4)
+    config.rl.reward_weights = (0.5,)  # weights of programmatic rewards the reward model replaces: named
+    with pytest.raises(ValueError, match=r"rl.reward_weights=\(0.5,\) weighs rl.rewards, but rl.reward_model="):
+        feedback_inputs.rl_inputs(config, str(tmp_path / "run"), 4)
     assert not os.path.exists(tmp_path / "run")
 
 
