@@ -135,7 +135,8 @@ def base() -> ml_collections.ConfigDict:
     #                               'FILE.py:FUNCTION'
     l.reward_weights = ()  # one weight per rl.rewards entry (TRL's reward_weights); () = 1 each
     l.reward_model = ""  # a mode 'reward' run's workdir: its score is the reward (instead of rl.rewards)
-    l.answer_field = "answer"  # the prompt records' field a reward checks against (e.g. 'solution')
+    l.answer_field = "answer"  # the prompt records' field a reward checks against (e.g. 'solution'; dotted for
+    #                            a nested one: verl's 'reward_model.ground_truth')
     l.ptx_coef = 0.0  # + coef x the mean token NLL of rl.ptx_rows SFT rows in every update (InstructGPT's PPO-ptx)
     l.ptx_path = ""  # chat JSONL (SFT records) those rows come from, rendered as mode 'sft' renders them
     l.ptx_rows = 8  # SFT rows (data.seq_len tokens) per update, drawn by (seed, iteration, epoch, update)

@@ -70,11 +70,24 @@ class Problems(list):
         self.of = of
 
 
+def field_value(record: dict, field: str):
+    """record[field]; a dotted field that is not a key of its own walks nested objects (verl's
+    'reward_model.ground_truth'); None when absent."""
+    if field in record or "." not in field:
+        return record.get(field)
+    value = record
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def reference_answer(record: dict, messages: list[dict], field: str = "answer") -> str:
-    """The record's "answer" field (or `field`: a non-empty string, or a number as text) when it has one,
-    else the last assistant turn's content: a task record may keep the checkable answer apart from a
-    longer reply."""
-    answer = record.get(field)
+    """The record's "answer" field (or `field`, dotted for a nested one: a non-empty string, or a number as
+    text) when it has one, else the last assistant turn's content: a task record may keep the checkable
+    answer apart from a longer reply."""
+    answer = field_value(record, field)
     if isinstance(answer, str) and answer.strip():
         return answer
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):

@@ -125,6 +125,13 @@ def test_prompt_only_conversations_and_an_answer_field_of_their_own(tmp_path, ca
     (p, *_), _ = prompts_data.read_prompts(str(path), ByteTokenizer(), max_prompt_len=64, strict=True,
                                            answer_field="solution")
     assert list(p.messages) == convo and p.reference == "x"
+    # verl's prompts keep the answer nested: a dotted answer_field reads it (a number as its text)
+    verl = tmp_path / "verl.jsonl"
+    verl.write_text(json.dumps({"prompt": convo, "data_source": "gsm8k",
+                                "reward_model": {"style": "rule", "ground_truth": 72}}) + "\n")
+    (p,), _ = prompts_data.read_prompts(str(verl), ByteTokenizer(), max_prompt_len=64, strict=True,
+                                        answer_field="reward_model.ground_truth")
+    assert p.reference == "72" and p.record["data_source"] == "gsm8k"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": convo + [{"role": "assistant", "content": "x"}]}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:1: .*a prompt conversation ends with a user turn"):
