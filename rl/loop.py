@@ -169,7 +169,7 @@ def iterate(run) -> int:
                                                  length_penalty=float(r.length_penalty),
                                                  length_target=int(r.length_target))
             scalars.update({f"rl/reward/{key}": float(np.mean(v))
-                            for key, v in zip(rewards_lib.metric_names(each), each.values())})
+                            for key, v in zip(rewards_lib.metric_names(r.rewards), each)})
         if scorer is not None and float(r.length_penalty):
             rewards_N = rewards_N - float(r.length_penalty) * np.maximum(0, ro.lengths - int(r.length_target))
         # ---- 3. the trainer's and the reference's log-probs ------------------------------------------

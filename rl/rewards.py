@@ -140,15 +140,15 @@ def _value(name: str, fn: Callable, text: str, answer: str, finish: str, n: int,
     return float(value)
 
 
-def each_reward(names, texts, answers, finishes, lengths, records=None) -> dict[str, np.ndarray]:
-    """{name: float32 [N]}: each named reward of every completion; `records`: each completion's prompt record,
-    for the functions that take one (none: {})."""
+def each_reward(names, texts, answers, finishes, lengths, records=None) -> list[np.ndarray]:
+    """Float32 [N] per named reward (in `names`' order, a name listed twice twice): each reward of every
+    completion; `records`: each completion's prompt record, for the functions that take one (none: {})."""
     fns = [(name, resolve(name)) for name in names]
     records = [{}] * len(texts) if records is None else records
-    out = {name: np.zeros(len(texts), np.float32) for name in names}
+    out = [np.zeros(len(texts), np.float32) for _ in names]
     for i, (text, answer, finish, n, record) in enumerate(zip(texts, answers, finishes, lengths, records)):
-        for name, fn in fns:
-            out[name][i] = _value(name, fn, text, answer, finish, n, record)
+        for k, (name, fn) in enumerate(fns):
+            out[k][i] = _value(name, fn, text, answer, finish, n, record)
     return out
 
 
@@ -171,12 +171,13 @@ def check_weights(names, weights) -> None:
                          f"{tuple(names)!r}, or () for weights of 1")
 
 
-def weighted_sum(each: dict[str, np.ndarray], weights=(), lengths=None, *, length_penalty: float = 0.0,
+def weighted_sum(each: list[np.ndarray], weights=(), lengths=None, *, length_penalty: float = 0.0,
                  length_target: int = 0) -> np.ndarray:
     """sum_k weight_k * reward_k per completion (weights () = all 1), minus the length penalty; float32 [N]."""
-    check_weights(list(each), weights)
     weights = tuple(weights) or (1.0,) * len(each)
-    out = sum(float(w) * r for w, r in zip(weights, each.values()))
+    if len(weights) != len(each):
+        raise ValueError(f"{len(weights)} reward weights for {len(each)} rewards")
+    out = sum(float(w) * r for w, r in zip(weights, each))
     if length_penalty:
         out = out - length_penalty * np.maximum(0, np.asarray(lengths) - length_target)
     return np.asarray(out, np.float32)

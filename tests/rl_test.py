@@ -217,6 +217,9 @@ def test_a_reward_of_ones_own_may_take_the_prompt_record_and_rewards_are_weighte
     assert rows[0]["rl/reward_mean"] == 0.25 * 2 + 3.0 * 1 and rows[0]["rl/reward_std"] == 0.0
     assert (rows[0]["rl/reward/n_tests"], rows[0]["rl/reward/weight"]) == (2.0, 1.0)
     assert rewards.metric_names(["exact_match", "a.py:f", "b.py:f", "m:g"]) == ["exact_match", "f", "f_2", "g"]
+    # a reward listed twice counts twice (and takes its own weight)
+    np.testing.assert_allclose(rewards.programmatic(["exact_match", "exact_match"], ["x"], ["x"], ["stop"], [1],
+                                                    weights=(1.0, 0.5)), [1.5])
 
 
 def test_rollout_sampling_takes_the_rl_block_s_filters():
