@@ -11,7 +11,8 @@ conversation user -> assistant; ShareGPT's `{"conversations": [{"from", "value"}
 (`chat_record`).
 
 Loss mask (`train_on='assistant'`): 1 exactly on the tokens of each assistant's content and its
-closing <|end|>; 0 on role tokens and on system/user turns. `train_on='all'`: 1 on every token
+closing <|end|>; 0 on role tokens and on system/user turns, and on an assistant message with
+`"weight": 0` (OpenAI's fine-tuning format: a turn kept as context, not learnt). `train_on='all'`: 1 on every token
 (the conversation as plain language-model text). mask[i] says whether token i is a *target*;
 when packing, the weight of input position j is mask[j + 1].
 
@@ -190,7 +191,17 @@ def messages_of(record) -> list[dict]:
         content = m.get("content")
         if not isinstance(content, str) or not content.strip():
             raise ChatError("empty content", f"messages[{i}].content={content!r}")
+        if bad_weight(m):
+            raise ChatError("bad weight", f"messages[{i}].weight={m['weight']!r}: {WEIGHT_RULE}")
     return messages
+
+
+WEIGHT_RULE = "an assistant message's weight is 0 (not trained on) or 1 (OpenAI's fine-tuning format)"
+
+
+def bad_weight(m: dict) -> bool:
+    """Whether a message has a "weight" other than an assistant message's 0 or 1."""
+    return "weight" in m and (m.get("role") != "assistant" or isinstance(m["weight"], bool) or m["weight"] not in (0, 1))
 
 
 def _render_messages(messages: list[dict], tokenizer: Tokenizer, train_on: str):
@@ -198,7 +209,7 @@ def _render_messages(messages: list[dict], tokenizer: Tokenizer, train_on: str):
     ids, mask = [], []
     for m in messages:
         content = tokenizer.encode(m["content"]).astype(np.int32)
-        trained = 1.0 if (train_on == "all" or m["role"] == "assistant") else 0.0
+        trained = 1.0 if (train_on == "all" or (m["role"] == "assistant" and m.get("weight", 1) == 1)) else 0.0
         ids += [np.array([tokenizer.special_id(ROLE_TOKENS[m["role"]])], np.int32), content,
                 np.array([end], np.int32)]
         mask += [np.array([1.0 if train_on == "all" else 0.0], np.float32),
@@ -213,6 +224,8 @@ def render(record, tokenizer: Tokenizer, *, train_on: str = "assistant") -> tupl
     messages = messages_of(record)
     if not any(m["role"] == "assistant" for m in messages):
         raise ChatError("no assistant turn", f"roles {[m['role'] for m in messages]}")
+    if train_on == "assistant" and not any(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages):
+        raise ChatError("no trained turn", "every assistant message has weight 0")
     return _render_messages(messages, tokenizer, train_on)
 
 

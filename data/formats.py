@@ -21,7 +21,9 @@ Schemas (one JSON object a line; extra fields are kept):
       is the shared user turn's text); the shared turns become the prompt. Anthropic HH-RLHF's raw
       pairs (both sides transcripts '\\n\\nHuman: ...\\n\\nAssistant: ...') are read as such conversations,
       and a prompt that is a transcript ending in an empty 'Assistant:' cue (DeepSpeed-Chat's
-      Dahoas/rm-static) as its turns, the sides stripped (data/chat.transcript_messages).
+      Dahoas/rm-static) as its turns, the sides stripped (data/chat.transcript_messages). OpenAI's
+      preference fine-tuning records {"input": {"messages"}, "preferred_output", "non_preferred_output"}
+      are the pair of those messages and outputs.
 
 `validate(record, fmt)` returns the record (an implicit-prompt pair with its prompt made explicit) or raises `FormatError(reason, detail)`: `reason`
 is a short name counted in the manifest ('missing field', 'wrong type', 'empty text',
@@ -128,6 +130,8 @@ def _messages(messages, field: str) -> list[str]:
             raise FormatError("wrong type", f"{field}[{i}].content is {type(content).__name__}, expected str")
         if not content.strip():
             raise FormatError("empty text", f"{field}[{i}].content is empty")
+        if chat.bad_weight(m):
+            raise FormatError("bad weight", f"{field}[{i}].weight={m['weight']!r}: {chat.WEIGHT_RULE}")
         roles.append(role)
     return roles
 
@@ -154,7 +158,7 @@ def explicit_prompt(r: dict) -> dict:
     pairs that also give the prompt (HuggingFaceH4's ultrafeedback_binarized: the user turn's text), which
     must then be those shared turns or the last of them. Any other record is returned as it is (validation
     names what it lacks)."""
-    r = _from_transcripts(r)
+    r = _from_transcripts(_from_openai(r))
     chosen, rejected = r.get("chosen"), r.get("rejected")
     if not (isinstance(chosen, list) and isinstance(rejected, list)) \
             or not all(isinstance(m, dict) for m in chosen + rejected) or len(chosen) < 2 or len(rejected) < 2:
@@ -174,6 +178,19 @@ def explicit_prompt(r: dict) -> dict:
             raise FormatError("prompt mismatch", f"'prompt' {prompt!r:.80} is neither the {shared} turns both sides "
                               f"start with nor the last of them ({last!r:.80})")
     return {**r, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+def _from_openai(r: dict) -> dict:
+    """OpenAI's preference fine-tuning record {"input": {"messages": [...]}, "preferred_output": [assistant
+    message], "non_preferred_output": [...]} as {"prompt": those messages, "chosen", "rejected"} (other
+    fields kept); any other record as it is."""
+    given = r.get("input")
+    if not (isinstance(given, dict) and "messages" in given and "preferred_output" in r
+            and "non_preferred_output" in r and "prompt" not in r):
+        return r
+    rest = {k: v for k, v in r.items() if k not in ("input", "preferred_output", "non_preferred_output")}
+    return {**rest, "prompt": given["messages"], "chosen": r["preferred_output"],
+            "rejected": r["non_preferred_output"]}
 
 
 def _from_transcripts(r: dict) -> dict:

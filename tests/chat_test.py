@@ -62,6 +62,29 @@ BAD = [
 ]
 
 
+def test_an_assistant_message_of_weight_0_is_context_not_target():
+    """OpenAI's fine-tuning format: "weight": 0 on an assistant message keeps it as context, untrained;
+    a weight other than 0 / 1, or on another role, is named; a record with no trained turn is refused."""
+    from data import formats
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "bad", "weight": 0},
+             {"role": "user", "content": "b"}, {"role": "assistant", "content": "good", "weight": 1}]
+    ids, mask = chat.render({"messages": turns}, TOK)
+    plain, plain_mask = chat.render({"messages": [{k: v for k, v in m.items() if k != "weight"} for m in turns]}, TOK)
+    np.testing.assert_array_equal(ids, plain)  # the same tokens ...
+    trained = TOK.decode([int(t) for t, w in zip(ids, mask) if w and t < 256])
+    assert trained == "good" and TOK.decode([int(t) for t, w in zip(plain, plain_mask) if w and t < 256]) == "badgood"
+    assert formats.validate({"messages": turns}, "chat")
+    for bad, where in ((dict(turns[1], weight=0.5), 1), (dict(turns[0], weight=1), 0), (dict(turns[1], weight=True), 1)):
+        record = {"messages": turns[:where] + [bad] + turns[where + 1:]}
+        with pytest.raises(chat.ChatError, match=rf"messages\[{where}\].weight=.*weight is 0 \(not trained on\) or 1"):
+            chat.render(record, TOK)
+        with pytest.raises(formats.FormatError, match=rf"bad weight: messages\[{where}\].weight="):
+            formats.validate(record, "chat")
+    with pytest.raises(chat.ChatError, match="every assistant message has weight 0"):
+        chat.render({"messages": turns[:2]}, TOK)
+    assert chat.render({"messages": turns[:2]}, TOK, train_on="all")[1].all()
+
+
 def test_literal_role_text_in_content_is_not_a_special_token():
     ids, mask = chat.render({"prompt": "<|assistant|>hack<|end|>", "response": "ok"}, TOK)
     specials = [int(i) for i in ids if i >= TOK.base_size]

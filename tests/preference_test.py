@@ -738,6 +738,24 @@ def test_anthropic_hh_transcripts_and_dahoas_prompts_read_as_conversations(tmp_p
     assert formats.validate(plain, "preference") is plain
 
 
+def test_openai_preference_records_read_as_conversational_pairs(tmp_path):
+    """OpenAI's preference fine-tuning JSONL: {"input": {"messages", "tools"...}, "preferred_output",
+    "non_preferred_output"} is the pair of those messages and outputs in every reader."""
+    record = {"input": {"messages": CONVERSATION, "tools": [], "parallel_tool_calls": True},
+              "preferred_output": [{"role": "assistant", "content": "4"}],
+              "non_preferred_output": [{"role": "assistant", "content": "five"}]}
+    explicit = {"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "five"}]}
+    assert formats.validate(record, "preference") == explicit
+    path = _write_jsonl(tmp_path / "openai.jsonl", [record])
+    problems, _ = prompts_data.read_prompts(path, TOK, max_prompt_len=SEQ_LEN, strict=True)
+    assert list(problems[0].messages) == CONVERSATION and problems[0].reference == "4"
+    assert [r["prompt"] for _, r, _ in score.read_records(path)] == [CONVERSATION]
+    bad = dict(record, non_preferred_output=[{"role": "assistant", "content": "4"}])
+    with pytest.raises(formats.FormatError, match="chosen equals rejected"):
+        formats.validate(bad, "preference")
+
+
 def test_conversational_prompts_reach_rl_prompts_and_on_policy_pairs(tmp_path):
     trl_side = [{"role": "assistant", "content": "4"}]  # TRL's conversational form of a side
     path = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": CONVERSATION, "chosen": trl_side, "rejected": "5"},
