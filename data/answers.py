@@ -5,9 +5,9 @@
 - 'final': the two texts' FINAL ANSWERS are equal. A final answer is what follows the last '####'
   (GSM8K's solutions end '#### 72'; the number it starts with, when it does), else the content of the
   last \\boxed{...} (MATH's solutions), else the last number in the text. Two final answers that both
-  read as numbers are compared by value ('1,000' = '1000' = '1000.0' = '$1000'; '3/4' = '0.75'); others
-  as text, surrounding whitespace and a trailing period ignored. A reference without a final answer
-  (empty) is never matched. This is the check for replies that reason before they answer (GSM8K, MATH):
+  read as numbers are compared by value ('1,000' = '1000' = '1000.0' = '$1000'; '3/4' = '0.75' =
+  '\\dfrac{3}{4}'); others as text without LaTeX's spelling variants (`normal_form`: '\\left(1, 2\\right)' =
+  '(1,2)', '5\\text{ cm}' = '5'). A reference without a final answer (empty) is never matched. This is the check for replies that reason before they answer (GSM8K, MATH):
   a reference that is a whole worked solution is compared by its final answer, not its wording.
 
 `check(name)` is the function (prediction, reference) -> bool; an unknown name is an error naming it.
@@ -68,16 +68,33 @@ def as_number(text: str) -> Fraction | None:
         return None
 
 
+_TEX_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\%", "^{\\circ}", "^\\circ", "$", " ")
+
+
+def normal_form(answer: str) -> str:
+    """A final answer with LaTeX's spelling variants removed, as MATH graders do: \\dfrac / \\tfrac as
+    \\frac, \\frac{a}{b} of integers as a/b, sizing and spacing commands, degrees, '\\%', '$', spaces and a
+    trailing period dropped, and trailing units in \\text{...} ('5\\text{ cm}' -> '5')."""
+    s = answer.strip().rstrip(".").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    units = re.fullmatch(r"(.*\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}", s)  # after a value: '5\\text{ cm}'
+    s = units.group(1) if units else s
+    for token in _TEX_DROP:
+        s = s.replace(token, "")
+    return re.sub(r"\\frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", s).rstrip(".")
+
+
 def final_match(prediction: str, reference) -> bool:
-    """True iff the prediction's final answer equals the reference's (by value when both are numbers)."""
+    """True iff the prediction's final answer equals the reference's (by value when both are numbers, else
+    as normal_form text)."""
     want = final_answer(str(reference))
     got = final_answer(prediction)
     if not want or not got:
         return False
-    a, b = as_number(got), as_number(want)
-    if a is not None and b is not None:
-        return a == b
-    return got.rstrip(".").strip() == want.rstrip(".").strip()
+    a, b = normal_form(got), normal_form(want)
+    x, y = as_number(a), as_number(b)
+    if x is not None and y is not None:
+        return x == y
+    return bool(a) and a == b
 
 
 CHECKS: dict[str, Callable[[str, str], bool]] = {"exact": tasks.exact_match, "final": final_match}

@@ -51,6 +51,12 @@ def test_final_answer_of_a_text(text, want):
     ("\\boxed{\\frac{1}{3}}", "\\boxed{\\frac{1}{2}}", False),
     ("-5", "#### -5", True),
     ("5", "#### -5", False),
+    ("\\boxed{\\dfrac{1}{2}}", "\\boxed{0.5}", True),  # LaTeX spellings (normal_form)
+    ("\\boxed{\\left( 1, 2 \\right)}", "so \\boxed{(1,2)}.", True),
+    ("\\boxed{5\\text{ cm}}", "\\boxed{5}", True),
+    ("\\boxed{90^\\circ}", "\\boxed{90}", True),
+    ("\\boxed{\\text{(A)}}", "\\boxed{\\text{(C)}}", False),  # a text answer is not dropped as units
+    ("\\boxed{\\text{(C)}}", "\\boxed{\\text{ (C)}}", True),
     ("72", "", False),  # no reference answer: never right
     ("", "72", False),
 ])
