@@ -7,8 +7,9 @@
   last \\boxed{...} (MATH's solutions), else the last number in the text. Two final answers that both
   read as numbers are compared by value ('1,000' = '1000' = '1000.0' = '$1000'; '3/4' = '0.75' =
   '\\dfrac{3}{4}'); others as text without LaTeX's spelling variants (`normal_form`: '\\left(1, 2\\right)' =
-  '(1,2)', '5\\text{ cm}' = '5'). A reference without a final answer (empty) is never matched. This is the check for replies that reason before they answer (GSM8K, MATH):
-  a reference that is a whole worked solution is compared by its final answer, not its wording.
+  '(1,2)', '5\\text{ cm}' = '5'). A reference without a final answer (empty) is never matched. This is
+  the check for replies that reason before they answer (GSM8K, MATH): a reference that is a whole worked
+  solution is compared by its final answer, not its wording.
 
 `check(name)` is the function (prediction, reference) -> bool; an unknown name is an error naming it.
 The evaluations that decode answers (eval/exact_match of modes sft, dpo, grpo, ppo), RL's
