@@ -46,6 +46,7 @@ def final_answer(text: str) -> str:
     else the last number; '' when there is none."""
     if not isinstance(text, str):
         return ""
+    text = text.replace("\u2212", "-")  # a typeset minus sign is a minus
     if "####" in text:  # GSM8K: the number right after it when there is one ('#### 72 apples' -> '72')
         tail = text.rsplit("####", 1)[1].strip()
         lead = _NUMBER.match(tail)

@@ -50,6 +50,7 @@ def test_final_answer_of_a_text(text, want):
     ("half: \\boxed{\\frac{1}{2}}", "\\boxed{\\frac{1}{2}}", True),
     ("\\boxed{\\frac{1}{3}}", "\\boxed{\\frac{1}{2}}", False),
     ("-5", "#### -5", True),
+    ("it falls to \u22125 degrees", "#### -5", True),
     ("5", "#### -5", False),
     ("\\boxed{\\dfrac{1}{2}}", "\\boxed{0.5}", True),  # LaTeX spellings (normal_form)
     ("\\boxed{\\left( 1, 2 \\right)}", "so \\boxed{(1,2)}.", True),
