@@ -201,7 +201,9 @@ WEIGHT_RULE = "an assistant message's weight is 0 (not trained on) or 1 (OpenAI'
 
 def bad_weight(m: dict) -> bool:
     """Whether a message has a "weight" other than an assistant message's 0 or 1."""
-    return "weight" in m and (m.get("role") != "assistant" or isinstance(m["weight"], bool) or m["weight"] not in (0, 1))
+    if "weight" not in m:
+        return False
+    return m.get("role") != "assistant" or isinstance(m["weight"], bool) or m["weight"] not in (0, 1)
 
 
 def _render_messages(messages: list[dict], tokenizer: Tokenizer, train_on: str):

@@ -74,7 +74,8 @@ def test_an_assistant_message_of_weight_0_is_context_not_target():
     trained = TOK.decode([int(t) for t, w in zip(ids, mask) if w and t < 256])
     assert trained == "good" and TOK.decode([int(t) for t, w in zip(plain, plain_mask) if w and t < 256]) == "badgood"
     assert formats.validate({"messages": turns}, "chat")
-    for bad, where in ((dict(turns[1], weight=0.5), 1), (dict(turns[0], weight=1), 0), (dict(turns[1], weight=True), 1)):
+    for bad, where in ((dict(turns[1], weight=0.5), 1), (dict(turns[0], weight=1), 0),
+                       (dict(turns[1], weight=True), 1)):
         record = {"messages": turns[:where] + [bad] + turns[where + 1:]}
         with pytest.raises(chat.ChatError, match=rf"messages\[{where}\].weight=.*weight is 0 \(not trained on\) or 1"):
             chat.render(record, TOK)
