@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from conftest import tiny_config
 
 import feedback_inputs
@@ -64,6 +65,19 @@ def test_final_answer_of_a_text(text, want):
 def test_final_match_compares_final_answers_by_value(prediction, reference, ok):
     assert answers.final_match(prediction, reference) is ok
     assert answers.check("final")(prediction, reference) is ok
+
+
+_PIECES = st.lists(st.sampled_from(list("0123456789.,-$%/ {}#\n\u2212") + ["\\boxed{", "\\frac", "\\text{",
+                                                                       "\\left(", "####", "^\\circ"]), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), _PIECES.map("".join)), st.one_of(st.text(), _PIECES.map("".join)))
+def test_final_match_never_raises_on_any_text(a, b):
+    """A reward runs on whatever a policy samples: the check must answer, never raise (a raise ends the run)."""
+    assert isinstance(answers.final_match(a, b), bool)
+    if answers.as_number(answers.normal_form(answers.final_answer(a))) is not None:
+        assert answers.final_match(a, a)  # a numeric final answer matches itself
 
 
 def test_the_exact_check_is_the_tasks_one_and_an_unknown_check_is_named():
