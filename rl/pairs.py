@@ -67,7 +67,8 @@ def prompt_field(problem: Problem):
 
 def sample_pairs(model, params, problems: list[Problem], tok, *, samples: int, sampling: Sampling,
                  max_new_tokens: int, max_prompt_len: int, seed: int = 0, batch_rows: int = 64,
-                 reward_names=("exact_match",), scorer=None, min_gap: float = 0.0) -> tuple[list[dict], dict]:
+                 reward_names=("exact_match",), scorer=None, min_gap: float = 0.0,
+                 reward_weights=()) -> tuple[list[dict], dict]:
     """(pair records in prompt order, summary) for `problems` (data/prompts.read_prompts), `samples` each."""
     if samples < 2:
         raise ValueError(f"samples={samples}: a pair needs at least 2 completions of a prompt")
@@ -75,6 +76,7 @@ def sample_pairs(model, params, problems: list[Problem], tok, *, samples: int, s
         raise ValueError(f"batch_rows={batch_rows} must be >= samples={samples} (a prompt's samples decode together)")
     if scorer is None:
         rewards_lib.check_names(reward_names)
+        rewards_lib.check_weights(reward_names, reward_weights)
     prompt_fields = [prompt_field(p) for p in problems]
     for i, p in enumerate(problems):
         if len(p.prompt) > max_prompt_len:
@@ -97,7 +99,7 @@ def sample_pairs(model, params, problems: list[Problem], tok, *, samples: int, s
         else:
             lengths = np.asarray([len(o.tokens) for o in outs], np.int32)
             answers = [chunk[i // samples].reference for i in range(len(outs))]
-            r_N = rewards_lib.programmatic(reward_names, texts, answers, finishes, lengths,
+            r_N = rewards_lib.programmatic(reward_names, texts, answers, finishes, lengths, weights=reward_weights,
                                            records=[chunk[i // samples].record for i in range(len(outs))])
         reward_sum += float(np.sum(r_N))
         for j, problem in enumerate(chunk):

@@ -2,7 +2,8 @@
 
     python scripts/sample_pairs.py --workdir=runs/sft --data=datasets/tasks/train.jsonl \
         --out=datasets/pairs_sft/train_pref.jsonl [--samples=8] [--temperature=1.0] [--top_p=1.0] \
-        [--max_new_tokens=16] [--max_prompt_len=128] [--rewards=exact_match | --reward_model=runs/rm] \
+        [--max_new_tokens=16] [--max_prompt_len=128] \
+        [--rewards=exact_match [--reward_weights=1] | --reward_model=runs/rm] \
         [--min_gap=0] [--limit=0] [--seed=0] [--batch_rows=64] [--step=N]
     python train.py --config=configs/dpo.py --workdir=runs/dpo_onpolicy --config.init_from=runs/sft \
         --config.data.path=datasets/pairs_sft/train_pref.jsonl
@@ -58,6 +59,7 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                          flag_values=fv)
     flags.DEFINE_list("rewards", ["exact_match"], f"Programmatic rewards to add up ({sorted(rewards_lib.PROGRAMMATIC)}, "
                       f"or your own as FILE.py:FUNCTION).", flag_values=fv)
+    flags.DEFINE_list("reward_weights", [], "One weight per --rewards entry (default: 1 each).", flag_values=fv)
     flags.DEFINE_string("reward_model", "", "A reward-model run scoring the completions instead.", flag_values=fv)
     flags.DEFINE_string("answer_field", "answer", "The prompt records' field the rewards check against.",
                         flag_values=fv)
@@ -79,6 +81,15 @@ def run(fv) -> dict:
     if fv.limit < 0 or fv.max_new_tokens < 1 or fv.max_prompt_len < 1:
         raise ValueError(f"--limit={fv.limit}, --max_new_tokens={fv.max_new_tokens}, "
                          f"--max_prompt_len={fv.max_prompt_len}: limit >= 0 and lengths >= 1")
+    try:
+        weights = tuple(float(w) for w in fv.reward_weights)
+    except ValueError:
+        raise ValueError(f"--reward_weights={','.join(fv.reward_weights)}: numbers, one per --rewards entry") from None
+    if weights and fv.reward_model:
+        raise ValueError(f"--reward_weights={','.join(fv.reward_weights)} weighs --rewards, but --reward_model gives "
+                         f"the reward (set one or the other)")
+    if not fv.reward_model:
+        rewards_lib.check_weights(tuple(fv.rewards), weights)
     loaded = serving.load_run(fv.workdir, None if fv.step < 0 else fv.step)
     scorer = rewards_lib.RewardModelScorer(fv.reward_model, loaded.tokenizer) if fv.reward_model else None
     problems, stats = prompts_data.read_prompts(fv.data, loaded.tokenizer, max_prompt_len=fv.max_prompt_len,
@@ -92,7 +103,7 @@ def run(fv) -> dict:
             loaded.model, loaded.params, problems, loaded.tokenizer, samples=fv.samples,
             sampling=Sampling(temperature=fv.temperature, top_p=fv.top_p), max_new_tokens=fv.max_new_tokens,
             max_prompt_len=fv.max_prompt_len, seed=fv.seed, batch_rows=fv.batch_rows, reward_names=tuple(fv.rewards),
-            scorer=scorer, min_gap=fv.min_gap)
+            scorer=scorer, min_gap=fv.min_gap, reward_weights=weights)
     except ValueError as e:
         raise ValueError(f"{fv.data}: {e}") from None
     if not records:  # an empty file would only fail later, as a DPO or reward run's data

@@ -611,7 +611,10 @@ def test_sample_pairs_errors_exit_1_and_write_nothing(task_files, sft_run, rewar
              (dict(good, workdir=tmp_path / "missing"), "missing"),
              (dict(good, workdir=reward_run[0]), "mode='reward'"),
              (dict(good, data=tmp_path / "nope.jsonl"), "nope.jsonl"),
-             (dict(good, min_gap=10.0), r"no pairs: for each of the 2 prompts .* --min_gap=10.0")]
+             (dict(good, min_gap=10.0), r"no pairs: for each of the 2 prompts .* --min_gap=10.0"),
+             (dict(good, reward_weights="1,2"), r"rl.reward_weights=\(1.0, 2.0\): give one number per"),
+             (dict(good, reward_weights="x"), r"--reward_weights=x: numbers"),
+             (dict(good, reward_weights="1", reward_model=reward_run[0]), r"--reward_weights=1 weighs --rewards")]
     for flag_values, message in cases:
         rc, cap = _sample_pairs(monkeypatch, capsys, out=out, **flag_values)
         assert rc == 1 and cap.out == "", flag_values
