@@ -376,7 +376,7 @@ def _message(m, i: int) -> dict:
             raise ApiError(400, f"messages[{i}].content: only text parts are supported, got {_show(content)}",
                            param="messages", code="unsupported")
         content = "".join(p["text"] for p in content)
-    role = "system" if m.get("role") == "developer" else m.get("role")
+    role = chat_template.ROLE_ALIASES.get(m.get("role"), m.get("role"))
     return {"role": role, "content": content}
 
 

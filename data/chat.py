@@ -46,6 +46,7 @@ from data.tokenizer import Tokenizer
 
 TEMPLATE_VERSION = 1
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's name for the system turn (as scripts/serve.py reads it too)
 END_TOKEN = "<|end|>"
 TRAIN_ON = ("assistant", "all")
 TOO_LONG = ("truncate", "drop")
@@ -180,6 +181,8 @@ def messages_of(record) -> list[dict]:
                         ", ".join(f"'{q}' + '{a}'" for q, a in QUESTION_ANSWER) + ")")
     if not isinstance(messages, list) or not messages:
         raise ChatError("missing field", "'messages' must be a non-empty list")
+    messages = [dict(m, role=ROLE_ALIASES[m["role"]]) if isinstance(m, dict) and m.get("role") in ROLE_ALIASES
+                else m for m in messages]
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ChatError("wrong type", f"messages[{i}] is {type(m).__name__}, expected an object")

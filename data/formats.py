@@ -120,7 +120,7 @@ def _messages(messages, field: str) -> list[str]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise FormatError("wrong type", f"{field}[{i}] is {type(m).__name__}, expected an object")
-        role = m.get("role")
+        role = chat.ROLE_ALIASES.get(m.get("role"), m.get("role"))
         if role not in ROLES:
             raise FormatError("bad role", f"{field}[{i}].role={role!r}, expected one of {ROLES}")
         if role == "system" and i:
