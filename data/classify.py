@@ -150,6 +150,16 @@ def label_key(label) -> tuple:
     return type(label), label
 
 
+def _same_text(label, labels: list) -> str:
+    """A hint when `label` is a training label written as another type (1 against a CSV's '1')."""
+    twin = next((lab for lab in labels if str(lab) == str(label)), None)
+    if twin is None:
+        return ""
+    return (f": the training data's label {twin!r} is a {type(twin).__name__}, this one a {type(label).__name__} "
+            f"(a CSV / TSV file's values are text); labels of different types are different classes, so write "
+            f"them one way in every file")
+
+
 def make_source(records, tok: Tokenizer, labels: list, seq_len: int, pool: str, *, strict: bool,
                 stats: ReadStats) -> ClassifySource:
     """Encode records; a label outside `labels` raises (strict, naming file:line) or is counted.
@@ -161,7 +171,8 @@ def make_source(records, tok: Tokenizer, labels: list, seq_len: int, pool: str, 
         key = label_key(r["label"])
         if key not in index:
             if strict:
-                raise DataError(f"{where}: unknown label {r['label']!r} (training labels: {labels})")
+                raise DataError(f"{where}: unknown label {r['label']!r} (training labels: {labels})"
+                                f"{_same_text(r['label'], labels)}")
             stats.skip("unknown label")
             continue
         a, b = token_ids(tok, r["text"], r.get("text_pair"))

@@ -185,6 +185,18 @@ def test_bad_inputs_named_or_counted(tmp_path, caplog):
     assert any(r.levelname == "WARNING" and "1 validation records not scored" in r.getMessage() for r in caplog.records)
 
 
+def test_a_label_of_another_type_than_training_s_is_explained():
+    """1 against a CSV's '1': different classes by design, and the error says why (the value's text matches)."""
+    from data.sources import ReadStats
+    records = [("val.jsonl:1", {"text": "abc", "label": 1})]
+    with pytest.raises(DataError, match=r"val.jsonl:1: unknown label 1 \(training labels: \['0', '1'\]\): the "
+                                        r"training data's label '1' is a str, this one a int \(a CSV"):
+        classify_data.make_source(records, ByteTokenizer(), ["0", "1"], 16, "first", strict=True, stats=ReadStats())
+    with pytest.raises(DataError, match=r"unknown label 7 \(training labels: \['0', '1'\]\)$"):
+        classify_data.make_source([("val.jsonl:1", {"text": "abc", "label": 7})], ByteTokenizer(), ["0", "1"], 16,
+                                  "first", strict=True, stats=ReadStats())
+
+
 def test_a_causal_warm_start_zeroes_the_new_token_type_table(tmp_path):
     """A causal LM under a sentence-pair classifier: the token-type table it lacks starts at zero (a random one
     was added to every embedding, and under freeze_backbone stayed as fixed noise)."""
