@@ -73,13 +73,6 @@ def answers_and_finishes(decoder: decode.Decoder, params, problems: list[Problem
     return [(tok.decode([t for t in o.tokens if t != end]), o.finish_reason) for o in outs]
 
 
-def answer(decoder: decode.Decoder, params, problems: list[Problem], tok: Tokenizer, *, width: int,
-           max_new_tokens: int) -> list[str]:
-    """Greedy answers (decoded text up to <|end|>) for `problems` (`answers_and_finishes` without the finishes)."""
-    return [text for text, _ in answers_and_finishes(decoder, params, problems, tok, width=width,
-                                                     max_new_tokens=max_new_tokens)]
-
-
 class ExactMatchEval:
     """(model, params) -> {'eval/exact_match', 'eval/exact_match/<kind>'...} over `problems`."""
 

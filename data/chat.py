@@ -121,6 +121,9 @@ def chat_record(record):
 # Question/answer fields of public reasoning datasets, read as a user turn and the assistant's reply: GSM8K's
 # question/answer ('... #### 72'), MATH's problem/solution ('... \\boxed{3}'), MetaMathQA's query/response.
 QUESTION_ANSWER = (("question", "answer"), ("problem", "solution"), ("query", "response"))
+# what a chat record without one of the shapes chat_record / messages_of read is told (data/formats too)
+NO_MESSAGES = ("no 'messages' (or 'conversations', 'prompt' + 'response' / 'completion', 'instruction' + 'output', "
+               "or " + ", ".join(f"'{q}' + '{a}'" for q, a in QUESTION_ANSWER) + ")")
 
 
 def _question_answer(record: dict) -> tuple[str, str] | None:
@@ -176,9 +179,7 @@ def messages_of(record) -> list[dict]:
         messages = (turns or [{"role": "user", "content": record["prompt"]}]) + \
             [{"role": "assistant", "content": reply}]
     else:
-        raise ChatError("missing field", "no 'messages' (or 'conversations', 'prompt' + 'response' / "
-                        "'completion', 'instruction' + 'output', or " +
-                        ", ".join(f"'{q}' + '{a}'" for q, a in QUESTION_ANSWER) + ")")
+        raise ChatError("missing field", NO_MESSAGES)
     if not isinstance(messages, list) or not messages:
         raise ChatError("missing field", "'messages' must be a non-empty list")
     messages = [dict(m, role=ROLE_ALIASES[m["role"]]) if isinstance(m, dict) and m.get("role") in ROLE_ALIASES

@@ -104,9 +104,7 @@ def _chat(r: dict) -> None:
             _string(r, "prompt")
             _string(r, "response")
             return
-        raise FormatError("missing field", "no 'messages' (or 'conversations', 'prompt' + 'response' / "
-                          "'completion', 'instruction' + 'output', or " +
-                          ", ".join(f"'{q}' + '{a}'" for q, a in chat.QUESTION_ANSWER) + ")")
+        raise FormatError("missing field", chat.NO_MESSAGES)
     roles = _messages(r["messages"], "messages")
     if "user" not in roles or "assistant" not in roles:
         raise FormatError("incomplete chat", f"roles {roles} need at least one user and one assistant turn")

@@ -132,8 +132,9 @@ def _takes_record(fn: Callable) -> bool:
     return "record" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _value(name: str, fn: Callable, text: str, answer: str, finish: str, n: int, record: dict) -> float:
-    value = fn(text, answer, finish, n, record=dict(record)) if _takes_record(fn) else fn(text, answer, finish, n)
+def _value(name: str, fn: Callable, takes_record: bool, text: str, answer: str, finish: str, n: int,
+           record: dict) -> float:
+    value = fn(text, answer, finish, n, record=dict(record)) if takes_record else fn(text, answer, finish, n)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"rl.rewards: {name!r} returned {value!r:.80} for the completion {text!r:.60}: "
                          f"a reward is a number")
@@ -143,12 +144,12 @@ def _value(name: str, fn: Callable, text: str, answer: str, finish: str, n: int,
 def each_reward(names, texts, answers, finishes, lengths, records=None) -> list[np.ndarray]:
     """Float32 [N] per named reward (in `names`' order, a name listed twice twice): each reward of every
     completion; `records`: each completion's prompt record, for the functions that take one (none: {})."""
-    fns = [(name, resolve(name)) for name in names]
+    fns = [(name, fn, _takes_record(fn)) for name, fn in ((name, resolve(name)) for name in names)]
     records = [{}] * len(texts) if records is None else records
     out = [np.zeros(len(texts), np.float32) for _ in names]
     for i, (text, answer, finish, n, record) in enumerate(zip(texts, answers, finishes, lengths, records)):
-        for k, (name, fn) in enumerate(fns):
-            out[k][i] = _value(name, fn, text, answer, finish, n, record)
+        for k, (name, fn, takes_record) in enumerate(fns):
+            out[k][i] = _value(name, fn, takes_record, text, answer, finish, n, record)
     return out
 
 

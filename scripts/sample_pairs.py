@@ -88,8 +88,6 @@ def run(fv) -> dict:
     if weights and fv.reward_model:
         raise ValueError(f"--reward_weights={','.join(fv.reward_weights)} weighs --rewards, but --reward_model gives "
                          f"the reward (set one or the other)")
-    if not fv.reward_model:
-        rewards_lib.check_weights(tuple(fv.rewards), weights)
     loaded = serving.load_run(fv.workdir, None if fv.step < 0 else fv.step)
     scorer = rewards_lib.RewardModelScorer(fv.reward_model, loaded.tokenizer) if fv.reward_model else None
     problems, stats = prompts_data.read_prompts(fv.data, loaded.tokenizer, max_prompt_len=fv.max_prompt_len,

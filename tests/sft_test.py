@@ -83,8 +83,8 @@ def test_generation_problems_and_exact_match_scoring():
             ids = list(tok.encode("42")) + [tok.special_id("<|end|>")]
             return [decode.Completion(tokens=ids, logprobs=[0.0] * 3, finish_reason="stop", prompt_tokens=len(p))
                     for p in prompts]
-    answers = task_eval.answer(Echo(), None, problems, tok, width=16, max_new_tokens=4)
-    assert answers == ["42", "42"]
+    answers = task_eval.answers_and_finishes(Echo(), None, problems, tok, width=16, max_new_tokens=4)
+    assert answers == [("42", "stop"), ("42", "stop")]
 
 
 @pytest.fixture(scope="module")

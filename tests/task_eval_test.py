@@ -37,8 +37,9 @@ def test_exact_match_compiles_per_model_and_scores_the_model_it_is_given():
     a, b = Transformer(_cfg(1)), Transformer(_cfg(2))  # different structure: A's function cannot run B
     params_a, params_b = _init(a, 0, jnp.zeros((1, 8), jnp.int32)), _init(b, 1, jnp.zeros((1, 8), jnp.int32))
     problems = _problems()
-    answers_b = task_eval.answer(decode.Decoder(b, batch=4, cache_len=32), params_b, problems, TOK, width=32,
-                                 max_new_tokens=4)
+    answers_b = [text for text, _ in task_eval.answers_and_finishes(decode.Decoder(b, batch=4, cache_len=32),
+                                                                    params_b, problems, TOK, width=32,
+                                                                    max_new_tokens=4)]
     as_b = [dataclasses.replace(p, reference=ans) for p, ans in zip(problems, answers_b)]  # B is always right
     shared = task_eval.exact_match_eval(as_b, TOK, width=32, max_new_tokens=4, batch_size=4)
     shared(a, params_a)  # the first model compiles its function ...
