@@ -180,24 +180,34 @@ def messages_of(record) -> list[dict]:
             [{"role": "assistant", "content": reply}]
     else:
         raise ChatError("missing field", NO_MESSAGES)
+    return checked_messages(messages, "messages")
+
+
+def checked_messages(messages, field: str, error: type = ChatError) -> list[dict]:
+    """`messages` (the list in a record's `field`) with OpenAI's role names aliased, checked: a non-empty list
+    of objects, each with a known role (a system turn only first), non-empty text content and, on an
+    assistant message, a weight of 0 or 1 if any; else `error(reason, detail)` naming `field[i]` and the
+    value. The one message check of the SFT reader (ChatError) and of data preparation (FormatError)."""
     if not isinstance(messages, list) or not messages:
-        raise ChatError("missing field", "'messages' must be a non-empty list")
-    messages = [dict(m, role=ROLE_ALIASES[m["role"]]) if isinstance(m, dict) and m.get("role") in ROLE_ALIASES
-                else m for m in messages]
+        raise error("wrong type", f"'{field}' must be a non-empty list")
+    out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ChatError("wrong type", f"messages[{i}] is {type(m).__name__}, expected an object")
+            raise error("wrong type", f"{field}[{i}] is {type(m).__name__}, expected an object")
+        m = dict(m, role=ROLE_ALIASES[m["role"]]) if m.get("role") in ROLE_ALIASES else m
         if m.get("role") not in ROLE_TOKENS:
-            raise ChatError("unknown role", f"messages[{i}].role={m.get('role')!r}, expected one of "
-                            f"{tuple(ROLE_TOKENS)}")
+            raise error("unknown role", f"{field}[{i}].role={m.get('role')!r}, expected one of {tuple(ROLE_TOKENS)}")
         if m["role"] == "system" and i:
-            raise ChatError("misplaced system", f"messages[{i}] is a system message after the first turn")
+            raise error("misplaced system", f"{field}[{i}] is a system message after the first turn")
         content = m.get("content")
-        if not isinstance(content, str) or not content.strip():
-            raise ChatError("empty content", f"messages[{i}].content={content!r}")
+        if not isinstance(content, str):
+            raise error("wrong type", f"{field}[{i}].content is {type(content).__name__}, expected str")
+        if not content.strip():
+            raise error("empty content", f"{field}[{i}].content is empty: {content!r}")
         if bad_weight(m):
-            raise ChatError("bad weight", f"messages[{i}].weight={m['weight']!r}: {WEIGHT_RULE}")
-    return messages
+            raise error("bad weight", f"{field}[{i}].weight={m['weight']!r}: {WEIGHT_RULE}")
+        out.append(m)
+    return out
 
 
 WEIGHT_RULE = "an assistant message's weight is 0 (not trained on) or 1 (OpenAI's fine-tuning format)"

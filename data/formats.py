@@ -27,7 +27,7 @@ Schemas (one JSON object a line; extra fields are kept):
 
 `validate(record, fmt)` returns the record (an implicit-prompt pair with its prompt made explicit) or raises `FormatError(reason, detail)`: `reason`
 is a short name counted in the manifest ('missing field', 'wrong type', 'empty text',
-'answer_start mismatch', 'bad role', ...), `detail` says which field and value.
+'answer_start mismatch', 'unknown role', ...), `detail` says which field and value.
 `read_records(source, fmt, strict=...)` validates every record of a source: under strict the
 first bad one raises a `FormatError` naming the file and line; otherwise it is counted in
 `stats.skipped` as "<fmt>: <reason>" and skipped.
@@ -41,7 +41,6 @@ from data import chat
 from data.sources import DataError, ReadStats, Source, source_records
 
 FORMATS = ("classification", "qa", "chat", "preference")
-ROLES = ("system", "user", "assistant")
 
 
 class FormatError(DataError):
@@ -111,27 +110,8 @@ def _chat(r: dict) -> None:
 
 
 def _messages(messages, field: str) -> list[str]:
-    """The roles of a checked message list (roles known, a system turn only first, contents non-empty)."""
-    if not isinstance(messages, list) or not messages:
-        raise FormatError("wrong type", f"'{field}' must be a non-empty list")
-    roles = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise FormatError("wrong type", f"{field}[{i}] is {type(m).__name__}, expected an object")
-        role = chat.ROLE_ALIASES.get(m.get("role"), m.get("role"))
-        if role not in ROLES:
-            raise FormatError("bad role", f"{field}[{i}].role={role!r}, expected one of {ROLES}")
-        if role == "system" and i:
-            raise FormatError("bad role", f"{field}[{i}] is a system message after the first turn")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise FormatError("wrong type", f"{field}[{i}].content is {type(content).__name__}, expected str")
-        if not content.strip():
-            raise FormatError("empty text", f"{field}[{i}].content is empty")
-        if chat.bad_weight(m):
-            raise FormatError("bad weight", f"{field}[{i}].weight={m['weight']!r}: {chat.WEIGHT_RULE}")
-        roles.append(role)
-    return roles
+    """The roles of a checked message list (data/chat.checked_messages: the SFT reader's check)."""
+    return [m["role"] for m in chat.checked_messages(messages, field, FormatError)]
 
 
 def reply_text(value) -> str:
