@@ -88,18 +88,23 @@ def split_argv(argv: list[str], prefix: str = "--config.") -> tuple[dict, list[s
 def config_file_problem(argv: list[str]) -> str | None:
     """Why a `--config=FILE.py[:arg]` argument cannot load, when its file does not exist (ml_collections
     defers that error to the first use of the config: two tracebacks), else None."""
-    for i, arg in enumerate(argv):
-        if arg.startswith(("--config=", "-config=")):
-            value = arg.partition("=")[2]
-        elif arg in ("--config", "-config") and i + 1 < len(argv):
-            value = argv[i + 1]
-        else:
-            continue
+    for value in _config_values(argv):
         path = value.split(":", 1)[0]
         if not os.path.isfile(path):
             where = "" if os.path.isabs(path) else f" in {os.getcwd()}"
             return f"--config={value}: no config file {path!r}{where}"
     return None
+
+
+def _config_values(argv: list[str]) -> list[str]:
+    """The values of the `--config=FILE.py[:arg]` (or `--config FILE.py`) arguments."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            values.append(arg.partition("=")[2])
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            values.append(argv[i + 1])
+    return values
 
 
 def _config_arg_reason(message: str) -> str | None:
@@ -115,8 +120,9 @@ def flags_parser(prog: str):
     """An `app.run(main, flags_parser=...)` parser: absl's, except that these print one line and exit 1
     (LMSTACK_TRACEBACK=1 keeps the traceback): a `--config=` file that does not exist (ml_collections would
     fail at the config's first use, with two tracebacks), a config argument the file refuses
-    (`pretrain_causal.py:huge`), and a `--config.x.y=` override naming a field that does not exist
-    (ml_collections raises AttributeError / KeyError while the flags are parsed)."""
+    (`pretrain_causal.py:huge`), a file without get_config() (a helper module), and a `--config.x.y=` override
+    naming a field that does not exist (ml_collections raises AttributeError / KeyError while the flags are
+    parsed)."""
     from absl import flags
 
     def parse(argv):
@@ -142,8 +148,15 @@ def flags_parser(prog: str):
             while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError("'x'\nDid you ..."))
                 detail = detail.args[0]
             detail = " ".join(str(detail).split())
+            if isinstance(e, AttributeError) and "no attribute 'get_config'" in detail:  # a helper module
+                value = (_config_values(argv[1:]) or ["?"])[-1]
+                sys.exit(f"{prog}: error: --config={value}: the file has no get_config() function, so it is not "
+                         f"a config (common.py, presets.py and rl_common.py are helpers the configs import)")
             sys.exit(f"{prog}: error: a --config.* override names a field that does not exist: {detail}")
     return parse
+
+
+TRACEBACK_HINT = "(LMSTACK_TRACEBACK=1 shows the traceback)"  # the line after a script's one-line error
 
 
 def guarded(main, prog: str, errors: tuple = (ValueError, OSError)):
@@ -155,13 +168,13 @@ def guarded(main, prog: str, errors: tuple = (ValueError, OSError)):
         except errors as e:
             if os.environ.get("LMSTACK_TRACEBACK"):
                 raise
-            print(f"{prog}: error: {e}\n(LMSTACK_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+            print(f"{prog}: error: {e}\n{TRACEBACK_HINT}", file=sys.stderr)
             return 1
     return wrapped
 
 
-def run(main, prog: str) -> None:
-    """`app.run(main)` for a script: flags parsed by flags_parser(prog), a ValueError or OSError out of `main`
-    one line (`guarded`)."""
+def run(main, prog: str, errors: tuple = (ValueError, OSError), parser=None) -> None:
+    """`app.run(main)` for a script: flags parsed by `parser` (default flags_parser(prog)), `errors` out of
+    `main` (default a ValueError or OSError) one `prog: error:` line (`guarded`). Every script's entry."""
     from absl import app
-    app.run(guarded(main, prog), flags_parser=flags_parser(prog))
+    app.run(guarded(main, prog, errors), flags_parser=parser or flags_parser(prog))

@@ -31,7 +31,9 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+import overrides  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "Run to serve; default: a random-weight default model.")
 flags.DEFINE_integer("requests", 32, "Requests per round.")
@@ -155,4 +157,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    overrides.run(main, 'bench_serve.py')

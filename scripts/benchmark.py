@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import bench_decode  # noqa: E402  (scripts/: --what=decode)
@@ -340,4 +340,4 @@ if __name__ == "__main__":
     # accept --vs-torch / --vs-peak / --measure-peak / --torch-bf16 spellings as well as underscores
     sys.argv = [sys.argv[0]] + ["--" + a[2:].split("=")[0].replace("-", "_") + a[2:][len(a[2:].split("=")[0]):]
                                 if a.startswith("--") else a for a in sys.argv[1:]]
-    app.run(main, flags_parser=overrides.flags_parser('benchmark'))
+    overrides.run(main, 'benchmark.py')

@@ -36,7 +36,7 @@ def bits_per_byte(workdir: str) -> dict:
         mngr.close()
     data = cfg["data"]
     if not prepared.is_prepared(data["path"]):
-        raise SystemExit(f"{workdir}: data.path={data['path']!r} is not a prepared dataset"
+        raise ValueError(f"{workdir}: data.path={data['path']!r} is not a prepared dataset"
                          f"{sources.in_cwd(data['path']) if data['path'] else ''}")
     evals = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/loss" in r]
     loss = evals[-1]["eval/loss"]

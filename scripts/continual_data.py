@@ -13,7 +13,11 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+import overrides  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("text", None, "A UTF-8 text file.")
@@ -39,15 +43,11 @@ def split(text_path: str, out: str, val_fraction: float) -> tuple[str, str]:
 
 def main(argv):
     del argv
-    try:
-        for path in split(FLAGS.text, FLAGS.out, FLAGS.val_fraction):
-            print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
-    except ValueError as e:
-        print(f"continual_data.py: error: {e}", file=sys.stderr)
-        return 1
+    for path in split(FLAGS.text, FLAGS.out, FLAGS.val_fraction):
+        print(f"wrote {path} ({os.path.getsize(path):,} bytes)")
     return 0
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["text", "out"])
-    app.run(main)
+    overrides.run(main, 'continual_data.py')

@@ -80,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=overrides.flags_parser('estimate_memory'))
+    overrides.run(main, 'estimate_memory.py')

@@ -74,13 +74,9 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        result = evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split or "", data=FLAGS.data,
-                          max_batches=FLAGS.max_batches, config_overrides=config_overrides, out=FLAGS.out,
-                          out_predictions=FLAGS.out_predictions)
-    except (FileNotFoundError, ValueError) as e:  # bad workdir/step/data/override: the message, exit 1
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 1
+    result = evaluate(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split or "", data=FLAGS.data,
+                      max_batches=FLAGS.max_batches, config_overrides=config_overrides, out=FLAGS.out,
+                      out_predictions=FLAGS.out_predictions)  # a bad workdir/step/data/override: one line
     print(json.dumps(result))
     return 0
 
@@ -93,4 +89,4 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=parse_flags)
+    overrides.run(main, 'evaluate.py', parser=parse_flags)

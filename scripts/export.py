@@ -241,11 +241,8 @@ def main(argv):
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
     platforms = [p for p in FLAGS.platforms.split(",") if p] or None
-    try:
-        path = export_run(FLAGS.workdir, FLAGS.out, step=None if FLAGS.step < 0 else FLAGS.step,
-                          context=FLAGS.context, chunk=FLAGS.chunk, n_top=FLAGS.n_top, platforms=platforms)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"export.py: error: {e}") from None
+    path = export_run(FLAGS.workdir, FLAGS.out, step=None if FLAGS.step < 0 else FLAGS.step,
+                      context=FLAGS.context, chunk=FLAGS.chunk, n_top=FLAGS.n_top, platforms=platforms)
     with open(path) as f:
         m = json.load(f)
     print(f"exported {FLAGS.workdir} (step {m['run']['step']}) to {FLAGS.out}: context {m['context']}, "

@@ -155,10 +155,7 @@ class Printer:
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
-    try:  # bad flags, a workdir that is not a finished run: one line (not absl's whole help text)
-        decoder, prompt, stop_ids, shown, settings, params, tok = _setup()
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"generate.py: error: {e}") from None
+    decoder, prompt, stop_ids, shown, settings, params, tok = _setup()  # bad flags or workdir: one line
     for i in range(FLAGS.num_samples):
         sys.stdout.write(shown)
         printer = Printer(tok, stop_ids, FLAGS.stop)

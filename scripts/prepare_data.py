@@ -35,12 +35,7 @@ flags.mark_flags_as_required(["config", "out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        m = prepare.prepare(FLAGS.config, FLAGS.out, strict=FLAGS.strict)
-    except (DataError, ValueError, OSError) as e:  # bad inputs, config values (tokenizer, dedup), paths
-        if os.environ.get("LMSTACK_TRACEBACK"):
-            raise
-        sys.exit(f"prepare_data: {e}\n(LMSTACK_TRACEBACK=1 shows the traceback)")
+    m = prepare.prepare(FLAGS.config, FLAGS.out, strict=FLAGS.strict)
     total = sum(t["seconds"] for t in m["_timings"])
     d = m["documents"]
     splits = ", ".join(f"{k} {v['documents']} docs / {v['tokens']:,} tokens" for k, v in m["splits"].items())
@@ -51,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=overrides.flags_parser('prepare_data'))
+    overrides.run(main, 'prepare_data.py', errors=(DataError, ValueError, OSError))  # bad inputs, config values, paths

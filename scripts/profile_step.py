@@ -53,9 +53,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 import hostenv  # noqa: E402
+import overrides  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -405,4 +406,4 @@ def define_flags():
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    overrides.run(main, 'profile_step.py')

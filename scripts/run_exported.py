@@ -212,7 +212,7 @@ def main(argv):
         print(f"# {FLAGS.artifact} (context {art.manifest['context']}), prompt {FLAGS.prompt!r}", file=sys.stderr)
         outs = generate(art, [prompt] * FLAGS.num_samples, max_new_tokens=FLAGS.max_new_tokens, settings=settings,
                         seeds=FLAGS.seed)
-    except (ValueError, FileNotFoundError, OverflowError) as e:
+    except (ValueError, FileNotFoundError, OverflowError) as e:  # its own handler: no lmstack import but the tokenizer
         raise SystemExit(f"run_exported.py: error: {e}") from None
     for i, o in enumerate(outs):
         print(FLAGS.prompt + tok.decode(o.tokens))

@@ -37,8 +37,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
+
+import overrides  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -71,15 +73,12 @@ def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
     import openai_api
-    if not FLAGS.workdir:
-        raise SystemExit("serve.py: error: --workdir is required")
-    try:
-        openai_api.check_bind(FLAGS.host, FLAGS.api_key, FLAGS.insecure)
-    except ValueError as e:
-        raise SystemExit(f"serve.py: error: {e}") from None
+    if not FLAGS.workdir:  # these errors: one `serve.py: error:` line (overrides.run)
+        raise ValueError("--workdir is required")
+    openai_api.check_bind(FLAGS.host, FLAGS.api_key, FLAGS.insecure)
     for name in ("slots", "max_queue", "chunk", "max_body_bytes"):
         if getattr(FLAGS, name) < 1:
-            raise SystemExit(f"serve.py: error: --{name}={getattr(FLAGS, name)} must be >= 1")
+            raise ValueError(f"--{name}={getattr(FLAGS, name)} must be >= 1")
 
     import uvicorn
 
@@ -87,16 +86,13 @@ def main(argv):
     import serving
     from model import decode
     hostenv.compile_cache(FLAGS.compile_cache)
-    try:
-        run = serving.load_run(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"serve.py: error: {e}") from None
+    run = serving.load_run(FLAGS.workdir, None if FLAGS.step < 0 else FLAGS.step)
     context = FLAGS.context or int(run.config.data.seq_len)
     try:
         decoder = decode.Decoder(run.model, batch=FLAGS.slots, cache_len=context, n_top=20, chunk=FLAGS.chunk,
                                  kv_int8=FLAGS.kv_int8)
     except ValueError as e:  # e.g. --context beyond a learned-position table
-        raise SystemExit(f"serve.py: error: {FLAGS.workdir}: {e}") from None
+        raise ValueError(f"{FLAGS.workdir}: {e}") from None
     engine = serving.Engine(decoder, run.params, detokenize=run.tokenizer.decode, max_queue=FLAGS.max_queue)
     if FLAGS.warmup:
         start = time.perf_counter()
@@ -118,4 +114,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    overrides.run(main, 'serve.py')

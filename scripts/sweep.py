@@ -198,12 +198,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     train.quiet_logs()
-    try:
-        out = run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.grid, n_random=FLAGS.random, seed=FLAGS.seed,
-                        metric=FLAGS.metric, mode=FLAGS.mode)
-    except (ValueError, RuntimeError) as e:
-        print(f"sweep.py: error: {e}", file=sys.stderr)
-        return 1
+    out = run_sweep(FLAGS.config, FLAGS.workdir, FLAGS.grid, n_random=FLAGS.random, seed=FLAGS.seed,
+                    metric=FLAGS.metric, mode=FLAGS.mode)
     rows, best = out["rows"], out["best"]
     failed = sum(r["status"] == "failed" for r in rows)
     print(f"{len(rows)} trials ({failed} failed); results in {os.path.join(FLAGS.workdir, 'results.md')}")
@@ -216,4 +212,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=overrides.flags_parser('sweep.py'))
+    overrides.run(main, 'sweep.py', errors=(ValueError, OSError, RuntimeError))

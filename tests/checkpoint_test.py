@@ -92,7 +92,7 @@ def test_readers_leave_an_in_flight_async_save_alone(run, tmp_path, monkeypatch)
             "warmstart.warm_start": lambda: warmstart.warm_start(state, state_sh, run),
             "merge_lora.merge_run": lambda: pytest.raises(ValueError, merge_lora.merge_run, run,
                                                           str(tmp_path / "merged")),
-            "bits_per_byte": lambda: pytest.raises(SystemExit, bits_per_byte.bits_per_byte, run),
+            "bits_per_byte": lambda: pytest.raises(ValueError, bits_per_byte.bits_per_byte, run),
             "evaluation.load_run": lambda: evaluation.load_run(run),
             "evaluation.evaluate_run": lambda: evaluation.evaluate_run(run, max_batches=1),
         }

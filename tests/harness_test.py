@@ -20,6 +20,7 @@ import checkpoint
 import inputs
 import modes
 import optim
+import overrides
 import train
 from configs import common, finetune_classify, pretrain_mlm, sft
 from data import sources
@@ -222,6 +223,30 @@ def test_scripts_say_a_missing_workdir_in_one_line(tmp_path, script, args):
                          cwd=root, capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.startswith(f"{script}: error: ") and "nothere" in out.stderr.splitlines()[0]
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("script", ["benchmark.py", "estimate_memory.py", "profile_step.py"])
+def test_scripts_say_a_bad_config_value_in_one_line(script):
+    """Every script runs through overrides.run: a config value the model refuses is one line naming it (these
+    three printed a traceback), and a file without get_config() (a helper module) is named as not a config."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join("scripts", script), "--config=configs/pretrain_causal.py:tiny"]
+    out = subprocess.run(cmd + ["--config.model.n_layers=0"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith(f"{script}: error: model.n_layers=0 must be positive"), out.stderr[-2000:]
+    helper = subprocess.run(cmd[:2] + ["--config=configs/common.py"], cwd=root, capture_output=True, text=True)
+    assert helper.returncode == 1 and helper.stderr.strip() == (
+        f"{script}: error: --config=configs/common.py: the file has no get_config() function, so it is not a "
+        f"config (common.py, presets.py and rl_common.py are helpers the configs import)")
+
+
+def test_prepare_data_says_a_missing_source_in_one_line(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "scripts/prepare_data.py", f"--config=configs/data/files.py:{tmp_path}/none",
+                          f"--out={tmp_path}/out"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"prepare_data.py: error: sources.files.path='{tmp_path}/none' does not exist", overrides.TRACEBACK_HINT]
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -23,6 +23,7 @@ import uvicorn
 from conftest import tiny_config
 
 import openai_api
+import overrides
 import serving
 import train
 from configs import sft as sft_config
@@ -371,13 +372,13 @@ def test_bind_check_and_the_script_refuse_a_public_host_without_a_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LMSTACK_API_KEY"}
     out = subprocess.run([sys.executable, "scripts/serve.py", f"--workdir={tmp_path}", "--host=0.0.0.0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [  # no usage text, no traceback
         "serve.py: error: --host=0.0.0.0 is reachable from other machines: give --api_key (or set LMSTACK_API_KEY), "
-        "or --insecure to serve it without one"]  # one line: no usage text, no blank line
+        "or --insecure to serve it without one", overrides.TRACEBACK_HINT]
     out = subprocess.run([sys.executable, "scripts/serve.py", f"--workdir={tmp_path}/missing"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
-        f"serve.py: error: workdir '{tmp_path}/missing' is not a directory"]
+        f"serve.py: error: workdir '{tmp_path}/missing' is not a directory", overrides.TRACEBACK_HINT]
 
 
 def test_a_non_streamed_job_wakes_the_event_loop_once_per_choice():
