@@ -167,6 +167,8 @@ def evaluate_run(workdir: str, *, step: int | None = None, split: str = "", data
     of that file (labelled "data"; a prepared dataset directory: its 'val' split). `out_predictions`: also
     write one JSON line per evaluated item (the mode's `predictions`). Returns the eval scalars plus step, mode,
     split, the data scored, examples and their unit, and (decoded metrics) how many items they scored of how many."""
+    if max_batches < 0:
+        raise ValueError(f"max_batches={max_batches}: expected a number of batches, or 0 for all of them")
     config, step = load_run(workdir, step)
     if overrides is not None:
         overrides(config)

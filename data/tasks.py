@@ -103,6 +103,9 @@ def make_splits(seed: int, sizes: dict[str, int], kinds=KINDS, exclude=frozenset
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"task kind {k!r}: expected one of {KINDS}")
+    for name, n in sizes.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"split {name!r} of {n!r} problems: expected a whole number >= 0")
     rng = random.Random(seed)
     total = sum(sizes.values())
     problems, seen = [], set()

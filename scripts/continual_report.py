@@ -39,7 +39,7 @@ def define_flags() -> None:
     flags.DEFINE_multi_string("eval", [], "NAME=PATH (or PATH) to evaluate on; the first is the old domain, the "
                               "last the new one.")
     flags.DEFINE_string("out", "", "Directory for continual_report.md / .json / .png.")
-    flags.DEFINE_integer("max_batches", 50, "Eval batches per (checkpoint, data); 0 = all.")
+    flags.DEFINE_integer("max_batches", 50, "Eval batches per (checkpoint, data); 0 = all.", lower_bound=0)
 
 
 def parse_evals(specs: list[str]) -> dict[str, str]:

@@ -34,10 +34,11 @@ DEVICE_GIB = {"tpu-v4": 32, "tpu-v5e": 16, "tpu-v5p": 95, "tpu-v6e": 32, "a100-4
               "h100": 80, "h200": 141, "l4": 24, "t4": 16}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=True)
-flags.DEFINE_integer("devices", 0, "devices in the mesh (0: this machine's)")
+flags.DEFINE_integer("devices", 0, "devices in the mesh (0: this machine's)", lower_bound=0)
 flags.DEFINE_string("device", "", f"target accelerator: one of {sorted(DEVICE_GIB)}")
-flags.DEFINE_float("device_gb", 0.0, "memory per device in GiB (overrides --device; 0: this machine's)")
-flags.DEFINE_integer("vocab", 0, "tokenizer size (0: the config's byte/char tokenizer)")
+flags.DEFINE_float("device_gb", 0.0, "memory per device in GiB (overrides --device; 0: this machine's)",
+                  lower_bound=0.0)
+flags.DEFINE_integer("vocab", 0, "tokenizer size (0: the config's byte/char tokenizer)", lower_bound=0)
 flags.DEFINE_bool("measure", False, "also compile the train step here and print XLA's bytes per device")
 FLAGS = flags.FLAGS
 

@@ -48,7 +48,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("split", None, ["val", "test"], "Which split (a prepared dataset's, or a label for --data); "
                       "default: the run's validation split, or 'data' for --data.")
     flags.DEFINE_string("data", "", "Evaluate on this file/dir instead of the run's validation split.")
-    flags.DEFINE_integer("max_batches", 0, "Eval batches; 0 = all.")
+    flags.DEFINE_integer("max_batches", 0, "Eval batches; 0 = all.", lower_bound=0)
     flags.DEFINE_string("out", "", "Also write the JSON object to this file.")
     flags.DEFINE_string("out_predictions", "", "Also write one JSON line per evaluated item (input, prediction, "
                         "reference, correct) to this file; not for causal/mlm.")

@@ -50,7 +50,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_float("presence_penalty", 0.0, "Subtracted from tokens already in the output.", flag_values=fv)
     flags.DEFINE_float("frequency_penalty", 0.0, "Subtracted per occurrence in the output.", flag_values=fv)
     flags.DEFINE_multi_string("stop", [], "Stop strings (repeatable); the text ends before the first one.", flag_values=fv)
-    flags.DEFINE_integer("num_samples", 1, "Independent samples (seeds seed, seed+1, ...).", flag_values=fv)
+    flags.DEFINE_integer("num_samples", 1, "Independent samples (seeds seed, seed+1, ...).", flag_values=fv,
+                         lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.", flag_values=fv)
     flags.DEFINE_integer("step", -1, "Checkpoint step; -1 = latest.", flag_values=fv)
     flags.DEFINE_bool("kv_int8", False, "Cache keys/values as int8 (+ a scale per token and head).", flag_values=fv)

@@ -26,7 +26,7 @@ from data import sources  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_list("packages", ["email", "json", "asyncio", "unittest"], "stdlib packages = labels.")
-flags.DEFINE_integer("chars", 200, "Characters per snippet.")
+flags.DEFINE_integer("chars", 200, "Characters per snippet.", lower_bound=1)
 flags.DEFINE_float("val_fraction", 0.2, "Share of files held out for validation.")
 flags.mark_flags_as_required(["out"])
 

@@ -38,8 +38,8 @@ from data import sources  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_integer("chars", 600, "Most characters per context (cut at line ends).")
-flags.DEFINE_integer("max_answer_chars", 40, "Longest answer kept, in characters.")
+flags.DEFINE_integer("chars", 600, "Most characters per context (cut at line ends).", lower_bound=1)
+flags.DEFINE_integer("max_answer_chars", 40, "Longest answer kept, in characters.", lower_bound=1)
 flags.DEFINE_float("val_fraction", 0.1, "Share of files for validation.")
 flags.DEFINE_float("test_fraction", 0.1, "Share of files for test.")
 flags.DEFINE_bool("unanswerable", False, "Also ask for the default of a parameter that has none (SQuAD 2.0).")

@@ -31,9 +31,9 @@ from data.sources import ReadStats, Source, source_records  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_integer("seed", 0, "Random seed (problems, splits and wrong answers).")
-flags.DEFINE_integer("n_train", 4000, "Training problems.")
-flags.DEFINE_integer("n_val", 200, "Validation problems.")
-flags.DEFINE_integer("n_test", 200, "Test problems.")
+flags.DEFINE_integer("n_train", 4000, "Training problems.", lower_bound=0)
+flags.DEFINE_integer("n_val", 200, "Validation problems.", lower_bound=0)
+flags.DEFINE_integer("n_test", 200, "Test problems.", lower_bound=0)
 flags.DEFINE_list("kinds", list(tasks.KINDS), f"Task kinds, some of {tasks.KINDS}.")
 flags.DEFINE_list("exclude", [], "JSONL files or directories of them whose questions are never drawn.")
 flags.mark_flags_as_required(["out"])

@@ -25,7 +25,7 @@ import sharding  # noqa: E402
 from data import tokenizer as tokenizer_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.", lock_config=False)
-flags.DEFINE_integer("vocab", 0, "tokenizer size (0: the byte tokenizer's)")
+flags.DEFINE_integer("vocab", 0, "tokenizer size (0: the byte tokenizer's)", lower_bound=0)
 FLAGS = flags.FLAGS
 
 

@@ -42,11 +42,11 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "The policy's run (mode causal, sft, dpo, grpo or ppo).")
     flags.DEFINE_string("reference", None, "The reference run (usually the SFT run the policy started from).")
     flags.DEFINE_string("data", None, "Prompt records (data/prompts.py formats), e.g. the validation tasks.")
-    flags.DEFINE_integer("n", 200, "Prompts used (the first n).")
-    flags.DEFINE_integer("samples", 4, "Completions sampled per prompt.")
-    flags.DEFINE_integer("max_new_tokens", 16, "Completion length limit.")
-    flags.DEFINE_integer("max_prompt_len", 96, "Longer prompts are skipped.")
-    flags.DEFINE_integer("batch_size", 64, "Rows decoded and scored at a time.")
+    flags.DEFINE_integer("n", 200, "Prompts used (the first n).", lower_bound=1)
+    flags.DEFINE_integer("samples", 4, "Completions sampled per prompt.", lower_bound=1)
+    flags.DEFINE_integer("max_new_tokens", 16, "Completion length limit.", lower_bound=1)
+    flags.DEFINE_integer("max_prompt_len", 96, "Longer prompts are skipped.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 64, "Rows decoded and scored at a time.", lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 

@@ -147,8 +147,8 @@ def main(argv):
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "The float run.", required=True)
     flags.DEFINE_float("sparsity", 0.5, "Share of each kernel's weights removed.")
-    flags.DEFINE_integer("calib", 32, "Calibration sequences (training rows).")
+    flags.DEFINE_integer("calib", 32, "Calibration sequences (training rows).", lower_bound=1)
     flags.DEFINE_string("json", "", "Also write the errors (or --mixed's figures) here.")
     flags.DEFINE_bool("mixed", False, "Validation loss with Wanda's masks on one kernel group at a time.")
-    flags.DEFINE_integer("max_batches", 16, "--mixed: validation batches per loss.")
+    flags.DEFINE_integer("max_batches", 16, "--mixed: validation batches per loss.", lower_bound=1)
     overrides.run(main, 'prune_error.py')

@@ -229,6 +229,7 @@ if __name__ == "__main__":
     flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set of tokens with this much probability.")
     flags.DEFINE_float("min_p", 0.0, "Keep tokens at least min_p x as likely as the most likely one.")
     flags.DEFINE_float("repetition_penalty", 1.0, "> 1 discourages tokens already in the prompt or output.")
-    flags.DEFINE_integer("num_samples", 1, "Independent samples (seeds seed, seed + 1, ...), decoded as one batch.")
+    flags.DEFINE_integer("num_samples", 1, "Independent samples (seeds seed, seed + 1, ...), decoded as one batch.",
+                         lower_bound=1)
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     app.run(main)

@@ -187,7 +187,7 @@ def run_sweep(config, sweep_dir: str, grid_text: str, *, n_random: int = 0, seed
 def define_flags() -> None:
     """--config (file + `--config.x.y=v` overrides) and --workdir are train.py's flags, defined on its import."""
     flags.DEFINE_string("grid", None, "'field=v1,v2;field2=v3,v4': the values to combine.")
-    flags.DEFINE_integer("random", 0, "Run this many random combinations of the grid; 0 = all of them.")
+    flags.DEFINE_integer("random", 0, "Run this many random combinations of the grid; 0 = all of them.", lower_bound=0)
     flags.DEFINE_integer("seed", 0, "Seed for --random.")
     flags.DEFINE_string("metric", "eval/loss", "Validation metric that selects the best trial.")
     flags.DEFINE_enum("mode", "min", ["min", "max"], "Whether the best trial minimises or maximises --metric.")

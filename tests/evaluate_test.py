@@ -90,6 +90,8 @@ def test_errors_name_the_problem(causal_run, tmp_path):
         evaluate.evaluate(workdir, data=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="split='test'.*has no test split"):
         evaluate.evaluate(workdir, split="test")
+    with pytest.raises(ValueError, match="max_batches=-1: expected a number of batches, or 0"):  # was: all
+        evaluate.evaluate(workdir, max_batches=-1)
     with pytest.raises(ValueError, match="config field 'mesh.fdsp' does not exist"):
         evaluate.evaluate(workdir, config_overrides={"mesh.fdsp": "2"})
     cli = subprocess.run([sys.executable, "scripts/evaluate.py", f"--workdir={workdir}", "--step=7"], cwd=ROOT,

@@ -250,6 +250,20 @@ def test_prepare_data_says_a_missing_source_in_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("script,flag,args", [("make_tasks.py", "--n_train=-5", ["--out=OUT"]),
+                                              ("generate.py", "--num_samples=0", ["--workdir=OUT"]),
+                                              ("make_classification_data.py", "--chars=0", ["--out=OUT"])])
+def test_count_flags_are_bounded(tmp_path, script, flag, args):
+    """A negative or zero count is refused by name when the flags are parsed, before anything is read or written
+    (make_tasks --n_train=-5 wrote nothing and exited 0; --chars=0 failed inside range())."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join("scripts", script), flag,
+                          *[a.replace("OUT", str(tmp_path / "out")) for a in args]], cwd=root, capture_output=True,
+                         text=True)
+    assert out.returncode == 1 and f"flag {flag}: " in out.stderr, out.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_a_failing_metric_close_does_not_replace_the_runs_error(corpus_dir, tmp_path, monkeypatch):
     """On a full disk the metric files' final flush fails too: the error that ended the run (e.g. the checkpoint
     write's, naming the disk) is the one raised; without an earlier error the close's own error is raised."""

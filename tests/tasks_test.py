@@ -129,6 +129,9 @@ def test_exact_match_and_errors():
     assert not tasks.exact_match("", "") and not tasks.exact_match("  ", "")  # no answer: nothing matches it
     with pytest.raises(ValueError, match="expected one of"):
         tasks.make_splits(0, {"train": 2}, kinds=("divide",))
+    for bad in (-5, 2.5, True):  # -5 gave every split nothing, silently
+        with pytest.raises(ValueError, match=f"split 'train' of {bad!r} problems: expected a whole number >= 0"):
+            tasks.make_splits(0, {"train": bad, "val": 2})
     a, b = tasks.make_splits(7, {"train": 20, "test": 5}), tasks.make_splits(7, {"train": 20, "test": 5})
     assert a == b and {p["key"] for p in a["train"]}.isdisjoint(p["key"] for p in a["test"])
 
