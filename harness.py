@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -161,14 +162,21 @@ def prune_scalars(params, pcfg) -> dict:
 
 
 def _check_counts(config) -> None:
-    """Counts that must be positive integers, named with their value (a 0 or negative one otherwise fails
-    later as another field's error, a library's message without the field, or a division by zero)."""
-    for field in ("train.steps", "data.batch_size", "data.seq_len", "train.log_every", "train.eval_every",
-                  "train.checkpoint_every"):
+    """train.* and data.* counts and rates, named with their value (a 0, negative or NaN one otherwise fails
+    later as another field's error, a library's message without the field, a division by zero, or not at all:
+    keep_checkpoints=-1 was Orbax's error, a NaN rollback_lr_factor a NaN learning rate)."""
+    for field, low in (("train.steps", 1), ("data.batch_size", 1), ("data.seq_len", 1), ("train.log_every", 1),
+                       ("train.eval_every", 1), ("train.checkpoint_every", 1), ("train.keep_checkpoints", 1),
+                       ("train.eval_batches", 0), ("train.stop_after", 0), ("train.max_nonfinite", 0)):
         section, name = field.split(".")
         value = config[section][name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{field}={value!r} must be a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{field}={value!r} must be " + ("a positive integer" if low else "an integer >= 0"))
+    for field, zero_ok in (("train.rollback_lr_factor", False), ("train.peak_flops", False),
+                           ("train.memory_limit_gb", True)):  # NaN, or a negative LR / FLOP rate / memory
+        value = float(config.train[field.split(".")[1]])
+        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+            raise ValueError(f"{field}={value!r} must be a finite value {'>=' if zero_ok else '>'} 0")
 
 
 def _checked_config(config) -> tuple[modes.Mode, int, int]:

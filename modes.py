@@ -215,6 +215,8 @@ def get(config) -> Mode:
 def frozen_params(config) -> tuple[str, ...]:
     """Top-level param subtrees the optimizer must not update (and keeps no state for)."""
     mode = get(config)
+    if int(config.lora.rank) < 0:
+        raise ValueError(f"lora.rank={config.lora.rank} must be >= 0 (0 = no adapters)")
     if int(config.lora.rank) > 0:
         if not mode.lora:
             allowed = " and ".join(repr(name) for name, m in MODES.items() if m.lora)

@@ -24,6 +24,9 @@ def make_schedule(ocfg, total_steps: int) -> optax.Schedule:
             raise ValueError(f"optim.{field}={ocfg[field]!r} must be a finite value >= 0")
     if ocfg.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={ocfg.schedule!r}: expected one of {SCHEDULES}")
+    if ocfg.schedule == "wsd" and not 0.0 < float(ocfg.wsd_decay_fraction) <= 1.0:
+        raise ValueError(f"optim.wsd_decay_fraction={ocfg.wsd_decay_fraction!r} must be in (0, 1] (the share of "
+                         f"the steps after warmup spent decaying)")
     if warmup >= total_steps and ocfg.schedule != "constant":
         raise ValueError(f"optim.warmup_steps={warmup} must be < train.steps={total_steps}")
     decay_steps = max(1, total_steps - warmup)
@@ -110,8 +113,12 @@ def _core(ocfg, schedule) -> optax.GradientTransformation:
     if not math.isfinite(wd) or wd < 0:
         raise ValueError(f"optim.weight_decay={ocfg.weight_decay!r} must be a finite value >= 0")
     mask = lambda p: decay_mask(p, bool(ocfg.decay_embeddings))  # noqa: E731
-    adamw = lambda: optax.adamw(schedule, b1=float(ocfg.b1), b2=float(ocfg.b2), eps=float(ocfg.eps),  # noqa: E731
-                                weight_decay=wd, mask=mask)
+    if name in ("adamw", "lion", "muon"):  # muon updates its non-matrix parameters with AdamW
+        b1, b2 = _unit_interval(ocfg, "b1"), _unit_interval(ocfg, "b2")
+        eps = float(ocfg.eps)
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"optim.eps={ocfg.eps!r} must be a finite value >= 0")
+    adamw = lambda: optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=mask)  # noqa: E731
     if name == "adamw":
         return adamw()
     if name == "adafactor":  # optax.adafactor's factored RMS + update clipping, without its parameter-scale
@@ -122,7 +129,7 @@ def _core(ocfg, schedule) -> optax.GradientTransformation:
         return optax.chain(_factored_rms(min_dim), optax.clip_by_block_rms(1.0),
                            optax.add_decayed_weights(wd, mask), optax.scale_by_learning_rate(schedule))
     if name == "lion":
-        return optax.lion(schedule, b1=float(ocfg.b1), b2=float(ocfg.b2), weight_decay=wd, mask=mask)
+        return optax.lion(schedule, b1=b1, b2=b2, weight_decay=wd, mask=mask)
     if name == "sgd":
         return optax.chain(optax.trace(_unit_interval(ocfg, "momentum"), nesterov=bool(ocfg.nesterov)),
                            optax.add_decayed_weights(wd, mask), optax.scale_by_learning_rate(schedule))

@@ -8,6 +8,8 @@ never the train-step module.
 
 from __future__ import annotations
 
+import math
+
 from model import heads, lora, quantize
 from model.transformer import ModelConfig, Transformer
 
@@ -16,6 +18,8 @@ def model_config(config, num_tokens: int) -> ModelConfig:
     """config.model + the tokenizer's size -> ModelConfig (vocab padded to model.vocab_multiple)."""
     fields = config.model.to_dict()
     multiple = int(fields.pop("vocab_multiple"))
+    if multiple < 1:
+        raise ValueError(f"model.vocab_multiple={multiple} must be positive (1 = no padding)")
     vocab = -(-num_tokens // multiple) * multiple
     return ModelConfig(vocab_size=vocab, num_tokens=num_tokens, quant=quantize.spec_from_config(config), **fields)
 
@@ -36,6 +40,8 @@ def causal_lm(config, num_tokens: int, base_size: int):
     if model.cfg.quant is not None:
         raise ValueError(f"lora.rank={r.rank} with quant.bits={model.cfg.quant.bits}: LoRA on quantized weights "
                          f"is not supported; set one of them to 0")
+    if not (math.isfinite(float(r.alpha)) and float(r.alpha) > 0):
+        raise ValueError(f"lora.alpha={r.alpha!r} must be a finite value > 0 (the update is scaled by alpha / rank)")
     new_rows = model.cfg.vocab_size - base_size if r.train_new_rows else 0
     return lora.LoraModel(model, rank=int(r.rank), alpha=float(r.alpha), targets=tuple(r.targets),
                           base_dtype=r.base_dtype, new_rows=new_rows)

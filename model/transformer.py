@@ -68,6 +68,14 @@ class ModelConfig:
             raise ValueError(f"num_tokens {self.num_tokens} > vocab_size {self.vocab_size}")
         if self.type_vocab_size < 0:
             raise ValueError(f"model.type_vocab_size={self.type_vocab_size} must be >= 0")
+        for name in ("norm_eps", "init_std", "rope_theta"):  # NaN or <= 0: NaN activations or a sign-flipped init
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"model.{name}={value!r} must be a finite value > 0")
+        if self.head_dim < 0:
+            raise ValueError(f"model.head_dim={self.head_dim} must be >= 0 (0 = d_model // n_heads)")
+        if self.pos == "learned" and self.max_len < 1:
+            raise ValueError(f"model.max_len={self.max_len} must be positive (the learned-position table's size)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if not self.head_dim and self.d_model % self.n_heads:

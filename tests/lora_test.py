@@ -106,6 +106,14 @@ def test_bad_arguments():
     lora = init_lora(params, rank=4, targets=("attn/query",), key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="rank"):
         apply_lora(params, lora, alpha=1.0, rank=8)
+    from configs import sft
+    from model import build
+    config = sft.get_config("tiny")
+    config.lora.rank = 4
+    for alpha in (0.0, -1.0, float("nan")):  # the update's scale alpha / rank: was used as given
+        config.lora.alpha = alpha
+        with pytest.raises(ValueError, match=rf"lora.alpha={alpha} must be a finite value > 0"):
+            build.causal_lm(config, 60, 60)
 
 
 @pytest.mark.parametrize("separate", [False, True], ids=["shared_critic", "separate_critic"])

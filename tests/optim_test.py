@@ -84,6 +84,9 @@ def test_schedule_errors():
     for field, value in (("lr", -1e-3), ("lr", float("nan")), ("min_lr_ratio", -0.1), ("warmup_steps", -2)):
         with pytest.raises(ValueError, match=rf"optim.{field}={value} must be a finite value >= 0"):
             optim.make_schedule(ocfg(schedule="cosine", **{field: value}), 100)
+    for fraction in (0.0, -1.0, float("nan"), 1.5):  # the decay's share: was used as it was
+        with pytest.raises(ValueError, match=rf"optim.wsd_decay_fraction={fraction} must be in \(0, 1\]"):
+            optim.make_schedule(ocfg(schedule="wsd", wsd_decay_fraction=fraction), 100)
 
 
 # ---------------------------------------------------------------- decay mask

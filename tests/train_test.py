@@ -171,11 +171,25 @@ def test_bad_inputs_named(corpus_dir, tmp_path):
         train.train_and_evaluate(tiny_config("gs://bucket/data"), str(tmp_path / "w6"))
     assert not os.path.exists(tmp_path / "w6")
     for field, value in (("data__seq_len", 0), ("data__batch_size", -1), ("train__steps", 0), ("train__eval_every", 0),
-                         ("train__log_every", -1), ("train__checkpoint_every", 0)):
+                         ("train__log_every", -1), ("train__checkpoint_every", 0), ("train__keep_checkpoints", -1)):
         with pytest.raises(ValueError, match=rf"{field.replace('__', '.')}={value} must be a positive integer"):
             train.train_and_evaluate(tiny_config(corpus_dir, **{field: value}), str(tmp_path / "w5"))
+    nan = float("nan")  # each of these was accepted (NaN weights or updates, a silent default) or a library's error
     for field, value, message in (("model__dropout", 1.0, r"model.dropout=1.0 must be in \[0, 1\)"),
-                                  ("optim__clip_norm", -1.0, r"optim.clip_norm=-1.0 must be >= 0")):
+                                  ("optim__clip_norm", -1.0, r"optim.clip_norm=-1.0 must be >= 0"),
+                                  ("train__eval_batches", -1, r"train.eval_batches=-1 must be an integer >= 0"),
+                                  ("train__max_nonfinite", -1, r"train.max_nonfinite=-1 must be an integer >= 0"),
+                                  ("train__rollback_lr_factor", nan, r"train.rollback_lr_factor=nan must be a finite"),
+                                  ("train__memory_limit_gb", nan, r"train.memory_limit_gb=nan must be a finite"),
+                                  ("model__norm_eps", -1.0, r"model.norm_eps=-1.0 must be a finite value > 0"),
+                                  ("model__init_std", nan, r"model.init_std=nan must be a finite value > 0"),
+                                  ("model__rope_theta", nan, r"model.rope_theta=nan must be a finite value > 0"),
+                                  ("model__head_dim", -1, r"model.head_dim=-1 must be >= 0"),
+                                  ("model__vocab_multiple", 0, r"model.vocab_multiple=0 must be positive"),
+                                  ("optim__b1", nan, r"optim.b1=nan must be in \[0, 1\)"),
+                                  ("optim__b2", -1.0, r"optim.b2=-1.0 must be in \[0, 1\)"),
+                                  ("optim__eps", nan, r"optim.eps=nan must be a finite value >= 0"),
+                                  ("lora__rank", -1, r"lora.rank=-1 must be >= 0")):
         with pytest.raises(ValueError, match=message):
             train.train_and_evaluate(tiny_config(corpus_dir, **{field: value}), str(tmp_path / "w5"))
     assert not os.path.exists(tmp_path / "w5")
