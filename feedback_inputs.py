@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import numpy as np
 
@@ -48,7 +49,15 @@ def _pair_iterator(config, train: list[dict], stats, micro_batch: int, eval_only
                                      **inputs.host_block(config, micro_batch))
 
 
+def _check_nonnegative(config, *fields: str) -> None:
+    for field in fields:
+        section, name = field.split(".")
+        if not (math.isfinite(float(config[section][name])) and float(config[section][name]) >= 0):
+            raise ValueError(f"{field}={config[section][name]!r} must be a finite value >= 0")
+
+
 def reward_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> inputs.Inputs:
+    _check_nonnegative(config, "reward.center_coef", "pref.eval_generate")  # a NaN or negative one trained on
     tok, train, stats, val, _ = _preference_split(config, workdir, eval_only)
     eval_data = pipeline.padded_batches(val, batch_size=micro_batch, max_batches=config.train.eval_batches)
     return inputs.Inputs(tok, _pair_iterator(config, train, stats, micro_batch, eval_only), eval_data)
@@ -65,6 +74,7 @@ def check_dpo(config) -> None:
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} must be in [0, 0.5)")
     if not float(d.get("nll_coef", 0.0)) >= 0:
         raise ValueError(f"dpo.nll_coef={d.nll_coef!r} must be >= 0 (0 = no NLL term)")
+    _check_nonnegative(config, "dpo.simpo_gamma", "pref.eval_generate")
     if d.loss == "ipo" and float(d.label_smoothing):
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} does not apply to dpo.loss='ipo' (set it to 0)")
     if not config.init_from and d.loss != "simpo":
@@ -96,9 +106,35 @@ def dpo_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) 
                                            check=config.data.answer_check, limit_name="pref.max_new_tokens")
     return inputs.Inputs(tok, _pair_iterator(config, train, stats, micro_batch, eval_only), eval_data, extra_eval=extra)
 
+# rl.* numbers: (lowest, highest, whether the lowest itself is allowed). Out of range or NaN they trained on
+# (a negative kl_coef rewards drifting from the reference) or silenced a guardrail (NaN compares False).
+RL_RANGES = {
+    "kl_coef": (0, math.inf, True), "kl_target": (0, math.inf, True), "kl_horizon": (0, math.inf, False),
+    "eps_low": (0, math.inf, True), "eps_high": (0, math.inf, True), "value_clip": (0, math.inf, True),
+    "vf_coef": (0, math.inf, True), "entropy_coef": (0, math.inf, True), "length_penalty": (0, math.inf, True),
+    "gamma": (0, 1, True), "lam": (0, 1, True), "kl_max": (0, math.inf, False), "min_length": (0, math.inf, True),
+    "entropy_floor": (0, math.inf, True), "value_loss_max": (0, math.inf, False),
+    "logp_diff_warn": (0, math.inf, True),
+}
+
+
+def _check_ranges(r) -> None:
+    for name, (low, high, low_ok) in RL_RANGES.items():
+        v = float(r[name])
+        if not (math.isfinite(v) and (v >= low if low_ok else v > low) and v <= high):
+            bound = f"in [{low}, {high}]" if math.isfinite(high) else f"a finite value {'>=' if low_ok else '>'} {low}"
+            raise ValueError(f"rl.{name}={r[name]!r} must be {bound}")
+    if not (float(r.dual_clip) == 0 or (math.isfinite(float(r.dual_clip)) and float(r.dual_clip) > 1)):
+        raise ValueError(f"rl.dual_clip={r.dual_clip!r} must be 0 (off) or a finite value > 1")
+    for name in ("eval_generate", "length_target"):
+        if int(r[name]) < 0:
+            raise ValueError(f"rl.{name}={r[name]!r} must be >= 0 (0 = off)")
+
+
 def check_rl(config) -> None:
     """rl.* values of modes 'grpo' and 'ppo'; errors name the field and value."""
     r = config.rl
+    _check_ranges(r)
     choices = {"kl_estimator": rl_losses.KL_ESTIMATORS, "aggregation": rl_losses.AGGREGATIONS,
                "scale_rewards": rl_advantages.SCALE_REWARDS, "baseline": rl_advantages.BASELINES,
                "on_anomaly": guardrails.ON_ANOMALY, "critic": ("shared", "separate")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 
 import jax
@@ -141,6 +142,8 @@ def classify_inputs(config, workdir: str, micro_batch: int, eval_only: bool = Fa
 
 def qa_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> Inputs:
     c = config.qa
+    if not math.isfinite(float(c.null_threshold)):  # NaN: every comparison False, no question ever unanswered
+        raise ValueError(f"qa.null_threshold={c.null_threshold!r} must be a finite number")
     if eval_only and c.val_path:  # the training file is not read
         train_exs, stats = [], sources.ReadStats()
     else:
@@ -200,6 +203,8 @@ def chat_template(workdir: str) -> None:
 
 def sft_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> Inputs:
     f = config.sft
+    if int(f.eval_generate) < 0:  # was: no exact-match eval, silently
+        raise ValueError(f"sft.eval_generate={f.eval_generate} must be >= 0 (0 = no answers generated at eval)")
     train_recs, stats, val_recs, val_stats = train_val_records(config, f, "chat", eval_only)
     train_texts = [formats.record_text(r, "chat") for _, r in train_recs]
     tok = run_tokenizer(config, workdir, train_texts)

@@ -35,7 +35,7 @@ class MlmSource:
             raise DataError(f"data.seq_len={seq_len} is too short for <cls> A <sep> B <sep> (need >= 6)")
         if not 0.0 < mask_prob < 1.0:
             raise DataError(f"mlm.mask_prob={mask_prob} must be in (0, 1)")
-        if mask_token_frac < 0 or random_token_frac < 0 or mask_token_frac + random_token_frac > 1.0:
+        if not (mask_token_frac >= 0 and random_token_frac >= 0 and mask_token_frac + random_token_frac <= 1.0):  # NaN
             raise DataError(f"mlm.mask_token_frac={mask_token_frac} + mlm.random_token_frac={random_token_frac} "
                             "must be non-negative and sum to <= 1")
         self.docs = [np.asarray(d, np.int32) for d in docs if len(d) >= 2]

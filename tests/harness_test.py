@@ -264,6 +264,25 @@ def test_count_flags_are_bounded(tmp_path, script, flag, args):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_preference_and_task_numbers_out_of_range_are_refused_by_name(tmp_path):
+    """Each was accepted: a NaN loss term, an eval silently off, a NaN threshold that never fires."""
+    import feedback_inputs
+    from configs import dpo as dpo_config, reward as reward_config
+    with pytest.raises(ValueError, match=r"dpo.simpo_gamma=nan must be a finite value >= 0"):
+        feedback_inputs.check_dpo(tiny_config("unused", dpo_config, dpo__simpo_gamma=float("nan")))
+    with pytest.raises(ValueError, match=r"reward.center_coef=-1.0 must be a finite value >= 0"):
+        feedback_inputs.reward_inputs(tiny_config("unused", reward_config, reward__center_coef=-1.0), str(tmp_path), 2)
+    with pytest.raises(ValueError, match=r"pref.eval_generate=-1 must be a finite value >= 0"):
+        feedback_inputs.reward_inputs(tiny_config("unused", reward_config, pref__eval_generate=-1), str(tmp_path), 2)
+    import task_inputs
+    from configs import sft as sft_config
+    with pytest.raises(ValueError, match=r"sft.eval_generate=-1 must be >= 0"):
+        task_inputs.sft_inputs(tiny_config("unused", sft_config, sft__eval_generate=-1), str(tmp_path), 2)
+    from configs import finetune_qa
+    with pytest.raises(ValueError, match=r"qa.null_threshold=nan must be a finite number"):
+        task_inputs.qa_inputs(tiny_config("unused", finetune_qa, qa__null_threshold=float("nan")), str(tmp_path), 2)
+
+
 def test_a_failing_metric_close_does_not_replace_the_runs_error(corpus_dir, tmp_path, monkeypatch):
     """On a full disk the metric files' final flush fails too: the error that ended the run (e.g. the checkpoint
     write's, naming the disk) is the one raised; without an earlier error the close's own error is raised."""

@@ -137,6 +137,8 @@ def test_bad_source_inputs():
         _source([np.arange(100) % BASE])
     with pytest.raises(DataError, match="mask_prob"):
         _source(mask_prob=1.5)
+    with pytest.raises(DataError, match="mlm.mask_token_frac=nan .* must be non-negative"):  # was accepted
+        _source(mask_token_frac=float("nan"))
     with pytest.raises(DataError, match="seq_len=4"):
         mlm_data.MlmSource([np.arange(10)] * 2, 4, seed=0, base_size=BASE, cls_id=CLS, sep_id=SEP, mask_id=MASK,
                            pad_id=PAD)

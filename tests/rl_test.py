@@ -57,6 +57,21 @@ def _cfg(tmp_path, module, **kw):
     return tiny_config(train_path, module, **{**base, **kw})
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("kl_coef", -0.1, r"rl.kl_coef=-0.1 must be a finite value >= 0"),  # rewarded drifting from the reference
+    ("gamma", 1.5, r"rl.gamma=1.5 must be in \[0, 1\]"), ("lam", float("nan"), r"rl.lam=nan must be in \[0, 1\]"),
+    ("eps_high", float("nan"), r"rl.eps_high=nan must be a finite value >= 0"),
+    ("kl_max", float("nan"), r"rl.kl_max=nan must be a finite value > 0"),  # a NaN threshold never fired
+    ("value_loss_max", 0.0, r"rl.value_loss_max=0.0 must be a finite value > 0"),
+    ("dual_clip", 0.5, r"rl.dual_clip=0.5 must be 0 \(off\) or a finite value > 1"),
+    ("eval_generate", -1, r"rl.eval_generate=-1 must be >= 0")])
+def test_rl_numbers_out_of_range_are_refused_by_name(tmp_path, field, value, message):
+    import feedback_inputs
+    config = _cfg(tmp_path, ppo_config, **{f"rl__{field}": value})
+    with pytest.raises(ValueError, match=message):
+        feedback_inputs.check_rl(config)
+
+
 def test_a_reward_model_of_another_mode_is_refused_before_anything_is_written(tmp_path):
     import feedback_inputs
     checkpoint.save_params(str(tmp_path / "sft"), 1, {"w": np.zeros(2, np.float32)}, {"mode": "sft"})
