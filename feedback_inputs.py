@@ -57,7 +57,7 @@ def _check_nonnegative(config, *fields: str) -> None:
 
 
 def reward_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> inputs.Inputs:
-    _check_nonnegative(config, "reward.center_coef", "pref.eval_generate")  # a NaN or negative one trained on
+    _check_nonnegative(config, "reward.center_coef")  # a NaN or negative one trained on
     tok, train, stats, val, _ = _preference_split(config, workdir, eval_only)
     eval_data = pipeline.padded_batches(val, batch_size=micro_batch, max_batches=config.train.eval_batches)
     return inputs.Inputs(tok, _pair_iterator(config, train, stats, micro_batch, eval_only), eval_data)
@@ -74,7 +74,7 @@ def check_dpo(config) -> None:
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} must be in [0, 0.5)")
     if not float(d.get("nll_coef", 0.0)) >= 0:
         raise ValueError(f"dpo.nll_coef={d.nll_coef!r} must be >= 0 (0 = no NLL term)")
-    _check_nonnegative(config, "dpo.simpo_gamma", "pref.eval_generate")
+    _check_nonnegative(config, "dpo.simpo_gamma")
     if d.loss == "ipo" and float(d.label_smoothing):
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} does not apply to dpo.loss='ipo' (set it to 0)")
     if not config.init_from and d.loss != "simpo":
@@ -126,9 +126,8 @@ def _check_ranges(r) -> None:
             raise ValueError(f"rl.{name}={r[name]!r} must be {bound}")
     if not (float(r.dual_clip) == 0 or (math.isfinite(float(r.dual_clip)) and float(r.dual_clip) > 1)):
         raise ValueError(f"rl.dual_clip={r.dual_clip!r} must be 0 (off) or a finite value > 1")
-    for name in ("eval_generate", "length_target"):
-        if int(r[name]) < 0:
-            raise ValueError(f"rl.{name}={r[name]!r} must be >= 0 (0 = off)")
+    if int(r.length_target) < 0:
+        raise ValueError(f"rl.length_target={r.length_target!r} must be >= 0")
 
 
 def check_rl(config) -> None:

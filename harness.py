@@ -167,7 +167,8 @@ def _check_counts(config) -> None:
     keep_checkpoints=-1 was Orbax's error, a NaN rollback_lr_factor a NaN learning rate)."""
     for field, low in (("train.steps", 1), ("data.batch_size", 1), ("data.seq_len", 1), ("train.log_every", 1),
                        ("train.eval_every", 1), ("train.checkpoint_every", 1), ("train.keep_checkpoints", 1),
-                       ("train.eval_batches", 0), ("train.stop_after", 0), ("train.max_nonfinite", 0)):
+                       ("train.eval_batches", 0), ("train.stop_after", 0), ("train.max_nonfinite", 0),
+                       ("sft.eval_generate", 0), ("pref.eval_generate", 0), ("rl.eval_generate", 0)):  # -1: eval off
         section, name = field.split(".")
         value = config[section][name]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:

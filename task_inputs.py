@@ -203,8 +203,6 @@ def chat_template(workdir: str) -> None:
 
 def sft_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> Inputs:
     f = config.sft
-    if int(f.eval_generate) < 0:  # was: no exact-match eval, silently
-        raise ValueError(f"sft.eval_generate={f.eval_generate} must be >= 0 (0 = no answers generated at eval)")
     train_recs, stats, val_recs, val_stats = train_val_records(config, f, "chat", eval_only)
     train_texts = [formats.record_text(r, "chat") for _, r in train_recs]
     tok = run_tokenizer(config, workdir, train_texts)

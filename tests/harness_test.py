@@ -272,12 +272,11 @@ def test_preference_and_task_numbers_out_of_range_are_refused_by_name(tmp_path):
         feedback_inputs.check_dpo(tiny_config("unused", dpo_config, dpo__simpo_gamma=float("nan")))
     with pytest.raises(ValueError, match=r"reward.center_coef=-1.0 must be a finite value >= 0"):
         feedback_inputs.reward_inputs(tiny_config("unused", reward_config, reward__center_coef=-1.0), str(tmp_path), 2)
-    with pytest.raises(ValueError, match=r"pref.eval_generate=-1 must be a finite value >= 0"):
-        feedback_inputs.reward_inputs(tiny_config("unused", reward_config, pref__eval_generate=-1), str(tmp_path), 2)
+    import harness
     import task_inputs
-    from configs import sft as sft_config
-    with pytest.raises(ValueError, match=r"sft.eval_generate=-1 must be >= 0"):
-        task_inputs.sft_inputs(tiny_config("unused", sft_config, sft__eval_generate=-1), str(tmp_path), 2)
+    for section in ("sft", "pref", "rl"):  # -1 turned the exact-match eval off, silently
+        with pytest.raises(ValueError, match=rf"{section}.eval_generate=-1 must be an integer >= 0"):
+            harness._check_counts(tiny_config("unused", **{f"{section}__eval_generate": -1}))
     from configs import finetune_qa
     with pytest.raises(ValueError, match=r"qa.null_threshold=nan must be a finite number"):
         task_inputs.qa_inputs(tiny_config("unused", finetune_qa, qa__null_threshold=float("nan")), str(tmp_path), 2)

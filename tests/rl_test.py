@@ -64,7 +64,7 @@ def _cfg(tmp_path, module, **kw):
     ("kl_max", float("nan"), r"rl.kl_max=nan must be a finite value > 0"),  # a NaN threshold never fired
     ("value_loss_max", 0.0, r"rl.value_loss_max=0.0 must be a finite value > 0"),
     ("dual_clip", 0.5, r"rl.dual_clip=0.5 must be 0 \(off\) or a finite value > 1"),
-    ("eval_generate", -1, r"rl.eval_generate=-1 must be >= 0")])
+    ("length_target", -1, r"rl.length_target=-1 must be >= 0")])
 def test_rl_numbers_out_of_range_are_refused_by_name(tmp_path, field, value, message):
     import feedback_inputs
     config = _cfg(tmp_path, ppo_config, **{f"rl__{field}": value})
