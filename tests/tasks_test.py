@@ -94,7 +94,7 @@ def test_a_held_out_set_disjoint_from_an_existing_dataset(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": 3}\n')
     for exclude, message in ((tmp_path / "nope", f"data path '{tmp_path / 'nope'}' does not exist"),
-                             (bad, f"{bad}:1: missing field")):
+                             (bad, f"{bad}:1: wrong type: 'messages' must be a non-empty list")):
         run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_tasks.py"),
                               f"--out={tmp_path / 'c'}", "--n_test=5", f"--exclude={exclude}"],
                              capture_output=True, text=True, cwd=ROOT)
