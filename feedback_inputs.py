@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 
+import bounds
 import checkpoint
 import inputs
 import task_inputs
@@ -49,15 +50,8 @@ def _pair_iterator(config, train: list[dict], stats, micro_batch: int, eval_only
                                      **inputs.host_block(config, micro_batch))
 
 
-def _check_nonnegative(config, *fields: str) -> None:
-    for field in fields:
-        section, name = field.split(".")
-        if not (math.isfinite(float(config[section][name])) and float(config[section][name]) >= 0):
-            raise ValueError(f"{field}={config[section][name]!r} must be a finite value >= 0")
-
-
 def reward_inputs(config, workdir: str, micro_batch: int, eval_only: bool = False) -> inputs.Inputs:
-    _check_nonnegative(config, "reward.center_coef")  # a NaN or negative one trained on
+    bounds.check("reward.center_coef", config.reward.center_coef)  # a NaN or negative one trained on
     tok, train, stats, val, _ = _preference_split(config, workdir, eval_only)
     eval_data = pipeline.padded_batches(val, batch_size=micro_batch, max_batches=config.train.eval_batches)
     return inputs.Inputs(tok, _pair_iterator(config, train, stats, micro_batch, eval_only), eval_data)
@@ -74,7 +68,7 @@ def check_dpo(config) -> None:
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} must be in [0, 0.5)")
     if not float(d.get("nll_coef", 0.0)) >= 0:
         raise ValueError(f"dpo.nll_coef={d.nll_coef!r} must be >= 0 (0 = no NLL term)")
-    _check_nonnegative(config, "dpo.simpo_gamma")
+    bounds.check("dpo.simpo_gamma", d.simpo_gamma)
     if d.loss == "ipo" and float(d.label_smoothing):
         raise ValueError(f"dpo.label_smoothing={d.label_smoothing!r} does not apply to dpo.loss='ipo' (set it to 0)")
     if not config.init_from and d.loss != "simpo":
@@ -120,10 +114,7 @@ RL_RANGES = {
 
 def _check_ranges(r) -> None:
     for name, (low, high, low_ok) in RL_RANGES.items():
-        v = float(r[name])
-        if not (math.isfinite(v) and (v >= low if low_ok else v > low) and v <= high):
-            bound = f"in [{low}, {high}]" if math.isfinite(high) else f"a finite value {'>=' if low_ok else '>'} {low}"
-            raise ValueError(f"rl.{name}={r[name]!r} must be {bound}")
+        bounds.check(f"rl.{name}", r[name], low, high, low_ok=low_ok)
     if not (float(r.dual_clip) == 0 or (math.isfinite(float(r.dual_clip)) and float(r.dual_clip) > 1)):
         raise ValueError(f"rl.dual_clip={r.dual_clip!r} must be 0 (off) or a finite value > 1")
     if int(r.length_target) < 0:

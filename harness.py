@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -25,6 +24,7 @@ from typing import Any, Callable
 
 import jax
 
+import bounds
 import checkpoint
 import continual
 import evaluation
@@ -173,11 +173,9 @@ def _check_counts(config) -> None:
         value = config[section][name]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{field}={value!r} must be " + ("a positive integer" if low else "an integer >= 0"))
-    for field, zero_ok in (("train.rollback_lr_factor", False), ("train.peak_flops", False),
-                           ("train.memory_limit_gb", True)):  # NaN, or a negative LR / FLOP rate / memory
-        value = float(config.train[field.split(".")[1]])
-        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
-            raise ValueError(f"{field}={value!r} must be a finite value {'>=' if zero_ok else '>'} 0")
+    for name, zero_ok in (("rollback_lr_factor", False), ("peak_flops", False),
+                          ("memory_limit_gb", True)):  # NaN, or a negative LR / FLOP rate / memory
+        bounds.check(f"train.{name}", config.train[name], low_ok=zero_ok)
 
 
 def _checked_config(config) -> tuple[modes.Mode, int, int]:

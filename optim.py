@@ -3,12 +3,11 @@ Lion, SGD with momentum, Muon + AdamW) with its weight-decay mask, pruning masks
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import optax
 
+import bounds
 from model import prune
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -20,8 +19,7 @@ def make_schedule(ocfg, total_steps: int) -> optax.Schedule:
     lr, warmup = float(ocfg.lr), int(ocfg.warmup_steps)
     end = lr * float(ocfg.min_lr_ratio)
     for field in ("lr", "min_lr_ratio", "warmup_steps"):  # a negative LR would ascend the loss, silently
-        if not math.isfinite(float(ocfg[field])) or float(ocfg[field]) < 0:
-            raise ValueError(f"optim.{field}={ocfg[field]!r} must be a finite value >= 0")
+        bounds.check(f"optim.{field}", ocfg[field])
     if ocfg.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={ocfg.schedule!r}: expected one of {SCHEDULES}")
     if ocfg.schedule == "wsd" and not 0.0 < float(ocfg.wsd_decay_fraction) <= 1.0:
@@ -109,15 +107,11 @@ def _core(ocfg, schedule) -> optax.GradientTransformation:
     """The update rule `optim.name` names, at the schedule's LR, with decoupled weight decay (x LR) on the
     decay mask. The one place optimizers are chosen."""
     check_name(ocfg)
-    name, wd = ocfg.name, float(ocfg.weight_decay)
-    if not math.isfinite(wd) or wd < 0:
-        raise ValueError(f"optim.weight_decay={ocfg.weight_decay!r} must be a finite value >= 0")
+    name, wd = ocfg.name, bounds.check("optim.weight_decay", ocfg.weight_decay)
     mask = lambda p: decay_mask(p, bool(ocfg.decay_embeddings))  # noqa: E731
     if name in ("adamw", "lion", "muon"):  # muon updates its non-matrix parameters with AdamW
         b1, b2 = _unit_interval(ocfg, "b1"), _unit_interval(ocfg, "b2")
-        eps = float(ocfg.eps)
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"optim.eps={ocfg.eps!r} must be a finite value >= 0")
+        eps = bounds.check("optim.eps", ocfg.eps)
     adamw = lambda: optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=mask)  # noqa: E731
     if name == "adamw":
         return adamw()
